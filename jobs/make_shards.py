@@ -1,0 +1,38 @@
+"""ImageNet-layout folder -> WebDataset shards + index.json on any fsspec URL, written by Ray tasks.
+
+    python jobs/make_shards.py src=/data/imagenet out=s3://bucket/imagenet \
+        storage.endpoint_url=http://minio:9000 [shard_size=1000] [--config FILE]
+
+A re-run skips complete shards. Config errors exit with status 2 before Ray starts.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from system.config import ConfigError, MakeShardsConfig, load_config, to_yaml  # noqa: E402
+
+
+def main(argv: list[str]) -> int:
+    try:
+        cfg = load_config(MakeShardsConfig, argv, defaults=["make_shards.yaml"])
+    except ConfigError as e:
+        print(f"config error: {e}", file=sys.stderr)
+        return 2
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    print(to_yaml(cfg))
+    from cluster.shards import connect_ray, make_shards  # imports Ray only once the config is valid
+
+    connect_ray(cfg.cluster)
+    indexes = make_shards(cfg)
+    for split, index in indexes.items():
+        print(json.dumps({"split": split, "shards": len(index["shards"]), "num_samples": index["num_samples"]}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

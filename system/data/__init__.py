@@ -1,0 +1,21 @@
+"""Data: WebDataset shards on any fsspec URL, a resumable streaming reader, the embedded photo set."""
+from system.data.embedded import ensure_embedded_dataset
+from system.data.reader import ShardReader
+from system.data.shards import (
+    ShardPlan,
+    find_classes,
+    list_split,
+    pending_shards,
+    plan_shards,
+    read_index,
+    write_index,
+    write_shard,
+)
+from system.data.storage import StorageError, filesystem, storage_options
+from system.data.transforms import center_crop_arr, to_tensor
+
+__all__ = [
+    "ShardReader", "ensure_embedded_dataset", "ShardPlan", "find_classes", "list_split", "pending_shards",
+    "plan_shards", "read_index", "write_index", "write_shard", "StorageError", "filesystem",
+    "storage_options", "center_crop_arr", "to_tensor",
+]

@@ -1,0 +1,306 @@
+"""Streaming, resumable reader of WebDataset shards (see system/data/shards.py for the format).
+
+Work is cut into units (a shard, or a sample range of one when there are fewer shards than
+streams). There are `world_size * max(num_workers, 1)` streams; stream `rank * W + w` runs on
+dataloader worker `w` of rank `rank`. Per epoch e the units are permuted with rng(seed, e) and
+dealt round-robin to the streams; the samples of a unit are shuffled with rng(seed, e, unit).
+A stream's position is (epoch, unit index in its epoch assignment, sample offset in the unit),
+so `state_dict()` after any batch lets a fresh reader continue with exactly the batches an
+uninterrupted run would have produced: each sample is seen once per epoch, across restarts.
+"""
+from __future__ import annotations
+
+import io
+import logging
+import math
+from dataclasses import dataclass
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from system.config.schema import StorageConfig
+from system.data.shards import IMAGE_FIELDS, iter_tar_samples, read_index
+from system.data.storage import StorageError, filesystem, join, storage_error
+from system.data.transforms import flip_decision, preprocess, to_tensor
+
+log = logging.getLogger(__name__)
+
+Pos = tuple[int, int, int]  # (epoch, unit index in the stream's epoch assignment, sample offset)
+
+
+@dataclass(frozen=True)
+class Unit:
+    shard: str
+    start: int  # sample range [start, end) in tar order
+    end: int
+    count: int  # samples in the whole shard
+
+
+def build_units(shards: list[dict], num_streams: int, fraction: float = 1.0) -> list[Unit]:
+    """Units of work: the first `fraction` of the samples (index order), whole shards, or
+    sample-range slices of them when there are fewer shards than streams."""
+    if not 0.0 < fraction <= 1.0:
+        raise ValueError(f"fraction must be in (0, 1], got {fraction}")
+    total = sum(int(s["count"]) for s in shards)
+    left = math.ceil(fraction * total)
+    used: list[tuple[str, int, int]] = []
+    for s in shards:
+        if left <= 0:
+            break
+        n = min(int(s["count"]), left)
+        if n > 0:
+            used.append((s["name"], n, int(s["count"])))
+        left -= n
+    k = max(1, math.ceil(num_streams / max(len(used), 1)))
+    units = []
+    for name, n, count in used:
+        bounds = [round(n * i / k) for i in range(k + 1)]
+        units += [Unit(name, a, b, count) for a, b in zip(bounds, bounds[1:]) if b > a]
+    if len(units) < num_streams:
+        raise ValueError(
+            f"{sum(u.end - u.start for u in units)} samples cannot feed {num_streams} streams "
+            "(world_size * num_workers); use fewer workers or more data"
+        )
+    return units
+
+
+def stream_units(num_units: int, num_streams: int, seed: int, epoch: int, stream: int) -> list[int]:
+    """Unit ids that `stream` reads in `epoch`, in order."""
+    perm = np.random.default_rng([seed, epoch]).permutation(num_units)
+    return [int(u) for u in perm[stream::num_streams]]
+
+
+@dataclass
+class _Spec:
+    url: str
+    storage: StorageConfig
+    units: list[Unit]
+    num_streams: int
+    seed: int
+    batch_size: int
+    resolution: int
+    random_flip: bool
+    drop_last: bool
+
+
+class _Stream:
+    """One stream's batches from position `pos` on, forever (runs in a worker or in-process)."""
+
+    def __init__(self, spec: _Spec, stream: int, pos: Pos, skipped: int):
+        self.spec, self.stream, self.pos, self.skipped = spec, stream, tuple(pos), skipped
+
+    def _load(self, unit: Unit) -> tuple[list[tuple[str, dict]], bool]:
+        url = join(self.spec.url, unit.shard)
+        try:
+            fs, path = filesystem(url, self.spec.storage)
+            if unit.start == 0 and unit.end == unit.count:
+                f = io.BytesIO(fs.cat_file(path))
+            else:
+                f = fs.open(path, "rb", block_size=16 << 20)
+        except FileNotFoundError:
+            raise FileNotFoundError(f"shard listed in the index is missing: {url}") from None
+        except Exception as e:  # noqa: BLE001
+            raise storage_error(url, self.spec.storage, e) from e
+        samples, n = [], 0  # n: complete samples read from the start of the tar
+        try:
+            for key, fields in iter_tar_samples(f, url):
+                if fields is None or n >= unit.end:
+                    break
+                if n >= unit.start:
+                    samples.append((key, fields))
+                n += 1
+        except (StorageError, FileNotFoundError):
+            raise
+        except OSError as e:
+            raise storage_error(url, self.spec.storage, e) from e
+        finally:
+            f.close()
+        truncated = n < unit.end  # the index promised more samples than the tar holds
+        if truncated:
+            log.warning("shard %s is truncated: %d of %d samples readable; skipping the rest", url, n, unit.count)
+        return samples, truncated
+
+    def _decode(self, unit: Unit, key: str, fields: dict, epoch: int) -> tuple[np.ndarray, int] | None:
+        sp = self.spec
+        img = next((fields[k] for k in IMAGE_FIELDS if k in fields), None)
+        url = join(sp.url, unit.shard)
+        if img is None or "cls" not in fields:
+            log.warning("skipping incomplete sample %r in %s (fields: %s)", key, url, sorted(fields))
+            return None
+        try:
+            flip = sp.random_flip and flip_decision(sp.seed, epoch, key)
+            return preprocess(img, sp.resolution, flip), int(fields["cls"])
+        except Exception as e:  # noqa: BLE001 - any decode failure skips the sample
+            log.warning("skipping corrupt image %r in %s: %s: %s", key, url, type(e).__name__, e)
+            return None
+
+    def samples(self) -> Iterator[tuple[tuple[np.ndarray, int, str] | None, int, Pos]]:
+        """(decoded (image, label, key) or None if skipped, epoch, position after it)."""
+        sp = self.spec
+        epoch, u, off = self.pos
+        while True:
+            mine = stream_units(len(sp.units), sp.num_streams, sp.seed, epoch, self.stream)
+            while u < len(mine):
+                unit = sp.units[mine[u]]
+                samples, truncated = self._load(unit)
+                if truncated and off == 0:  # counted once, when the unit is entered
+                    self.skipped += 1
+                order = np.random.default_rng([sp.seed, epoch, mine[u]]).permutation(len(samples))
+                for i in range(off, len(samples)):
+                    key, fields = samples[order[i]]
+                    nxt = (epoch, u, i + 1) if i + 1 < len(samples) else (epoch, u + 1, 0)
+                    if nxt[1] == len(mine):
+                        nxt = (epoch + 1, 0, 0)
+                    out = self._decode(unit, key, fields, epoch)
+                    if out is None:
+                        self.skipped += 1
+                    yield (None if out is None else (*out, key)), epoch, nxt
+                u, off = u + 1, 0
+            epoch, u, off = epoch + 1, 0, 0
+
+    def batches(self) -> Iterator[dict[str, Any]]:
+        sp = self.spec
+        imgs, labels, keys, first_epoch = [], [], [], None
+        for item, epoch, nxt in self.samples():
+            if item is not None:
+                if not imgs:
+                    first_epoch = epoch
+                imgs.append(item[0])
+                labels.append(item[1])
+                keys.append(item[2])
+            epoch_ends = not sp.drop_last and nxt[0] != first_epoch
+            if imgs and (len(imgs) == sp.batch_size or epoch_ends):
+                yield {
+                    "image": to_tensor(imgs),
+                    "label": torch.tensor(labels, dtype=torch.long),
+                    "key": keys,
+                    "_stream": self.stream,
+                    "_pos": list(nxt),
+                    "_skipped": self.skipped,
+                    "_epoch": first_epoch,
+                }
+                imgs, labels, keys = [], [], []
+
+
+class _StreamDataset(IterableDataset):
+    def __init__(self, spec: _Spec, worker_streams: list[int], starts: dict[int, Pos], skipped: dict[int, int]):
+        self.spec, self.worker_streams, self.starts, self.skipped = spec, worker_streams, starts, skipped
+
+    def __iter__(self):
+        info = get_worker_info()
+        s = self.worker_streams[info.id if info is not None else 0]
+        return _Stream(self.spec, s, self.starts[s], self.skipped[s]).batches()
+
+
+class ShardReader:
+    """Infinite iterable of batches {"image": float (B, 3, R, R) in [-1, 1], "label": long (B,),
+    "key": list[str]} for one rank. `drop_last=True`: every batch has `batch_size` samples (a
+    stream's batches run on across epoch ends, nothing is dropped); False: a stream's last batch
+    of an epoch may be short, so no batch mixes epochs. `skipped` counts corrupt samples and
+    truncated shards; `epoch` is the epoch of the last batch's first sample."""
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        rank: int = 0,
+        world_size: int = 1,
+        batch_size: int,
+        resolution: int,
+        num_workers: int = 0,
+        seed: int = 0,
+        random_flip: bool = True,
+        fraction: float = 1.0,
+        storage: StorageConfig | None = None,
+        drop_last: bool = True,
+    ):
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank must be in [0, {world_size}), got {rank}")
+        if batch_size <= 0 or resolution <= 0 or num_workers < 0:
+            raise ValueError(f"need batch_size > 0, resolution > 0, num_workers >= 0; got {batch_size}, {resolution}, {num_workers}")
+        storage = storage or StorageConfig()
+        self.url, self.rank, self.world_size, self.num_workers = url.rstrip("/"), rank, world_size, num_workers
+        self.seed, self.fraction = seed, fraction
+        self.index = read_index(self.url, storage)  # early: unreachable endpoint / bad credentials
+        self._check_shards(storage)
+        self.classes: dict[str, int] = dict(self.index["classes"])
+        self.streams_per_rank = max(num_workers, 1)
+        num_streams = world_size * self.streams_per_rank
+        units = build_units(self.index["shards"], num_streams, fraction)
+        self.num_samples = sum(u.end - u.start for u in units)
+        self._spec = _Spec(self.url, storage, units, num_streams, seed, batch_size, resolution, random_flip, drop_last)
+        self._my_streams = [rank * self.streams_per_rank + w for w in range(self.streams_per_rank)]
+        self._positions: dict[int, Pos] = {s: (0, 0, 0) for s in self._my_streams}
+        self._skipped: dict[int, int] = {s: 0 for s in self._my_streams}
+        self._next = self._my_streams[0]
+        self.epoch = 0
+
+    def _check_shards(self, storage: StorageConfig) -> None:
+        try:
+            fs, root = filesystem(self.url, storage)
+            present = {p.rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(root, detail=False)}
+        except Exception as e:  # noqa: BLE001
+            raise storage_error(self.url, storage, e) from e
+        missing = [s["name"] for s in self.index["shards"] if s["name"] not in present]
+        if missing:
+            urls = ", ".join(join(self.url, m) for m in missing[:5])
+            raise FileNotFoundError(f"{len(missing)} shard(s) listed in {join(self.url, 'index.json')} are missing: {urls}")
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    @property
+    def skipped(self) -> int:
+        return sum(self._skipped.values())
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        base = self.rank * self.streams_per_rank
+        rot = self._next - base
+        worker_streams = [base + (rot + w) % self.streams_per_rank for w in range(self.streams_per_rank)]
+        ds = _StreamDataset(self._spec, worker_streams, dict(self._positions), dict(self._skipped))
+        it = iter(ds) if self.num_workers == 0 else DataLoader(ds, batch_size=None, num_workers=self.num_workers, in_order=True)
+        for batch in it:
+            s = batch.pop("_stream")
+            if s != self._next:
+                raise RuntimeError(f"data stream order broken: expected a batch of stream {self._next}, got {s}")
+            self._positions[s] = tuple(int(x) for x in batch.pop("_pos"))
+            self._skipped[s] = int(batch.pop("_skipped"))
+            self.epoch = int(batch.pop("_epoch"))
+            self._next = base + (s - base + 1) % self.streams_per_rank
+            yield batch
+
+    def state_dict(self) -> dict[str, Any]:
+        """Position after the last batch handed out (small; JSON-friendly apart from int keys)."""
+        return {
+            "positions": {s: list(p) for s, p in self._positions.items()},
+            "skipped": dict(self._skipped),
+            "next_stream": self._next,
+            "seed": self.seed,
+            "world_size": self.world_size,
+            "num_workers": self.num_workers,
+            "fraction": self.fraction,
+            "num_samples": self.num_samples,
+            "epoch": self.epoch,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue from `state` (taken on the same rank with the same data layout)."""
+        for k in ("seed", "world_size", "num_workers", "fraction", "num_samples"):
+            if k in state and state[k] != getattr(self, k):
+                raise ValueError(
+                    f"data reader state was saved with {k}={state[k]} but this reader has {k}={getattr(self, k)}; "
+                    "exact resume needs the same seed, world_size, num_workers, fraction and shard set"
+                )
+        positions = {int(s): tuple(int(x) for x in p) for s, p in state["positions"].items()}
+        if sorted(positions) != self._my_streams:
+            raise ValueError(
+                f"data reader state holds streams {sorted(positions)} but rank {self.rank} runs {self._my_streams}; "
+                "load the state saved by the same rank"
+            )
+        self._positions = positions
+        self._skipped = {int(s): int(v) for s, v in state.get("skipped", {}).items()} or {s: 0 for s in positions}
+        self._next = int(state["next_stream"])
+        self.epoch = int(state.get("epoch", 0))

@@ -1,0 +1,147 @@
+"""Frozen vision teachers (DINOv2 for EOSTok, SigLIP for SemTok) built with transformers.
+
+``Teacher(x)`` takes images in [-1, 1] (B,3,H,W), resizes them to the teacher's input size,
+applies the teacher's own normalisation and returns patch features (B, N, C) with the CLS and
+register tokens removed. Weights come from a local directory (``from_pretrained`` with
+``local_files_only=True``), a hub name (cluster with internet), or random init (tests).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+TeacherKind = Literal["dinov2", "siglip"]
+
+_NORM = {
+    "dinov2": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),  # ImageNet mean/std
+    "siglip": ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),
+}
+
+
+@dataclass
+class TeacherConfig:
+    kind: TeacherKind = "dinov2"
+    path: str | None = None  # local from_pretrained directory
+    hub_name: str | None = None  # e.g. facebook/dinov2-base, google/siglip-so400m-patch14-384
+    image_size: int | None = None  # teacher input size; None = the checkpoint's own
+    random_init: bool = False  # build the architecture with random weights (tests only)
+    tiny: bool = False  # with random_init: a 2-layer width-32 model for fast tests
+
+
+def _random_config(cfg: TeacherConfig):
+    from transformers import Dinov2Config, SiglipVisionConfig
+
+    size = cfg.image_size
+    if cfg.kind == "dinov2":
+        kw = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, mlp_ratio=2) if cfg.tiny else {}
+        return Dinov2Config(image_size=size or 224, patch_size=14, **kw)
+    kw = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2) if cfg.tiny else {}
+    return SiglipVisionConfig(image_size=size or 224, patch_size=16, vision_use_head=False, **kw)
+
+
+def _pretrained_class(kind: TeacherKind, model_type: str):
+    from transformers import Dinov2Model, Dinov2WithRegistersModel, SiglipVisionModel
+
+    table = {
+        ("dinov2", "dinov2"): Dinov2Model,
+        ("dinov2", "dinov2_with_registers"): Dinov2WithRegistersModel,
+        ("siglip", "siglip"): SiglipVisionModel,
+        ("siglip", "siglip_vision_model"): SiglipVisionModel,
+    }
+    if (kind, model_type) not in table:
+        ok = [m for k, m in table if k == kind]
+        raise ValueError(f"TeacherConfig.kind={kind!r} but the checkpoint's model_type is {model_type!r}; expected one of {ok}")
+    return table[(kind, model_type)]
+
+
+def build_teacher_model(cfg: TeacherConfig) -> nn.Module:
+    """The underlying transformers vision model (not yet frozen)."""
+    if cfg.kind not in _NORM:
+        raise ValueError(f"TeacherConfig.kind={cfg.kind!r}; expected 'dinov2' or 'siglip'")
+    source = cfg.path or cfg.hub_name
+    if source is not None and cfg.random_init:
+        raise ValueError("TeacherConfig: random_init=True conflicts with path/hub_name; set one or the other")
+    if source is None and not cfg.random_init:
+        raise ValueError(
+            f"TeacherConfig(kind={cfg.kind!r}) has no weights: set path (a local from_pretrained directory), "
+            "hub_name (needs internet), or random_init=True (tests only)"
+        )
+    if cfg.random_init:
+        from transformers import Dinov2Model, SiglipVisionModel
+
+        mcfg = _random_config(cfg)
+        return (Dinov2Model if cfg.kind == "dinov2" else SiglipVisionModel)(mcfg)
+    from transformers import AutoConfig
+    from transformers.utils import logging as hf_logging
+
+    local = cfg.path is not None
+    model_type = AutoConfig.from_pretrained(source, local_files_only=local).model_type
+    cls = _pretrained_class(cfg.kind, model_type)
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # a full SigLIP checkpoint lists every text-tower key as unexpected
+    try:
+        model, info = cls.from_pretrained(source, local_files_only=local, output_loading_info=True)
+    finally:
+        hf_logging.set_verbosity(verbosity)
+    bad = list(info.get("missing_keys", [])) + list(info.get("mismatched_keys", []))
+    if bad:
+        raise ValueError(f"teacher checkpoint {source!r} lacks weights for {cls.__name__}: {bad[:5]} ({len(bad)} in all)")
+    return model
+
+
+class Teacher(nn.Module):
+    """Frozen teacher: (B,3,H,W) in [-1,1] -> patch features (B, N, C), float32, no grad."""
+
+    def __init__(self, cfg: TeacherConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.model = build_teacher_model(cfg)
+        mcfg = self.model.config
+        self.patch_size = int(mcfg.patch_size if isinstance(mcfg.patch_size, int) else mcfg.patch_size[0])
+        native = int(mcfg.image_size if isinstance(mcfg.image_size, int) else mcfg.image_size[0])
+        self.image_size = int(cfg.image_size or native)
+        if self.image_size % self.patch_size != 0:
+            raise ValueError(f"TeacherConfig.image_size={self.image_size} is not a multiple of patch size {self.patch_size}")
+        self._interp_pos = cfg.kind == "siglip" and self.image_size != native
+        mean, std = _NORM[cfg.kind]
+        self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1), persistent=False)
+        self.requires_grad_(False)
+        self.eval()
+
+    @property
+    def dim(self) -> int:
+        return int(self.model.config.hidden_size)
+
+    @property
+    def grid(self) -> tuple[int, int]:
+        side = self.image_size // self.patch_size
+        return side, side
+
+    def train(self, mode: bool = True) -> "Teacher":
+        return super().train(False)  # frozen: always eval
+
+    @torch.no_grad()
+    def forward(self, images: torch.Tensor) -> torch.Tensor:  # (B,3,H,W) in [-1,1] -> (B, N, C)
+        if images.dim() != 4 or images.shape[1] != 3:
+            raise ValueError(f"Teacher expects (B,3,H,W) images in [-1,1]; got {tuple(images.shape)}")
+        x = (images.float() + 1.0) / 2.0
+        s = self.image_size
+        if x.shape[-2:] != (s, s):
+            shrink = x.shape[-2] > s or x.shape[-1] > s
+            x = F.interpolate(x, size=(s, s), mode="bicubic", align_corners=False, antialias=shrink).clamp(0.0, 1.0)
+        x = (x - self.mean) / self.std
+        dtype = next(self.model.parameters()).dtype
+        kwargs = {"interpolate_pos_encoding": True} if self._interp_pos else {}
+        hidden = self.model(pixel_values=x.to(dtype), **kwargs).last_hidden_state  # (B, [cls+reg]+N, C)
+        n = self.grid[0] * self.grid[1]
+        return hidden[:, -n:].float()
+
+
+def build_teacher(cfg: TeacherConfig | None) -> Teacher | None:
+    """Teachers are optional: ``None`` config -> ``None``."""
+    return None if cfg is None else Teacher(cfg)

@@ -1,0 +1,55 @@
+"""The contract between a training method (pure PyTorch) and the pools that run it.
+
+A method builds its trainable modules and computes one step's losses as a function of
+(modules, batch). The cluster layer owns optimisers, ZeRO, EMA, checkpoints and logging;
+a method never sees them. Frozen helpers (teachers, LPIPS) belong to the method itself.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Optional, Protocol
+
+import torch
+from torch import nn
+
+
+@dataclass
+class StepOutput:
+    """One step's scalar loss (to backprop), float metrics (to log), and tensors that the
+    discriminator step or the sample grid may reuse (`aux`, detached)."""
+
+    loss: torch.Tensor
+    metrics: dict[str, float] = field(default_factory=dict)
+    aux: dict[str, Any] = field(default_factory=dict)
+
+
+class Method(Protocol):
+    def build_generator(self) -> nn.Module:
+        """The module optimised by the main engine (e.g. tokenizer + AR wrapped together)."""
+
+    def build_discriminator(self) -> Optional[nn.Module]:
+        """A second module optimised alternately (None when the method has no GAN term)."""
+
+    def to(self, device: torch.device) -> "Method":
+        """Move the method's frozen helpers (teachers, LPIPS) to `device`."""
+
+    def generator_step(
+        self, gen: nn.Module, disc: Optional[nn.Module], batch: dict, step: int
+    ) -> StepOutput:
+        """Losses for the generator; `disc` is used frozen (no grads to its parameters)."""
+
+    def discriminator_step(self, disc: nn.Module, batch: dict, aux: dict, step: int) -> StepOutput:
+        """Losses for the discriminator from the generator step's detached outputs (`aux`)."""
+
+    @torch.no_grad()
+    def sample_images(self, gen: nn.Module, batch: dict, seed: int) -> dict[str, torch.Tensor]:
+        """Named image rows in [-1, 1] (originals, reconstructions, samples) for a PNG grid."""
+
+    def export(self, gen: nn.Module) -> dict[str, dict[str, torch.Tensor]]:
+        """Consolidated weights to save as separate safetensors files, e.g. {"tokenizer": sd, "ar": sd}."""
+
+
+def set_requires_grad(module: Optional[nn.Module], flag: bool) -> None:
+    if module is not None:
+        for p in module.parameters():
+            p.requires_grad_(flag)

@@ -1,0 +1,203 @@
+"""EOSTok: end-to-end training of a 1D tokenizer and an AR model (../shared/seeds/eostok.txt).
+
+encoder -> 1D latents -> IBQ -> differentiable embedding (straight-through one-hot @ codebook)
+-> AR with teacher forcing -> the decoder decodes [z_q ; AR prediction] in one pass ->
+L_VQVAE (L1/L2 + LPIPS + GAN, quantizer regularisers) + NTP + APR + implicit alignment (+ REPA).
+Every weight is a config value and 0 switches a term off, so the paper's ablation rows are configs.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from system.config.load import override_dataclass
+from system.config.schema import EOSTokMethodConfig, ModelConfig
+from system.losses.align import AlignConfig, DecoderAlignLoss, ImplicitAlignLoss
+from system.losses.gan import DiscriminatorConfig, GANLoss, GANLossConfig
+from system.losses.lpips import LPIPS
+from system.losses.recon import ntp_loss
+from system.losses.teachers import Teacher
+from system.methods.base import StepOutput, set_requires_grad
+from system.models.gpt import GPT, GPTConfig
+from system.models.quantizers import codebook_perplexity, codebook_usage
+from system.models.registry import gpt_config
+from system.models.tokenizer1d import Tokenizer1D, Tokenizer1DConfig, tokenizer_config
+
+
+def straight_through_onehot(logits: Tensor) -> Tensor:
+    """(..., K) logits -> onehot(argmax p) + p - sg(p): exact one-hot forward, soft gradients."""
+    p = logits.float().softmax(-1)
+    hard = F.one_hot(p.argmax(-1), p.shape[-1]).to(p.dtype)
+    return hard + p - p.detach()
+
+
+@dataclass
+class EOSTokForward:
+    recon: Tensor  # (B, 3, H, W) decoded z_q
+    apr: Tensor  # (B, 3, H, W) decoded AR prediction
+    codes: Tensor  # (B, L)
+    logits: Tensor  # (B, L, K) AR next-token logits (teacher forcing)
+    quant_losses: dict[str, Tensor]
+    align: Optional[Tensor]  # implicit alignment loss (scalar) or None
+    repa: Optional[Tensor]  # decoder alignment loss (scalar) or None
+
+
+class EOSTokModel(nn.Module):
+    """Everything the main engine optimises: tokenizer, AR model and the alignment projectors.
+
+    The whole step runs inside `forward`, so ZeRO-3 gathers parameters for it; the codebook is
+    also read outside the quantizer (`external_parameters`), which the engine registers."""
+
+    def __init__(self, tok_cfg: Tokenizer1DConfig, ar_cfg: GPTConfig, teacher_dim: int = 0, repa_layer: int = 1,
+                 align: bool = False, repa: bool = False):
+        super().__init__()
+        self.tokenizer = Tokenizer1D(tok_cfg)
+        self.ar = GPT(ar_cfg)
+        self.repa_layer = repa_layer
+        self.align = ImplicitAlignLoss(AlignConfig(tok_cfg.enc_width, teacher_dim, hidden_dim=4 * tok_cfg.enc_width)) if align else None
+        self.repa = DecoderAlignLoss(AlignConfig(tok_cfg.dec_width, teacher_dim, hidden_dim=4 * tok_cfg.dec_width)) if repa else None
+
+    def external_parameters(self) -> list[nn.Parameter]:
+        return [self.tokenizer.quantizer.codebook] if isinstance(self.tokenizer.quantizer.codebook, nn.Parameter) else []
+
+    def forward(self, images: Tensor, labels: Tensor, teacher: Optional[Tensor] = None,
+                detach_ar_input: bool = False) -> EOSTokForward:
+        b = images.shape[0]
+        quant, enc_hidden = self.tokenizer.encode(images)  # codes (B, L); enc_hidden (B, N, C)
+        codebook = self.tokenizer.codebook  # (K, D)
+        ind = quant.onehot if quant.onehot is not None else F.one_hot(quant.codes, codebook.shape[0]).to(codebook.dtype)
+        if detach_ar_input:  # two-stage baseline: NTP gradients stop at the AR model
+            ind = ind.detach()
+        logits = self.ar(probs=ind, labels=labels, codebook=codebook)  # (B, L, K)
+        z_hat = straight_through_onehot(logits).to(codebook.dtype) @ codebook  # (B, L, D) AR prediction
+        dec = self.tokenizer.decode_full(torch.cat([quant.quantized, z_hat.to(quant.quantized.dtype)]),
+                                         hidden_layer=self.repa_layer if self.repa is not None else None)
+        align = self.align(enc_hidden, teacher) if self.align is not None and teacher is not None else None
+        repa = self.repa(dec.hidden[:b], teacher) if self.repa is not None and teacher is not None else None
+        return EOSTokForward(dec.image[:b], dec.image[b:], quant.codes, logits, quant.losses, align, repa)
+
+
+def build_configs(model: ModelConfig, resolution: int, num_classes: int) -> tuple[Tokenizer1DConfig, GPTConfig]:
+    """Registry presets + overrides, with the fields that must agree derived from one place."""
+    tok = override_dataclass(tokenizer_config(model.tokenizer), model.tokenizer_overrides, "model.tokenizer_overrides")
+    tok = dataclasses.replace(tok, image_size=resolution, attn_backend=model.attn_backend,
+                              grad_checkpointing=model.grad_checkpointing)
+    ar = override_dataclass(gpt_config(model.ar), model.ar_overrides, "model.ar_overrides")
+    ar = dataclasses.replace(
+        ar, vocab_size=tok.quantizer.codebook_size, block_size=tok.seq_len, code_dim=tok.latent_dim,
+        num_classes=num_classes, attn_backend=model.attn_backend, grad_checkpointing=model.grad_checkpointing,
+    )
+    return tok, ar
+
+
+class EOSTok:
+    """The EOSTok method (see system/methods/base.py for the contract)."""
+
+    def __init__(self, cfg: EOSTokMethodConfig, model: ModelConfig, resolution: int, num_classes: int):
+        self.cfg = cfg
+        self.tok_cfg, self.ar_cfg = build_configs(model, resolution, num_classes)
+        self.num_classes = num_classes
+        needs_teacher = cfg.align > 0 or cfg.repa > 0
+        self.teacher = Teacher(cfg.teacher) if needs_teacher else None
+        needs_lpips = cfg.lpips > 0 or cfg.apr_lpips > 0
+        if needs_lpips and not (cfg.lpips_net.vgg_path or cfg.lpips_net.random_init):
+            raise ValueError("LPIPS needs weights: set method.lpips_net.vgg_path and lin_path "
+                             "(or method.lpips_net.random_init=true for a demo), or method.lpips=0 method.apr_lpips=0")
+        self.lpips = LPIPS(cfg.lpips_net.vgg_path, cfg.lpips_net.lin_path) if needs_lpips else None
+
+    def to(self, device: torch.device) -> "EOSTok":
+        for m in (self.teacher, self.lpips):
+            if m is not None:
+                m.to(device)
+        return self
+
+    # ------------------------------------------------------------------ modules
+    def build_generator(self) -> EOSTokModel:
+        dim = self.teacher.dim if self.teacher is not None else 0
+        return EOSTokModel(self.tok_cfg, self.ar_cfg, dim, self.cfg.repa_layer, self.cfg.align > 0, self.cfg.repa > 0)
+
+    def build_discriminator(self) -> Optional[GANLoss]:
+        if self.cfg.gan <= 0:
+            return None
+        ch = 64 if self.tok_cfg.image_size >= 128 else 32
+        disc = DiscriminatorConfig(ndf=ch, n_layers=3 if self.tok_cfg.image_size >= 64 else 2, num_groups=8)
+        return GANLoss(GANLossConfig(disc=disc, weight=self.cfg.gan, lecam_weight=self.cfg.lecam,
+                                     adaptive=self.cfg.adaptive_gan_weight, gan_start_step=self.cfg.gan_start_step))
+
+    # -------------------------------------------------------------------- steps
+    def _lpips(self, a: Tensor, b: Tensor) -> Tensor:
+        return self.lpips(a, b).mean()
+
+    def generator_step(self, gen: nn.Module, disc: Optional[nn.Module], batch: dict, step: int) -> StepOutput:
+        c = self.cfg
+        x, y = batch["image"], batch["label"]
+        teacher = self.teacher(x) if self.teacher is not None else None
+        out: EOSTokForward = gen(x, y, teacher, c.detach_ar_input)
+        terms: dict[str, Tensor] = {}
+        if c.l1 > 0:
+            terms["l1"] = c.l1 * (out.recon - x).abs().mean()
+        if c.l2 > 0:
+            terms["l2"] = c.l2 * F.mse_loss(out.recon, x)
+        if c.lpips > 0:
+            terms["lpips"] = c.lpips * self._lpips(out.recon, x)
+        for k, v in out.quant_losses.items():
+            terms[f"quant_{k}"] = v
+        ntp, acc = ntp_loss(out.logits, out.codes, label_smoothing=c.ntp_label_smoothing)
+        if c.ntp > 0:
+            terms["ntp"] = c.ntp * ntp
+        if c.apr_l2 > 0:
+            terms["apr_l2"] = c.apr_l2 * F.mse_loss(out.apr, x)
+        if c.apr_lpips > 0:
+            terms["apr_lpips"] = c.apr_lpips * self._lpips(out.apr, x)
+        if out.align is not None:
+            terms["align"] = c.align * out.align
+        if out.repa is not None:
+            terms["repa"] = c.repa * out.repa
+        if disc is not None:
+            set_requires_grad(disc, False)
+            g, _ = disc.generator_loss(out.recon, step)
+            set_requires_grad(disc, True)
+            terms["gan_g"] = g  # already weighted by cfg.gan (0 before gan_start_step)
+        loss = torch.stack([v.float() for v in terms.values()]).sum()
+        with torch.no_grad():
+            metrics = {f"loss/{k}": float(v) for k, v in terms.items()}
+            metrics.update({
+                "loss/total": float(loss), "ntp_ce": float(ntp), "ar_acc": float(acc),
+                "psnr": float(psnr(out.recon, x)), "apr_psnr": float(psnr(out.apr, x)),
+                "codebook_usage": codebook_usage(out.codes, self.tok_cfg.quantizer.codebook_size),
+                "codebook_perplexity": codebook_perplexity(out.codes, self.tok_cfg.quantizer.codebook_size),
+            })
+        return StepOutput(loss, metrics, {"recon": out.recon.detach()})
+
+    def discriminator_step(self, disc: nn.Module, batch: dict, aux: dict, step: int) -> StepOutput:
+        loss, m = disc.discriminator_loss(batch["image"], aux["recon"], step)
+        return StepOutput(loss, {k: float(v) for k, v in m.items()})
+
+    # --------------------------------------------------------------- outputs
+    @torch.no_grad()
+    def sample_images(self, gen: nn.Module, batch: dict, seed: int) -> dict[str, Tensor]:
+        from system.sampling.ar import generate
+
+        x, y = batch["image"], batch["label"]
+        recon = gen.tokenizer(x).image
+        codes = generate(gen.ar, y, cfg_scale=self.cfg.sample_cfg_scale, temperature=self.cfg.sample_temperature,
+                         seed=seed, codebook=gen.tokenizer.codebook)
+        samples = gen.tokenizer.decode_codes(codes)
+        return {"original": x, "reconstruction": recon.clamp(-1, 1), "ar_sample": samples.clamp(-1, 1)}
+
+    def export(self, gen: nn.Module) -> dict[str, dict[str, Tensor]]:
+        return {"tokenizer": gen.tokenizer.state_dict(), "ar": gen.ar.state_dict()}
+
+    def export_configs(self) -> dict[str, dict]:
+        return {"tokenizer": dataclasses.asdict(self.tok_cfg), "ar": dataclasses.asdict(self.ar_cfg)}
+
+
+def psnr(a: Tensor, b: Tensor) -> Tensor:
+    """PSNR in dB of images in [-1, 1] (peak-to-peak 2)."""
+    mse = F.mse_loss(a.float().clamp(-1, 1), b.float()).clamp_min(1e-10)
+    return 10 * torch.log10(4.0 / mse)

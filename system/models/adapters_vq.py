@@ -1,0 +1,74 @@
+"""State-dict adapter for LlamaGen's public VQ tokenizers (VQ-16, also VQ-8).
+
+Their checkpoint is ``{"model": state_dict}`` saved with torch.save; keys match
+``system.models.vqgan.VQModel`` except the training-only usage ring buffer
+``quantize.codebook_used`` (dropped on load, zeros on export). The config
+(codebook size/dim, ch, ch_mult, z_channels, res blocks) is read off the
+tensor shapes, so VQ-8 and small test models load too.
+"""
+from __future__ import annotations
+
+import os
+import re
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from system.models.vqgan import VQGANConfig, VQModel
+
+USAGE_BUFFER_KEY = "quantize.codebook_used"
+USAGE_BUFFER_LEN = 65536
+_WRAPPER_KEYS = ("model", "state_dict", "ema", "module")
+
+
+def _read(path: str | os.PathLike) -> dict[str, Any]:
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"LlamaGen VQ checkpoint not found: {path}")
+    if path.endswith(".safetensors"):
+        from safetensors.torch import load_file
+
+        return load_file(path)
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def _unwrap(obj: dict[str, Any]) -> dict[str, Tensor]:
+    """Strip {"model": ...}-style wrappers and DDP "module." prefixes."""
+    while isinstance(obj, dict) and not any(isinstance(v, Tensor) for v in obj.values()):
+        key = next((k for k in _WRAPPER_KEYS if k in obj), None)
+        if key is None:
+            raise ValueError(f"cannot find a state dict in checkpoint with keys {sorted(obj)[:8]}; expected one of {_WRAPPER_KEYS}")
+        obj = obj[key]
+    return {k[len("module."):] if k.startswith("module.") else k: v for k, v in obj.items()}
+
+
+def infer_config(sd: dict[str, Tensor]) -> VQGANConfig:
+    """Read a VQGANConfig off the tensor shapes of a LlamaGen-layout state dict."""
+    try:
+        k, d = sd["quantize.embedding.weight"].shape
+        ch = sd["encoder.conv_in.weight"].shape[0]
+        z_channels = sd["encoder.conv_out.weight"].shape[0]
+    except KeyError as e:
+        raise ValueError(f"not a LlamaGen VQ state dict: missing {e}") from None
+    levels = sorted({int(m.group(1)) for key in sd if (m := re.match(r"encoder\.conv_blocks\.(\d+)\.", key))})
+    ch_mult = tuple(sd[f"encoder.conv_blocks.{i}.res.0.conv1.weight"].shape[0] // ch for i in range(len(levels)))
+    n_res = len({key.split(".")[4] for key in sd if key.startswith("encoder.conv_blocks.0.res.")})
+    return VQGANConfig(codebook_size=k, codebook_dim=d, ch=ch, ch_mult=ch_mult, z_channels=z_channels, num_res_blocks=n_res)
+
+
+def load_llamagen_vq(path_or_state_dict: str | os.PathLike | dict[str, Any], config: VQGANConfig | None = None) -> VQModel:
+    """LlamaGen VQ checkpoint (path, or loaded dict) -> VQModel with strict=True loading, eval mode."""
+    raw = path_or_state_dict if isinstance(path_or_state_dict, dict) else _read(path_or_state_dict)
+    sd = dict(_unwrap(raw))
+    sd.pop(USAGE_BUFFER_KEY, None)
+    model = VQModel(config or infer_config(sd))
+    model.load_state_dict(sd, strict=True)
+    return model.eval()
+
+
+def to_llamagen_state_dict(model: VQModel) -> dict[str, Tensor]:
+    """Our VQModel -> LlamaGen's key layout (adds the zero usage buffer they carry)."""
+    sd = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    sd[USAGE_BUFFER_KEY] = torch.zeros(USAGE_BUFFER_LEN)
+    return sd

@@ -1,0 +1,345 @@
+"""1D ViT image tokenizer (TiTok / EOSTok / AliTok style).
+
+Encoder: patch embedding + positions, learnable latent queries appended
+([patches; prefix queries; latent queries]), a bidirectional ViT, keep the query
+outputs -> linear to ``latent_dim`` -> quantizer. The code sequence is
+``num_prefix_tokens + num_latent_tokens`` long (prefix first).
+
+Decoder (pixels, images in [-1, 1] space): one mask token per patch + projected
+quantized latents (+ buffer tokens), a ViT, a linear head to patch pixels.
+
+AliTok stage semantics (``decoder_causal``):
+- causal (stage 1): prefix latents are fed to the decoder; latent j attends to
+  latents <= j (prefix first); patch i (raster order) attends to all prefix
+  latents, to the first ceil((i+1) * L / N) image latents (= latents 0..i when
+  L == N patches) and to patches <= i. So patch i depends only on Quant(z_1..i)
+  and the prefix: {p_k}_{k<=i} = Dec({Quant(z_k)}_{k<=i}). An aux head decodes
+  the last ``grid`` prefix tokens to the first patch row (``prefix_row``).
+  Buffer tokens are not used.
+- bidirectional (stage 2 / EOSTok): full attention; prefix latents are dropped
+  ("prefix tokens are removed"), ``num_buffer_tokens`` learnable buffer tokens are added.
+Switch stages with ``dataclasses.replace(cfg, decoder_causal=False)``.
+"""
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn as nn
+from torch import Tensor
+from torch.utils.checkpoint import checkpoint
+
+from system.models.attention import BACKENDS
+from system.models.blocks import SelfAttention
+from system.models.quantizers import QuantizerConfig, QuantizerOutput, build_quantizer
+
+
+@dataclass
+class Tokenizer1DConfig:
+    image_size: int = 256
+    patch_size: int = 16
+    enc_width: int = 768
+    enc_depth: int = 12
+    enc_heads: int = 12
+    dec_width: int = 768
+    dec_depth: int = 12
+    dec_heads: int = 12
+    mlp_ratio: float = 4.0
+    num_latent_tokens: int = 256
+    latent_dim: int = 64  # code dim; must equal quantizer.dim
+    quantizer: QuantizerConfig = field(default_factory=lambda: QuantizerConfig(type="ibq", codebook_size=4096, dim=64))
+    decoder_causal: bool = False
+    num_prefix_tokens: int = 0
+    num_buffer_tokens: int = 0
+    attn_backend: str = "auto"
+    grad_checkpointing: bool = False
+
+    def __post_init__(self) -> None:
+        if self.image_size % self.patch_size:
+            raise ValueError(f"image_size {self.image_size} is not divisible by patch_size {self.patch_size}")
+        for name in ("enc", "dec"):
+            w, h = getattr(self, f"{name}_width"), getattr(self, f"{name}_heads")
+            if w % h:
+                raise ValueError(f"{name}_width {w} is not divisible by {name}_heads {h}")
+        if isinstance(self.quantizer, QuantizerConfig) and self.quantizer.dim != self.latent_dim:
+            raise ValueError(
+                f"latent_dim {self.latent_dim} != quantizer.dim {self.quantizer.dim}; set both to the code dim"
+            )
+        if self.num_latent_tokens < 1 or self.num_prefix_tokens < 0 or self.num_buffer_tokens < 0:
+            raise ValueError("num_latent_tokens must be >= 1 and prefix/buffer token counts >= 0")
+        if self.decoder_causal and 0 < self.num_prefix_tokens < self.grid:
+            raise ValueError(
+                f"a causal decoder decodes the first patch row from the prefix tokens: num_prefix_tokens "
+                f"must be 0 or >= grid width {self.grid}; got {self.num_prefix_tokens}"
+            )
+        if self.attn_backend not in BACKENDS:
+            raise ValueError(f"attn_backend {self.attn_backend!r} unknown; expected one of {BACKENDS}")
+
+    @property
+    def grid(self) -> int:
+        return self.image_size // self.patch_size
+
+    @property
+    def num_patches(self) -> int:
+        return self.grid**2
+
+    @property
+    def seq_len(self) -> int:
+        """Length of the code sequence (prefix + latent tokens)."""
+        return self.num_prefix_tokens + self.num_latent_tokens
+
+
+@dataclass
+class DecoderOutput:
+    image: Tensor  # (B, 3, H, W)
+    hidden: Tensor | None = None  # (B, N, dec_width) patch (mask-token) states after the chosen layer
+    prefix_row: Tensor | None = None  # (B, 3, patch, W) first patch row from the prefix tokens (causal)
+
+
+@dataclass
+class TokenizerOutput:
+    image: Tensor  # (B, 3, H, W) reconstruction
+    quant: QuantizerOutput  # codes (B, P+L), quantized (B, P+L, D), losses
+    enc_hidden: Tensor  # (B, N, enc_width) encoder 2D hidden patch embeddings
+    dec_hidden: Tensor | None = None  # (B, N, dec_width)
+    prefix_row: Tensor | None = None  # (B, 3, patch, W)
+
+
+class ViTBlock(nn.Module):
+    """Pre-LN ViT block: x + attn(LN(x)); x + MLP_GELU(LN(x)). Attention via blocks.SelfAttention."""
+
+    def __init__(self, dim: int, heads: int, mlp_ratio: float = 4.0, backend: str = "auto"):
+        super().__init__()
+        hidden = int(dim * mlp_ratio)
+        self.norm1 = nn.LayerNorm(dim)
+        self.attn = SelfAttention(dim, heads, qkv_bias=True, backend=backend)
+        self.norm2 = nn.LayerNorm(dim)
+        self.mlp = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, dim))
+
+    def forward(self, x: Tensor, mask: Tensor | None = None) -> Tensor:  # (B, S, D) -> (B, S, D)
+        x = x + self.attn(self.norm1(x), mask=mask)
+        return x + self.mlp(self.norm2(x))
+
+
+def _layer_index(layer: int | None, depth: int, who: str) -> int | None:
+    """Python-style block index (-1 = last) -> 0-based index, validated."""
+    if layer is None:
+        return None
+    if not -depth <= layer < depth:
+        raise ValueError(f"{who} hidden layer {layer} out of range for depth {depth} (use 0..{depth - 1} or -1)")
+    return layer % depth
+
+
+class _ViT(nn.Module):
+    """ln_pre -> blocks -> ln_post, optionally returning the output of one block."""
+
+    def __init__(self, dim: int, depth: int, heads: int, mlp_ratio: float, backend: str, grad_ckpt: bool):
+        super().__init__()
+        self.ln_pre = nn.LayerNorm(dim)
+        self.blocks = nn.ModuleList([ViTBlock(dim, heads, mlp_ratio, backend) for _ in range(depth)])
+        self.ln_post = nn.LayerNorm(dim)
+        self.grad_ckpt = grad_ckpt
+
+    def forward(self, x: Tensor, mask: Tensor | None = None, keep: int | None = None) -> tuple[Tensor, Tensor | None]:
+        x, kept = self.ln_pre(x), None
+        for i, blk in enumerate(self.blocks):
+            if self.grad_ckpt and self.training and torch.is_grad_enabled():
+                x = checkpoint(blk, x, mask, use_reentrant=False)
+            else:
+                x = blk(x, mask)
+            if i == keep:
+                kept = x
+        return self.ln_post(x), kept
+
+
+def _param(*shape: int) -> nn.Parameter:
+    return nn.Parameter(nn.init.trunc_normal_(torch.empty(*shape), std=0.02))
+
+
+class Encoder1D(nn.Module):
+    """Images (B, 3, H, W) -> (latents (B, P+L, latent_dim), hidden patch states)."""
+
+    def __init__(self, cfg: Tokenizer1DConfig):
+        super().__init__()
+        w = cfg.enc_width
+        self.patch_embed = nn.Conv2d(3, w, cfg.patch_size, stride=cfg.patch_size)
+        self.pos_embed = _param(1, cfg.num_patches, w)
+        self.latent_tokens = _param(cfg.seq_len, w)  # prefix queries first, then latent queries
+        self.vit = _ViT(w, cfg.enc_depth, cfg.enc_heads, cfg.mlp_ratio, cfg.attn_backend, cfg.grad_checkpointing)
+        self.to_latent = nn.Linear(w, cfg.latent_dim)
+        self.cfg = cfg
+
+    def forward(self, img: Tensor, hidden_layer: int = -1) -> tuple[Tensor, Tensor]:
+        """-> z (B, P+L, latent_dim), hidden patches (B, N, enc_width) after block ``hidden_layer``."""
+        c = self.cfg
+        if img.dim() != 4 or img.shape[1:] != (3, c.image_size, c.image_size):
+            raise ValueError(f"expected images (B, 3, {c.image_size}, {c.image_size}); got {tuple(img.shape)}")
+        x = self.patch_embed(img).flatten(2).transpose(1, 2) + self.pos_embed  # (B, N, W)
+        q = self.latent_tokens.unsqueeze(0).expand(x.shape[0], -1, -1).to(x.dtype)
+        keep = _layer_index(int(hidden_layer), c.enc_depth, "encoder")
+        out, hidden = self.vit(torch.cat([x, q], dim=1), keep=keep)  # (B, N + P + L, W)
+        return self.to_latent(out[:, c.num_patches :]), hidden[:, : c.num_patches]
+
+
+def causal_decoder_mask(num_prefix: int, num_latent: int, num_patches: int) -> Tensor:
+    """Bool (S, S) mask, True = may attend, over [prefix; latents; patches] (S = P + L + N)."""
+    t = num_prefix + num_latent
+    s = t + num_patches
+    allowed = torch.zeros(s, s, dtype=torch.bool)
+    lat = torch.arange(t)
+    allowed[:t, :t] = lat[None, :] <= lat[:, None]
+    i = torch.arange(num_patches)
+    visible = num_prefix + ((i + 1) * num_latent + num_patches - 1) // num_patches  # P + ceil((i+1) L / N)
+    allowed[t:, :t] = lat[None, :] < visible[:, None]
+    allowed[t:, t:] = i[None, :] <= i[:, None]
+    return allowed
+
+
+class Decoder1D(nn.Module):
+    """Quantized latents (B, P+L, latent_dim) -> DecoderOutput."""
+
+    def __init__(self, cfg: Tokenizer1DConfig):
+        super().__init__()
+        w, pix = cfg.dec_width, 3 * cfg.patch_size**2
+        self.cfg = cfg
+        self.n_in = cfg.seq_len if cfg.decoder_causal else cfg.num_latent_tokens
+        self.embed = nn.Linear(cfg.latent_dim, w)
+        self.latent_pos = _param(1, self.n_in, w)
+        self.mask_token = _param(1, 1, w)
+        self.patch_pos = _param(1, cfg.num_patches, w)
+        n_buf = 0 if cfg.decoder_causal else cfg.num_buffer_tokens
+        self.buffer_tokens = _param(n_buf, w) if n_buf else None
+        self.vit = _ViT(w, cfg.dec_depth, cfg.dec_heads, cfg.mlp_ratio, cfg.attn_backend, cfg.grad_checkpointing)
+        self.to_pixels = nn.Linear(w, pix)
+        self.prefix_head = nn.Linear(w, pix) if cfg.decoder_causal and cfg.num_prefix_tokens else None
+        mask = causal_decoder_mask(cfg.num_prefix_tokens, cfg.num_latent_tokens, cfg.num_patches) if cfg.decoder_causal else None
+        self.register_buffer("attn_mask", mask, persistent=False)
+
+    def _unpatchify(self, x: Tensor, rows: int) -> Tensor:
+        """(B, rows*grid, 3*p*p) -> (B, 3, rows*p, grid*p)."""
+        p, g = self.cfg.patch_size, self.cfg.grid
+        x = x.reshape(x.shape[0], rows, g, p, p, 3)
+        return x.permute(0, 5, 1, 3, 2, 4).reshape(x.shape[0], 3, rows * p, g * p)
+
+    def forward(self, zq: Tensor, hidden_layer: int | None = None) -> DecoderOutput:
+        c = self.cfg
+        if zq.dim() != 3 or zq.shape[1:] != (c.seq_len, c.latent_dim):
+            raise ValueError(
+                f"decoder expects quantized latents (B, {c.seq_len}, {c.latent_dim}) "
+                f"(prefix {c.num_prefix_tokens} + latent {c.num_latent_tokens} tokens); got {tuple(zq.shape)}"
+            )
+        b = zq.shape[0]
+        if not c.decoder_causal:
+            zq = zq[:, c.num_prefix_tokens :]
+        lat = self.embed(zq) + self.latent_pos  # (B, n_in, W)
+        patches = (self.mask_token + self.patch_pos).expand(b, -1, -1).to(lat.dtype)  # (B, N, W)
+        parts = [lat, patches]
+        if self.buffer_tokens is not None:
+            parts.insert(0, self.buffer_tokens.unsqueeze(0).expand(b, -1, -1).to(lat.dtype))
+        x = torch.cat(parts, dim=1)
+        keep = _layer_index(hidden_layer, c.dec_depth, "decoder")
+        out, hidden = self.vit(x, mask=self.attn_mask, keep=keep)
+        n = c.num_patches
+        image = self._unpatchify(self.to_pixels(out[:, -n:]), c.grid)
+        prefix_row = None
+        if self.prefix_head is not None:
+            pre = out[:, c.num_prefix_tokens - c.grid : c.num_prefix_tokens]  # last `grid` prefix tokens
+            prefix_row = self._unpatchify(self.prefix_head(pre), 1)
+        return DecoderOutput(image=image, hidden=None if hidden is None else hidden[:, -n:], prefix_row=prefix_row)
+
+
+class Tokenizer1D(nn.Module):
+    """Encoder1D -> quantizer -> Decoder1D."""
+
+    def __init__(self, cfg: Tokenizer1DConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.encoder = Encoder1D(cfg)
+        self.quantizer = build_quantizer(cfg.quantizer)
+        self.decoder = Decoder1D(cfg)
+        for m in (self.encoder, self.decoder):
+            m.apply(_init_weights)
+
+    @property
+    def codebook(self) -> Tensor:
+        """(K, D) code vectors (for the AR model's differentiable embedding probs @ codebook)."""
+        return self.quantizer.codebook
+
+    def encode(self, images: Tensor, hidden_layer: int = -1) -> tuple[QuantizerOutput, Tensor]:
+        """images (B, 3, H, W) in [-1, 1] -> (QuantizerOutput over (B, P+L), hidden patches (B, N, enc_width))."""
+        z, hidden = self.encoder(images, hidden_layer)
+        return self.quantizer(z), hidden
+
+    def decode_full(self, zq: Tensor, hidden_layer: int | None = None) -> DecoderOutput:
+        """zq (B, P+L, D) -> DecoderOutput (image, decoder hidden patch states, prefix row)."""
+        return self.decoder(zq, hidden_layer)
+
+    def decode(self, zq: Tensor) -> Tensor:
+        """zq (B, P+L, D) -> images (B, 3, H, W)."""
+        return self.decoder(zq).image
+
+    def decode_codes(self, codes: Tensor) -> Tensor:
+        """codes (B, P+L) -> images (B, 3, H, W)."""
+        zq = self.quantizer.embed_codes(codes).to(self.decoder.embed.weight.dtype)
+        return self.decode(zq)
+
+    def forward(self, images: Tensor, enc_hidden_layer: int = -1, dec_hidden_layer: int | None = None) -> TokenizerOutput:
+        """images (B, 3, H, W) -> TokenizerOutput (reconstruction, quantizer output, alignment hooks)."""
+        quant, enc_hidden = self.encode(images, enc_hidden_layer)
+        dec = self.decode_full(quant.quantized, dec_hidden_layer)
+        return TokenizerOutput(dec.image, quant, enc_hidden, dec.hidden, dec.prefix_row)
+
+
+def _init_weights(m: nn.Module) -> None:
+    if isinstance(m, (nn.Linear, nn.Conv2d)):
+        nn.init.trunc_normal_(m.weight, std=0.02)
+        if m.bias is not None:
+            nn.init.zeros_(m.bias)
+    elif isinstance(m, nn.LayerNorm):
+        nn.init.ones_(m.weight)
+        nn.init.zeros_(m.bias)
+
+
+def _ibq(k: int, d: int) -> QuantizerConfig:
+    # EOSTok reimplementation weights (unverified): commitment 1e-3, entropy 0.01; IBQ's own beta 0.25
+    return QuantizerConfig(type="ibq", codebook_size=k, dim=d, double_weight=1.0, commit_weight=1e-3,
+                           codebook_weight=0.25, entropy_weight=0.01, entropy_temperature=0.01)
+
+
+def _alitok(prefix: int, buffer: int) -> Tokenizer1DConfig:
+    # reinit_after_steps: AliTok re-initialises unused codes online; the exact window is unverified
+    vq = QuantizerConfig(type="vq", codebook_size=4096, dim=32, commit_weight=0.25, codebook_weight=1.0, reinit_after_steps=100)
+    return Tokenizer1DConfig(
+        enc_width=768, enc_depth=12, enc_heads=12, dec_width=1024, dec_depth=24, dec_heads=16,
+        num_latent_tokens=256, latent_dim=32, quantizer=vq, decoder_causal=True,
+        num_prefix_tokens=prefix, num_buffer_tokens=buffer,
+    )
+
+
+def _debug_tiny(causal: bool) -> Tokenizer1DConfig:
+    q = (QuantizerConfig(type="vq", codebook_size=64, dim=16, reinit_after_steps=20) if causal
+         else QuantizerConfig(type="ibq", codebook_size=64, dim=16, entropy_weight=0.01))
+    return Tokenizer1DConfig(
+        image_size=32, patch_size=8, enc_width=64, enc_depth=2, enc_heads=4, dec_width=64, dec_depth=2, dec_heads=4,
+        num_latent_tokens=16, latent_dim=16, quantizer=q, decoder_causal=causal,
+        num_prefix_tokens=4 if causal else 0, num_buffer_tokens=4 if causal else 0,
+    )
+
+
+TOKENIZER_PRESETS: dict[str, Tokenizer1DConfig] = {
+    "eostok-tok": Tokenizer1DConfig(quantizer=_ibq(4096, 64)),
+    "eostok-tok-h": Tokenizer1DConfig(enc_width=1024, enc_depth=16, enc_heads=16, dec_width=1024, dec_depth=16,
+                                      dec_heads=16, quantizer=_ibq(4096, 64)),
+    "alitok-tok-paper": _alitok(prefix=16, buffer=64),
+    "alitok-tok-code": _alitok(prefix=17, buffer=32),
+    "debug-tiny": _debug_tiny(causal=False),
+    "debug-tiny-causal": _debug_tiny(causal=True),
+}
+
+
+def tokenizer_config(name: str) -> Tokenizer1DConfig:
+    """A fresh copy of a named preset."""
+    if name not in TOKENIZER_PRESETS:
+        raise KeyError(f"unknown tokenizer preset {name!r}; known: {sorted(TOKENIZER_PRESETS)}")
+    return copy.deepcopy(TOKENIZER_PRESETS[name])

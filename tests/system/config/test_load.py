@@ -1,0 +1,77 @@
+"""Config schema: overrides, YAML files, and the errors users see for bad input."""
+from __future__ import annotations
+
+import pytest
+import yaml
+
+from system.config import ConfigError, EOSTokExperiment, load_config, redact, to_yaml
+
+BASE = ["run_name=t", "data.url=/tmp/shards"]
+
+
+def test_overrides_and_types():
+    cfg = load_config(EOSTokExperiment, [*BASE, "optim.lr=3e-4", "deepspeed.zero_stage=3", "optim.betas=[0.9,0.96]"])
+    assert cfg.optim.lr == pytest.approx(3e-4)
+    assert cfg.deepspeed.zero_stage == 3
+    assert cfg.optim.betas == (0.9, 0.96)
+    assert cfg.method.ntp == pytest.approx(0.1)
+
+
+def test_config_file_then_cli_wins(tmp_path):
+    f = tmp_path / "exp.yaml"
+    f.write_text(yaml.safe_dump({"run_name": "fromfile", "data": {"url": "/d", "batch_size": 7}, "train": {"max_steps": 5}}))
+    cfg = load_config(EOSTokExperiment, ["--config", str(f), "train.max_steps=9"])
+    assert (cfg.run_name, cfg.data.batch_size, cfg.train.max_steps) == ("fromfile", 7, 9)
+
+
+@pytest.mark.parametrize(
+    "argv, needle",
+    [
+        ([*BASE, "optim.lrr=1"], "unknown config key 'optim.lrr'. Allowed keys here: lr,"),
+        ([*BASE, "nope=1"], "unknown config key 'nope'"),
+        ([*BASE, "train.max_steps=many"], "bad value for config key 'train.max_steps'"),
+        ([*BASE, "deepspeed.zero_stage=5"], "expected one of [0, 1, 2, 3]"),
+        ([*BASE, "model.attn_backend=xformers"], "model.attn_backend"),
+        (["data.url=/x"], "missing required config value(s): run_name"),
+        (["run_name=t", "data.url=s3://"], "names no bucket"),
+        (["run_name=t", "data.url=gopher://host/x"], "unsupported storage URL 'gopher://host/x'"),
+        ([*BASE, "--verbose"], "cannot read argument '--verbose'"),
+        ([*BASE, "--config"], "--config needs a YAML file"),
+        ([*BASE, "--config", "/does/not/exist.yaml"], "config file not found"),
+    ],
+)
+def test_errors_name_the_key(argv, needle):
+    with pytest.raises(ConfigError) as e:
+        load_config(EOSTokExperiment, argv)
+    assert needle in str(e.value)
+
+
+def test_errors_start_no_cluster():
+    ray = pytest.importorskip("ray")
+    with pytest.raises(ConfigError):
+        load_config(EOSTokExperiment, ["run_name=t", "data.url=/x", "cluster.num_workers=two"])
+    assert not ray.is_initialized()
+
+
+def test_secrets_redacted():
+    cfg = load_config(
+        EOSTokExperiment,
+        [*BASE, "data.storage.key=AKIAXXXX", "data.storage.secret=s3cr3t", "checkpoint.storage_path=s3://u:pw@bkt/runs"],
+    )
+    text = to_yaml(cfg)
+    assert "s3cr3t" not in text and "AKIAXXXX" not in text and ":pw@" not in text
+    assert "'***'" in text or "***" in text
+    assert redact({"wandb_api_key": "x", "token": "y", "keep_last": 3}) == {"wandb_api_key": "***", "token": "***", "keep_last": 3}
+
+
+def test_every_shipped_yaml_is_valid():
+    """Each experiment file under configs/experiments loads against its job's schema."""
+    from pathlib import Path
+
+    from system.config.load import CONFIG_DIR
+
+    files = sorted((CONFIG_DIR / "experiments").glob("eostok*.yaml"))
+    assert files, "no EOSTok experiment configs shipped"
+    for f in files:
+        cfg = load_config(EOSTokExperiment, ["--config", str(f), "data.url=/x"])
+        assert cfg.run_name
