@@ -51,14 +51,17 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--model", default="small", help=f"'small' or a preset: {', '.join(list_models())}")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--dtype", default="fp32", choices=sorted(DTYPES))
-    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--cfg", type=float, default=1.0, help="CFG scale (doubles the batch when != 1)")
     ap.add_argument("--schedule", default="constant", choices=["constant", "linear", "power-cosine"])
     ap.add_argument("--tokens", type=int, default=None, help="tokens per image (default: the model's sequence)")
     ap.add_argument("--compile", action="store_true", help="torch.compile the decode step (CUDA graphs on GPU)")
     ap.add_argument("--skip-recompute", action="store_true", help="only time the KV-cache path")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=None, help="CPU threads (1 is steadier on a shared machine)")
     a = ap.parse_args(argv)
+    if a.threads:
+        torch.set_num_threads(a.threads)
 
     device = torch.device(a.device)
     torch.manual_seed(a.seed)

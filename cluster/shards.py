@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import os
+from pathlib import Path
 from typing import Any
 
 import ray
@@ -26,15 +27,20 @@ from system.data.shards import (
 log = logging.getLogger(__name__)
 
 
+REPO_ROOT = str(Path(__file__).resolve().parents[1])
+
+
 def connect_ray(cluster: ClusterConfig) -> None:
-    """Join `cluster.address` (or RAY_ADDRESS) when given, else start a local Ray."""
+    """Join `cluster.address` (or RAY_ADDRESS) when given (code comes with `ray job submit
+    --working-dir`), else start a local Ray whose workers can import this checkout."""
     if ray.is_initialized():
         return
     address = cluster.address or ("auto" if os.environ.get("RAY_ADDRESS") else None)
     if address:
         ray.init(address=address)
-    else:
-        ray.init(num_cpus=cluster.local_num_cpus, include_dashboard=False)
+        return
+    path = os.pathsep.join(p for p in (REPO_ROOT, os.environ.get("PYTHONPATH")) if p)
+    ray.init(num_cpus=cluster.local_num_cpus, include_dashboard=False, runtime_env={"env_vars": {"PYTHONPATH": path}})
 
 
 def plan_all(cfg: MakeShardsConfig) -> tuple[dict[str, int], dict[str, list[ShardPlan]]]:

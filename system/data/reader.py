@@ -20,7 +20,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from system.config.schema import StorageConfig
+from system.config.schema import DataConfig, StorageConfig
+from system.data.embedded import ensure_embedded_dataset
 from system.data.shards import IMAGE_FIELDS, iter_tar_samples, read_index
 from system.data.storage import StorageError, filesystem, join, storage_error
 from system.data.transforms import flip_decision, preprocess, to_tensor
@@ -142,9 +143,11 @@ class _Stream:
         epoch, u, off = self.pos
         while True:
             mine = stream_units(len(sp.units), sp.num_streams, sp.seed, epoch, self.stream)
+            found = u > 0 or off > 0
             while u < len(mine):
                 unit = sp.units[mine[u]]
                 samples, truncated = self._load(unit)
+                found = found or bool(samples)
                 if truncated and off == 0:  # counted once, when the unit is entered
                     self.skipped += 1
                 order = np.random.default_rng([sp.seed, epoch, mine[u]]).permutation(len(samples))
@@ -158,6 +161,9 @@ class _Stream:
                         self.skipped += 1
                     yield (None if out is None else (*out, key)), epoch, nxt
                 u, off = u + 1, 0
+            if not found:  # would spin forever without producing a batch
+                shards = sorted({sp.units[i].shard for i in mine})
+                raise RuntimeError(f"no readable samples in {sp.url} shards {shards} (all truncated or empty)")
             epoch, u, off = epoch + 1, 0, 0
 
     def batches(self) -> Iterator[dict[str, Any]]:
@@ -237,6 +243,21 @@ class ShardReader:
         self._next = self._my_streams[0]
         self.epoch = 0
 
+    @classmethod
+    def from_config(cls, data: DataConfig, *, rank: int, world_size: int, seed: int, val: bool = False) -> "ShardReader":
+        """Reader for `data.url` (or `data.val_url` with val=True: no flips, short last batches);
+        builds the embedded photo set there first when `data.embedded` is set."""
+        url = data.val_url if val else data.url
+        if not url:
+            raise ValueError("data.val_url is not set (needed for validation)" if val else "data.url is not set")
+        if data.embedded:
+            ensure_embedded_dataset(url, data.storage, split="val" if val else "train", resolution=data.resolution)
+        return cls(
+            url, rank=rank, world_size=world_size, batch_size=data.batch_size, resolution=data.resolution,
+            num_workers=data.num_workers, seed=seed, random_flip=data.random_flip and not val,
+            fraction=1.0 if val else data.fraction, storage=data.storage, drop_last=not val,
+        )
+
     def _check_shards(self, storage: StorageConfig) -> None:
         try:
             fs, root = filesystem(self.url, storage)
@@ -271,6 +292,18 @@ class ShardReader:
             self.epoch = int(batch.pop("_epoch"))
             self._next = base + (s - base + 1) % self.streams_per_rank
             yield batch
+
+    def one_epoch(self) -> Iterator[dict[str, Any]]:
+        """This rank's batches of the current epoch, then stop (for validation; with
+        drop_last=False every sample of the rank's share comes exactly once)."""
+        start = min(p[0] for p in self._positions.values())
+        if all(p[0] > start for p in self._positions.values()):
+            return
+        for batch in self:
+            if self.epoch == start:
+                yield batch
+            if all(p[0] > start for p in self._positions.values()):
+                return
 
     def state_dict(self) -> dict[str, Any]:
         """Position after the last batch handed out (small; JSON-friendly apart from int keys)."""

@@ -47,5 +47,5 @@ def preprocess(data: bytes, resolution: int, flip: bool) -> np.ndarray:
 
 def to_tensor(images: list[np.ndarray] | np.ndarray) -> torch.Tensor:
     """uint8 (B, R, R, 3) -> float32 (B, 3, R, R) in [-1, 1]."""
-    batch = torch.from_numpy(np.stack(images) if isinstance(images, list) else images)
-    return batch.permute(0, 3, 1, 2).float().div_(127.5).sub_(1.0).contiguous()
+    batch = torch.from_numpy(np.stack(images) if isinstance(images, list) else np.asarray(images))
+    return batch.permute(0, 3, 1, 2).contiguous().float().div_(127.5).sub_(1.0)

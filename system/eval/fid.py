@@ -24,8 +24,12 @@ if TYPE_CHECKING:
 ArrayLike = np.ndarray | torch.Tensor
 
 
+def _np(a: ArrayLike) -> np.ndarray:
+    return a.detach().cpu().double().numpy() if isinstance(a, torch.Tensor) else np.asarray(a, np.float64)
+
+
 def _features64(features: ArrayLike, name: str = "features") -> np.ndarray:
-    arr = features.detach().cpu().double().numpy() if isinstance(features, torch.Tensor) else np.asarray(features, np.float64)
+    arr = _np(features)
     if arr.ndim != 2:
         raise ValueError(f"{name} must be a (N, D) array; got shape {arr.shape}")
     if arr.shape[0] < 2:
@@ -51,7 +55,7 @@ class StreamingStats:
         self.outer = np.zeros((dim, dim), dtype=np.float64)
 
     def update(self, features: ArrayLike) -> "StreamingStats":
-        arr = features.detach().cpu().double().numpy() if isinstance(features, torch.Tensor) else np.asarray(features, np.float64)
+        arr = _np(features)
         if arr.ndim != 2 or arr.shape[1] != self.dim:
             raise ValueError(f"features must be (N, {self.dim}); got shape {arr.shape}")
         self.n += arr.shape[0]
@@ -99,9 +103,6 @@ def frechet_distance(
     tr_covmean = trace_sqrt_product(s1, s2, backend=backend, device=device)
     return float(diff @ diff + np.trace(s1) + np.trace(s2) - 2.0 * tr_covmean)
 
-
-def _np(a: ArrayLike) -> np.ndarray:
-    return a.detach().cpu().double().numpy() if isinstance(a, torch.Tensor) else np.asarray(a, np.float64)
 
 
 def fid_from_features(

@@ -299,7 +299,7 @@ def extract_features(
     batch_size: int = 100,
     device: torch.device | str | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """All images -> (pool3 features (N, 2048), logits (N, 1008)) as float64 numpy arrays."""
+    """All images -> (pool3 features (N, 2048), logits (N, 1008)) as float32 numpy arrays."""
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1; got {batch_size}")
     device = torch.device(device) if device is not None else model.fc.weight.device
@@ -307,8 +307,8 @@ def extract_features(
     feats, logits = [], []
     for chunk in _batches(images, batch_size):
         f, lg = model(chunk.to(device, non_blocking=True))
-        feats.append(f.double().cpu().numpy())
-        logits.append(lg.double().cpu().numpy())
+        feats.append(f.float().cpu().numpy())
+        logits.append(lg.float().cpu().numpy())
     if not feats:
         raise ValueError("extract_features got no images")
     return np.concatenate(feats), np.concatenate(logits)

@@ -201,3 +201,12 @@ def psnr(a: Tensor, b: Tensor) -> Tensor:
     """PSNR in dB of images in [-1, 1] (peak-to-peak 2)."""
     mse = F.mse_loss(a.float().clamp(-1, 1), b.float()).clamp_min(1e-10)
     return 10 * torch.log10(4.0 / mse)
+
+
+def eostok_from_experiment(cfg) -> EOSTok:
+    """Method factory for the training pool (picklable by reference): EOSTok for an
+    `EOSTokExperiment`, with the class count read from the data index."""
+    from system.data.shards import read_index
+
+    num_classes = len(read_index(cfg.data.url, cfg.data.storage)["classes"])
+    return EOSTok(cfg.method, cfg.model, cfg.data.resolution, num_classes)

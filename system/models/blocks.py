@@ -121,8 +121,8 @@ class SelfAttention(nn.Module):
 
         rope: (L, hd/2, 2) table rows for these L positions. With ``kv_cache``,
         ``cache_pos`` (L,) gives the write positions and attention runs over
-        the whole cache with key j visible to query i iff j <= cache_pos[i]
-        (and ``mask``, if given, also allows it).
+        the whole cache; key j is visible to query i iff j <= cache_pos[i],
+        unless ``mask`` (L, max_len) is given, which then replaces that rule.
         """
         b, l, _ = x.shape
         q, k, v = self.wqkv(x).view(b, l, 3, self.n_heads, self.head_dim).permute(2, 0, 3, 1, 4)  # 3 x (B, H, L, hd)
@@ -134,8 +134,8 @@ class SelfAttention(nn.Module):
             if cache_pos is None:
                 raise ValueError("kv_cache given without cache_pos (the positions to write)")
             k, v = kv_cache.update(cache_pos, k, v)
-            visible = torch.arange(kv_cache.max_len, device=x.device)[None, :] <= cache_pos[:, None]  # (L, Lmax)
-            mask = visible if mask is None else mask & visible
+            if mask is None:  # key j visible to query i iff j <= cache_pos[i]
+                mask = torch.arange(kv_cache.max_len, device=x.device)[None, :] <= cache_pos[:, None]  # (L, Lmax)
             causal = False
         drop = self.attn_dropout if self.training else 0.0
         out = attention(q, k.to(q.dtype), v.to(q.dtype), causal=causal, mask=mask, dropout_p=drop, backend=self.backend)

@@ -208,9 +208,11 @@ class GPT(nn.Module):
         """h (B, S, D), class embedding c (B, D) -> normed hidden (B, S, D); pos != None uses the KV cache."""
         mod = self.adaln_mod(c) if self.adaln_mod is not None else None
         causal = not self.cfg.bidirectional
+        if pos is not None:  # cache visibility, shared by all layers: key j seen by query i iff j <= pos[i]
+            visible = torch.arange(self._caches[0].max_len, device=h.device)[None, :] <= pos[:, None]
         for i, blk in enumerate(self.layers):
             if pos is not None:
-                h = blk(h, rope, None, False, mod, self._caches[i], pos)
+                h = blk(h, rope, visible, False, mod, self._caches[i], pos)
             elif self.cfg.grad_checkpointing and self.training:
                 h = checkpoint(blk, h, rope, None, causal, mod, use_reentrant=False)
             else:

@@ -19,8 +19,9 @@ _ALITOK = dict(vocab_size=4096, rope="mixed", prefix_tokens=16, qk_norm=True, qk
 # int(8d/3) (no rounding up to a multiple of 256) gives 92.1M / 311.5M / 641.0M, within 1% of the
 # published 93M / 312M / 644M; with LlamaGen's rounding L and H would be 318M (+1.9%) and
 # 662M (+2.8%). code_dim=64 is the (unverified) IBQ latent width used by the differentiable
-# embedding probs @ codebook; it adds code_dim * dim parameters.
-_EOSTOK = dict(vocab_size=4096, rope="2d", mlp_multiple_of=1, code_dim=64)
+# embedding probs @ codebook; it adds code_dim * dim parameters. RoPE is 1D: the 256 latents are a
+# sequence with no 2D order (the paper's point), so no 2D prior is put back in by the AR model.
+_EOSTOK = dict(vocab_size=4096, rope="1d", mlp_multiple_of=1, code_dim=64)  # 1D latents: no 2D prior
 # SemTok masked AR: bidirectional LlamaGen + QK-norm + 1D RoPE + class token and AdaLN, bitwise
 # head over 18 bits. AdaLN is shared across blocks (one (6*dim) modulation from the class
 # embedding plus a (6, dim) table per block, and a final (2*dim) modulation): this reproduces

@@ -60,3 +60,15 @@ def test_unreachable_endpoint_is_storage_error():
     with pytest.raises(StorageError) as e:
         check_readable("s3://bucket/shards/index.json", st)
     assert "s3://bucket/shards/index.json" in str(e.value) and "http://127.0.0.1:9" in str(e.value)
+
+
+def test_credential_errors_are_named():
+    from botocore.exceptions import NoCredentialsError
+
+    from system.data.storage import storage_error
+
+    st = StorageConfig(endpoint_url="http://minio:9000")
+    for err in (NoCredentialsError(), PermissionError("Access Denied")):
+        e = storage_error("s3://b/imagenet/train/index.json", st, err)
+        assert isinstance(e, StorageError)
+        assert "s3://b/imagenet/train/index.json" in str(e) and "http://minio:9000" in str(e) and "credentials" in str(e)

@@ -1,0 +1,142 @@
+"""Images/s per core for decode + center-crop + flip + batch, from three sources in one run:
+
+  plain      a PIL loop over the JPEG files on local disk (the baseline)
+  local      ShardReader over WebDataset shards in a local folder
+  s3         ShardReader over the same shards on a local S3 endpoint (moto server, own process)
+
+Everything runs in this one process (num_workers=0), so images/s is per core. The JPEGs are
+ImageNet-like crops of scikit-image's bundled photos (short side 300-450 px by default).
+
+    python bench/data_throughput.py [--images 512] [--resolution 256] [--batch 32] [--repeats 3]
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from PIL import Image  # noqa: E402
+
+from system.config.schema import StorageConfig  # noqa: E402
+from system.data import ShardReader, filesystem, plan_shards, write_index, write_shard  # noqa: E402
+from system.data.embedded import load_photos, random_crops  # noqa: E402
+from system.data.transforms import center_crop_arr, flip_decision, to_tensor  # noqa: E402
+
+
+def make_jpegs(folder: Path, n: int, short_side: int) -> list[tuple[str, str, int]]:
+    photos = load_photos()
+    items = []
+    for c, (name, photo) in enumerate(photos.items()):
+        per = n // len(photos) + (c < n % len(photos))
+        rng = np.random.default_rng([1, c])
+        for j, data in enumerate(random_crops(photo, per, int(short_side / 1.25), rng)):
+            path = folder / f"{name}_{j:04d}.jpg"
+            path.write_bytes(data)
+            items.append((str(path), path.stem, c))
+    return items
+
+
+def start_s3() -> tuple[subprocess.Popen, str]:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    for _ in range(300):
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+            return proc, f"http://127.0.0.1:{port}"
+        except OSError:
+            time.sleep(0.1)
+    proc.kill()
+    raise RuntimeError("moto server did not start")
+
+
+def bench_plain(items, resolution: int, batch: int) -> tuple[int, float, float]:
+    t0, c0, done = time.perf_counter(), time.process_time(), 0
+    imgs = []
+    for path, key, _ in items:
+        img = Image.open(path).convert("RGB")
+        arr = center_crop_arr(img, resolution)
+        if flip_decision(0, 0, key):
+            arr = arr[:, ::-1]
+        imgs.append(arr)
+        if len(imgs) == batch:
+            _ = to_tensor(imgs), torch.tensor([0] * batch)
+            done += batch
+            imgs = []
+    return done, time.perf_counter() - t0, time.process_time() - c0
+
+
+def bench_reader(url: str, storage: StorageConfig, n: int, resolution: int, batch: int) -> tuple[int, float, float]:
+    reader = ShardReader(url, batch_size=batch, resolution=resolution, num_workers=0, storage=storage)
+    t0, c0, done = time.perf_counter(), time.process_time(), 0
+    for b in reader:
+        done += len(b["key"])
+        if done + batch > n:
+            break
+    return done, time.perf_counter() - t0, time.process_time() - c0
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--images", type=int, default=512)
+    ap.add_argument("--short-side", type=int, default=360, help="typical short side of the JPEGs (ImageNet ~ 360)")
+    ap.add_argument("--resolution", type=int, default=256)
+    ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--shard-size", type=int, default=128)
+    ap.add_argument("--repeats", type=int, default=3)
+    args = ap.parse_args()
+    os.environ.setdefault("AWS_ACCESS_KEY_ID", "bench")
+    os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "bench")
+    proc, endpoint = start_s3()
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            files = Path(tmp) / "jpegs"
+            files.mkdir()
+            items = make_jpegs(files, args.images, args.short_side)
+            mb = sum(os.path.getsize(p) for p, _, _ in items) / 2**20
+            plans = plan_shards(items, "train", args.shard_size)
+            s3 = StorageConfig(endpoint_url=endpoint)
+            fs, _ = filesystem("s3://bench", s3)
+            fs.mkdir("bench")
+            for out, st in ((str(Path(tmp) / "shards"), StorageConfig()), ("s3://bench/shards", s3)):
+                for p in plans:
+                    write_shard(p, out, st)
+                write_index(plans, out, {str(i): i for i in range(8)}, st)
+            print(f"{len(items)} JPEGs ({mb:.1f} MiB, short side ~{args.short_side}px) -> {len(plans)} shards; "
+                  f"resolution {args.resolution}, batch {args.batch}, best of {args.repeats}")
+            runs = {
+                "plain PIL loop (local files)": lambda: bench_plain(items, args.resolution, args.batch),
+                "shards, local disk": lambda: bench_reader(str(Path(tmp) / "shards/train"), StorageConfig(), len(items), args.resolution, args.batch),
+                "shards, S3 (moto, 127.0.0.1)": lambda: bench_reader("s3://bench/shards/train", s3, len(items), args.resolution, args.batch),
+            }
+            for fn in runs.values():
+                fn()  # warm-up: imports, connections, page cache
+            results: dict[str, tuple[int, float, float]] = {}
+            for _ in range(args.repeats):  # interleaved, best of each: robust to other load on the machine
+                for name, fn in runs.items():
+                    r = fn()
+                    if name not in results or r[0] / r[1] > results[name][0] / results[name][1]:
+                        results[name] = r
+            base = results["plain PIL loop (local files)"]
+            base_rate = base[0] / base[1]
+            print(f"{'source':32s} {'img/s (1 core)':>15s} {'img/CPU-s':>10s} {'vs plain':>9s}")
+            for name, (n, wall, cpu) in results.items():
+                print(f"{name:32s} {n / wall:15.1f} {n / cpu:10.1f} {n / wall / base_rate:8.2f}x")
+    finally:
+        proc.terminate()
+        proc.wait()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,225 @@
+"""One DeepSpeed engine interface: the DS config is generated from our schema here and nowhere else.
+
+`DeepSpeedStrategy(cfg.deepspeed, cfg.optim, device, ...)` prepares modules as DeepSpeed engines
+(ZeRO 0-3, AdamW with decay on matrices only, gradient clipping and accumulation, optional CPU
+offload), runs backward/step, sets the LR of a step, saves/loads engine state in a local folder
+and consolidates full weights on rank 0 for any ZeRO stage.
+
+Precision: `bf16` runs the forward passes under torch autocast (DeepSpeed's `torch_autocast`
+section: fp32 master weights, bf16 matmuls/convs and bf16 gradient communication for Linear/Conv
+weights), `fp32` runs plain fp32; `auto` is bf16 on GPU and fp32 on CPU. DeepSpeed's native
+`bf16` mode (bf16 weights) can be chosen through `deepspeed.extra`, if the method casts its inputs.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import os
+from typing import Any, Iterator, Optional
+
+import torch
+from torch import nn
+
+if not torch.cuda.is_available():  # must precede the first `import deepspeed` (pitfall: CPU accelerator)
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
+import deepspeed  # noqa: E402
+import torch.distributed as dist  # noqa: E402
+
+from system.config.schema import DeepSpeedConfig, OptimConfig  # noqa: E402
+
+
+def deep_merge(base: dict, extra: dict) -> dict:
+    """`base` updated recursively with `extra` (dicts merge, anything else replaces)."""
+    out = copy.deepcopy(base)
+    for k, v in extra.items():
+        out[k] = deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else copy.deepcopy(v)
+    return out
+
+
+def param_groups(module: nn.Module, weight_decay: float) -> list[dict]:
+    """AdamW groups: decay on parameters with >= 2 dims, none on biases/norms/scalars."""
+    decay = [p for p in module.parameters() if p.requires_grad and p.ndim >= 2]
+    no_decay = [p for p in module.parameters() if p.requires_grad and p.ndim < 2]
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return [g for g in groups if g["params"]]
+
+
+def _rank() -> int:
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+class DeepSpeedStrategy:
+    """Builds and drives DeepSpeed engines from `DeepSpeedConfig` + `OptimConfig`."""
+
+    def __init__(
+        self,
+        ds: DeepSpeedConfig,
+        optim: OptimConfig,
+        device: torch.device,
+        *,
+        micro_batch_size: int = 1,
+        world_size: Optional[int] = None,
+    ):
+        if ds.zero_stage not in (0, 1, 2, 3):
+            raise ValueError(f"deepspeed.zero_stage must be 0, 1, 2 or 3, got {ds.zero_stage}")
+        if ds.offload_params and ds.zero_stage != 3:
+            raise ValueError("deepspeed.offload_params needs deepspeed.zero_stage=3 (only ZeRO-3 partitions parameters)")
+        if ds.offload_optimizer and ds.zero_stage == 0:
+            raise ValueError("deepspeed.offload_optimizer needs deepspeed.zero_stage >= 1")
+        if optim.grad_accum < 1:
+            raise ValueError(f"optim.grad_accum must be >= 1, got {optim.grad_accum}")
+        self.ds, self.optim, self.device = ds, optim, torch.device(device)
+        self.micro_batch_size = micro_batch_size
+        self.world_size = world_size if world_size is not None else (dist.get_world_size() if dist.is_initialized() else 1)
+
+    # ------------------------------------------------------------------ config
+    @property
+    def precision(self) -> str:
+        if self.ds.precision == "auto":
+            return "bf16" if self.device.type == "cuda" else "fp32"
+        return self.ds.precision
+
+    @property
+    def zero_stage(self) -> int:
+        return int(self.ds.zero_stage)
+
+    def ds_config(self, *, lr: float, betas: tuple[float, float], weight_decay: Optional[float] = None) -> dict:
+        """The DeepSpeed config for one engine (the only place it is generated)."""
+        o, ds = self.optim, self.ds
+        on_gpu = self.device.type == "cuda"
+        zero: dict[str, Any] = {"stage": self.zero_stage, "contiguous_gradients": True, "overlap_comm": on_gpu}
+        if ds.offload_optimizer:
+            zero["offload_optimizer"] = {"device": "cpu", "pin_memory": on_gpu}
+        if ds.offload_params:
+            zero["offload_param"] = {"device": "cpu", "pin_memory": on_gpu}
+        bf16 = self.precision == "bf16"
+        cfg: dict[str, Any] = {
+            "train_micro_batch_size_per_gpu": self.micro_batch_size,
+            "gradient_accumulation_steps": o.grad_accum,
+            "train_batch_size": self.micro_batch_size * o.grad_accum * self.world_size,
+            "gradient_clipping": float(o.grad_clip),
+            "zero_optimization": zero,
+            "optimizer": {
+                "type": "AdamW",
+                "params": {
+                    "lr": lr,
+                    "betas": list(betas),
+                    "eps": o.eps,
+                    "weight_decay": o.weight_decay if weight_decay is None else weight_decay,
+                    # torch's AdamW needs no compiled op; with optimizer offload DeepSpeed's CPU Adam runs the step
+                    "torch_adam": not ds.offload_optimizer,
+                },
+            },
+            "zero_allow_untested_optimizer": True,
+            "fp16": {"enabled": False},
+            "bf16": {"enabled": False},
+            "torch_autocast": {"enabled": bf16, "dtype": "bfloat16"},
+            "steps_per_print": 1 << 30,
+            "wall_clock_breakdown": False,
+        }
+        return deep_merge(cfg, ds.extra or {})
+
+    # ------------------------------------------------------------------ engines
+    def prepare(
+        self, model: nn.Module, *, lr: float, betas: tuple[float, float], weight_decay: Optional[float] = None
+    ) -> "deepspeed.DeepSpeedEngine":
+        """Move `model` to the device and wrap it (with its AdamW) in a DeepSpeed engine."""
+        model = model.to(self.device)
+        wd = self.optim.weight_decay if weight_decay is None else weight_decay
+        config = self.ds_config(lr=lr, betas=betas, weight_decay=wd)
+        engine, *_ = deepspeed.initialize(
+            model=model, model_parameters=param_groups(model, wd), config=config, dist_init_required=False
+        )
+        return engine
+
+    def autocast(self, engine) -> contextlib.AbstractContextManager:
+        """Context for forward passes of `engine.module` (autocast when precision is bf16)."""
+        from deepspeed.runtime.torch_autocast import autocast_if_enabled
+
+        return autocast_if_enabled(engine)
+
+    @staticmethod
+    def backward(engine, loss: torch.Tensor) -> None:
+        engine.backward(loss)
+
+    @staticmethod
+    def step(engine) -> None:
+        """Optimizer step at the accumulation boundary (a no-op micro-step before it); zeroes grads."""
+        engine.step()
+
+    @staticmethod
+    def set_lr(engine, lr: float) -> None:
+        for g in engine.optimizer.param_groups:
+            g["lr"] = lr
+
+    @staticmethod
+    def get_lr(engine) -> float:
+        return float(engine.optimizer.param_groups[0]["lr"])
+
+    # ------------------------------------------------------------------ state
+    @staticmethod
+    def save(engine, directory: str, tag: str) -> None:
+        """Collective: this rank's DeepSpeed files go to `directory/tag/` (rank 0 also writes the module file)."""
+        engine.save_checkpoint(directory, tag=tag, save_latest=False)
+
+    @staticmethod
+    def load(engine, directory: str, tag: str) -> None:
+        """Collective: restore module and optimizer state saved by `save` (same world size)."""
+        path, _ = engine.load_checkpoint(
+            directory, tag=tag, load_optimizer_states=True, load_lr_scheduler_states=False, load_module_strict=True
+        )
+        if path is None:
+            raise FileNotFoundError(f"no DeepSpeed checkpoint '{tag}' under {directory}")
+
+    def is_partitioned(self, engine) -> bool:
+        """True when parameters are sharded across ranks (ZeRO-3)."""
+        return self.zero_stage == 3
+
+    def local_params(self, engine) -> dict[str, torch.Tensor]:
+        """This rank's parameter values by name: full tensors (ZeRO 0-2) or its ZeRO-3 partitions."""
+        return {n: (p.ds_tensor if hasattr(p, "ds_tensor") else p.data) for n, p in engine.module.named_parameters()}
+
+    @contextlib.contextmanager
+    def gathered(self, engine) -> Iterator[nn.Module]:
+        """Collective: inside, every rank sees the full parameters of `engine.module` (read-only)."""
+        if self.is_partitioned(engine):
+            with deepspeed.zero.GatheredParameters(list(engine.module.parameters()), modifier_rank=None):
+                yield engine.module
+        else:
+            yield engine.module
+
+    def gathered_state_dict(self, engine) -> dict[str, torch.Tensor]:
+        """Collective: the full state dict as CPU tensors on rank 0 ({} on other ranks), any ZeRO stage.
+        ZeRO-3 parameters are gathered one at a time to bound memory."""
+        module = engine.module
+        rank0 = _rank() == 0
+        out: dict[str, torch.Tensor] = {}
+        if not self.is_partitioned(engine):
+            if rank0:
+                out = {k: v.detach().cpu().clone() for k, v in module.state_dict().items()}
+            return out
+        for key, value in module.state_dict(keep_vars=True).items():
+            if hasattr(value, "ds_id"):
+                with deepspeed.zero.GatheredParameters([value], modifier_rank=None):
+                    if rank0:
+                        out[key] = value.detach().cpu().clone()
+            elif rank0:
+                out[key] = value.detach().cpu().clone()
+        return out
+
+
+@contextlib.contextmanager
+def frozen(module: Optional[nn.Module]) -> Iterator[None]:
+    """Parameters of `module` get no gradients inside (flags restored on exit)."""
+    if module is None:
+        yield
+        return
+    flags = [(p, p.requires_grad) for p in module.parameters()]
+    for p, _ in flags:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p, f in flags:
+            p.requires_grad_(f)

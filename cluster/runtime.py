@@ -1,0 +1,60 @@
+"""Joining or starting Ray, and what the pool runs on (GPU or CPU)."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Optional
+
+import ray
+
+from system.config.schema import ClusterConfig
+
+REPO_ROOT = str(Path(__file__).resolve().parents[1])
+
+
+def init_ray(cluster: ClusterConfig, runtime_env: Optional[dict] = None) -> None:
+    """Connect to `cluster.address` (or RAY_ADDRESS, as set by `ray job submit`); with neither,
+    start a local Ray with `cluster.local_num_cpus` CPUs. No-op when Ray is already up."""
+    if ray.is_initialized():
+        return
+    address = cluster.address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, runtime_env=runtime_env, log_to_driver=True)
+        return
+    env = dict(runtime_env or {})
+    env_vars = dict(env.get("env_vars", {}))
+    # local workers import our packages from this checkout
+    env_vars.setdefault("PYTHONPATH", os.pathsep.join(p for p in (REPO_ROOT, os.environ.get("PYTHONPATH")) if p))
+    env["env_vars"] = env_vars
+    ray.init(num_cpus=cluster.local_num_cpus, runtime_env=env, include_dashboard=False)
+
+
+def resolve_use_gpu(cluster: ClusterConfig) -> bool:
+    """`cluster.use_gpu`: yes/no, or auto = the Ray cluster has GPUs."""
+    if cluster.use_gpu == "yes":
+        if ray.is_initialized() and ray.cluster_resources().get("GPU", 0) < cluster.gpus_per_worker:
+            raise RuntimeError(
+                "cluster.use_gpu=yes but the Ray cluster has no GPUs "
+                f"(resources: {ray.cluster_resources()}); use cluster.use_gpu=no or auto"
+            )
+        return True
+    if cluster.use_gpu == "no":
+        return False
+    return ray.cluster_resources().get("GPU", 0) > 0
+
+
+def check_resources(cluster: ClusterConfig, use_gpu: bool) -> None:
+    """Fail early (before any actor starts) when the pool cannot fit into the cluster."""
+    res = ray.cluster_resources()
+    need_cpu = cluster.num_workers * cluster.cpus_per_worker
+    if res.get("CPU", 0) < need_cpu:
+        raise RuntimeError(
+            f"the pool needs {need_cpu:g} CPUs (cluster.num_workers={cluster.num_workers} x "
+            f"cluster.cpus_per_worker={cluster.cpus_per_worker:g}) but the Ray cluster has {res.get('CPU', 0):g}; "
+            "lower cluster.num_workers or cluster.cpus_per_worker (or raise cluster.local_num_cpus)"
+        )
+    if use_gpu and res.get("GPU", 0) < cluster.num_workers * cluster.gpus_per_worker:
+        raise RuntimeError(
+            f"the pool needs {cluster.num_workers * cluster.gpus_per_worker:g} GPUs but the Ray cluster has "
+            f"{res.get('GPU', 0):g}; lower cluster.num_workers or cluster.gpus_per_worker"
+        )

@@ -1,0 +1,47 @@
+#!/usr/bin/env python
+"""EOSTok end-to-end training on Ray Train + DeepSpeed ZeRO.
+
+  python jobs/eostok_h.py data.url=s3://bucket/imagenet/train data.storage.endpoint_url=...
+  ray job submit --working-dir . -- python jobs/eostok_h.py data.url=s3://...   # on a cluster
+  python jobs/eostok_h.py --config configs/model/eostok_l.yaml ...              # S / L sizes
+  python jobs/eostok_h.py --config configs/experiments/eostok_tiny.yaml         # embedded demo
+
+Defaults: the paper's H configuration (configs/experiments/eostok_h.yaml). Re-running with the
+same run_name resumes from the newest committed checkpoint.
+"""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo, also under `ray job submit`
+
+from system.config import ConfigError, EOSTokExperiment, load_config  # noqa: E402
+
+DEFAULTS = ["base.yaml", "data/imagenet.yaml", "model/eostok_h.yaml", "experiments/eostok_h.yaml"]
+
+
+def main(argv: list[str]) -> int:
+    try:
+        cfg = load_config(EOSTokExperiment, argv, DEFAULTS)
+    except ConfigError as e:
+        print(f"config error: {e}", file=sys.stderr)
+        return 2
+    if cfg.data.embedded:
+        from system.data.embedded import ensure_embedded_dataset
+
+        ensure_embedded_dataset(cfg.data.url, cfg.data.storage, split="train")
+        if cfg.data.val_url:
+            ensure_embedded_dataset(cfg.data.val_url, cfg.data.storage, split="val")
+
+    from cluster.train_pool import run_training
+    from system.methods.eostok import eostok_from_experiment
+
+    summary = run_training(cfg, eostok_from_experiment)
+    print(json.dumps(summary, indent=1, default=str))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
