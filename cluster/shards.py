@@ -6,14 +6,12 @@ only when all of its shards are complete, and lists only shards with markers.
 from __future__ import annotations
 
 import logging
-import os
-from pathlib import Path
 from typing import Any
 
 import ray
 from tqdm import tqdm
 
-from system.config.schema import ClusterConfig, MakeShardsConfig
+from system.config.schema import MakeShardsConfig
 from system.data.shards import (
     ShardPlan,
     find_classes,
@@ -25,22 +23,6 @@ from system.data.shards import (
 )
 
 log = logging.getLogger(__name__)
-
-
-REPO_ROOT = str(Path(__file__).resolve().parents[1])
-
-
-def connect_ray(cluster: ClusterConfig) -> None:
-    """Join `cluster.address` (or RAY_ADDRESS) when given (code comes with `ray job submit
-    --working-dir`), else start a local Ray whose workers can import this checkout."""
-    if ray.is_initialized():
-        return
-    address = cluster.address or ("auto" if os.environ.get("RAY_ADDRESS") else None)
-    if address:
-        ray.init(address=address)
-        return
-    path = os.pathsep.join(p for p in (REPO_ROOT, os.environ.get("PYTHONPATH")) if p)
-    ray.init(num_cpus=cluster.local_num_cpus, include_dashboard=False, runtime_env={"env_vars": {"PYTHONPATH": path}})
 
 
 def plan_all(cfg: MakeShardsConfig) -> tuple[dict[str, int], dict[str, list[ShardPlan]]]:
@@ -78,7 +60,7 @@ def run_write_tasks(todo: list[ShardPlan], cfg: MakeShardsConfig, total: int, pr
 
 def make_shards(cfg: MakeShardsConfig, progress: bool = True) -> dict[str, dict[str, Any]]:
     """Write all splits of `cfg.src` as shards under `cfg.out`; returns {split: index}.
-    Needs Ray to be initialised (see `connect_ray`)."""
+    Needs Ray to be initialised (see `cluster.runtime.init_ray`)."""
     classes, plans = plan_all(cfg)
     todo = [p for split in cfg.splits for p in pending_shards(plans[split], cfg.out, cfg.storage)]
     total = sum(len(p) for p in plans.values())

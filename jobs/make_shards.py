@@ -25,9 +25,10 @@ def main(argv: list[str]) -> int:
         return 2
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     print(to_yaml(cfg))
-    from cluster.shards import connect_ray, make_shards  # imports Ray only once the config is valid
+    from cluster.runtime import init_ray
+    from cluster.shards import make_shards  # imports Ray only once the config is valid
 
-    connect_ray(cfg.cluster)
+    init_ray(cfg.cluster)
     indexes = make_shards(cfg)
     for split, index in indexes.items():
         print(json.dumps({"split": split, "shards": len(index["shards"]), "num_samples": index["num_samples"]}))

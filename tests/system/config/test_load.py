@@ -66,7 +66,6 @@ def test_secrets_redacted():
 
 def test_every_shipped_yaml_is_valid():
     """Each experiment file under configs/experiments loads against its job's schema."""
-    from pathlib import Path
 
     from system.config.load import CONFIG_DIR
 

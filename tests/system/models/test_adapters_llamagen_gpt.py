@@ -1,7 +1,6 @@
 """LlamaGen c2i GPT checkpoints load through the adapter and reproduce LlamaGen's forward."""
 from __future__ import annotations
 
-import math
 
 import pytest
 import torch

@@ -6,8 +6,9 @@ import pytest
 import ray
 from PIL import Image
 
+from cluster.runtime import init_ray
 from cluster.shards import make_shards, plan_all, run_write_tasks
-from system.config.schema import MakeShardsConfig
+from system.config.schema import ClusterConfig, MakeShardsConfig
 from system.data import read_index
 
 pytestmark = pytest.mark.slow
@@ -26,7 +27,8 @@ def fake_imagenet(root, wnids=("n001", "n002", "n003", "n004"), train=8, val=2):
 
 @pytest.fixture(scope="module")
 def local_ray():
-    ray.init(num_cpus=2, include_dashboard=False)
+    assert not ray.is_initialized()
+    init_ray(ClusterConfig(local_num_cpus=2))  # a local Ray whose workers import this checkout
     yield
     ray.shutdown()
 
