@@ -24,7 +24,7 @@ from tqdm import tqdm
 
 from cluster.runtime import resolve_use_gpu
 from system.config.eval_schema import SampleConfig
-from system.data.storage import join
+from system.data.storage import join, protocol
 from system.eval.sample_parts import PartSampler, claim_out, finished_parts, merge_parts, plan_record, write_grids
 from system.eval.sampling_plan import Part, SamplingPlan
 from system.models.export_io import read_model_json
@@ -79,7 +79,6 @@ class SamplePool:
         self.use_gpu = resolve_use_gpu(cfg.cluster)
         self.num_actors = num_actors or cfg.num_actors or default_num_actors(cfg, self.use_gpu)
         self.actors: list = []
-        self.deaths: list[int] = []
         res, c = ray.cluster_resources(), cfg.cluster
         need = {"CPU": self.num_actors * c.cpus_per_worker, "GPU": self.num_actors * c.gpus_per_worker if self.use_gpu else 0}
         short = [f"{need[k]:g} {k}s (have {res.get(k, 0):g})" for k in need if need[k] > res.get(k, 0)]
@@ -96,7 +95,6 @@ class SamplePool:
             max_restarts=c.max_failures, max_task_retries=0,
         )
         self.actors = [remote.remote(self.cfg) for _ in range(n)]
-        self.deaths = [0] * n
         devices = ray.get([a.ready.remote() for a in self.actors])
         log.info("sampling pool: %d actor(s) on %s", n, ", ".join(sorted(set(devices))))
 
@@ -155,7 +153,8 @@ class SamplePool:
                         self._failed(part, e)
                     continue
                 except Exception as e:  # noqa: BLE001 - the part itself failed (storage error, OOM): retry it
-                    self._failed(part, e)
+                    if part is not None:
+                        self._failed(part, e)
                     idle.append(a)
                     continue
                 healthy[a], backoff[a] = True, 1.0
@@ -193,6 +192,7 @@ class SamplePool:
         log.warning("part %d failed (%s: %s); re-issuing it (%d/%d)", part.index, type(err).__name__, msg[:300],
                     self.part_failures[part.index], limit)
 
+
 def default_out(export_url: str) -> str:
     """<run>/samples for a run's <run>/export folder."""
     parent = export_url.rstrip("/").rsplit("/", 1)
@@ -201,6 +201,8 @@ def default_out(export_url: str) -> str:
 
 def run_sampling(cfg: SampleConfig) -> dict:
     """The whole job after Ray is up: plan, skip finished parts, make the rest, merge, grids."""
+    local = {k: os.path.abspath(v) for k, v in (("export_url", cfg.export_url), ("out", cfg.out)) if v and protocol(v) == "file"}
+    cfg = dataclasses.replace(cfg, **local)  # actors may not share the driver's working directory
     if cfg.out is None:
         cfg = dataclasses.replace(cfg, out=default_out(cfg.export_url))
     num_classes = int(read_model_json(cfg.export_url, cfg.storage)["ar"]["num_classes"])
@@ -211,7 +213,9 @@ def run_sampling(cfg: SampleConfig) -> dict:
     done = finished_parts(cfg.out, plan, cfg.storage)
     todo = [p for p in plan.parts() if p.index not in done]
     log.info("%d images in %d parts: %d already made, %d to make", plan.total, plan.num_parts, len(done), len(todo))
-    result = SamplePool(cfg, plan).run(todo, done_images=sum(plan.part(i).size for i in done)) if todo else PoolResult(0, 0, 0.0, 0, 0)
+    result = PoolResult(0, 0, 0.0, 0, 0)
+    if todo:
+        result = SamplePool(cfg, plan).run(todo, done_images=sum(plan.part(i).size for i in done))
     npz = merge_parts(cfg.out, plan, cfg.storage)
     grids = write_grids(cfg.out, plan, cfg.grid_classes, cfg.grid_cols, cfg.storage) if cfg.grid_classes else []
     return {

@@ -33,13 +33,32 @@ from system.eval.token_metrics import codebook_perplexity, codebook_usage, next_
 from system.models.export_io import load_tokenizer_ar
 
 
+def fid_features(f1: np.ndarray, f2: np.ndarray, device: torch.device | str | None = None) -> float:
+    """FID of two feature sets. With few samples (max(N1, N2) <= D) exactly, without a D x D square
+    root: with A_i the centred features / sqrt(N_i - 1), S_i = A_i^T A_i and the eigenvalues of
+    S1 S2 are the squared singular values of A1 A2^T, so tr sqrt(S1 S2) = ||A1 A2^T||_* (nuclear norm)."""
+    a, b = np.asarray(f1, np.float64), np.asarray(f2, np.float64)
+    if max(len(a), len(b)) > a.shape[1]:
+        return frechet_distance(*feature_stats(a), *feature_stats(b), device=device)
+    if min(len(a), len(b)) < 2:
+        raise ValueError(f"FID needs at least 2 samples per set; got {len(a)} and {len(b)}")
+    mu1, mu2 = a.mean(0), b.mean(0)
+    a1, a2 = (a - mu1) / np.sqrt(len(a) - 1), (b - mu2) / np.sqrt(len(b) - 1)
+    tr_sqrt = np.linalg.svd(a1 @ a2.T, compute_uv=False).sum()
+    return float(((mu1 - mu2) ** 2).sum() + (a1**2).sum() + (a2**2).sum() - 2.0 * tr_sqrt)
+
+
 @dataclass
-class FeatureSet:
-    mu: np.ndarray
-    sigma: np.ndarray
-    features: Optional[np.ndarray]  # (N, 2048); None when only stored statistics exist
+class Reference:
+    """The generation reference: its images' features and/or stored (mu, sigma)."""
+
     source: str
-    num_images: int
+    features: Optional[np.ndarray] = None  # (N, 2048); needed for precision/recall
+    stats: Optional[tuple[np.ndarray, np.ndarray]] = None  # stored ADM statistics (real Inception only)
+
+    @property
+    def num_images(self) -> int:
+        return 0 if self.features is None else len(self.features)
 
 
 def load_npz(url: str, storage: StorageConfig | None = None) -> dict[str, np.ndarray]:
@@ -101,36 +120,37 @@ class Evaluator:
             self._shard_feats[resolution] = np.concatenate(feats)
         return self._shard_feats[resolution]
 
-    def reference(self, resolution: int) -> FeatureSet:
+    def reference(self, resolution: int) -> Reference:
         cfg = self.cfg
         if not cfg.reference:
-            feats = self.shard_features(resolution)
-            return FeatureSet(*feature_stats(feats), feats, f"{cfg.shards} ({resolution}px center crops)", len(feats))
+            return Reference(f"{cfg.shards} ({resolution}px center crops)", self.shard_features(resolution))
         data = load_npz(cfg.reference, cfg.storage)
         feats = self.features(data["arr_0"])[0] if "arr_0" in data else None
         if "mu" in data and "sigma" in data and self.inception.pretrained:
-            n = len(feats) if feats is not None else 0
-            return FeatureSet(data["mu"].astype(np.float64), data["sigma"].astype(np.float64), feats,
-                              f"{cfg.reference} (stored statistics)", n)
+            stats = (data["mu"].astype(np.float64), data["sigma"].astype(np.float64))
+            return Reference(f"{cfg.reference} (stored statistics)", feats, stats)
         if feats is None:
             raise ValueError(
                 f"reference {cfg.reference} holds only statistics (keys: {sorted(data)}), made with the real Inception; "
                 "with a random-weight Inception give inception_path=<pt_inception weights> or a reference with images (arr_0)"
             )
-        return FeatureSet(*feature_stats(feats), feats, f"{cfg.reference} (images)", len(feats))
+        return Reference(f"{cfg.reference} (images)", feats)
 
     def generation(self) -> dict:
         cfg = self.cfg
         images, labels = sample_images(cfg.samples, cfg.storage)
+        ref = self.reference(images.shape[1])  # first: a bad reference fails before the long part
         feats, logits = self.features(images)
-        ref = self.reference(images.shape[1])
-        mu, sigma = feature_stats(feats)
+        if ref.stats is not None:
+            fid = frechet_distance(*feature_stats(feats), *ref.stats, device=self.device)
+        else:
+            fid = fid_features(feats, ref.features, self.device)
         is_mean, is_std = inception_score(logits, splits=min(cfg.is_splits, len(feats)))
         out = {
             "samples": cfg.samples, "num_images": int(len(feats)), "resolution": int(images.shape[1]),
             "num_classes": int(len(np.unique(labels))) if labels is not None else None,
             "reference": ref.source, "reference_images": ref.num_images,
-            "fid": frechet_distance(mu, sigma, ref.mu, ref.sigma, device=self.device),
+            "fid": fid,
             "inception_score": is_mean, "inception_score_std": is_std,
         }
         k = cfg.pr_k
@@ -168,7 +188,7 @@ class Evaluator:
         all_codes, k = torch.cat(codes), tok.cfg.quantizer.codebook_size
         return {
             "export_url": cfg.export_url, "shards": cfg.shards, "num_images": int(len(recons)), "resolution": res,
-            "rfid": frechet_distance(*feature_stats(originals), *feature_stats(recons), device=self.device),
+            "rfid": fid_features(originals, recons, self.device),
             **{k_: v for k_, v in meter.compute().items() if k_ != "num_images"},
             "codebook_size": k, "codebook_usage": codebook_usage(all_codes, k),
             "codebook_perplexity": codebook_perplexity(all_codes, k),
@@ -182,7 +202,9 @@ def run_evaluation(cfg: EvaluateConfig, device: str | torch.device | None = None
     ev = Evaluator(cfg, device)
     lpips = None
     if cfg.export_url:
-        lpips = build_lpips(cfg.lpips.vgg_path, cfg.lpips.lin_path).to(ev.device)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)  # a random-weight LPIPS is the same network in every run
+            lpips = build_lpips(cfg.lpips.vgg_path, cfg.lpips.lin_path).to(ev.device)
     generation = ev.generation() if cfg.samples else None
     reconstruction = ev.reconstruction(lpips) if cfg.export_url else None
     return build_report(

@@ -38,7 +38,7 @@ def test_part_depends_on_seed_not_on_what_ran_before(tiny_export, tmp_path):
     a, codes_a = sampler.sample(plan0.part(1))
     sampler.sample(plan0.part(0))
     b, _ = sampler.sample(plan0.part(1))
-    c, codes_c = sampler.sample(plan1.part(1))
+    _, codes_c = sampler.sample(plan1.part(1))
     assert a.dtype == np.uint8 and a.shape == (4, 32, 32, 3) and codes_a.shape == (4, 16)
     assert np.array_equal(a, b)
     assert not np.array_equal(codes_a, codes_c)
@@ -94,3 +94,18 @@ def test_sample_job_deterministic_resumable_and_survives_a_killed_actor(ray_loca
     with pytest.raises(ValueError, match="seed: 5 -> 6"):
         sample.main([*common[:-1], "seed=6", f"out={a}"])
     assert torch.equal(torch.from_numpy(_load(a / "samples.npz")["arr_0"]), torch.from_numpy(ref["arr_0"]))
+
+
+@pytest.mark.slow
+def test_evaluate_runs_as_a_ray_task_when_ray_is_up(ray_local, tiny_export, tmp_path, monkeypatch):
+    import evaluate  # jobs/evaluate.py
+
+    monkeypatch.chdir(tmp_path)  # relative paths are resolved on the driver, then sent to the worker
+    rng = np.random.default_rng(0)
+    np.savez("s.npz", arr_0=rng.integers(0, 256, (6, 32, 32, 3), dtype=np.uint8), labels=np.arange(6) % 2)
+    argv = ["samples=s.npz", "out=ev", "max_images=4", "batch_size=8", "pr_k=2", "logging.wandb_mode=disabled"]
+    assert evaluate.main(argv) == 0
+    report = json.loads((tmp_path / "ev/report.json").read_text())
+    assert report["generation"]["num_images"] == 6 and report["generation"]["reference_images"] == 4
+    assert report["config"]["samples"] == str(tmp_path / "s.npz") and report["reconstruction"] is None
+    assert np.isfinite(report["generation"]["fid"])

@@ -1,0 +1,195 @@
+"""Overhead of the distributed path: the same tiny GAN autoencoder and global batch trained
+(a) through Ray Train + DeepSpeed (cluster.train_pool.run_training, N CPU workers, gloo) and
+(b) in a plain single-process PyTorch loop (AdamW, grad clipping, same alternating G/D steps),
+in one run. Data is in memory on both sides, so only training throughput is compared.
+
+    python bench/train_overhead.py [--workers 2] [--global-batch 32] [--steps 60] [--zero 2]
+
+Prints steps/s and samples/s of both and their ratio (goal on CPU: >= 0.8x per sample).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("DS_ACCELERATOR", "cpu")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from torch import nn  # noqa: E402
+
+from system.methods.base import StepOutput  # noqa: E402
+
+
+class Gen(nn.Module):
+    def __init__(self, w: int):
+        super().__init__()
+        self.enc = nn.Sequential(nn.Conv2d(3, w, 3, 2, 1), nn.SiLU(), nn.Conv2d(w, w, 3, 1, 1), nn.SiLU(), nn.Conv2d(w, w, 3, 1, 1))
+        self.dec = nn.Sequential(nn.ConvTranspose2d(w, w, 4, 2, 1), nn.SiLU(), nn.Conv2d(w, w, 3, 1, 1), nn.SiLU(), nn.Conv2d(w, 3, 3, 1, 1))
+
+    def forward(self, x):  # (B, 3, R, R) -> (B, 3, R, R)
+        return self.dec(self.enc(x))
+
+
+class Disc(nn.Module):
+    def __init__(self, w: int):
+        super().__init__()
+        self.net = nn.Sequential(nn.Conv2d(3, w, 4, 2, 1), nn.LeakyReLU(0.2), nn.Conv2d(w, w, 4, 2, 1), nn.LeakyReLU(0.2), nn.Conv2d(w, 1, 3, 1, 1))
+
+    def forward(self, x):  # (B, 3, R, R) -> (B, 1, R/4, R/4)
+        return self.net(x)
+
+
+class BenchMethod:
+    def __init__(self, width: int):
+        self.width = width
+
+    def build_generator(self):
+        return Gen(self.width)
+
+    def build_discriminator(self):
+        return Disc(self.width)
+
+    def to(self, device):
+        return self
+
+    def generator_step(self, gen, disc, batch, step):
+        x = batch["image"]
+        rec = gen(x)
+        loss = F.mse_loss(rec, x) - 0.1 * disc(rec).mean()
+        return StepOutput(loss=loss, aux={"rec": rec.detach()})
+
+    def discriminator_step(self, disc, batch, aux, step):
+        return StepOutput(loss=F.relu(1 - disc(batch["image"])).mean() + F.relu(1 + disc(aux["rec"])).mean())
+
+    @torch.no_grad()
+    def sample_images(self, gen, batch, seed):
+        return {"original": batch["image"], "reconstruction": gen(batch["image"]).clamp(-1, 1)}
+
+    def export(self, gen):
+        return {"gen": gen.state_dict()}
+
+
+class MethodFactory:
+    def __init__(self, width: int):
+        self.width = width
+
+    def __call__(self, cfg):
+        return BenchMethod(self.width)
+
+
+class RandomReader:
+    """Endless in-memory batches (no decode cost), with the reader state API."""
+
+    def __init__(self, batch: int, res: int, seed: int):
+        g = torch.Generator().manual_seed(seed)
+        self.images = torch.rand(16, batch, 3, res, res, generator=g) * 2 - 1
+        self.i = 0
+
+    def __iter__(self):
+        while True:
+            self.i += 1
+            yield {"image": self.images[self.i % len(self.images)], "label": torch.zeros(len(self.images[0]), dtype=torch.long), "key": []}
+
+    def state_dict(self):
+        return {"i": self.i}
+
+    def load_state_dict(self, s):
+        self.i = int(s["i"])
+
+
+class ReaderFactory:
+    def __call__(self, cfg, rank, world):
+        return RandomReader(cfg.data.batch_size, cfg.data.resolution, cfg.seed + rank)
+
+
+def plain_loop(width: int, batch: int, res: int, steps: int, warmup: int, threads: int) -> float:
+    """Seconds per step of a single-process loop doing the same work on the global batch."""
+    torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    m = BenchMethod(width)
+    gen, disc = m.build_generator(), m.build_discriminator()
+    og = torch.optim.AdamW(gen.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.05)
+    od = torch.optim.AdamW(disc.parameters(), lr=1e-4, betas=(0.5, 0.9), weight_decay=0.05)
+    it = iter(RandomReader(batch, res, 0))
+    t0 = 0.0
+    for i in range(warmup + steps):
+        if i == warmup:
+            t0 = time.perf_counter()
+        b = next(it)
+        for p in disc.parameters():
+            p.requires_grad_(False)
+        out = m.generator_step(gen, disc, b, i)
+        out.loss.backward()
+        for p in disc.parameters():
+            p.requires_grad_(True)
+        torch.nn.utils.clip_grad_norm_(gen.parameters(), 1.0)
+        og.step()
+        og.zero_grad(set_to_none=True)
+        d = m.discriminator_step(disc, b, out.aux, i)
+        d.loss.backward()
+        torch.nn.utils.clip_grad_norm_(disc.parameters(), 1.0)
+        od.step()
+        od.zero_grad(set_to_none=True)
+    return (time.perf_counter() - t0) / steps
+
+
+def distributed(width: int, batch: int, res: int, steps: int, warmup: int, workers: int, zero: int) -> float:
+    """Seconds per step through Ray Train + DeepSpeed, from the logged throughput after warm-up."""
+    import ray
+
+    from cluster.train_pool import run_training
+    from system.config.load import load_config
+    from system.config.schema import ExperimentConfig
+
+    if batch % workers:
+        raise SystemExit(f"--global-batch {batch} must be divisible by --workers {workers}")
+    log_every = warmup
+    with tempfile.TemporaryDirectory() as d:
+        cfg = load_config(ExperimentConfig, [
+            "run_name=overhead", "data.url=unused", f"data.resolution={res}", f"data.batch_size={batch // workers}",
+            f"cluster.num_workers={workers}", "cluster.use_gpu='no'", f"cluster.local_num_cpus={max(workers, os.cpu_count() or 1)}",
+            f"checkpoint.storage_path={d}", f"checkpoint.every_steps={10**9}", "checkpoint.export=false",
+            f"train.max_steps={warmup + steps}", f"deepspeed.zero_stage={zero}", "logging.wandb_mode=disabled",
+            "logging.progress=false", f"logging.log_every={log_every}", "optim.warmup_steps=0", "train.ema_decay=0",
+            "cluster.max_failures=0",
+        ])
+        run_training(cfg, MethodFactory(width), reader_factory=ReaderFactory())
+        rows = [json.loads(x) for x in open(os.path.join(d, "overhead", "metrics.jsonl"))]
+    ray.shutdown()
+    timed = [r for r in rows if r["step"] > warmup]  # windows after the first (compile/alloc warm-up)
+    ips = sum(r["images_per_s"] for r in timed) / len(timed)
+    return batch / ips
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--global-batch", type=int, default=32)
+    ap.add_argument("--resolution", type=int, default=32)
+    ap.add_argument("--width", type=int, default=32)
+    ap.add_argument("--steps", type=int, default=60)
+    ap.add_argument("--warmup", type=int, default=10)
+    ap.add_argument("--zero", type=int, default=2, choices=[0, 1, 2, 3])
+    a = ap.parse_args()
+    # the baseline is the best plain loop seen (1 thread or one per worker, before and after the
+    # distributed run), so the ratio is conservative on a busy machine
+    plain = {t: plain_loop(a.width, a.global_batch, a.resolution, a.steps, a.warmup, t) for t in sorted({1, a.workers})}
+    dist = distributed(a.width, a.global_batch, a.resolution, a.steps, a.warmup, a.workers, a.zero)
+    best_t = min(plain, key=plain.get)
+    plain[best_t] = min(plain[best_t], plain_loop(a.width, a.global_batch, a.resolution, a.steps, a.warmup, best_t))
+    print(f"model: conv GAN autoencoder width {a.width}, {a.resolution}px, global batch {a.global_batch}, {a.steps} timed steps")
+    for t, sec in plain.items():
+        print(f"plain PyTorch, 1 process x {t} thread(s)  : {1 / sec:7.2f} steps/s  {a.global_batch / sec:8.1f} samples/s")
+    print(f"Ray Train + DeepSpeed ZeRO-{a.zero}, {a.workers} workers : {1 / dist:7.2f} steps/s  {a.global_batch / dist:8.1f} samples/s")
+    print(f"ratio (distributed / best plain, per sample): {min(plain.values()) / dist:.2f}x  (goal >= 0.8x)")
+
+
+if __name__ == "__main__":
+    main()
