@@ -35,11 +35,19 @@ def main(argv: list[str]) -> int:
         if cfg.data.val_url:
             ensure_embedded_dataset(cfg.data.val_url, cfg.data.storage, split="val")
 
-    from cluster.train_pool import run_training
-    from system.methods.eostok import eostok_from_experiment
+    from system.methods.eostok import check_config, eostok_from_experiment, num_classes_of
 
-    summary = run_training(cfg, eostok_from_experiment)
-    print(json.dumps(summary, indent=1, default=str))
+    try:  # fail before any worker starts
+        check_config(cfg.method, cfg.model, cfg.data.resolution, num_classes_of(cfg))
+    except (ValueError, TypeError) as e:
+        print(f"config error: {e}", file=sys.stderr)
+        return 2
+
+    from cluster.train_pool import run_training
+
+    result = run_training(cfg, eostok_from_experiment)
+    print(json.dumps({"run": result.run_url, "step": result.step, "checkpoint": result.checkpoint_url,
+                      "export": result.export_url, "metrics": result.metrics}, indent=1, default=str))
     return 0
 
 

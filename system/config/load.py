@@ -96,6 +96,7 @@ def _load_yaml(path: str | Path) -> DictConfig:
 
 
 def _check_urls(obj: Any, prefix: str = "") -> None:
+    """Reject unusable storage URLs; make relative local paths absolute (workers run elsewhere)."""
     import fsspec  # local import: cheap, and only needed at validation
 
     for f in dataclasses.fields(obj):
@@ -104,7 +105,10 @@ def _check_urls(obj: Any, prefix: str = "") -> None:
         if dataclasses.is_dataclass(val):
             _check_urls(val, key + ".")
         elif f.name in _URL_FIELDS and isinstance(val, str) and val:
-            proto = val.split("://", 1)[0] if "://" in val else "file"
+            if "://" not in val:
+                setattr(obj, f.name, str(Path(val).expanduser().absolute()))
+                continue
+            proto = val.split("://", 1)[0]
             if "://" in val and not re.fullmatch(r"[a-z][a-z0-9+.-]*", proto):
                 raise ConfigError(f"config key '{key}': {val!r} is not a URL (expected /path or s3://bucket/prefix)")
             try:

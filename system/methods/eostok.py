@@ -95,20 +95,33 @@ def build_configs(model: ModelConfig, resolution: int, num_classes: int) -> tupl
     return tok, ar
 
 
+def check_config(cfg: EOSTokMethodConfig, model: ModelConfig, resolution: int, num_classes: int) -> None:
+    """Everything that can be wrong with an EOSTok config, found without building a network
+    (the job calls it before any Ray worker starts)."""
+    build_configs(model, resolution, num_classes)
+    if cfg.align > 0 or cfg.repa > 0:
+        t = cfg.teacher
+        if t.random_init and (t.path or t.hub_name):
+            raise ValueError("method.teacher: random_init=true conflicts with path/hub_name; set one of them "
+                             "(e.g. method.teacher.hub_name=null for a random-weight demo)")
+        if not (t.random_init or t.path or t.hub_name):
+            raise ValueError("method.teacher needs method.teacher.path or hub_name (or random_init=true for a demo), "
+                             "or switch alignment off with method.align=0 method.repa=0")
+    if (cfg.lpips > 0 or cfg.apr_lpips > 0) and not (cfg.lpips_net.vgg_path or cfg.lpips_net.random_init):
+        raise ValueError("LPIPS needs weights: set method.lpips_net.vgg_path and lin_path "
+                         "(or method.lpips_net.random_init=true for a demo), or method.lpips=0 method.apr_lpips=0")
+
+
 class EOSTok:
     """The EOSTok method (see system/methods/base.py for the contract)."""
 
     def __init__(self, cfg: EOSTokMethodConfig, model: ModelConfig, resolution: int, num_classes: int):
+        check_config(cfg, model, resolution, num_classes)
         self.cfg = cfg
         self.tok_cfg, self.ar_cfg = build_configs(model, resolution, num_classes)
         self.num_classes = num_classes
-        needs_teacher = cfg.align > 0 or cfg.repa > 0
-        self.teacher = Teacher(cfg.teacher) if needs_teacher else None
-        needs_lpips = cfg.lpips > 0 or cfg.apr_lpips > 0
-        if needs_lpips and not (cfg.lpips_net.vgg_path or cfg.lpips_net.random_init):
-            raise ValueError("LPIPS needs weights: set method.lpips_net.vgg_path and lin_path "
-                             "(or method.lpips_net.random_init=true for a demo), or method.lpips=0 method.apr_lpips=0")
-        self.lpips = LPIPS(cfg.lpips_net.vgg_path, cfg.lpips_net.lin_path) if needs_lpips else None
+        self.teacher = Teacher(cfg.teacher) if cfg.align > 0 or cfg.repa > 0 else None
+        self.lpips = LPIPS(cfg.lpips_net.vgg_path, cfg.lpips_net.lin_path) if cfg.lpips > 0 or cfg.apr_lpips > 0 else None
 
     def to(self, device: torch.device) -> "EOSTok":
         for m in (self.teacher, self.lpips):
@@ -206,7 +219,10 @@ def psnr(a: Tensor, b: Tensor) -> Tensor:
 def eostok_from_experiment(cfg) -> EOSTok:
     """Method factory for the training pool (picklable by reference): EOSTok for an
     `EOSTokExperiment`, with the class count read from the data index."""
+    return EOSTok(cfg.method, cfg.model, cfg.data.resolution, num_classes_of(cfg))
+
+
+def num_classes_of(cfg) -> int:
     from system.data.shards import read_index
 
-    num_classes = len(read_index(cfg.data.url, cfg.data.storage)["classes"])
-    return EOSTok(cfg.method, cfg.model, cfg.data.resolution, num_classes)
+    return len(read_index(cfg.data.url, cfg.data.storage)["classes"])

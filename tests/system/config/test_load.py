@@ -74,3 +74,10 @@ def test_every_shipped_yaml_is_valid():
     for f in files:
         cfg = load_config(EOSTokExperiment, ["--config", str(f), "data.url=/x"])
         assert cfg.run_name
+
+
+def test_relative_local_paths_become_absolute(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    cfg = load_config(EOSTokExperiment, ["run_name=t", "data.url=shards/train", "data.storage.endpoint_url=http://h:1"])
+    assert cfg.data.url == str(tmp_path / "shards" / "train")
+    assert cfg.checkpoint.storage_path == str(tmp_path / "runs")
