@@ -17,17 +17,13 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo, also under `ray job submit`
 
-from system.config import ConfigError, EOSTokExperiment, load_config  # noqa: E402
+from system.config import EOSTokExperiment, cli_config  # noqa: E402
 
 DEFAULTS = ["base.yaml", "data/imagenet.yaml", "model/eostok_h.yaml", "experiments/eostok_h.yaml"]
 
 
 def main(argv: list[str]) -> int:
-    try:
-        cfg = load_config(EOSTokExperiment, argv, DEFAULTS)
-    except ConfigError as e:
-        print(f"config error: {e}", file=sys.stderr)
-        return 2
+    cfg = cli_config(EOSTokExperiment, argv, DEFAULTS)
     if cfg.data.embedded:
         from system.data.embedded import ensure_embedded_dataset
 
@@ -35,13 +31,9 @@ def main(argv: list[str]) -> int:
         if cfg.data.val_url:
             ensure_embedded_dataset(cfg.data.val_url, cfg.data.storage, split="val")
 
-    from system.methods.eostok import check_config, eostok_from_experiment, num_classes_of
+    from system.methods.eostok import check_experiment, eostok_from_experiment
 
-    try:  # fail before any worker starts
-        check_config(cfg.method, cfg.model, cfg.data.resolution, num_classes_of(cfg))
-    except (ValueError, TypeError) as e:
-        print(f"config error: {e}", file=sys.stderr)
-        return 2
+    check_experiment(cfg)  # exits 2 with the message before any worker starts
 
     from cluster.train_pool import run_training
 

@@ -14,21 +14,14 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import logging
-import os
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from system.config import ConfigError, load_config  # noqa: E402
+from system.config import cli_config  # noqa: E402
 from system.config.eval_schema import EvaluateConfig, check_evaluate_config  # noqa: E402
-from system.data.storage import join, protocol, write_bytes_atomic  # noqa: E402
-
-
-def _abs(url: str | None) -> str | None:
-    """Local paths made absolute (Ray workers may run elsewhere); URLs unchanged."""
-    return os.path.abspath(url) if url and protocol(url) == "file" else url
+from system.data.storage import join, write_bytes_atomic  # noqa: E402
 
 
 def default_out(cfg: EvaluateConfig) -> str:
@@ -37,16 +30,9 @@ def default_out(cfg: EvaluateConfig) -> str:
 
 
 def main(argv: list[str]) -> int:
-    try:
-        cfg = load_config(EvaluateConfig, argv, defaults=["evaluate.yaml"])
-        check_evaluate_config(cfg)
-    except ConfigError as e:
-        print(f"config error: {e}", file=sys.stderr)
-        return 2
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    paths = {k: _abs(getattr(cfg, k)) for k in ("samples", "export_url", "reference", "shards", "inception_path")}
-    cfg = dataclasses.replace(cfg, **paths)
-    cfg = dataclasses.replace(cfg, out=_abs(cfg.out or default_out(cfg)))
+    cfg = cli_config(EvaluateConfig, argv, defaults=["evaluate.yaml"], check=check_evaluate_config)
+    if not cfg.out:
+        cfg = dataclasses.replace(cfg, out=default_out(cfg))
     from cluster.eval_pool import evaluate, log_to_wandb  # imports Ray only once the config is valid
     from system.eval.report import format_table
 

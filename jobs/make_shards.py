@@ -8,22 +8,16 @@ A re-run skips complete shards. Config errors exit with status 2 before Ray star
 from __future__ import annotations
 
 import json
-import logging
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from system.config import ConfigError, MakeShardsConfig, load_config, to_yaml  # noqa: E402
+from system.config import MakeShardsConfig, cli_config, to_yaml  # noqa: E402
 
 
 def main(argv: list[str]) -> int:
-    try:
-        cfg = load_config(MakeShardsConfig, argv, defaults=["make_shards.yaml"])
-    except ConfigError as e:
-        print(f"config error: {e}", file=sys.stderr)
-        return 2
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    cfg = cli_config(MakeShardsConfig, argv, defaults=["make_shards.yaml"])
     print(to_yaml(cfg))
     from cluster.runtime import init_ray
     from cluster.shards import make_shards  # imports Ray only once the config is valid

@@ -10,24 +10,17 @@ status 2 before Ray starts. Same seed and settings -> identical samples, whateve
 from __future__ import annotations
 
 import json
-import logging
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from system.config import ConfigError, load_config, to_yaml  # noqa: E402
+from system.config import cli_config, to_yaml  # noqa: E402
 from system.config.eval_schema import SampleConfig, check_sample_config  # noqa: E402
 
 
 def main(argv: list[str]) -> int:
-    try:
-        cfg = load_config(SampleConfig, argv, defaults=["sample.yaml"])
-        check_sample_config(cfg)
-    except ConfigError as e:
-        print(f"config error: {e}", file=sys.stderr)
-        return 2
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    cfg = cli_config(SampleConfig, argv, defaults=["sample.yaml"], check=check_sample_config)
     print(to_yaml(cfg))
     from cluster.runtime import init_ray  # imports Ray only once the config is valid
     from cluster.sample_pool import run_sampling

@@ -19,7 +19,8 @@ T = TypeVar("T")
 
 CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
 _SECRET = re.compile(r"(^|_)(key|secret|token|password|passwd|credential|credentials|api_key)s?$", re.I)
-_URL_FIELDS = ("url", "val_url", "storage_path", "src", "out")
+_URL_FIELDS = ("url", "val_url", "storage_path", "src", "out", "export_url", "samples", "reference", "shards",
+               "inception_path", "val_labels")
 
 
 class ConfigError(ValueError):
@@ -149,6 +150,25 @@ def load_config(
         raise _explain(schema, e) from None
     _check_urls(obj)
     return obj  # type: ignore[return-value]
+
+
+def cli_config(schema: type[T], argv: Sequence[str], defaults: Sequence[str | Path] = (),
+               check: Any = None) -> T:
+    """`load_config` for a job's command line: a bad config prints `config error: ...` and exits
+    with status 2 (before any Ray or GPU resource is touched). `check(cfg)` may raise ConfigError
+    (or ValueError) for job-specific rules."""
+    import logging
+    import sys
+
+    try:
+        cfg = load_config(schema, argv, defaults)
+        if check is not None:
+            check(cfg)
+    except (ConfigError, ValueError) as e:
+        print(f"config error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    return cfg
 
 
 def redact(data: Any) -> Any:

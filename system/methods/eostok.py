@@ -222,6 +222,17 @@ def eostok_from_experiment(cfg) -> EOSTok:
     return EOSTok(cfg.method, cfg.model, cfg.data.resolution, num_classes_of(cfg))
 
 
+def check_experiment(cfg) -> None:
+    """`check_config` for a whole experiment: prints the problem and exits 2 (job entry points)."""
+    import sys
+
+    try:
+        check_config(cfg.method, cfg.model, cfg.data.resolution, num_classes_of(cfg))
+    except (ValueError, TypeError) as e:
+        print(f"config error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
 def num_classes_of(cfg) -> int:
     from system.data.shards import read_index
 

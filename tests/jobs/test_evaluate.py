@@ -20,7 +20,9 @@ from system.eval.sampling_plan import SamplingPlan
     ],
 )
 def test_config_errors_exit_2(argv, message, capsys):
-    assert evaluate.main(argv) == 2
+    with pytest.raises(SystemExit) as exit_info:
+        evaluate.main(argv)
+    assert exit_info.value.code == 2
     err = capsys.readouterr().err
     assert err.startswith("config error:") and message in err
 

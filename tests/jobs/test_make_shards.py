@@ -27,7 +27,9 @@ import make_shards  # noqa: E402
 def test_config_errors_exit_2_before_ray(argv, message, capsys):
     import ray
 
-    assert make_shards.main(argv) == 2
+    with pytest.raises(SystemExit) as exit_info:
+        make_shards.main(argv)
+    assert exit_info.value.code == 2
     err = capsys.readouterr().err
     assert err.startswith("config error:") and message in err
     assert not ray.is_initialized()

@@ -25,7 +25,9 @@ def test_config_errors_exit_2_before_ray(argv, message, capsys):
     import ray
 
     was_up = ray.is_initialized()
-    assert sample.main(argv) == 2
+    with pytest.raises(SystemExit) as exit_info:
+        sample.main(argv)
+    assert exit_info.value.code == 2
     err = capsys.readouterr().err
     assert err.startswith("config error:") and message in err
     assert was_up or not ray.is_initialized()
