@@ -89,6 +89,8 @@ class DeepSpeedStrategy:
         o, ds = self.optim, self.ds
         on_gpu = self.device.type == "cuda"
         zero: dict[str, Any] = {"stage": self.zero_stage, "contiguous_gradients": True, "overlap_comm": on_gpu}
+        if not on_gpu:  # DeepSpeed's 5e8-element default buckets are sized for GPUs; keep CPU runs lean
+            zero.update(reduce_bucket_size=int(5e7), allgather_bucket_size=int(5e7))
         if ds.offload_optimizer:
             zero["offload_optimizer"] = {"device": "cpu", "pin_memory": on_gpu}
         if ds.offload_params:

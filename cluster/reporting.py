@@ -10,7 +10,7 @@ import re
 import sys
 import tempfile
 import time
-from typing import Any, Optional
+from typing import Any
 
 from system.config.load import redact, to_dict
 

@@ -26,7 +26,8 @@ def init_ray(cluster: ClusterConfig, runtime_env: Optional[dict] = None) -> None
     # local workers import our packages from this checkout
     env_vars.setdefault("PYTHONPATH", os.pathsep.join(p for p in (REPO_ROOT, os.environ.get("PYTHONPATH")) if p))
     env["env_vars"] = env_vars
-    ray.init(num_cpus=cluster.local_num_cpus, runtime_env=env, include_dashboard=False)
+    # the dashboard serves Ray's state API, which Ray Train's placement-group cleaner polls
+    ray.init(num_cpus=cluster.local_num_cpus, runtime_env=env)
 
 
 def resolve_use_gpu(cluster: ClusterConfig) -> bool:

@@ -35,6 +35,10 @@ class RunResult:
     export_url: Optional[str]
     ray_result: Any = None
 
+    def summary(self) -> dict[str, Any]:
+        """JSON-friendly view (without the Ray result object)."""
+        return {k: v for k, v in self.__dict__.items() if k != "ray_result"}
+
 
 def resolve_paths(cfg):
     """A copy of `cfg` whose local storage path is absolute (workers may run in another folder)."""
@@ -101,19 +105,19 @@ def run_training(
 
     cfg = resolve_paths(cfg)
     c = cfg.cluster
-    started_here = not ray.is_initialized() and not (c.address or os.environ.get("RAY_ADDRESS"))
-    init_ray(c)
-    use_gpu = resolve_use_gpu(c)
-    if started_here:
-        check_resources(c, use_gpu)
     url = run_url(cfg)
     store = CheckpointStore(url, checkpoint_storage(cfg))
-    existing = store.latest_complete()
+    existing = store.latest_complete()  # before any resource is allocated
     if existing is not None and not cfg.checkpoint.resume:
         raise ValueError(
             f"run {cfg.run_name!r} already has a checkpoint at step {existing.step} ({existing.url}); "
             "set checkpoint.resume=true to continue it, or choose another run_name"
         )
+    started_here = not ray.is_initialized() and not (c.address or os.environ.get("RAY_ADDRESS"))
+    init_ray(c)
+    use_gpu = resolve_use_gpu(c)
+    if started_here:
+        check_resources(c, use_gpu)
     store.write_bytes("config.yaml", to_yaml(cfg).encode())
     resources = {"CPU": c.cpus_per_worker, **({"GPU": c.gpus_per_worker} if use_gpu else {})}
     trainer = TorchTrainer(

@@ -131,10 +131,13 @@ def train_worker(cfg, method_factory: Callable, ctx: WorkerContext, reader_facto
     seed_everything(cfg.seed + 7919 * (rank + 1))  # per-rank stream for dropout, noise, sampling
     state = TrainState(step=0, ema=ema, ema_partitioned=strategy.is_partitioned(gen_e), reader=reader, method=method)
 
-    ref = store.latest_complete()
+    ref = store.latest_complete() if rank0 else None
     if rank0:
         store.remove_incomplete(after=ref.step if ref else -1)
-    _barrier()
+    if dist.is_initialized():  # every rank resumes from the checkpoint rank 0 chose
+        box = [ref]
+        dist.broadcast_object_list(box, src=0)
+        ref = box[0]
     if ref is not None:
         restore_checkpoint(store, ref, strategy, engines, state, rank=rank, world_size=world, run_name=cfg.run_name)
         if rank0:

@@ -38,8 +38,15 @@ def main(argv: list[str]) -> int:
     from cluster.train_pool import run_training
 
     result = run_training(cfg, eostok_from_experiment)
-    print(json.dumps({"run": result.run_url, "step": result.step, "checkpoint": result.checkpoint_url,
-                      "export": result.export_url, "metrics": result.metrics}, indent=1, default=str))
+    summary = {"run": result.run_url, "step": result.step, "checkpoint": result.checkpoint_url,
+               "export": result.export_url, "metrics": result.metrics}
+    if cfg.data.val_url and result.export_url:
+        from system.methods.eostok import val_psnr_report
+
+        summary["val_psnr_db"] = psnr = val_psnr_report(cfg, result.export_url)
+        print(f"validation PSNR: untrained {psnr['untrained']:.2f} dB -> trained {psnr['trained']:.2f} dB "
+              f"(EMA {psnr['trained_ema']:.2f} dB)")
+    print(json.dumps(summary, indent=1, default=str))
     return 0
 
 

@@ -251,7 +251,7 @@ class ShardReader:
         if not url:
             raise ValueError("data.val_url is not set (needed for validation)" if val else "data.url is not set")
         if data.embedded:
-            ensure_embedded_dataset(url, data.storage, split="val" if val else "train", resolution=data.resolution)
+            ensure_embedded_dataset(url, data.storage, split="val" if val else "train")
         return cls(
             url, rank=rank, world_size=world_size, batch_size=data.batch_size, resolution=data.resolution,
             num_workers=data.num_workers, seed=seed, random_flip=data.random_flip and not val,

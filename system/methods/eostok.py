@@ -237,3 +237,23 @@ def num_classes_of(cfg) -> int:
     from system.data.shards import read_index
 
     return len(read_index(cfg.data.url, cfg.data.storage)["classes"])
+
+
+def val_psnr_report(cfg, export_url: str) -> dict[str, float]:
+    """Validation reconstruction PSNR (dB) of the exported tokenizer (raw and EMA weights) next to
+    an untrained tokenizer of the same config: the demo's evidence that training did something."""
+    from system.data.reader import ShardReader
+    from system.eval.recon_metrics import mean_psnr
+    from system.models.export_io import load_tokenizer_ar
+
+    def val_batches():
+        return ShardReader.from_config(cfg.data, rank=0, world_size=1, seed=cfg.seed, val=True).one_epoch()
+
+    report = {}
+    for name, ema in (("trained", False), ("trained_ema", True)):
+        tok, _ = load_tokenizer_ar(export_url, cfg.data.storage, ema=ema)
+        report[name] = mean_psnr(lambda x: tok(x).image, val_batches())
+    torch.manual_seed(cfg.seed)
+    untrained = Tokenizer1D(tok.cfg).eval()
+    report["untrained"] = mean_psnr(lambda x: untrained(x).image, val_batches())
+    return report

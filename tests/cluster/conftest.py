@@ -6,6 +6,8 @@ import socket
 
 import pytest
 
+_DIST_ENV = ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE")  # LOCAL_RANK stays: DeepSpeed reads it
+
 
 def free_port() -> int:
     with socket.socket() as s:
@@ -15,10 +17,21 @@ def free_port() -> int:
 
 @pytest.fixture(scope="session")
 def dist_world1():
-    """torch.distributed with world size 1 (gloo), as DeepSpeed needs a process group."""
+    """torch.distributed with world size 1 (gloo), as DeepSpeed needs a process group. Session-wide
+    (DeepSpeed caches the group); the rendezvous environment is restored at once, so Ray workers
+    started later in the session inherit none of it (Ray Train sets their LOCAL_RANK itself)."""
     import torch.distributed as dist
 
     if not dist.is_initialized():
-        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
-        dist.init_process_group("gloo", rank=0, world_size=1)
+        saved = {k: os.environ.get(k) for k in _DIST_ENV}
+        os.environ.setdefault("LOCAL_RANK", "0")
+        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), RANK="0", WORLD_SIZE="1")
+        try:
+            dist.init_process_group("gloo", rank=0, world_size=1)
+        finally:
+            for k, v in saved.items():
+                if v is None:
+                    os.environ.pop(k, None)
+                else:
+                    os.environ[k] = v
     yield dist
