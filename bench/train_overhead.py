@@ -154,7 +154,7 @@ def distributed(width: int, batch: int, res: int, steps: int, warmup: int, worke
     with tempfile.TemporaryDirectory() as d:
         cfg = load_config(ExperimentConfig, [
             "run_name=overhead", "data.url=unused", f"data.resolution={res}", f"data.batch_size={batch // workers}",
-            f"cluster.num_workers={workers}", "cluster.use_gpu='no'", f"cluster.local_num_cpus={max(workers, os.cpu_count() or 1)}",
+            f"cluster.num_workers={workers}", "cluster.device=cpu", f"cluster.local_num_cpus={max(workers, os.cpu_count() or 1)}",
             f"checkpoint.storage_path={d}", f"checkpoint.every_steps={10**9}", "checkpoint.export=false",
             f"train.max_steps={warmup + steps}", f"deepspeed.zero_stage={zero}", "logging.wandb_mode=disabled",
             "logging.progress=false", f"logging.log_every={log_every}", "optim.warmup_steps=0", "train.ema_decay=0",

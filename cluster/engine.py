@@ -20,6 +20,8 @@ from typing import Any, Iterator, Optional
 import torch
 from torch import nn
 
+from system.methods.base import frozen  # noqa: F401  (re-exported: the pool freezes D in G steps)
+
 if not torch.cuda.is_available():  # must precede the first `import deepspeed` (pitfall: CPU accelerator)
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
@@ -210,18 +212,3 @@ class DeepSpeedStrategy:
                 out[key] = value.detach().cpu().clone()
         return out
 
-
-@contextlib.contextmanager
-def frozen(module: Optional[nn.Module]) -> Iterator[None]:
-    """Parameters of `module` get no gradients inside (flags restored on exit)."""
-    if module is None:
-        yield
-        return
-    flags = [(p, p.requires_grad) for p in module.parameters()]
-    for p, _ in flags:
-        p.requires_grad_(False)
-    try:
-        yield
-    finally:
-        for p, f in flags:
-            p.requires_grad_(f)

@@ -31,15 +31,15 @@ def init_ray(cluster: ClusterConfig, runtime_env: Optional[dict] = None) -> None
 
 
 def resolve_use_gpu(cluster: ClusterConfig) -> bool:
-    """`cluster.use_gpu`: yes/no, or auto = the Ray cluster has GPUs."""
-    if cluster.use_gpu == "yes":
+    """`cluster.device`: gpu / cpu, or auto = GPUs when the Ray cluster has them."""
+    if cluster.device == "gpu":
         if ray.is_initialized() and ray.cluster_resources().get("GPU", 0) < cluster.gpus_per_worker:
             raise RuntimeError(
-                "cluster.use_gpu=yes but the Ray cluster has no GPUs "
-                f"(resources: {ray.cluster_resources()}); use cluster.use_gpu=no or auto"
+                "cluster.device=gpu but the Ray cluster has no GPUs "
+                f"(resources: {ray.cluster_resources()}); use cluster.device=cpu or auto"
             )
         return True
-    if cluster.use_gpu == "no":
+    if cluster.device == "cpu":
         return False
     return ray.cluster_resources().get("GPU", 0) > 0
 

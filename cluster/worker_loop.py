@@ -19,6 +19,7 @@ from cluster.engine import DeepSpeedStrategy, frozen
 from cluster.reporting import RunLogger
 from system.config.load import to_yaml
 from system.data.storage import join
+from system.models.export_io import MODEL_JSON, write_model_json
 from system.train_utils import EMA, capture_rng_state, lr_factor, restore_rng_state, save_image_grid, seed_everything, set_deterministic
 
 ReaderFactory = Callable[[Any, int, int], Any]  # (cfg, rank, world_size) -> reader
@@ -232,6 +233,8 @@ def export_weights(cfg, method, strategy: DeepSpeedStrategy, gen_e, ema: Optiona
             store.write_bytes(f"export/{name}{suffix}.safetensors", safetensors_bytes(sd, metadata={"run_name": cfg.run_name}))
     if rank0:
         store.write_bytes("export/config.yaml", to_yaml(cfg).encode())
+        if hasattr(method, "export_configs"):  # model configs, so loaders need no experiment config
+            store.write_bytes(f"export/{MODEL_JSON}", write_model_json(method.export_configs()))
     _barrier()
 
 

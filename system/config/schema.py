@@ -89,7 +89,7 @@ class DeepSpeedConfig:
 class ClusterConfig:
     address: Optional[str] = None  # None: join RAY_ADDRESS if set, else start a local Ray
     num_workers: int = 8
-    use_gpu: Literal["auto", "yes", "no"] = "auto"
+    device: Literal["auto", "gpu", "cpu"] = "auto"  # auto: GPUs when the Ray cluster has them
     cpus_per_worker: float = 1.0
     gpus_per_worker: float = 1.0
     placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"

@@ -7,7 +7,8 @@ a method never sees them. Frozen helpers (teachers, LPIPS) belong to the method 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Optional, Protocol
+from contextlib import contextmanager
+from typing import Any, Iterator, Optional, Protocol
 
 import torch
 from torch import nn
@@ -49,7 +50,17 @@ class Method(Protocol):
         """Consolidated weights to save as separate safetensors files, e.g. {"tokenizer": sd, "ar": sd}."""
 
 
-def set_requires_grad(module: Optional[nn.Module], flag: bool) -> None:
-    if module is not None:
-        for p in module.parameters():
-            p.requires_grad_(flag)
+@contextmanager
+def frozen(module: Optional[nn.Module]) -> Iterator[None]:
+    """Parameters of `module` get no gradients inside (flags restored on exit)."""
+    if module is None:
+        yield
+        return
+    flags = [(p, p.requires_grad) for p in module.parameters()]
+    for p, _ in flags:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p, f in flags:
+            p.requires_grad_(f)

@@ -22,7 +22,7 @@ from system.losses.gan import DiscriminatorConfig, GANLoss, GANLossConfig
 from system.losses.lpips import LPIPS
 from system.losses.recon import ntp_loss
 from system.losses.teachers import Teacher
-from system.methods.base import StepOutput, set_requires_grad
+from system.methods.base import StepOutput, frozen
 from system.models.gpt import GPT, GPTConfig
 from system.models.quantizers import codebook_perplexity, codebook_usage
 from system.models.registry import gpt_config
@@ -172,9 +172,8 @@ class EOSTok:
         if out.repa is not None:
             terms["repa"] = c.repa * out.repa
         if disc is not None:
-            set_requires_grad(disc, False)
-            g, _ = disc.generator_loss(out.recon, step)
-            set_requires_grad(disc, True)
+            with frozen(disc):
+                g, _ = disc.generator_loss(out.recon, step)
             terms["gan_g"] = g  # already weighted by cfg.gan (0 before gan_start_step)
         loss = torch.stack([v.float() for v in terms.values()]).sum()
         with torch.no_grad():

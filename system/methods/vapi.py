@@ -9,6 +9,7 @@ exports) and LlamaGen's VQ-16 + c2i GPT through `FrozenTokenizer`.
 """
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from typing import Optional
 
@@ -179,8 +180,11 @@ def pixel_reward(images: Tensor, real: Tensor, lpips: Optional[LPIPS], w_mse: fl
 @torch.no_grad()
 def rollout(policy: VapiPolicy, tokenizer: FrozenTokenizer, lpips: Optional[LPIPS], images: Tensor, labels: Tensor,
             group_ids: Tensor, cfg: VapiConfig, generator: torch.Generator,
-            gt_tokens: Optional[Tensor] = None) -> Rollouts:
-    """Rollouts for real images (B, 3, H, W), labels (B,), global group ids (B,): G samples each."""
+            gt_tokens: Optional[Tensor] = None, timings: Optional[dict] = None) -> Rollouts:
+    """Rollouts for real images (B, 3, H, W), labels (B,), global group ids (B,): G samples each.
+    `timings` (if given) receives seconds of "sample_s" (encode + forward + sampling) and "reward_s"
+    (decode + reward)."""
+    t0 = time.perf_counter()
     b, g = images.shape[0], cfg.group_size
     gt = tokenizer.encode(images) if gt_tokens is None else gt_tokens  # (B, L)
     inputs = noise_tokens(gt, cfg.noise_p, policy.vocab_size, generator)
@@ -191,11 +195,15 @@ def rollout(policy: VapiPolicy, tokenizer: FrozenTokenizer, lpips: Optional[LPIP
     tokens = samples.view(b, l, g).permute(0, 2, 1).reshape(b * g, l)  # (N, L)
     image_index = torch.arange(b, device=images.device).repeat_interleave(g)
     logp = logp_all[image_index].gather(-1, tokens.unsqueeze(-1)).squeeze(-1)  # (N, L)
+    t1 = time.perf_counter()
     rewards, mses, lps = [], [], []
     for s in range(0, b * g, cfg.decode_chunk):
         idx = image_index[s:s + cfg.decode_chunk]
         r, m, p = pixel_reward(tokenizer.decode(tokens[s:s + cfg.decode_chunk]), images[idx], lpips, cfg.w_mse, cfg.w_lpips)
         rewards.append(r), mses.append(m), lps.append(p)
+    if timings is not None:
+        timings["sample_s"] = timings.get("sample_s", 0.0) + t1 - t0
+        timings["reward_s"] = timings.get("reward_s", 0.0) + time.perf_counter() - t1
     return Rollouts(inputs=inputs, gt_tokens=gt, labels=labels, tokens=tokens, logp=logp, rewards=torch.cat(rewards),
                     group_ids=group_ids[image_index], image_index=image_index, mse=torch.cat(mses), lpips=torch.cat(lps))
 
@@ -223,3 +231,27 @@ def heldout_reward(policy: VapiPolicy, tokenizer: FrozenTokenizer, lpips: Option
     gen = torch.Generator(device=images.device).manual_seed(seed)
     ids = torch.arange(images.shape[0], device=images.device)
     return float(rollout(policy, tokenizer, lpips, images, labels, ids, cfg, gen).rewards.mean())
+
+
+def load_parts(export_url: Optional[str] = None, llamagen_gpt: Optional[str] = None, llamagen_vq: Optional[str] = None,
+               lpips_vgg: Optional[str] = None, lpips_lin: Optional[str] = None, use_lpips: bool = True,
+               storage=None, **gpt_overrides) -> tuple[VapiPolicy, FrozenTokenizer, Optional[LPIPS]]:
+    """(policy, frozen tokenizer, LPIPS) from an export of ours or LlamaGen checkpoint paths (CPU)."""
+    if export_url and not (llamagen_gpt or llamagen_vq):
+        from system.models.export_io import load_tokenizer_ar
+
+        tok_model, ar = load_tokenizer_ar(export_url, storage)
+        tok = frozen_tokenizer(tok_model)
+        policy = VapiPolicy(ar.eval(), tok.codebook)
+    elif llamagen_gpt and llamagen_vq and not export_url:
+        from system.models.adapters_llamagen_gpt import load_llamagen_gpt
+        from system.models.adapters_vq import load_llamagen_vq
+
+        tok = frozen_tokenizer(load_llamagen_vq(llamagen_vq))
+        policy = VapiPolicy(load_llamagen_gpt(llamagen_gpt, **gpt_overrides).eval())
+    else:
+        raise ValueError("give either method.export_url (a run's export/ folder) or both method.llamagen_gpt and "
+                         f"method.llamagen_vq (checkpoint paths); got export_url={export_url!r}, "
+                         f"llamagen_gpt={llamagen_gpt!r}, llamagen_vq={llamagen_vq!r}")
+    lp = LPIPS(lpips_vgg, lpips_lin) if use_lpips else None
+    return policy, tok, lp

@@ -69,8 +69,9 @@ class GPTConfig:
             raise ValueError(f"bitwise head needs n_bits >= 1 and vocab_size == 2**n_bits; got {self.n_bits}, {self.vocab_size}")
         if self.cls_token_num != 1:
             raise ValueError(f"cls_token_num={self.cls_token_num}: class-conditional models use exactly 1 class token")
-        if math.isqrt(self.block_size) ** 2 != self.block_size:
-            raise ValueError(f"block_size {self.block_size} is not a square number of image tokens")
+        if self.rope in ("2d", "mixed") and math.isqrt(self.block_size) ** 2 != self.block_size:
+            raise ValueError(f"block_size {self.block_size} is not a square number of image tokens (needed by "
+                             f"rope={self.rope!r}; use rope='1d' for a 1D token sequence)")
 
     @property
     def seq_len(self) -> int:
@@ -80,6 +81,11 @@ class GPTConfig:
     @property
     def grid(self) -> int:
         return math.isqrt(self.block_size)
+
+    @property
+    def rope_grid(self) -> tuple[int, int]:
+        """Image-token layout for RoPE: a square grid for 2D layouts, one row of block_size for 1D."""
+        return (self.grid, self.grid) if self.rope in ("2d", "mixed") else (1, self.block_size)
 
     @property
     def head_dim(self) -> int:
@@ -143,7 +149,7 @@ class GPT(nn.Module):
         self.norm = RMSNorm(d, cfg.norm_eps)
         n_out = 2 * cfg.n_bits if cfg.head == "bitwise" else cfg.vocab_size
         self.output = nn.Linear(d, n_out, bias=False)
-        rope = build_rope(cfg.rope, cfg.head_dim, cfg.cls_token_num, cfg.prefix_tokens, cfg.grid, cfg.rope_base, cfg.rope_cls)
+        rope = build_rope(cfg.rope, cfg.head_dim, cfg.cls_token_num, cfg.prefix_tokens, cfg.rope_grid, cfg.rope_base, cfg.rope_cls)
         self.register_buffer("rope", rope, persistent=False)  # (n_cls + seq_len, hd/2, 2)
         self._caches: list[KVCache] | None = None
         self.reset_parameters()
@@ -153,7 +159,7 @@ class GPT(nn.Module):
         super()._apply(fn, recurse)
         if self.rope.dtype != torch.float32:
             c = self.cfg
-            table = build_rope(c.rope, c.head_dim, c.cls_token_num, c.prefix_tokens, c.grid, c.rope_base, c.rope_cls)
+            table = build_rope(c.rope, c.head_dim, c.cls_token_num, c.prefix_tokens, c.rope_grid, c.rope_base, c.rope_cls)
             self.rope = table.to(self.rope.device)
         return self
 

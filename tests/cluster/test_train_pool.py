@@ -68,7 +68,7 @@ def make_cfg(name: str, storage: str, shards: str, *overrides: str):
 
     return load_config(ExperimentConfig, [
         f"run_name={name}", f"data.url={shards}", "data.resolution=16", "data.batch_size=2", "data.num_workers=0",
-        "cluster.num_workers=2", "cluster.use_gpu='no'", "cluster.max_failures=0", f"checkpoint.storage_path={storage}",
+        "cluster.num_workers=2", "cluster.device=cpu", "cluster.max_failures=0", f"checkpoint.storage_path={storage}",
         "checkpoint.every_steps=2", "checkpoint.keep_last=1", "train.max_steps=4", "train.ema_decay=0.9",
         "train.sample_grid=2", "optim.lr=0.01", "optim.warmup_steps=1", "logging.wandb_mode=disabled",
         "logging.log_every=1", "logging.progress=false", *overrides,

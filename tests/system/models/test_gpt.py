@@ -118,3 +118,14 @@ def test_rope_table_stays_float32_under_cast():
     assert m.rope.dtype == torch.float32 and m.output.weight.dtype == torch.bfloat16
     torch.testing.assert_close(m.rope, _model().rope)
     assert m(torch.randint(0, 64, (1, 16)), torch.tensor([0])).dtype == torch.float32
+
+
+def test_1d_rope_takes_any_sequence_length():
+    from system.models.registry import gpt_config
+
+    cfg = gpt_config("debug-tiny", rope="1d", block_size=12)
+    model = GPT(cfg)
+    logits = model(torch.randint(0, cfg.vocab_size, (2, 12)), torch.tensor([0, 1]))
+    assert logits.shape == (2, 12, cfg.vocab_size)
+    with pytest.raises(ValueError, match="not a square number"):
+        gpt_config("debug-tiny", rope="2d", block_size=12)

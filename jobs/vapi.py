@@ -1,0 +1,59 @@
+#!/usr/bin/env python
+"""VAπ pixel-space post-training (GRPO) of an AR image generator, on a Ray rollout pool + learner.
+
+  python jobs/vapi.py --config configs/experiments/vapi_tiny.yaml            # embedded demo (after `make demo`)
+  python jobs/vapi.py run_name=vapi data.url=s3://bucket/imagenet/train method.export_url=s3://.../export \
+      method.lpips_net.vgg_path=/w/vgg16.pth method.lpips_net.lin_path=/w/vgg.pth
+  python jobs/vapi.py run_name=vapi-llamagen data.resolution=384 method.export_url=null \
+      method.llamagen_gpt=/w/c2i_XXL_384.pt method.llamagen_vq=/w/vq_ds16_c2i.pt method.gpt_overrides.block_size=576 ...
+  ray job submit --working-dir . -- python jobs/vapi.py ...                  # on a cluster
+
+Defaults are the paper's (group 8, clip 0.2, adv clip 5, beta 0.1, lr 1e-6, 1% of the shards).
+Re-running with the same run_name resumes from the newest committed learner checkpoint.
+"""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo, also under `ray job submit`
+
+from system.config import cli_config  # noqa: E402
+from system.config.vapi_schema import VapiExperiment  # noqa: E402
+
+DEFAULTS = ["data/imagenet.yaml"]
+
+
+def check(cfg: VapiExperiment) -> None:
+    m = cfg.method
+    if bool(m.export_url) == bool(m.llamagen_gpt or m.llamagen_vq):
+        raise ValueError("set either method.export_url or method.llamagen_gpt + method.llamagen_vq (and export_url=null)")
+    if m.w_lpips > 0 and not (m.lpips_net.vgg_path or m.lpips_net.random_init):
+        raise ValueError("method.w_lpips > 0 needs method.lpips_net.vgg_path/lin_path (or random_init=true for a demo)")
+    if cfg.data.batch_size < 1 or m.group_size < 2:
+        raise ValueError("data.batch_size (images per iteration) must be >= 1 and method.group_size >= 2")
+
+
+def main(argv: list[str]) -> int:
+    cfg = cli_config(VapiExperiment, argv, DEFAULTS, check=check)
+    if cfg.data.embedded:
+        from system.data.embedded import ensure_embedded_dataset
+
+        ensure_embedded_dataset(cfg.data.url, cfg.data.storage, split="train")
+        if cfg.data.val_url:
+            ensure_embedded_dataset(cfg.data.val_url, cfg.data.storage, split="val")
+    from cluster.vapi_run import run_vapi
+
+    out = run_vapi(cfg)
+    if out.get("heldout_start") is not None:
+        print(f"held-out teacher-forced reward: {out['heldout_start']:.4f} -> {out['heldout_end']:.4f}")
+    last = out["history"][-1] if out["history"] else {}
+    print(json.dumps({"run": out["run_url"], "step": out["step"], "groups": len(out["groups"]),
+                      "rollout_reissued": out["rollout_reissued"], "learner_restarts": out["learner_restarts"],
+                      "last": last}, indent=1, default=str))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

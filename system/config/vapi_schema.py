@@ -1,0 +1,41 @@
+"""VAπ post-training config (jobs/vapi.py): the shared experiment sections plus `method`."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from system.config.schema import ExperimentConfig, LPIPSConfig, OptimConfig
+
+
+@dataclass
+class VapiMethodConfig:
+    """Paper defaults (../shared/REFERENCE.md "VAπ"): group 8, clip 0.2, adv clip 5, beta 0.1."""
+
+    export_url: Optional[str] = "runs/eostok-tiny/export"  # a run's export/ folder (ours)
+    llamagen_gpt: Optional[str] = None  # LlamaGen c2i_*.pt (then set export_url=null)
+    llamagen_vq: Optional[str] = None  # LlamaGen vq_ds16_c2i.pt
+    gpt_overrides: dict[str, Any] = field(default_factory=dict)  # e.g. {block_size: 576} for 384px
+    group_size: int = 8
+    noise_p: float = 0.0  # contextual noise (code default 0.5, off in the shipped script)
+    temperature: float = 1.0
+    w_mse: float = 1.0
+    w_lpips: float = 1.0
+    clip_eps: float = 0.2
+    adv_clip: float = 5.0
+    beta: float = 0.1  # prior regulariser (CE on ground-truth tokens)
+    kl: float = 0.0  # KL to the frozen initial policy (0: off)
+    lpips_net: LPIPSConfig = field(default_factory=LPIPSConfig)
+    num_rollout_workers: int = 2
+    cpus_per_rollout_worker: float = 1.0
+    gpus_per_rollout_worker: float = 0.0
+    rollout_max_restarts: int = 3
+    off_policy: bool = False  # one-step off-policy: rollouts of k+1 overlap the update of k
+    heldout_images: int = 8  # held-out images for the teacher-forced reward check (0: off)
+    crash_rollout_at_call: Optional[int] = None  # fault injection: a rollout actor dies at this call (once)
+
+
+@dataclass
+class VapiExperiment(ExperimentConfig):
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(
+        lr=1e-6, min_lr=1e-6, betas=(0.9, 0.999), weight_decay=1e-4, warmup_steps=0, schedule="constant", grad_clip=1.0))
+    method: VapiMethodConfig = field(default_factory=VapiMethodConfig)

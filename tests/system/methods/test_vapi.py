@@ -1,0 +1,70 @@
+"""VAπ rollouts with our 1D tokenizer + GPT and with a LlamaGen-style VQ + GPT (random weights)."""
+import pytest
+import torch
+
+from system.losses.lpips import LPIPS
+from system.methods.grpo import GRPOConfig
+from system.methods.vapi import Rollouts, VapiConfig, VapiPolicy, frozen_tokenizer, noise_tokens, rollout, vapi_loss
+from system.models.gpt import GPT
+from system.models.registry import gpt_config
+from system.models.tokenizer1d import Tokenizer1D, tokenizer_config
+from system.models.vqgan import VQGANConfig, VQModel
+
+
+@pytest.fixture(scope="module")
+def lpips():
+    with pytest.warns(UserWarning):
+        return LPIPS()
+
+
+def _ours():
+    torch.manual_seed(0)
+    tc = tokenizer_config("debug-tiny")
+    ar = GPT(gpt_config("debug-tiny", vocab_size=64, block_size=tc.seq_len, code_dim=tc.latent_dim, num_classes=8))
+    tok = frozen_tokenizer(Tokenizer1D(tc))
+    return VapiPolicy(ar.eval(), tok.codebook), tok
+
+
+def _llamagen():
+    torch.manual_seed(0)
+    vq = VQModel(VQGANConfig(codebook_size=64, codebook_dim=8, ch=32, ch_mult=(1, 2, 2, 2), z_channels=32, num_res_blocks=1))
+    ar = GPT(gpt_config("debug-tiny", vocab_size=64, block_size=16, num_classes=8))  # 32 px / 8 = 4x4 grid
+    return VapiPolicy(ar.eval()), frozen_tokenizer(vq)
+
+
+@pytest.mark.parametrize("build", [_ours, _llamagen])
+def test_rollout_shapes_logprobs_and_determinism(build, lpips):
+    policy, tok = build()
+    imgs = torch.rand(2, 3, 32, 32) * 2 - 1
+    labels = torch.tensor([1, 3])
+    cfg = VapiConfig(group_size=3, noise_p=0.5, decode_chunk=4)
+    ro = rollout(policy, tok, lpips, imgs, labels, torch.tensor([10, 11]), cfg, torch.Generator().manual_seed(1))
+    assert ro.tokens.shape == (6, 16) and ro.logp.shape == (6, 16) and ro.rewards.shape == (6,)
+    assert ro.group_ids.tolist() == [10, 10, 10, 11, 11, 11]
+    assert (ro.rewards < 0).all()
+    torch.testing.assert_close(ro.rewards, -(ro.mse + ro.lpips))
+    assert (ro.inputs != ro.gt_tokens).any()  # contextual noise changed some inputs
+    logits = policy(ro.inputs, labels).log_softmax(-1)
+    torch.testing.assert_close(ro.logp, logits[ro.image_index].gather(-1, ro.tokens[..., None])[..., 0])
+    again = rollout(policy, tok, lpips, imgs, labels, torch.tensor([10, 11]), cfg, torch.Generator().manual_seed(1))
+    assert torch.equal(again.tokens, ro.tokens)
+    # the loss is on-policy here: ratios are 1 and gradients reach the AR weights only
+    loss, m = vapi_loss(policy, ro, GRPOConfig())
+    loss.backward()
+    assert abs(m["ratio_mean"].item() - 1) < 1e-5 and m["clip_frac"].item() == 0
+    assert policy.ar.output.weight.grad is not None
+    assert all(p.grad is None for p in tok.parameters())
+    both = Rollouts.cat([ro, again])
+    assert both.image_index.tolist()[-3:] == [3, 3, 3] and both.inputs.shape[0] == 4
+
+
+def test_noise_and_config_errors():
+    t = torch.zeros(4, 100, dtype=torch.long)
+    n = noise_tokens(t, 0.5, 1000, torch.Generator().manual_seed(0))
+    assert 0.3 < (n != 0).float().mean() < 0.7
+    assert torch.equal(noise_tokens(t, 0.0, 1000), t)
+    with pytest.raises(ValueError, match="group_size"):
+        VapiConfig(group_size=1)
+    ar = GPT(gpt_config("debug-tiny", vocab_size=64, block_size=16, code_dim=16, num_classes=8))
+    with pytest.raises(ValueError, match="codebook"):
+        VapiPolicy(ar)
