@@ -135,6 +135,9 @@ class DeepSpeedStrategy:
         engine, *_ = deepspeed.initialize(
             model=model, model_parameters=param_groups(model, wd), config=config, dist_init_required=False
         )
+        if self.is_partitioned(engine):  # parameters read outside their own module's forward
+            for p in getattr(model, "external_parameters", lambda: [])():
+                deepspeed.zero.register_external_parameter(model, p)
         return engine
 
     def autocast(self, engine) -> contextlib.AbstractContextManager:

@@ -246,11 +246,12 @@ def write_samples(cfg, method, strategy: DeepSpeedStrategy, gen_e, batch: dict, 
     small = {k: (v[:n] if torch.is_tensor(v) or isinstance(v, list) else v) for k, v in batch.items()}
     rng = capture_rng_state()
     try:
-        was_training = gen_e.module.training
-        gen_e.module.eval()
-        with strategy.autocast(gen_e):
-            rows = method.sample_images(gen_e.module, small, seed=cfg.seed + step)
-        gen_e.module.train(was_training)
+        # gathered: sampling reads weights outside forward (e.g. a codebook), which ZeRO-3 partitions
+        with strategy.gathered(gen_e) as module, strategy.autocast(gen_e):
+            was_training = module.training
+            module.eval()
+            rows = method.sample_images(module, small, seed=cfg.seed + step)
+            module.train(was_training)
     finally:
         restore_rng_state(rng)
     if rank0 and rows:
