@@ -78,13 +78,16 @@ class RolloutWorker:
         self.calls += 1
         if self.crash_at is None or self.fault_dir is None or self.calls != self.crash_at:
             return
-        marker = os.path.join(self.fault_dir, "rollout_crash")
-        if os.path.exists(marker):
-            return
         os.makedirs(self.fault_dir, exist_ok=True)
-        open(marker, "w").close()
+        try:  # atomic: exactly one actor of the pool dies, once per run
+            os.close(os.open(os.path.join(self.fault_dir, "rollout_crash"), os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+        except FileExistsError:
+            return
         print(f"[fault] rollout actor pid {os.getpid()} dies at call {self.calls}", flush=True)
         os._exit(1)
+
+    def ping(self) -> int:
+        return os.getpid()
 
     def _sync(self, version: int, handle: Any) -> float:
         """Load the published weights of `version` unless already held; seconds spent."""
@@ -175,7 +178,10 @@ class LearnerWorker:
 
     def publish(self) -> tuple[int, Any, float]:
         t = time.perf_counter()
-        sd = self.strategy.gathered_state_dict(self.engine)
+        if self.strategy.is_partitioned(self.engine):
+            sd = self.strategy.gathered_state_dict(self.engine)
+        else:  # ray.put copies into the object store: no clone needed here
+            sd = {k: v.detach().cpu() for k, v in self.engine.module.state_dict().items()}
         handle = self.publisher.publish(sd, self.version)
         return self.version, handle, time.perf_counter() - t
 

@@ -63,10 +63,23 @@ class RolloutPool:
                     if attempt == max_reissue:
                         raise
                     self.reissued += 1
-                    a = (a + attempt) % len(self.actors)  # the restarted actor, or the next one
+                    a = self._live_actor(a)
                     print(f"[vapi] rollout actor lost; re-issuing groups {args[2].tolist()} to actor {a}", flush=True)
                     ref = self.actors[a].run.remote(version, handle, *args)
         return parts, stats
+
+    def _live_actor(self, preferred: int, wait_s: float = 120.0) -> int:
+        """Index of an actor that answers: the preferred one once Ray has restarted it, else any other."""
+        deadline = time.monotonic() + wait_s
+        while time.monotonic() < deadline:
+            for a in [preferred] + [i for i in range(len(self.actors)) if i != preferred]:
+                try:
+                    ray.get(self.actors[a].ping.remote(), timeout=5)
+                    return a
+                except (RayActorError, ray.exceptions.GetTimeoutError):
+                    continue
+            time.sleep(0.5)
+        raise RuntimeError(f"no rollout actor answered within {wait_s:.0f} s (max_restarts exhausted?)")
 
     def heldout(self, version: int, handle: Any, images, labels) -> float:
         return ray.get(self.actors[0].heldout.remote(version, handle, images, labels))
@@ -93,7 +106,6 @@ def _heldout_batch(cfg) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
 def run_vapi(cfg, parts_fn: PartsFn = default_parts, reader_factory=None) -> dict:
     """Post-train with VAπ to `cfg.train.max_steps` iterations (resuming a committed checkpoint)."""
     cfg = resolve_paths(cfg)
-    m = cfg.method
     init_ray(cfg.cluster)
     store = CheckpointStore(run_url(cfg), checkpoint_storage(cfg))
     publisher = ObjectStorePublisher()

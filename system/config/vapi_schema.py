@@ -4,7 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
-from system.config.schema import ExperimentConfig, LPIPSConfig, OptimConfig
+from system.config.schema import DataConfig, ExperimentConfig, LPIPSConfig, OptimConfig
 
 
 @dataclass
@@ -36,6 +36,7 @@ class VapiMethodConfig:
 
 @dataclass
 class VapiExperiment(ExperimentConfig):
+    data: DataConfig = field(default_factory=lambda: DataConfig(fraction=0.01, batch_size=8))  # 1% of the shards; 8 images x group 8
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(
         lr=1e-6, min_lr=1e-6, betas=(0.9, 0.999), weight_decay=1e-4, warmup_steps=0, schedule="constant", grad_clip=1.0))
     method: VapiMethodConfig = field(default_factory=VapiMethodConfig)

@@ -1,0 +1,88 @@
+"""Per-iteration time of VAπ on CPU, split into rollout (policy forward + sampling), decode + reward,
+learner update and weight sync (learner publish to the object store + actor fetch/load), through
+the real pool (cluster.vapi_run.run_vapi: 2 rollout actors + 1 DeepSpeed learner, embedded photos).
+
+    python bench/vapi_iteration.py [--iters 12] [--batch 4] [--group 8] [--layers 2] [--dim 64]
+
+Phases are per iteration (rollout/decode: the slowest actor); the first 2 iterations are warm-up.
+Goal: weight sync < 5% of the iteration.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import warnings
+from dataclasses import asdict
+from pathlib import Path
+
+os.environ.setdefault("DS_ACCELERATOR", "cpu")
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+def build_export(folder: Path, layers: int, dim: int) -> Path:
+    """A random-weight debug-tiny tokenizer + GPT (n_layer=layers, dim=dim) as a run exports it."""
+    import torch
+    from safetensors.torch import save_file
+
+    from system.models.export_io import write_model_json
+    from system.models.gpt import GPT
+    from system.models.registry import gpt_config
+    from system.models.tokenizer1d import Tokenizer1D, tokenizer_config
+
+    torch.manual_seed(0)
+    tc = tokenizer_config("debug-tiny")
+    ac = gpt_config("debug-tiny", vocab_size=tc.quantizer.codebook_size, block_size=tc.seq_len, code_dim=tc.latent_dim,
+                    num_classes=8, n_layer=layers, dim=dim, n_head=max(1, dim // 16))
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, m in (("tokenizer", Tokenizer1D(tc)), ("ar", GPT(ac))):
+        save_file({k: v.contiguous() for k, v in m.state_dict().items()}, str(folder / f"{name}.safetensors"))
+    (folder / "model.json").write_bytes(write_model_json({"tokenizer": asdict(tc), "ar": asdict(ac)}))
+    return folder
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--iters", type=int, default=12)
+    ap.add_argument("--batch", type=int, default=4)
+    ap.add_argument("--group", type=int, default=8)
+    ap.add_argument("--layers", type=int, default=2)
+    ap.add_argument("--dim", type=int, default=64)
+    a = ap.parse_args()
+    warnings.filterwarnings("ignore")
+    from cluster.vapi_run import run_vapi
+    from system.config.load import load_config
+    from system.config.vapi_schema import VapiExperiment
+    from system.data.embedded import ensure_embedded_dataset
+
+    tmp = Path(tempfile.mkdtemp(prefix="vapi_bench_"))
+    data = ensure_embedded_dataset(str(ROOT / ".cache/embedded_shards/train"), split="train")
+    export = build_export(tmp / "export", a.layers, a.dim)
+    cfg = load_config(VapiExperiment, [
+        "run_name=bench", f"data.url={data}", "data.val_url=null", f"data.batch_size={a.batch}",
+        f"method.group_size={a.group}", f"method.export_url={export}", "method.heldout_images=0",
+        f"train.max_steps={a.iters}", f"checkpoint.every_steps={10 * a.iters}", f"checkpoint.storage_path={tmp}/runs",
+        "logging.wandb_mode=disabled", "logging.progress=false",
+    ], ["experiments/vapi_tiny.yaml"])
+    out = run_vapi(cfg)
+    rows = out["history"][2:] or out["history"]
+    mean = lambda k: sum(r[k] for r in rows) / len(rows)  # noqa: E731
+    it = mean("iter_s")
+    split = {"rollout_s": mean("sample_s"), "decode_reward_s": mean("reward_s"), "update_s": mean("update_wall_s"),
+             "weight_sync_s": mean("weight_sync_s"), "iteration_s": it}
+    report = {**{k: round(v, 4) for k, v in split.items()},
+              **{f"{k}_pct": round(100 * v / it, 1) for k, v in split.items() if k != "iteration_s"},
+              "other_pct (driver, transfers, queueing)": round(100 * (it - sum(v for k, v in split.items() if k != "iteration_s")) / it, 1),
+              "sync_publish_s (learner state dict -> ray.put)": round(mean("publish_s"), 4),
+              "sync_fetch_load_s (actor ray.get + load_state_dict)": round(mean("weight_sync_s") - mean("publish_s"), 4),
+              "rollout_tokens_per_s": round(mean("rollout_tokens_per_s"), 1),
+              "images_x_group": f"{a.batch}x{a.group}", "ar": f"{a.layers} layers, dim {a.dim}"}
+    print(json.dumps(report, indent=1))
+    print(f"weight sync = {100 * split['weight_sync_s'] / it:.1f}% of the iteration (goal < 5%)")
+
+
+if __name__ == "__main__":
+    main()
