@@ -70,7 +70,8 @@ def _cfg(setup, run: str, *extra: str):
 
     root, train, val, export = setup
     argv = [f"run_name={run}", f"data.url={train}", f"data.val_url={val}", f"method.export_url={export}",
-            f"checkpoint.storage_path={root}/runs", "logging.wandb_mode=disabled", "logging.progress=false", *extra]
+            f"checkpoint.storage_path={root}/runs", "logging.wandb_mode=disabled", "logging.progress=false",
+            "data.resolution=32", *extra]  # the tiny export is a 32 px tokenizer
     return load_config(VapiExperiment, argv, ["experiments/vapi_tiny.yaml"])
 
 
