@@ -240,18 +240,29 @@ def export_weights(cfg, method, strategy: DeepSpeedStrategy, gen_e, ema: Optiona
 
 @torch.no_grad()
 def write_samples(cfg, method, strategy: DeepSpeedStrategy, gen_e, batch: dict, store: CheckpointStore, step: int, rank0: bool) -> None:
-    """Collective (ZeRO-3 forwards need every rank): rank 0 writes `<run>/samples/step_%08d.png`.
+    """Collective: rank 0 writes `<run>/samples/step_%08d.png`. Under ZeRO-3 the ranks first
+    consolidate the weights and rank 0 samples with a plain copy of the generator (sampling reads
+    weights outside module forwards, e.g. a codebook, which ZeRO-3 keeps partitioned).
     The global RNG streams are left as they were, so sampling does not change training."""
     n = cfg.train.sample_grid
     small = {k: (v[:n] if torch.is_tensor(v) or isinstance(v, list) else v) for k, v in batch.items()}
     rng = capture_rng_state()
+    rows: dict = {}
     try:
-        # gathered: sampling reads weights outside forward (e.g. a codebook), which ZeRO-3 partitions
-        with strategy.gathered(gen_e) as module, strategy.autocast(gen_e):
-            was_training = module.training
-            module.eval()
-            rows = method.sample_images(module, small, seed=cfg.seed + step)
-            module.train(was_training)
+        module = gen_e.module
+        if strategy.is_partitioned(gen_e):
+            full = strategy.gathered_state_dict(gen_e)  # collective; {} on ranks > 0
+            module = None
+            if rank0:
+                module = method.build_generator()
+                module.load_state_dict(full)
+                module.to(small["image"].device)
+        if module is not None:
+            with strategy.autocast(gen_e):
+                was_training = module.training
+                module.eval()
+                rows = method.sample_images(module, small, seed=cfg.seed + step)
+                module.train(was_training)
     finally:
         restore_rng_state(rng)
     if rank0 and rows:

@@ -31,18 +31,26 @@ def test_config_error_exits_2_before_ray(tmp_path):
 
 
 @pytest.fixture
-def ray_head(tmp_path):
+def ray_head():
+    import shutil
+    import tempfile
+
+    temp = tempfile.mkdtemp(prefix="rj", dir="/tmp")  # short: Ray's socket paths must fit in 107 bytes
     gcs, dash = _free_port(), _free_port()
-    env = {**os.environ, "RAY_DEDUP_LOGS": "0", "DS_ACCELERATOR": "cpu", "WANDB_MODE": "offline"}
+    # a throw-away local head: no token auth (Ray 2.6x enables it for `ray start` clusters)
+    env = {**os.environ, "RAY_DEDUP_LOGS": "0", "DS_ACCELERATOR": "cpu", "WANDB_MODE": "offline", "RAY_AUTH_MODE": "disabled"}
     env.pop("RAY_ADDRESS", None)
+    env["PATH"] = f"{BIN}{os.pathsep}{env.get('PATH', '')}"  # the entrypoint's `python` is this venv's
     start = [str(BIN / "ray"), "start", "--head", f"--port={gcs}", "--num-cpus=4", "--include-dashboard=true",
-             "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", f"--temp-dir={tmp_path / 'ray'}",
+             "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", f"--temp-dir={temp}",
              "--disable-usage-stats"]
-    subprocess.run(start, check=True, env=env, capture_output=True, timeout=180)
+    r = subprocess.run(start, env=env, capture_output=True, text=True, timeout=180)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
     try:
         yield f"http://127.0.0.1:{dash}", env
     finally:
         subprocess.run([str(BIN / "ray"), "stop", "--force"], env=env, capture_output=True, timeout=120)
+        shutil.rmtree(temp, ignore_errors=True)
 
 
 def _submit(address: str, env: dict, args: list[str]) -> subprocess.CompletedProcess:
