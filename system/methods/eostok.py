@@ -8,8 +8,7 @@ Every weight is a config value and 0 switches a term off, so the paper's ablatio
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 import torch.nn.functional as F
@@ -36,8 +35,7 @@ def straight_through_onehot(logits: Tensor) -> Tensor:
     return hard + p - p.detach()
 
 
-@dataclass
-class EOSTokForward:
+class EOSTokForward(NamedTuple):  # a NamedTuple so ZeRO-3's backward hooks see its tensors
     recon: Tensor  # (B, 3, H, W) decoded z_q
     apr: Tensor  # (B, 3, H, W) decoded AR prediction
     codes: Tensor  # (B, L)

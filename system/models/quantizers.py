@@ -9,7 +9,8 @@ the codes first (this module never communicates across ranks).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from typing import NamedTuple, Optional
 
 import torch
 import torch.nn as nn
@@ -63,22 +64,23 @@ class QuantizerConfig:
         return 2**self.dim if self.type == "bsq" else self.codebook_size
 
 
-@dataclass
-class QuantizerOutput:
+class QuantizerOutput(NamedTuple):
     """codes (B, L) int64; quantized (B, L, D) with straight-through grads; probs (B, L, K) or None;
-    onehot (B, L, K) straight-through one-hot (IBQ) or None; latents: the (normalised) quantizer input."""
+    onehot (B, L, K) straight-through one-hot (IBQ) or None; latents: the (normalised) quantizer input.
+    A NamedTuple (not a dataclass) so DeepSpeed ZeRO-3 finds the tensors in module outputs and
+    re-gathers parameters for their backward."""
 
     codes: Tensor
     quantized: Tensor
-    probs: Tensor | None = None
-    onehot: Tensor | None = None
-    latents: Tensor | None = None
-    losses: dict[str, Tensor] = field(default_factory=dict)
+    probs: Optional[Tensor] = None
+    onehot: Optional[Tensor] = None
+    latents: Optional[Tensor] = None
+    losses: Optional[dict[str, Tensor]] = None
 
     @property
     def loss(self) -> Tensor:
         """Sum of the (already weighted) regulariser terms; 0 when there are none."""
-        if not self.losses:
+        if not self.losses:  # None or {}
             return self.quantized.new_zeros(())
         return torch.stack([v.float() for v in self.losses.values()]).sum()
 

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass, field
+from typing import NamedTuple, Optional
 
 import torch
 import torch.nn as nn
@@ -90,20 +91,18 @@ class Tokenizer1DConfig:
         return self.num_prefix_tokens + self.num_latent_tokens
 
 
-@dataclass
-class DecoderOutput:
+class DecoderOutput(NamedTuple):  # NamedTuples: DeepSpeed ZeRO-3 hooks see the tensors inside
     image: Tensor  # (B, 3, H, W)
-    hidden: Tensor | None = None  # (B, N, dec_width) patch (mask-token) states after the chosen layer
-    prefix_row: Tensor | None = None  # (B, 3, patch, W) first patch row from the prefix tokens (causal)
+    hidden: Optional[Tensor] = None  # (B, N, dec_width) patch (mask-token) states after the chosen layer
+    prefix_row: Optional[Tensor] = None  # (B, 3, patch, W) first patch row from the prefix tokens (causal)
 
 
-@dataclass
-class TokenizerOutput:
+class TokenizerOutput(NamedTuple):
     image: Tensor  # (B, 3, H, W) reconstruction
     quant: QuantizerOutput  # codes (B, P+L), quantized (B, P+L, D), losses
     enc_hidden: Tensor  # (B, N, enc_width) encoder 2D hidden patch embeddings
-    dec_hidden: Tensor | None = None  # (B, N, dec_width)
-    prefix_row: Tensor | None = None  # (B, 3, patch, W)
+    dec_hidden: Optional[Tensor] = None  # (B, N, dec_width)
+    prefix_row: Optional[Tensor] = None  # (B, 3, patch, W)
 
 
 class ViTBlock(nn.Module):
