@@ -1,5 +1,5 @@
 """Pure pieces of a training loop: LR schedule, EMA, RNG state capture/restore, seeding,
-determinism flags and a PNG image-grid writer. No Ray, DeepSpeed or torch.distributed here."""
+determinism flags and a PNG image-grid writer. No Ray, DeepSpeed or process-group code here."""
 from __future__ import annotations
 
 import math
