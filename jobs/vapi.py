@@ -33,6 +33,13 @@ def check(cfg: VapiExperiment) -> None:
         raise ValueError("method.w_lpips > 0 needs method.lpips_net.vgg_path/lin_path (or random_init=true for a demo)")
     if cfg.data.batch_size < 1 or m.group_size < 2:
         raise ValueError("data.batch_size (images per iteration) must be >= 1 and method.group_size >= 2")
+    if m.export_url:
+        from system.models.export_io import read_model_json
+
+        size = read_model_json(m.export_url, cfg.data.storage)["tokenizer"]["image_size"]
+        if size != cfg.data.resolution:
+            raise ValueError(f"data.resolution={cfg.data.resolution} but the tokenizer of {m.export_url} works at "
+                             f"{size} px; set data.resolution={size}")
 
 
 def main(argv: list[str]) -> int:

@@ -102,3 +102,17 @@ def test_learner_crash_resumes_from_checkpoint(setup):
     assert max(r["staleness"] for r in out["history"]) == 1  # one-step off-policy
     store = CheckpointStore(out["run_url"])
     assert store.latest_complete().step == 4 and store.exists("fault/learner_crash_00000003")
+
+
+def test_resolution_mismatch_is_a_config_error(setup, capsys):
+    import importlib.util
+
+    root, train, val, export = setup
+    spec = importlib.util.spec_from_file_location("vapi_job", ROOT / "jobs/vapi.py")
+    job = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(job)
+    with pytest.raises(SystemExit) as e:
+        job.main(["--config", str(ROOT / "configs/experiments/vapi_tiny.yaml"), f"method.export_url={export}",
+                  f"data.url={train}", "data.resolution=64"])
+    assert e.value.code == 2
+    assert "set data.resolution=32" in capsys.readouterr().err
