@@ -49,6 +49,12 @@ class Method(Protocol):
     def export(self, gen: nn.Module) -> dict[str, dict[str, torch.Tensor]]:
         """Consolidated weights to save as separate safetensors files, e.g. {"tokenizer": sd, "ar": sd}."""
 
+    # Optional hooks the pool uses when a method defines them:
+    #   export_configs() -> {"tokenizer": {...}, "ar": {...}}  written as export/model.json
+    #   train_state_dict() / load_train_state_dict(sd)        extra per-rank state in checkpoints
+    #   generator modules may define external_parameters()    parameters read outside their
+    #                                                          own module's forward (ZeRO-3)
+
 
 @contextmanager
 def frozen(module: Optional[nn.Module]) -> Iterator[None]:
