@@ -108,10 +108,17 @@ def frechet_distance(
 def fid_from_features(
     features1: ArrayLike, features2: ArrayLike, backend: Backend = "auto", device: torch.device | str | None = None
 ) -> float:
-    """FID between two (N, D) feature sets."""
-    mu1, s1 = feature_stats(features1)
-    mu2, s2 = feature_stats(features2)
-    return frechet_distance(mu1, s1, mu2, s2, backend=backend, device=device)
+    """FID between two (N, D) feature sets. With backend "auto" and few samples (max(N1, N2) <= D)
+    it is computed exactly without a D x D square root: with A_i the centred features / sqrt(N_i - 1),
+    S_i = A_i^T A_i, and the eigenvalues of S1 S2 are the squared singular values of A1 A2^T, so
+    tr sqrt(S1 S2) = ||A1 A2^T||_* (nuclear norm)."""
+    a, b = _features64(features1, "features1"), _features64(features2, "features2")
+    if backend != "auto" or max(len(a), len(b)) > a.shape[1]:
+        return frechet_distance(*feature_stats(a), *feature_stats(b), backend=backend, device=device)
+    mu1, mu2 = a.mean(0), b.mean(0)
+    a1, a2 = (a - mu1) / np.sqrt(len(a) - 1), (b - mu2) / np.sqrt(len(b) - 1)
+    tr_sqrt = np.linalg.svd(a1 @ a2.T, compute_uv=False).sum()
+    return float(((mu1 - mu2) ** 2).sum() + (a1**2).sum() + (a2**2).sum() - 2.0 * tr_sqrt)
 
 
 def save_stats(path: str | Path, mu: ArrayLike, sigma: ArrayLike, **extra: np.ndarray) -> None:

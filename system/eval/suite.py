@@ -22,7 +22,7 @@ from system.config.schema import StorageConfig
 from system.data.embedded import ensure_embedded_dataset
 from system.data.reader import ShardReader
 from system.data.storage import protocol, read_bytes
-from system.eval.fid import feature_stats, frechet_distance
+from system.eval.fid import feature_stats, fid_from_features, frechet_distance
 from system.eval.inception import InceptionV3FID, extract_features
 from system.eval.inception_score import inception_score
 from system.eval.prdc import precision_recall
@@ -31,21 +31,6 @@ from system.eval.report import build_report
 from system.eval.sample_parts import to_uint8
 from system.eval.token_metrics import codebook_perplexity, codebook_usage, next_token_accuracy
 from system.models.export_io import load_tokenizer_ar
-
-
-def fid_features(f1: np.ndarray, f2: np.ndarray, device: torch.device | str | None = None) -> float:
-    """FID of two feature sets. With few samples (max(N1, N2) <= D) exactly, without a D x D square
-    root: with A_i the centred features / sqrt(N_i - 1), S_i = A_i^T A_i and the eigenvalues of
-    S1 S2 are the squared singular values of A1 A2^T, so tr sqrt(S1 S2) = ||A1 A2^T||_* (nuclear norm)."""
-    a, b = np.asarray(f1, np.float64), np.asarray(f2, np.float64)
-    if max(len(a), len(b)) > a.shape[1]:
-        return frechet_distance(*feature_stats(a), *feature_stats(b), device=device)
-    if min(len(a), len(b)) < 2:
-        raise ValueError(f"FID needs at least 2 samples per set; got {len(a)} and {len(b)}")
-    mu1, mu2 = a.mean(0), b.mean(0)
-    a1, a2 = (a - mu1) / np.sqrt(len(a) - 1), (b - mu2) / np.sqrt(len(b) - 1)
-    tr_sqrt = np.linalg.svd(a1 @ a2.T, compute_uv=False).sum()
-    return float(((mu1 - mu2) ** 2).sum() + (a1**2).sum() + (a2**2).sum() - 2.0 * tr_sqrt)
 
 
 @dataclass
@@ -144,7 +129,7 @@ class Evaluator:
         if ref.stats is not None:
             fid = frechet_distance(*feature_stats(feats), *ref.stats, device=self.device)
         else:
-            fid = fid_features(feats, ref.features, self.device)
+            fid = fid_from_features(feats, ref.features, device=self.device)
         is_mean, is_std = inception_score(logits, splits=min(cfg.is_splits, len(feats)))
         out = {
             "samples": cfg.samples, "num_images": int(len(feats)), "resolution": int(images.shape[1]),
@@ -188,7 +173,7 @@ class Evaluator:
         all_codes, k = torch.cat(codes), tok.cfg.quantizer.codebook_size
         return {
             "export_url": cfg.export_url, "shards": cfg.shards, "num_images": int(len(recons)), "resolution": res,
-            "rfid": fid_features(originals, recons, self.device),
+            "rfid": fid_from_features(originals, recons, device=self.device),
             **{k_: v for k_, v in meter.compute().items() if k_ != "num_images"},
             "codebook_size": k, "codebook_usage": codebook_usage(all_codes, k),
             "codebook_perplexity": codebook_perplexity(all_codes, k),

@@ -3,7 +3,8 @@ import pytest
 
 from system.config.eval_schema import EvaluateConfig
 from system.eval.fid import feature_stats, frechet_distance
-from system.eval.suite import Evaluator, fid_features, sample_images
+from system.eval.fid import fid_from_features as fid_features
+from system.eval.suite import Evaluator, sample_images
 
 
 def test_fid_features_matches_the_sqrtm_formula():
