@@ -44,18 +44,22 @@ def resolve_use_gpu(cluster: ClusterConfig) -> bool:
     return ray.cluster_resources().get("GPU", 0) > 0
 
 
-def check_resources(cluster: ClusterConfig, use_gpu: bool) -> None:
-    """Fail early (before any actor starts) when the pool cannot fit into the cluster."""
+def check_resources(cluster: ClusterConfig, use_gpu: bool, extra_cpus: float = 0.0, extra_gpus: float = 0.0) -> None:
+    """Fail early (before any actor starts) when the pool, plus `extra_*` for other actors of the
+    job (e.g. VAπ's rollout pool), cannot fit into the cluster."""
     res = ray.cluster_resources()
-    need_cpu = cluster.num_workers * cluster.cpus_per_worker
+    need_cpu = cluster.num_workers * cluster.cpus_per_worker + extra_cpus
+    others = f" + {extra_cpus:g} for the job's other actors" if extra_cpus else ""
     if res.get("CPU", 0) < need_cpu:
         raise RuntimeError(
-            f"the pool needs {need_cpu:g} CPUs (cluster.num_workers={cluster.num_workers} x "
-            f"cluster.cpus_per_worker={cluster.cpus_per_worker:g}) but the Ray cluster has {res.get('CPU', 0):g}; "
+            f"the job needs {need_cpu:g} CPUs (cluster.num_workers={cluster.num_workers} x "
+            f"cluster.cpus_per_worker={cluster.cpus_per_worker:g}{others}) but the Ray cluster has {res.get('CPU', 0):g}; "
             "lower cluster.num_workers or cluster.cpus_per_worker (or raise cluster.local_num_cpus)"
         )
-    if use_gpu and res.get("GPU", 0) < cluster.num_workers * cluster.gpus_per_worker:
+    need_gpu = (cluster.num_workers * cluster.gpus_per_worker if use_gpu else 0) + extra_gpus
+    if need_gpu and res.get("GPU", 0) < need_gpu:
         raise RuntimeError(
-            f"the pool needs {cluster.num_workers * cluster.gpus_per_worker:g} GPUs but the Ray cluster has "
+            f"the job needs {need_gpu:g} GPUs (cluster.num_workers x cluster.gpus_per_worker"
+            f"{' + the other actors' if extra_gpus else ''}) but the Ray cluster has "
             f"{res.get('GPU', 0):g}; lower cluster.num_workers or cluster.gpus_per_worker"
         )

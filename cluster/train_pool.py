@@ -1,5 +1,6 @@
-"""The Ray Train pool: `run_training(cfg, method_factory)` runs `cluster.worker_loop.train_worker`
-on `cfg.cluster.num_workers` workers (GPU/NCCL or CPU/gloo) under a `TorchTrainer` whose
+"""The Ray Train pool: `run_pool(cfg, use_gpu, worker_fn, kwargs)` runs a worker loop (EOSTok's
+`cluster.worker_loop.train_worker` via `run_training`, the VAπ learner via `cluster.vapi_run`) on
+`cfg.cluster.num_workers` workers (GPU/NCCL or CPU/gloo) under a `TorchTrainer` whose
 `FailureConfig(max_failures)` restarts the pool after a lost worker; every (re)start resumes from
 the newest complete checkpoint in our store, so resubmitting the same `run_name` continues too.
 
@@ -63,7 +64,8 @@ def _ray_report(rank: int) -> Callable[[dict, Optional[str]], None]:
 
 
 def _train_fn(config: dict) -> None:
-    """Ray Train worker entry: environment first (DeepSpeed reads DS_ACCELERATOR at import)."""
+    """Ray Train worker entry: environment first (DeepSpeed reads DS_ACCELERATOR at import), then
+    `worker_fn(cfg, WorkerContext, **worker_kwargs)`."""
     import torch
 
     use_gpu = config["use_gpu"]
@@ -71,7 +73,7 @@ def _train_fn(config: dict) -> None:
         os.environ["DS_ACCELERATOR"] = "cpu"
     from ray.train.torch import get_device
 
-    from cluster.worker_loop import WorkerContext, train_worker
+    from cluster.worker_loop import WorkerContext
 
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
@@ -79,7 +81,7 @@ def _train_fn(config: dict) -> None:
     if device.type == "cuda":
         torch.cuda.set_device(device)
     wctx = WorkerContext(rank=rank, world_size=world, device=device, report=_ray_report(rank))
-    train_worker(config["cfg"], config["method_factory"], wctx, config.get("reader_factory"))
+    config["worker_fn"](config["cfg"], wctx, **config["worker_kwargs"])
 
 
 def ray_storage_path(cfg) -> str:
@@ -88,6 +90,54 @@ def ray_storage_path(cfg) -> str:
     if protocol(sp) == "file":
         return os.path.join(sp.removeprefix("file://"), cfg.run_name, "ray_train")
     return os.path.abspath(os.path.expanduser(os.environ.get("RAY_RESULTS_DIR", "~/ray_results")))
+
+
+def prepare_run(cfg, extra_cpus: float = 0.0, extra_gpus: float = 0.0):
+    """Before any actor starts: absolute local paths, refuse to overwrite a checkpointed run unless
+    `checkpoint.resume`, start/join Ray, check the pool (plus `extra_*` resources of other actors)
+    fits, save the resolved config. Returns (cfg, store, use_gpu)."""
+    from cluster.checkpoint import CheckpointStore
+    from cluster.worker_loop import checkpoint_storage, run_url
+
+    cfg = resolve_paths(cfg)
+    c = cfg.cluster
+    store = CheckpointStore(run_url(cfg), checkpoint_storage(cfg))
+    existing = store.latest_complete()  # before any resource is allocated
+    if existing is not None and not cfg.checkpoint.resume:
+        raise ValueError(
+            f"run {cfg.run_name!r} already has a checkpoint at step {existing.step} ({existing.url}); "
+            "set checkpoint.resume=true to continue it, or choose another run_name"
+        )
+    started_here = not ray.is_initialized() and not (c.address or os.environ.get("RAY_ADDRESS"))
+    init_ray(c)
+    use_gpu = resolve_use_gpu(c)
+    if started_here:
+        check_resources(c, use_gpu, extra_cpus=extra_cpus, extra_gpus=extra_gpus)
+    store.write_bytes("config.yaml", to_yaml(cfg).encode())
+    return cfg, store, use_gpu
+
+
+def run_pool(cfg, use_gpu: bool, worker_fn: Callable[..., Any], worker_kwargs: dict) -> Any:
+    """`worker_fn(cfg, WorkerContext, **worker_kwargs)` on `cfg.cluster.num_workers` Ray Train
+    workers (torch.distributed initialised: NCCL on GPUs, gloo on CPUs), restarted as a group from
+    scratch after a lost worker up to `cluster.max_failures` times; returns Ray Train's Result."""
+    c = cfg.cluster
+    resources = {"CPU": c.cpus_per_worker, **({"GPU": c.gpus_per_worker} if use_gpu else {})}
+    trainer = TorchTrainer(
+        _train_fn,
+        train_loop_config={"cfg": cfg, "worker_fn": worker_fn, "worker_kwargs": worker_kwargs, "use_gpu": use_gpu},
+        scaling_config=ScalingConfig(
+            num_workers=c.num_workers, use_gpu=use_gpu, resources_per_worker=resources, placement_strategy=c.placement_strategy
+        ),
+        torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
+        run_config=RunConfig(
+            name=cfg.run_name,
+            storage_path=ray_storage_path(cfg),
+            failure_config=FailureConfig(max_failures=c.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=max(cfg.checkpoint.keep_last, 1)),
+        ),
+    )
+    return trainer.fit()
 
 
 def run_training(
@@ -100,45 +150,14 @@ def run_training(
 
     `reader_factory(cfg, rank, world_size)` replaces the default `ShardReader` over `cfg.data`.
     """
-    from cluster.checkpoint import CheckpointStore
-    from cluster.worker_loop import checkpoint_storage, run_url
+    from cluster.worker_loop import train_worker
 
-    cfg = resolve_paths(cfg)
-    c = cfg.cluster
-    url = run_url(cfg)
-    store = CheckpointStore(url, checkpoint_storage(cfg))
-    existing = store.latest_complete()  # before any resource is allocated
-    if existing is not None and not cfg.checkpoint.resume:
-        raise ValueError(
-            f"run {cfg.run_name!r} already has a checkpoint at step {existing.step} ({existing.url}); "
-            "set checkpoint.resume=true to continue it, or choose another run_name"
-        )
-    started_here = not ray.is_initialized() and not (c.address or os.environ.get("RAY_ADDRESS"))
-    init_ray(c)
-    use_gpu = resolve_use_gpu(c)
-    if started_here:
-        check_resources(c, use_gpu)
-    store.write_bytes("config.yaml", to_yaml(cfg).encode())
-    resources = {"CPU": c.cpus_per_worker, **({"GPU": c.gpus_per_worker} if use_gpu else {})}
-    trainer = TorchTrainer(
-        _train_fn,
-        train_loop_config={"cfg": cfg, "method_factory": method_factory, "reader_factory": reader_factory, "use_gpu": use_gpu},
-        scaling_config=ScalingConfig(
-            num_workers=c.num_workers, use_gpu=use_gpu, resources_per_worker=resources, placement_strategy=c.placement_strategy
-        ),
-        torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
-        run_config=RunConfig(
-            name=cfg.run_name,
-            storage_path=ray_storage_path(cfg),
-            failure_config=FailureConfig(max_failures=c.max_failures),
-            checkpoint_config=CheckpointConfig(num_to_keep=max(cfg.checkpoint.keep_last, 1)),
-        ),
-    )
-    result = trainer.fit()
+    cfg, store, use_gpu = prepare_run(cfg)
+    result = run_pool(cfg, use_gpu, train_worker, {"method_factory": method_factory, "reader_factory": reader_factory})
     ref = store.latest_complete()
     metrics = dict(result.metrics or {})
     return RunResult(
-        run_url=url,
+        run_url=store.run_url,
         step=ref.step if ref else int(metrics.get("step", 0)),
         metrics=metrics,
         checkpoint_url=ref.url if ref else None,

@@ -1,13 +1,11 @@
-"""VAπ on Ray: a rollout pool of plain actors (placement group) and a GRPO learner on DeepSpeed.
+"""VAπ's rollout side on Ray: how weights reach the rollout actors (`WeightPublisher`), the
+rollout actor's logic (`RolloutWorker`, a plain class), the pool that owns the actors
+(`RolloutPool`, driver side: placement group, restartable actors) and the picklable
+`RolloutClient` the learner's rank 0 uses to spread a batch over the actors and gather it.
 
-Per iteration: the learner publishes its weights (`WeightPublisher`, object store) -> rollout
-actors load them -> rollouts for a batch of images (groups spread over the actors) -> learner
-update. Sync on-policy by default; `method.off_policy` overlaps rollouts of k+1 with update k
-(staleness logged). A dead rollout actor is restarted by Ray (max_restarts) and its chunk
-re-issued with the same seed, so every group id is trained exactly once. The learner is ONE Ray
-actor driving `DeepSpeedStrategy` (world size 1, not a Ray Train pool); it checkpoints through
-`CheckpointStore` with the data position and trained group ids, and a lost learner is re-created
-and resumes from its last committed checkpoint.
+A dead rollout actor is restarted by Ray (`method.rollout_max_restarts`) and its chunk re-issued
+with the same seed to a live actor, so every group id comes back exactly once. The learner side
+is cluster/vapi_learner.py; the driver cluster/vapi_run.py.
 """
 from __future__ import annotations
 
@@ -16,11 +14,13 @@ import time
 from typing import Any, Callable, Optional
 
 import ray
-
 import torch
+from ray.exceptions import RayActorError
+from ray.util.placement_group import placement_group, remove_placement_group
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from system.methods.grpo import GRPOConfig
-from system.methods.vapi import Rollouts, VapiConfig, heldout_reward, load_parts, rollout, vapi_loss
+from system.methods.vapi import Rollouts, VapiConfig, heldout_reward, load_parts, rollout
 
 PartsFn = Callable[[Any], tuple]  # cfg -> (VapiPolicy, FrozenTokenizer, LPIPS | None)
 
@@ -115,111 +115,94 @@ class RolloutWorker:
         return heldout_reward(self.policy, self.tok, self.lpips, images.to(self.device), labels.to(self.device), self.vcfg)
 
 
-class DataState:
-    """What the learner checkpoints about the data: reader position and trained group ids."""
-
-    def __init__(self) -> None:
-        self.state: dict = {}
-
-    def state_dict(self) -> dict:
-        return self.state
-
-    def load_state_dict(self, state: dict) -> None:
-        self.state = state
+# ---------------------------------------------------------------------------- the pool
+def _chunks(n: int, k: int) -> list[slice]:
+    size = -(-n // k)
+    return [slice(i, min(i + size, n)) for i in range(0, n, size)]
 
 
-class LearnerWorker:
-    """GRPO learner on one process: the policy as a DeepSpeed engine (`cluster.engine`), checkpoints
-    via `cluster.checkpoint` into `<storage_path>/<run_name>`."""
+class RolloutClient:
+    """Handles to the rollout actors (picklable: the learner's rank 0 holds one). `submit` spreads
+    one batch of images over the actors; `gather` waits for it and re-issues a chunk whose actor
+    died (same seed: identical samples), counting re-issues in `reissued`."""
 
-    def __init__(self, cfg, parts_fn: PartsFn, publisher: WeightPublisher):
-        import torch.distributed as dist
+    def __init__(self, actors: list):
+        self.actors = actors
+        self.reissued = 0
 
-        from cluster.checkpoint import CheckpointStore, TrainState
-        from cluster.engine import DeepSpeedStrategy
-        from cluster.worker_loop import checkpoint_storage, run_url
-        from system.train_utils import seed_everything
+    def submit(self, version: int, handle: Any, batch: dict, group_ids: torch.Tensor, seed: int) -> list:
+        """Start the rollouts of `batch` (images, labels) as groups `group_ids` under weights
+        `version`; chunk seeds derive from `seed` and the chunk's first group id."""
+        tasks = []
+        for i, sl in enumerate(_chunks(len(group_ids), len(self.actors))):
+            a = i % len(self.actors)
+            args = (batch["image"][sl], batch["label"][sl], group_ids[sl], seed + int(group_ids[sl][0]))
+            tasks.append([a, args, self.actors[a].run.remote(version, handle, *args)])
+        return [version, handle, tasks]
 
-        if not dist.is_initialized():  # DeepSpeed needs a process group, even of one
-            os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-            os.environ.setdefault("MASTER_PORT", str(_free_port()))
-            os.environ.setdefault("LOCAL_RANK", "0")
-            dist.init_process_group("gloo", rank=0, world_size=1)
-        seed_everything(cfg.seed)
-        self.cfg, self.publisher, self.vcfg = cfg, publisher, vapi_config(cfg)
-        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        policy, _, _ = parts_fn(cfg)
-        self.reference = None
-        if cfg.method.kl > 0:
-            import copy
+    def gather(self, pending: list, max_reissue: int = 8) -> tuple[list[Rollouts], list[dict]]:
+        version, handle, tasks = pending
+        parts: list = [None] * len(tasks)
+        stats: list = [None] * len(tasks)
+        for j, (a, args, ref) in enumerate(tasks):
+            for attempt in range(max_reissue + 1):
+                try:
+                    parts[j], stats[j] = ray.get(ref)
+                    break
+                except RayActorError:
+                    if attempt == max_reissue:
+                        raise
+                    self.reissued += 1
+                    a = self._live_actor(a)
+                    print(f"[vapi] rollout actor lost; re-issuing groups {args[2].tolist()} to actor {a}", flush=True)
+                    ref = self.actors[a].run.remote(version, handle, *args)
+        return parts, stats
 
-            self.reference = copy.deepcopy(policy).to(device).eval().requires_grad_(False)
-        o = cfg.optim
-        self.strategy = DeepSpeedStrategy(cfg.deepspeed, o, device, micro_batch_size=1, world_size=1)
-        self.engine = self.strategy.prepare(policy, lr=o.lr, betas=tuple(o.betas))
-        self.engine.module.eval()  # no dropout: ratios are exactly 1 on-policy
-        self.store = CheckpointStore(run_url(cfg), checkpoint_storage(cfg))
-        self.data = DataState()
-        self.state = TrainState(step=0, reader=self.data)
-        self.version = 0
+    def _live_actor(self, preferred: int, wait_s: float = 120.0) -> int:
+        """Index of an actor that answers: the preferred one once Ray has restarted it, else any other."""
+        deadline = time.monotonic() + wait_s
+        while time.monotonic() < deadline:
+            for a in [preferred] + [i for i in range(len(self.actors)) if i != preferred]:
+                try:
+                    ray.get(self.actors[a].ping.remote(), timeout=5)
+                    return a
+                except (RayActorError, ray.exceptions.GetTimeoutError):
+                    continue
+            time.sleep(0.5)
+        raise RuntimeError(f"no rollout actor answered within {wait_s:.0f} s (method.rollout_max_restarts exhausted?)")
 
-    def restore(self) -> tuple[int, dict]:
-        """Resume from the newest complete checkpoint: (step, data state); (0, {}) when none."""
-        from cluster.checkpoint import restore_checkpoint
-
-        ref = self.store.latest_complete()
-        self.store.remove_incomplete(after=ref.step if ref else -1)
-        if ref is None:
-            return 0, {}
-        restore_checkpoint(self.store, ref, self.strategy, {"policy": self.engine}, self.state, rank=0, world_size=1,
-                           run_name=self.cfg.run_name)
-        self.version = self.state.step
-        return self.state.step, self.data.state
-
-    def publish(self) -> tuple[int, Any, float]:
-        t = time.perf_counter()
-        if self.strategy.is_partitioned(self.engine):
-            sd = self.strategy.gathered_state_dict(self.engine)
-        else:  # ray.put copies into the object store: no clone needed here
-            sd = {k: v.detach().cpu() for k, v in self.engine.module.state_dict().items()}
-        handle = self.publisher.publish(sd, self.version)
-        return self.version, handle, time.perf_counter() - t
-
-    def update(self, parts: list[Rollouts], step: int) -> dict:
-        from system.train_utils import lr_factor
-
-        o, t = self.cfg.optim, time.perf_counter()
-        f = lr_factor(step, warmup_steps=o.warmup_steps, max_steps=self.cfg.train.max_steps,
-                      min_ratio=o.min_lr / o.lr, schedule=o.schedule)
-        self.strategy.set_lr(self.engine, o.lr * f)
-        batch = Rollouts.cat(parts).to(self.strategy.device)
-        with self.strategy.autocast(self.engine):
-            loss, m = vapi_loss(self.engine.module, batch, self.vcfg.grpo, self.reference)
-        self.strategy.backward(self.engine, loss)
-        self.strategy.step(self.engine)
-        self.version += 1
-        self.state.step = step + 1
-        out = {k: float(v) for k, v in m.items()}
-        out.update(loss=float(loss.detach()), lr=o.lr * f, update_s=time.perf_counter() - t)
-        if self.cfg.fault.crash_at_step is not None and self.state.step == self.cfg.fault.crash_at_step:
-            if not self.store.exists(f"fault/learner_crash_{self.state.step:08d}"):
-                self.store.write_bytes(f"fault/learner_crash_{self.state.step:08d}", b"1")
-                print(f"[fault] learner dies after the update of step {self.state.step}", flush=True)
-                os._exit(1)
-        return out
-
-    def save(self, data_state: dict) -> str:
-        from cluster.checkpoint import commit_checkpoint
-
-        self.data.state = data_state
-        ref = commit_checkpoint(self.store, self.strategy, {"policy": self.engine}, self.state, rank=0, world_size=1,
-                                barrier=lambda: None, run_name=self.cfg.run_name, keep_last=self.cfg.checkpoint.keep_last)
-        return ref.url
+    def heldout(self, version: int, handle: Any, images: torch.Tensor, labels: torch.Tensor) -> float:
+        return ray.get(self.actors[0].heldout.remote(version, handle, images, labels))
 
 
-def _free_port() -> int:
-    import socket
+class RolloutPool:
+    """Owns `method.num_rollout_workers` restartable `RolloutWorker` actors in one placement group
+    (created by the driver, so they outlive learner restarts); `client()` is what the learner uses."""
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    def __init__(self, cfg, parts_fn: PartsFn, publisher: WeightPublisher, fault_dir: Optional[str] = None,
+                 timeout_s: float = 300.0):
+        m = cfg.method
+        bundle = {"CPU": m.cpus_per_rollout_worker, **({"GPU": m.gpus_per_rollout_worker} if m.gpus_per_rollout_worker else {})}
+        self.pg = placement_group([bundle] * m.num_rollout_workers, strategy="PACK")
+        try:
+            ray.get(self.pg.ready(), timeout=timeout_s)
+        except ray.exceptions.GetTimeoutError:
+            remove_placement_group(self.pg)
+            raise RuntimeError(f"the rollout pool's placement group ({m.num_rollout_workers} x {bundle}) was not "
+                               f"placed within {timeout_s:.0f} s; lower method.num_rollout_workers or its resources")
+        cls = ray.remote(max_restarts=m.rollout_max_restarts, max_task_retries=0)(RolloutWorker)
+        self.actors = [
+            cls.options(num_cpus=m.cpus_per_rollout_worker, num_gpus=m.gpus_per_rollout_worker,
+                        scheduling_strategy=PlacementGroupSchedulingStrategy(self.pg, placement_group_bundle_index=i)
+                        ).remote(cfg, parts_fn, publisher, fault_dir)
+            for i in range(m.num_rollout_workers)
+        ]
+        ray.get([a.ping.remote() for a in self.actors])  # constructor errors surface here, not mid-run
+
+    def client(self) -> RolloutClient:
+        return RolloutClient(self.actors)
+
+    def close(self) -> None:
+        for a in self.actors:
+            ray.kill(a, no_restart=True)
+        remove_placement_group(self.pg)

@@ -53,7 +53,7 @@ def default_reader(cfg, rank: int, world_size: int):
     )
 
 
-def _barrier() -> None:
+def barrier() -> None:
     if dist.is_initialized():
         dist.barrier()
 
@@ -62,7 +62,7 @@ def _to_device(batch: dict, device: torch.device) -> dict:
     return {k: (v.to(device, non_blocking=True) if torch.is_tensor(v) else v) for k, v in batch.items()}
 
 
-def _maybe_crash(cfg, store: CheckpointStore, rank: int, step: int) -> None:
+def maybe_crash(cfg, store: CheckpointStore, rank: int, step: int) -> None:
     """Fault injection: kill this worker process once per run at `fault.crash_at_step` (marker in the run dir)."""
     f = cfg.fault
     if f.crash_at_step is None or step != f.crash_at_step or rank != f.crash_rank:
@@ -75,7 +75,7 @@ def _maybe_crash(cfg, store: CheckpointStore, rank: int, step: int) -> None:
     os._exit(1)
 
 
-class _Meter:
+class Meter:
     """Sums of step metrics since the last log (tensors stay on device until logged)."""
 
     def __init__(self) -> None:
@@ -106,7 +106,7 @@ class _Meter:
         return out
 
 
-def train_worker(cfg, method_factory: Callable, ctx: WorkerContext, reader_factory: Optional[ReaderFactory] = None) -> dict:
+def train_worker(cfg, ctx: WorkerContext, method_factory: Callable, reader_factory: Optional[ReaderFactory] = None) -> dict:
     """Train `method_factory(cfg)` from the newest complete checkpoint (or from scratch) to
     `cfg.train.max_steps`; returns the last logged metrics (rank 0) and the final step."""
     rank, world, device = ctx.rank, ctx.world_size, ctx.device
@@ -145,7 +145,7 @@ def train_worker(cfg, method_factory: Callable, ctx: WorkerContext, reader_facto
             print(f"[{cfg.run_name}] resumed from {ref.url} (step {ref.step})", flush=True)
     start_step = state.step
     logger = RunLogger(cfg, store, start_step=start_step, enabled=rank0)
-    meter = _Meter()
+    meter = Meter()
     images_per_step = cfg.data.batch_size * o.grad_accum * world
     t_log, steps_since_log, t_start = time.perf_counter(), 0, time.perf_counter()
     last: dict[str, float] = {}
@@ -153,7 +153,7 @@ def train_worker(cfg, method_factory: Callable, ctx: WorkerContext, reader_facto
 
     def commit() -> None:
         nonlocal committed
-        commit_checkpoint(store, strategy, engines, state, rank=rank, world_size=world, barrier=_barrier,
+        commit_checkpoint(store, strategy, engines, state, rank=rank, world_size=world, barrier=barrier,
                           run_name=cfg.run_name, keep_last=cfg.checkpoint.keep_last, info={"zero_stage": strategy.zero_stage})
         committed = state.step
         logger.flush()
@@ -187,7 +187,7 @@ def train_worker(cfg, method_factory: Callable, ctx: WorkerContext, reader_facto
             # warm-up of the decay so short runs get a useful EMA: min(decay, (1 + n) / (10 + n))
             ema.update(strategy.local_params(gen_e), min(cfg.train.ema_decay, (1 + state.step) / (10 + state.step)))
         logger.step()
-        _maybe_crash(cfg, store, rank, state.step)
+        maybe_crash(cfg, store, rank, state.step)
         if state.step % cfg.logging.log_every == 0 or state.step == cfg.train.max_steps:
             last = meter.reduce(device, world)
             dt = time.perf_counter() - t_log
@@ -235,7 +235,7 @@ def export_weights(cfg, method, strategy: DeepSpeedStrategy, gen_e, ema: Optiona
         store.write_bytes("export/config.yaml", to_yaml(cfg).encode())
         if hasattr(method, "export_configs"):  # model configs, so loaders need no experiment config
             store.write_bytes(f"export/{MODEL_JSON}", write_model_json(method.export_configs()))
-    _barrier()
+    barrier()
 
 
 @torch.no_grad()

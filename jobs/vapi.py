@@ -20,30 +20,13 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo, also under `ray job submit`
 
 from system.config import cli_config  # noqa: E402
-from system.config.vapi_schema import VapiExperiment  # noqa: E402
+from system.config.vapi_schema import VapiExperiment, check_vapi_config  # noqa: E402
 
 DEFAULTS = ["data/imagenet.yaml"]
 
 
-def check(cfg: VapiExperiment) -> None:
-    m = cfg.method
-    if bool(m.export_url) == bool(m.llamagen_gpt or m.llamagen_vq):
-        raise ValueError("set either method.export_url or method.llamagen_gpt + method.llamagen_vq (and export_url=null)")
-    if m.w_lpips > 0 and not (m.lpips_net.vgg_path or m.lpips_net.random_init):
-        raise ValueError("method.w_lpips > 0 needs method.lpips_net.vgg_path/lin_path (or random_init=true for a demo)")
-    if cfg.data.batch_size < 1 or m.group_size < 2:
-        raise ValueError("data.batch_size (images per iteration) must be >= 1 and method.group_size >= 2")
-    if m.export_url:
-        from system.models.export_io import read_model_json
-
-        size = read_model_json(m.export_url, cfg.data.storage)["tokenizer"]["image_size"]
-        if size != cfg.data.resolution:
-            raise ValueError(f"data.resolution={cfg.data.resolution} but the tokenizer of {m.export_url} works at "
-                             f"{size} px; set data.resolution={size}")
-
-
 def main(argv: list[str]) -> int:
-    cfg = cli_config(VapiExperiment, argv, DEFAULTS, check=check)
+    cfg = cli_config(VapiExperiment, argv, DEFAULTS, check=check_vapi_config)
     if cfg.data.embedded:
         from system.data.embedded import ensure_embedded_dataset
 

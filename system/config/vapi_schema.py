@@ -40,3 +40,24 @@ class VapiExperiment(ExperimentConfig):
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(
         lr=1e-6, min_lr=1e-6, betas=(0.9, 0.999), weight_decay=1e-4, warmup_steps=0, schedule="constant", grad_clip=1.0))
     method: VapiMethodConfig = field(default_factory=VapiMethodConfig)
+
+
+def check_vapi_config(cfg: VapiExperiment) -> None:
+    """Cross-field checks, before any actor starts (jobs/vapi.py and cluster.vapi_run.run_vapi)."""
+    m = cfg.method
+    if bool(m.export_url) == bool(m.llamagen_gpt or m.llamagen_vq):
+        raise ValueError("set either method.export_url or method.llamagen_gpt + method.llamagen_vq (and export_url=null)")
+    if m.w_lpips > 0 and not (m.lpips_net.vgg_path or m.lpips_net.random_init):
+        raise ValueError("method.w_lpips > 0 needs method.lpips_net.vgg_path/lin_path (or random_init=true for a demo)")
+    if cfg.data.batch_size < 1 or m.group_size < 2:
+        raise ValueError("data.batch_size (images per iteration) must be >= 1 and method.group_size >= 2")
+    if cfg.data.batch_size % cfg.cluster.num_workers:
+        raise ValueError(f"data.batch_size={cfg.data.batch_size} images per iteration must split evenly over "
+                         f"cluster.num_workers={cfg.cluster.num_workers} learner ranks")
+    if m.export_url:
+        from system.models.export_io import read_model_json
+
+        size = read_model_json(m.export_url, cfg.data.storage)["tokenizer"]["image_size"]
+        if size != cfg.data.resolution:
+            raise ValueError(f"data.resolution={cfg.data.resolution} but the tokenizer of {m.export_url} works at "
+                             f"{size} px; set data.resolution={size}")

@@ -159,6 +159,20 @@ class Rollouts:
         d = {k: torch.cat([getattr(p, k) for p in parts]) for k in Rollouts.__dataclass_fields__ if k != "image_index"}
         return Rollouts(image_index=torch.cat(rows), **d)
 
+    def split(self, n: int) -> list["Rollouts"]:
+        """`n` parts with equal numbers of images, each image with all its samples (a group never
+        straddles two parts, so advantages are unchanged): one part per learner rank."""
+        b = self.inputs.shape[0]
+        if b % n:
+            raise ValueError(f"{b} images cannot be split evenly over {n} learner ranks")
+        per, parts = b // n, []
+        for r in range(n):
+            keep = (self.image_index >= r * per) & (self.image_index < (r + 1) * per)
+            rows = {k: getattr(self, k)[r * per:(r + 1) * per] for k in ("inputs", "gt_tokens", "labels")}
+            samples = {k: getattr(self, k)[keep] for k in ("tokens", "logp", "rewards", "group_ids", "mse", "lpips")}
+            parts.append(Rollouts(image_index=self.image_index[keep] - r * per, **rows, **samples))
+        return parts
+
 
 def noise_tokens(tokens: Tensor, p: float, vocab: int, generator: Optional[torch.Generator] = None) -> Tensor:
     """Replace each id (B, L) by a uniform random id with probability p."""

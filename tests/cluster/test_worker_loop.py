@@ -31,7 +31,7 @@ def cfg_for(storage, name, *over):
 
 def run(cfg, reports=None):
     ctx = WorkerContext(0, 1, torch.device("cpu"), report=lambda m, url: reports.append((m["step"], url)) if reports is not None else None)
-    return train_worker(cfg, ToyFactory(), ctx, MemoryReaderFactory(n=32))
+    return train_worker(cfg, ctx, ToyFactory(), MemoryReaderFactory(n=32))
 
 
 def test_resubmission_resumes_bit_identically(dist_world1, deterministic_flags, tmp_path):
