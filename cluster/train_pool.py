@@ -133,7 +133,7 @@ def run_pool(cfg, use_gpu: bool, worker_fn: Callable[..., Any], worker_kwargs: d
         run_config=RunConfig(
             name=cfg.run_name,
             storage_path=ray_storage_path(cfg),
-            failure_config=FailureConfig(max_failures=c.max_failures),
+            failure_config=FailureConfig(max_failures=c.max_failures, controller_failure_limit=c.startup_retries),
             checkpoint_config=CheckpointConfig(num_to_keep=max(cfg.checkpoint.keep_last, 1)),
         ),
     )

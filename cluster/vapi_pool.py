@@ -20,17 +20,21 @@ from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from system.methods.grpo import GRPOConfig
-from system.methods.vapi import Rollouts, VapiConfig, heldout_reward, load_parts, rollout
+from system.methods.vapi import Rollouts, VapiConfig, check_fit, heldout_reward, load_parts, rollout
 
 PartsFn = Callable[[Any], tuple]  # cfg -> (VapiPolicy, FrozenTokenizer, LPIPS | None)
 
 
 def default_parts(cfg) -> tuple:
+    """(policy, frozen tokenizer, LPIPS or None) from `cfg.method`, checked against `data.resolution`."""
     m = cfg.method
     if not (m.lpips_net.vgg_path or m.lpips_net.random_init) and m.w_lpips > 0:
         raise ValueError("method.w_lpips > 0 needs method.lpips_net.vgg_path/lin_path (or random_init=true for a demo)")
-    return load_parts(m.export_url, m.llamagen_gpt, m.llamagen_vq, m.lpips_net.vgg_path, m.lpips_net.lin_path,
-                      use_lpips=m.w_lpips > 0, storage=cfg.data.storage, **m.gpt_overrides)
+    policy, tok, lp = load_parts(m.export_url, m.llamagen_gpt, m.llamagen_vq, m.lpips_net.vgg_path, m.lpips_net.lin_path,
+                                 use_lpips=m.w_lpips > 0, storage=cfg.data.storage, llamagen_preset=m.llamagen_preset,
+                                 **m.gpt_overrides)
+    check_fit(policy, tok, cfg.data.resolution)
+    return policy, tok, lp
 
 
 def vapi_config(cfg) -> VapiConfig:
@@ -197,7 +201,11 @@ class RolloutPool:
                         ).remote(cfg, parts_fn, publisher, fault_dir)
             for i in range(m.num_rollout_workers)
         ]
-        ray.get([a.ping.remote() for a in self.actors])  # constructor errors surface here, not mid-run
+        try:
+            ray.get([a.ping.remote() for a in self.actors])  # constructor errors surface here, not mid-run
+        except Exception:
+            self.close()  # give the placement group back, or the learner pool could wait for it forever
+            raise
 
     def client(self) -> RolloutClient:
         return RolloutClient(self.actors)

@@ -94,6 +94,9 @@ class ClusterConfig:
     gpus_per_worker: float = 1.0
     placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
     max_failures: int = 3  # worker losses tolerated; each restarts the pool from the last checkpoint
+    # times Ray Train retries starting the worker group when it cannot be placed within
+    # RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S (60 s) each, e.g. while a cluster autoscales; -1: forever
+    startup_retries: int = 3
     local_num_cpus: Optional[int] = None  # CPUs for a locally started Ray
 
 

@@ -14,6 +14,7 @@ class VapiMethodConfig:
     export_url: Optional[str] = "runs/eostok-tiny/export"  # a run's export/ folder (ours)
     llamagen_gpt: Optional[str] = None  # LlamaGen c2i_*.pt (then set export_url=null)
     llamagen_vq: Optional[str] = None  # LlamaGen vq_ds16_c2i.pt
+    llamagen_preset: Optional[str] = None  # GPT size (llamagen-b ... llamagen-3b); null: inferred from the weights
     gpt_overrides: dict[str, Any] = field(default_factory=dict)  # e.g. {block_size: 576} for 384px
     group_size: int = 8
     noise_p: float = 0.0  # contextual noise (code default 0.5, off in the shipped script)

@@ -46,6 +46,10 @@ class FrozenTokenizer(nn.Module):
     def decode(self, codes: Tensor) -> Tensor:
         raise NotImplementedError
 
+    def num_tokens(self, resolution: int) -> int:
+        """Codes per image at `resolution` px (ValueError when the tokenizer cannot take that size)."""
+        raise NotImplementedError
+
 
 class Tokenizer1DFrozen(FrozenTokenizer):
     """Our 1D tokenizer (EOSTok, AliTok exports); its codebook feeds the AR input embedding."""
@@ -65,6 +69,12 @@ class Tokenizer1DFrozen(FrozenTokenizer):
     def decode(self, codes: Tensor) -> Tensor:
         return self.model.decode_codes(codes)  # (B, 3, H, W)
 
+    def num_tokens(self, resolution: int) -> int:
+        if resolution != self.model.cfg.image_size:
+            raise ValueError(f"this 1D tokenizer works at {self.model.cfg.image_size} px, not {resolution}; "
+                             f"set data.resolution={self.model.cfg.image_size}")
+        return self.model.cfg.seq_len
+
 
 class VQFrozen(FrozenTokenizer):
     """LlamaGen's VQ-16 (2D grid of codes, raster order); the GPT embeds ids with its own table."""
@@ -78,6 +88,12 @@ class VQFrozen(FrozenTokenizer):
     @torch.no_grad()
     def decode(self, codes: Tensor) -> Tensor:
         return self.model.decode_codes(codes)
+
+    def num_tokens(self, resolution: int) -> int:
+        f = self.model.cfg.downsample
+        if resolution % f:
+            raise ValueError(f"data.resolution={resolution} is not a multiple of the VQ's downsampling factor {f}")
+        return (resolution // f) ** 2
 
 
 def frozen_tokenizer(model: nn.Module) -> FrozenTokenizer:
@@ -110,6 +126,17 @@ class VapiPolicy(nn.Module):
     def forward(self, tokens: Tensor, labels: Tensor) -> Tensor:
         """Teacher forcing: input ids (B, L), labels (B,) -> logits (B, L, V) for every position."""
         return self.ar(tokens, labels, codebook=self.codebook)
+
+
+def check_fit(policy: VapiPolicy, tokenizer: FrozenTokenizer, resolution: int) -> None:
+    """ValueError unless the AR model generates exactly the tokenizer's code sequence at `resolution`."""
+    n, c = tokenizer.num_tokens(resolution), policy.ar.cfg
+    if n != c.block_size:
+        raise ValueError(f"the tokenizer gives {n} codes per {resolution} px image but the AR model generates "
+                         f"{c.block_size} (e.g. LlamaGen's 384 px checkpoints need method.gpt_overrides.block_size=576 "
+                         "and data.resolution=384)")
+    if getattr(tokenizer, "codebook", None) is not None and tokenizer.codebook.shape[0] != c.vocab_size:
+        raise ValueError(f"codebook size {tokenizer.codebook.shape[0]} != AR vocab {c.vocab_size}")
 
 
 # ---------------------------------------------------------------------------- rollouts
@@ -249,7 +276,7 @@ def heldout_reward(policy: VapiPolicy, tokenizer: FrozenTokenizer, lpips: Option
 
 def load_parts(export_url: Optional[str] = None, llamagen_gpt: Optional[str] = None, llamagen_vq: Optional[str] = None,
                lpips_vgg: Optional[str] = None, lpips_lin: Optional[str] = None, use_lpips: bool = True,
-               storage=None, **gpt_overrides) -> tuple[VapiPolicy, FrozenTokenizer, Optional[LPIPS]]:
+               storage=None, llamagen_preset: Optional[str] = None, **gpt_overrides) -> tuple[VapiPolicy, FrozenTokenizer, Optional[LPIPS]]:
     """(policy, frozen tokenizer, LPIPS) from an export of ours or LlamaGen checkpoint paths (CPU)."""
     if export_url and not (llamagen_gpt or llamagen_vq):
         from system.models.export_io import load_tokenizer_ar
@@ -262,7 +289,7 @@ def load_parts(export_url: Optional[str] = None, llamagen_gpt: Optional[str] = N
         from system.models.adapters_vq import load_llamagen_vq
 
         tok = frozen_tokenizer(load_llamagen_vq(llamagen_vq))
-        policy = VapiPolicy(load_llamagen_gpt(llamagen_gpt, **gpt_overrides).eval())
+        policy = VapiPolicy(load_llamagen_gpt(llamagen_gpt, name=llamagen_preset, **gpt_overrides).eval())
     else:
         raise ValueError("give either method.export_url (a run's export/ folder) or both method.llamagen_gpt and "
                          f"method.llamagen_vq (checkpoint paths); got export_url={export_url!r}, "

@@ -91,6 +91,13 @@ def test_reward_rises_and_rollout_actor_loss_loses_no_group(setup):
     assert all(r["staleness"] == 0 for r in h) and all(r["weight_sync_s"] >= 0 for r in h)
     assert h[-1]["ce_prior"] < h[0]["ce_prior"]
 
+    # the same run_name again: refused without checkpoint.resume, continued with it
+    with pytest.raises(ValueError, match="already has a checkpoint at step 10"):
+        run_vapi(_cfg(setup, "rise", "train.max_steps=12", "checkpoint.resume=false"))
+    more = run_vapi(_cfg(setup, "rise", "train.max_steps=12", "checkpoint.every_steps=10", "method.heldout_images=0"))
+    assert more["step"] == 12 and sorted(more["groups"]) == list(range(12 * cfg.data.batch_size))
+    assert [r["step"] for r in more["history"]] == list(range(1, 13))  # history kept, steps 11-12 appended
+
 
 def test_learner_crash_resumes_from_checkpoint(setup):
     from cluster.checkpoint import CheckpointStore
@@ -121,6 +128,71 @@ def test_two_rank_zero3_learner_matches_one_rank(setup):
               f"ce {a['ce_prior']:.6f} vs {b['ce_prior']:.6f}")
         for k in ("reward_mean", "ce_prior", "pg_loss", "clip_frac"):
             assert b[k] == pytest.approx(a[k], rel=1e-3, abs=1e-5), k
+
+
+@pytest.fixture(scope="module")
+def llamagen_ckpts(setup):
+    """A tiny GPT and VQ saved in LlamaGen's checkpoint layouts (32 px, 8x downsampling: 4x4 codes)."""
+    from system.models.adapters_llamagen_gpt import to_llamagen_gpt
+    from system.models.adapters_vq import to_llamagen_state_dict
+    from system.models.gpt import GPT
+    from system.models.registry import gpt_config
+    from system.models.vqgan import VQGANConfig, VQModel
+
+    root = setup[0]
+    torch.manual_seed(0)
+    vq = VQModel(VQGANConfig(codebook_size=64, codebook_dim=8, ch=32, ch_mult=(1, 2, 2, 2), z_channels=32, num_res_blocks=1))
+    gpt = GPT(gpt_config("debug-tiny", vocab_size=64, block_size=16))
+    torch.save({"model": to_llamagen_gpt(gpt.state_dict()), "steps": 1}, root / "c2i_tiny.pt")
+    torch.save({"model": to_llamagen_state_dict(vq)}, root / "vq_tiny.pt")
+    return ("method.export_url=null", f"method.llamagen_gpt={root / 'c2i_tiny.pt'}",
+            f"method.llamagen_vq={root / 'vq_tiny.pt'}", "method.llamagen_preset=debug-tiny")
+
+
+def test_llamagen_checkpoints_through_the_pool(setup, llamagen_ckpts):
+    from cluster.vapi_run import run_vapi
+
+    out = run_vapi(_cfg(setup, "llamagen", *llamagen_ckpts, "train.max_steps=3", "checkpoint.every_steps=3",
+                        "method.heldout_images=4"))
+    assert out["step"] == 3 and sorted(out["groups"]) == list(range(3 * 4))
+    assert all(r["reward_std"] > 0 and torch.isfinite(torch.tensor(r["loss"])) for r in out["history"])
+    assert out["heldout_start"] < 0 and out["heldout_end"] < 0
+
+
+def test_model_that_does_not_fit_fails_before_training(setup, llamagen_ckpts):
+    """An AR length that differs from the tokenizer's code count is reported by the rollout actors'
+    constructors, before the learner pool starts."""
+    from cluster.vapi_run import run_vapi
+
+    with pytest.raises(Exception, match="gives 16 codes per 32 px image but the AR model generates 64"):
+        run_vapi(_cfg(setup, "misfit", *llamagen_ckpts, "method.gpt_overrides.block_size=64", "train.max_steps=2"))
+
+
+def _parts_failing_at_rollout(cfg):
+    """The default parts, with a tokenizer whose encode fails (a bug inside a rollout)."""
+    from cluster.vapi_pool import default_parts
+
+    policy, tok, lp = default_parts(cfg)
+
+    def broken(images):
+        raise FloatingPointError("injected rollout failure")
+
+    tok.encode = broken
+    return policy, tok, lp
+
+
+def test_error_inside_a_rollout_ends_the_run_with_that_error(setup):
+    """A Python error in a rollout task reaches the driver (through the learner pool), no hang."""
+    import sys
+
+    import ray.cloudpickle
+
+    from cluster.vapi_run import run_vapi
+
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # actors import no test module
+    cfg = _cfg(setup, "broken", "train.max_steps=2", "cluster.max_failures=0", "method.heldout_images=0")
+    with pytest.raises(Exception, match="injected rollout failure"):
+        run_vapi(cfg, parts_fn=_parts_failing_at_rollout)
 
 
 def test_resolution_mismatch_is_a_config_error(setup, capsys):

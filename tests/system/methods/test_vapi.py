@@ -68,3 +68,37 @@ def test_noise_and_config_errors():
     ar = GPT(gpt_config("debug-tiny", vocab_size=64, block_size=16, code_dim=16, num_classes=8))
     with pytest.raises(ValueError, match="codebook"):
         VapiPolicy(ar)
+
+
+def test_split_keeps_whole_groups_and_cat_inverts_it(lpips):
+    policy, tok = _ours()
+    imgs = torch.rand(4, 3, 32, 32) * 2 - 1
+    ro = rollout(policy, tok, None, imgs, torch.tensor([0, 1, 2, 3]), torch.tensor([7, 8, 9, 10]), VapiConfig(group_size=3),
+                 torch.Generator().manual_seed(0))
+    a, b = ro.split(2)
+    assert a.group_ids.tolist() == [7] * 3 + [8] * 3 and b.group_ids.tolist() == [9] * 3 + [10] * 3
+    assert b.image_index.tolist() == [0, 0, 0, 1, 1, 1] and torch.equal(b.inputs, ro.inputs[2:])
+    back = Rollouts.cat([a, b])
+    for k in Rollouts.__dataclass_fields__:
+        assert torch.equal(getattr(back, k), getattr(ro, k)), k
+    # the GRPO loss of the whole batch is the mean of the equal halves' losses (data-parallel update)
+    full, _ = vapi_loss(policy, ro, GRPOConfig())
+    halves = [vapi_loss(policy, p, GRPOConfig())[0] for p in (a, b)]
+    torch.testing.assert_close(full, (halves[0] + halves[1]) / 2)
+    with pytest.raises(ValueError, match="split evenly"):
+        ro.split(3)
+
+
+def test_check_fit_names_the_mismatch():
+    from system.methods.vapi import check_fit
+
+    policy, tok = _ours()
+    check_fit(policy, tok, 32)
+    with pytest.raises(ValueError, match="works at 32 px"):
+        check_fit(policy, tok, 64)
+    policy, vq = _llamagen()
+    check_fit(policy, vq, 32)
+    with pytest.raises(ValueError, match="gives 64 codes per 64 px image but the AR model generates 16"):
+        check_fit(policy, vq, 64)
+    with pytest.raises(ValueError, match="not a multiple"):
+        check_fit(policy, vq, 36)
