@@ -1,6 +1,7 @@
 """Per-iteration time of VAπ on CPU, split into rollout (policy forward + sampling), decode + reward,
 learner update and weight sync (learner publish to the object store + actor fetch/load), through
-the real pool (cluster.vapi_run.run_vapi: 2 rollout actors + 1 DeepSpeed learner, embedded photos).
+the real pool (cluster.vapi_run.run_vapi: 2 rollout actors + a 1-worker Ray Train + DeepSpeed learner,
+embedded photos).
 
     python bench/vapi_iteration.py [--iters 12] [--batch 4] [--group 8] [--layers 2] [--dim 64]
 

@@ -12,8 +12,11 @@ Every iteration, on all ranks (rank 0 alone talks to the rollout pool and reads 
     all:    checkpoint every `checkpoint.every_steps` (engine + reader position + trained group ids)
 
 A lost learner rank takes the pool down; Ray Train restarts it (`cluster.max_failures`) and every
-rank resumes from the newest committed checkpoint. The rollout actors belong to the driver and
-survive that; rollouts of the lost session are simply not used.
+rank resumes from the newest committed checkpoint (weights, optimizer, reader position, trained
+group ids). The rollout actors belong to the driver and survive that; rollouts of the lost session
+are not used. On-policy, the resumed run repeats exactly what the lost one did; off-policy, the
+first resumed iteration rolls out with the checkpoint's weights where the lost session used the
+ones before them (one version fresher), so from there the two runs can differ.
 """
 from __future__ import annotations
 
@@ -30,6 +33,7 @@ from cluster.engine import DeepSpeedStrategy
 from cluster.reporting import RunLogger
 from cluster.vapi_pool import PartsFn, RolloutClient, WeightPublisher, vapi_config
 from cluster.worker_loop import WorkerContext, barrier, checkpoint_storage, default_reader, maybe_crash, run_url
+from system.methods.grpo import group_advantages
 from system.methods.vapi import Rollouts, vapi_loss
 from system.train_utils import lr_factor, seed_everything
 
@@ -66,7 +70,7 @@ class GRPOLearner:
         per_rank = cfg.data.batch_size // ctx.world_size
         self.strategy = DeepSpeedStrategy(cfg.deepspeed, o, ctx.device, micro_batch_size=per_rank, world_size=ctx.world_size)
         self.engine = self.strategy.prepare(policy, lr=o.lr, betas=tuple(o.betas))
-        self.engine.module.eval()  # no dropout: importance ratios are exactly 1 on-policy
+        self.engine.module.eval()  # no dropout: on-policy ratios are 1 up to precision (fp32 actors vs bf16 learner)
         self.store = CheckpointStore(run_url(cfg), checkpoint_storage(cfg))
         self.data = DataState()
         self.state = TrainState(step=0, reader=self.data)
@@ -101,7 +105,8 @@ class GRPOLearner:
         return self.state.step, handle, time.perf_counter() - t
 
     def update(self, batch: Rollouts) -> dict[str, float]:
-        """Collective: one GRPO step on this rank's share of the batch; metrics averaged over ranks."""
+        """Collective: one GRPO step on this rank's share of the batch; metrics averaged over ranks
+        (rank 0 replaces the batch-level ones, rewards and advantages, by whole-batch values)."""
         o, t, s = self.cfg.optim, time.perf_counter(), self.state.step
         f = lr_factor(s, warmup_steps=o.warmup_steps, max_steps=self.cfg.train.max_steps,
                       min_ratio=o.min_lr / o.lr, schedule=o.schedule)
@@ -112,16 +117,12 @@ class GRPOLearner:
         self.strategy.backward(self.engine, loss)
         self.strategy.step(self.engine)
         self.state.step = s + 1
-        m = {"loss": loss, **m}
-        mean_keys = sorted(k for k in m if not k.endswith("_max"))
-        max_keys = sorted(k for k in m if k.endswith("_max"))
-        means = torch.stack([m[k].detach().float() for k in mean_keys])
-        maxes = torch.stack([m[k].detach().float() for k in max_keys]) if max_keys else means.new_zeros(0)
-        if dist.is_initialized() and self.ctx.world_size > 1:  # equal shares: the mean of means is the mean
-            dist.all_reduce(means)
-            means /= self.ctx.world_size
-            dist.all_reduce(maxes, op=dist.ReduceOp.MAX)
-        out = dict(zip(mean_keys + max_keys, means.tolist() + maxes.tolist()))
+        keys = sorted(m)
+        vec = torch.stack([loss.detach().float(), *[m[k].detach().float() for k in keys]])
+        if dist.is_initialized() and self.ctx.world_size > 1:  # equal shares: the mean of the means
+            dist.all_reduce(vec)
+            vec /= self.ctx.world_size
+        out = dict(zip(["loss", *keys], vec.tolist()))
         out.update(lr=o.lr * f, update_s=time.perf_counter() - t)
         return out
 
@@ -186,12 +187,19 @@ def vapi_learner_worker(cfg, ctx: WorkerContext, rollouts: RolloutClient, publis
         it = iter(reader)
         heldout = heldout_batch(cfg)
     logger = RunLogger(cfg, store, start_step=step, enabled=rank0)
-    version, handle, _ = learner.publish()
+    version, handle, pub_s = learner.publish()
     first = data_state.get("heldout_start")
     if rank0 and heldout is not None and step == 0:
         first = rollouts.heldout(version, handle, *heldout)
+    reissued_before = int(data_state.get("rollout_reissued", 0))
     gids = lambda s: torch.arange(s * bs, (s + 1) * bs)  # noqa: E731 - global group ids of iteration s
-    pending = rollouts.submit(version, handle, next(it), gids(step), cfg.seed) if rank0 and step < cfg.train.max_steps else None
+
+    def start(s: int) -> dict:  # rank 0: roll out iteration s with the newest published weights
+        pending = rollouts.submit(version, handle, next(it), gids(s), cfg.seed)
+        pending["publish_s"] = pub_s
+        return pending
+
+    pending = start(step) if rank0 and step < cfg.train.max_steps else None
     last: dict = {}
     while step < cfg.train.max_steps:
         t0 = time.perf_counter()
@@ -200,49 +208,58 @@ def vapi_learner_worker(cfg, ctx: WorkerContext, rollouts: RolloutClient, publis
         nxt = None
         if rank0:
             parts, stats = rollouts.gather(pending)
+            t_done = time.perf_counter()
             groups = torch.cat([p.group_ids.unique() for p in parts]).tolist()
             if sorted(groups) != gids(step).tolist():
                 raise RuntimeError(f"step {step}: rollouts cover groups {sorted(groups)}, expected {gids(step).tolist()}")
             reader_state = reader.state_dict()  # position after the batch of `step` (the next is not read yet)
             if cfg_m.off_policy and step + 1 < cfg.train.max_steps:  # k+1 rolls out while k updates
-                nxt = rollouts.submit(version, handle, next(it), gids(step + 1), cfg.seed)
-        t_roll = time.perf_counter() - t0
+                nxt = start(step + 1)
+        t_wait = time.perf_counter() - t0
         t1 = time.perf_counter()
         metrics = learner.update(_scatter(parts, ctx))
         t_upd = time.perf_counter() - t1
-        staleness = step - pending[0] if rank0 else 0  # update `step` holds weights of version `step`
         step = learner.state.step
         t2 = time.perf_counter()
-        version, handle, _ = learner.publish()
+        version, handle, pub_s = learner.publish()
         t_pub = time.perf_counter() - t2
         logger.step()
         maybe_crash(cfg, store, ctx.rank, step)  # fault injection (fault.crash_at_step / crash_rank)
         if rank0:
             if not cfg_m.off_policy and step < cfg.train.max_steps:
-                nxt = rollouts.submit(version, handle, next(it), gids(step), cfg.seed)
+                nxt = start(step)
             trained += groups
-            full = Rollouts.cat(parts)
-            fetch_s = max(s["sync_s"] for s in stats)
-            last = {**metrics, "reward_mean": float(full.rewards.mean()), "reward_std": float(full.rewards.std()),
-                    "mse": float(full.mse.mean()), "lpips": float(full.lpips.mean()), "staleness": staleness,
-                    "iter_s": time.perf_counter() - t0, "rollout_wall_s": t_roll, "update_wall_s": t_upd,
-                    "publish_s": t_pub, "weight_sync_s": t_pub + fetch_s,
+            last = {**metrics, **_batch_stats(Rollouts.cat(parts), learner.vcfg.grpo),
+                    "staleness": step - 1 - pending["version"],  # update step-1 ran on weights of version step-1
+                    "iter_s": time.perf_counter() - t0, "rollout_wait_s": t_wait, "update_wall_s": t_upd,
+                    "rollout_wall_s": t_done - pending["t_submit"], "publish_s": t_pub,
+                    # publish of the version these rollouts used + the slowest actor's fetch and load
+                    "weight_sync_s": pending["publish_s"] + max(s["sync_s"] for s in stats),
                     "sample_s": max(s.get("sample_s", 0.0) for s in stats),
                     "reward_s": max(s.get("reward_s", 0.0) for s in stats),
-                    "rollout_tokens_per_s": full.tokens.numel() / max(t_roll, 1e-9),
-                    "rollout_reissued": rollouts.reissued}
+                    "rollout_reissued": reissued_before + rollouts.reissued}
+            last["rollout_tokens_per_s"] = last.pop("tokens") / max(last["rollout_wall_s"], 1e-9)
             if step % cfg.logging.log_every == 0 or step == cfg.train.max_steps:
                 logger.log(step, last)
         pending = nxt
         if step % cfg.checkpoint.every_steps == 0 or step == cfg.train.max_steps:
-            url = learner.save({"reader": reader_state, "groups": trained, "heldout_start": first})
+            url = learner.save({"reader": reader_state, "groups": trained, "heldout_start": first,
+                                "rollout_reissued": reissued_before + rollouts.reissued})
             logger.flush()
             ctx.report({"step": step, **{k: v for k, v in last.items() if isinstance(v, (int, float))}}, url)
     final = rollouts.heldout(version, handle, *heldout) if rank0 and heldout is not None else None
     if rank0:
         result = {"step": step, "groups": trained, "heldout_start": first, "heldout_end": final,
-                  "rollout_reissued": rollouts.reissued}
+                  "rollout_reissued": reissued_before + rollouts.reissued}
         store.write_bytes(RESULT_FILE, json.dumps(result).encode())
     logger.summary({"step": step, "heldout_reward_start": first, "heldout_reward_end": final})
     logger.close()
     barrier()
+
+
+def _batch_stats(batch: Rollouts, grpo) -> dict[str, float]:
+    """Whole-batch statistics (rank 0, before the scatter): rewards and group advantages."""
+    adv = group_advantages(batch.rewards, batch.group_ids, grpo.adv_eps, grpo.adv_clip)
+    return {"reward_mean": float(batch.rewards.mean()), "reward_std": float(batch.rewards.std()),
+            "mse": float(batch.mse.mean()), "lpips": float(batch.lpips.mean()), "adv_mean": float(adv.mean()),
+            "adv_std": float(adv.std()), "adv_abs_max": float(adv.abs().max()), "tokens": float(batch.tokens.numel())}

@@ -127,56 +127,45 @@ def _chunks(n: int, k: int) -> list[slice]:
 
 class RolloutClient:
     """Handles to the rollout actors (picklable: the learner's rank 0 holds one). `submit` spreads
-    one batch of images over the actors; `gather` waits for it and re-issues a chunk whose actor
-    died (same seed: identical samples), counting re-issues in `reissued`."""
+    one batch of images over the actors; `gather` waits for it. A chunk whose actor died is
+    re-issued with the same seed (identical samples): first to the same actor, which Ray restarts
+    and queues the task for, then to the others in turn. `reissued` counts re-issues."""
 
-    def __init__(self, actors: list):
-        self.actors = actors
+    def __init__(self, actors: list, max_reissue: int = 8):
+        self.actors, self.max_reissue = actors, max_reissue
         self.reissued = 0
 
-    def submit(self, version: int, handle: Any, batch: dict, group_ids: torch.Tensor, seed: int) -> list:
+    def submit(self, version: int, handle: Any, batch: dict, group_ids: torch.Tensor, seed: int) -> dict:
         """Start the rollouts of `batch` (images, labels) as groups `group_ids` under weights
         `version`; chunk seeds derive from `seed` and the chunk's first group id."""
         tasks = []
         for i, sl in enumerate(_chunks(len(group_ids), len(self.actors))):
             a = i % len(self.actors)
-            args = (batch["image"][sl], batch["label"][sl], group_ids[sl], seed + int(group_ids[sl][0]))
-            tasks.append([a, args, self.actors[a].run.remote(version, handle, *args)])
-        return [version, handle, tasks]
+            args = (version, handle, batch["image"][sl], batch["label"][sl], group_ids[sl], seed + int(group_ids[sl][0]))
+            tasks.append((a, args, self.actors[a].run.remote(*args)))
+        return {"version": version, "tasks": tasks, "t_submit": time.perf_counter()}
 
-    def gather(self, pending: list, max_reissue: int = 8) -> tuple[list[Rollouts], list[dict]]:
-        version, handle, tasks = pending
-        parts: list = [None] * len(tasks)
-        stats: list = [None] * len(tasks)
-        for j, (a, args, ref) in enumerate(tasks):
-            for attempt in range(max_reissue + 1):
-                try:
-                    parts[j], stats[j] = ray.get(ref)
-                    break
-                except RayActorError:
-                    if attempt == max_reissue:
-                        raise
-                    self.reissued += 1
-                    a = self._live_actor(a)
-                    print(f"[vapi] rollout actor lost; re-issuing groups {args[2].tolist()} to actor {a}", flush=True)
-                    ref = self.actors[a].run.remote(version, handle, *args)
-        return parts, stats
+    def _get(self, a: int, method: str, args: tuple, ref: Any) -> Any:
+        """`ray.get(ref)`; when its actor died, re-issue `method(*args)` (same actor, then the others)."""
+        for attempt in range(self.max_reissue + 1):
+            try:
+                return ray.get(ref)
+            except RayActorError:
+                if attempt == self.max_reissue:
+                    raise
+                self.reissued += 1
+                a = (a + attempt) % len(self.actors)  # same actor first (Ray restarts it), then the next ones
+                print(f"[vapi] rollout actor lost during {method}; re-issuing it to actor {a}", flush=True)
+                ref = getattr(self.actors[a], method).remote(*args)
 
-    def _live_actor(self, preferred: int, wait_s: float = 120.0) -> int:
-        """Index of an actor that answers: the preferred one once Ray has restarted it, else any other."""
-        deadline = time.monotonic() + wait_s
-        while time.monotonic() < deadline:
-            for a in [preferred] + [i for i in range(len(self.actors)) if i != preferred]:
-                try:
-                    ray.get(self.actors[a].ping.remote(), timeout=5)
-                    return a
-                except (RayActorError, ray.exceptions.GetTimeoutError):
-                    continue
-            time.sleep(0.5)
-        raise RuntimeError(f"no rollout actor answered within {wait_s:.0f} s (method.rollout_max_restarts exhausted?)")
+    def gather(self, pending: dict) -> tuple[list[Rollouts], list[dict]]:
+        """The rollouts of a `submit`, in chunk order, and each chunk's timings."""
+        out = [self._get(a, "run", args, ref) for a, args, ref in pending["tasks"]]
+        return [o[0] for o in out], [o[1] for o in out]
 
     def heldout(self, version: int, handle: Any, images: torch.Tensor, labels: torch.Tensor) -> float:
-        return ray.get(self.actors[0].heldout.remote(version, handle, images, labels))
+        args = (version, handle, images, labels)
+        return self._get(0, "heldout", args, self.actors[0].heldout.remote(*args))
 
 
 class RolloutPool:
@@ -194,17 +183,16 @@ class RolloutPool:
             remove_placement_group(self.pg)
             raise RuntimeError(f"the rollout pool's placement group ({m.num_rollout_workers} x {bundle}) was not "
                                f"placed within {timeout_s:.0f} s; lower method.num_rollout_workers or its resources")
-        cls = ray.remote(max_restarts=m.rollout_max_restarts, max_task_retries=0)(RolloutWorker)
-        self.actors = [
-            cls.options(num_cpus=m.cpus_per_rollout_worker, num_gpus=m.gpus_per_rollout_worker,
-                        scheduling_strategy=PlacementGroupSchedulingStrategy(self.pg, placement_group_bundle_index=i)
-                        ).remote(cfg, parts_fn, publisher, fault_dir)
-            for i in range(m.num_rollout_workers)
-        ]
-        try:
+        self.actors: list = []
+        try:  # any failure below gives the placement group back, or the learner pool could wait for it forever
+            cls = ray.remote(max_restarts=m.rollout_max_restarts, max_task_retries=0)(RolloutWorker)
+            for i in range(m.num_rollout_workers):
+                strategy = PlacementGroupSchedulingStrategy(self.pg, placement_group_bundle_index=i)
+                self.actors.append(cls.options(num_cpus=m.cpus_per_rollout_worker, num_gpus=m.gpus_per_rollout_worker,
+                                               scheduling_strategy=strategy).remote(cfg, parts_fn, publisher, fault_dir))
             ray.get([a.ping.remote() for a in self.actors])  # constructor errors surface here, not mid-run
-        except Exception:
-            self.close()  # give the placement group back, or the learner pool could wait for it forever
+        except BaseException:
+            self.close()
             raise
 
     def client(self) -> RolloutClient:

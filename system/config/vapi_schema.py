@@ -11,7 +11,7 @@ from system.config.schema import DataConfig, ExperimentConfig, LPIPSConfig, Opti
 class VapiMethodConfig:
     """Paper defaults (../shared/REFERENCE.md "VAπ"): group 8, clip 0.2, adv clip 5, beta 0.1."""
 
-    export_url: Optional[str] = "runs/eostok-tiny/export"  # a run's export/ folder (ours)
+    export_url: Optional[str] = "runs/eostok-h/export"  # a run's export/ folder (ours): jobs/eostok_h.py's default run
     llamagen_gpt: Optional[str] = None  # LlamaGen c2i_*.pt (then set export_url=null)
     llamagen_vq: Optional[str] = None  # LlamaGen vq_ds16_c2i.pt
     llamagen_preset: Optional[str] = None  # GPT size (llamagen-b ... llamagen-3b); null: inferred from the weights
@@ -52,13 +52,22 @@ def check_vapi_config(cfg: VapiExperiment) -> None:
         raise ValueError("method.w_lpips > 0 needs method.lpips_net.vgg_path/lin_path (or random_init=true for a demo)")
     if cfg.data.batch_size < 1 or m.group_size < 2:
         raise ValueError("data.batch_size (images per iteration) must be >= 1 and method.group_size >= 2")
+    if cfg.optim.grad_accum != 1:
+        raise ValueError(f"optim.grad_accum={cfg.optim.grad_accum}: a VAπ iteration is one update on the whole "
+                         "batch; set optim.grad_accum=1 and size the batch with data.batch_size")
+    if m.crash_rollout_at_call is not None and "://" in cfg.checkpoint.storage_path.replace("file://", ""):
+        raise ValueError("method.crash_rollout_at_call (fault injection) needs a local checkpoint.storage_path "
+                         "(its once-per-run marker is a local file)")
     if cfg.data.batch_size % cfg.cluster.num_workers:
         raise ValueError(f"data.batch_size={cfg.data.batch_size} images per iteration must split evenly over "
                          f"cluster.num_workers={cfg.cluster.num_workers} learner ranks")
     if m.export_url:
         from system.models.export_io import read_model_json
 
-        size = read_model_json(m.export_url, cfg.data.storage)["tokenizer"]["image_size"]
+        try:
+            size = read_model_json(m.export_url, cfg.data.storage)["tokenizer"]["image_size"]
+        except FileNotFoundError as e:
+            raise ValueError(f"method.export_url: {e} (train one with jobs/eostok_h.py first; the embedded demo's is made by `make demo`)") from None
         if size != cfg.data.resolution:
             raise ValueError(f"data.resolution={cfg.data.resolution} but the tokenizer of {m.export_url} works at "
                              f"{size} px; set data.resolution={size}")

@@ -16,6 +16,7 @@ from torch import Tensor, nn
 
 from system.config.load import override_dataclass
 from system.config.schema import EOSTokMethodConfig, ModelConfig
+from system.eval.recon_metrics import psnr
 from system.losses.align import AlignConfig, DecoderAlignLoss, ImplicitAlignLoss
 from system.losses.gan import DiscriminatorConfig, GANLoss, GANLossConfig
 from system.losses.lpips import LPIPS
@@ -178,7 +179,7 @@ class EOSTok:
             metrics = {f"loss/{k}": float(v) for k, v in terms.items()}
             metrics.update({
                 "loss/total": float(loss), "ntp_ce": float(ntp), "ar_acc": float(acc),
-                "psnr": float(psnr(out.recon, x)), "apr_psnr": float(psnr(out.apr, x)),
+                "psnr": batch_psnr(out.recon, x), "apr_psnr": batch_psnr(out.apr, x),
                 "codebook_usage": codebook_usage(out.codes, self.tok_cfg.quantizer.codebook_size),
                 "codebook_perplexity": codebook_perplexity(out.codes, self.tok_cfg.quantizer.codebook_size),
             })
@@ -207,10 +208,10 @@ class EOSTok:
         return {"tokenizer": dataclasses.asdict(self.tok_cfg), "ar": dataclasses.asdict(self.ar_cfg)}
 
 
-def psnr(a: Tensor, b: Tensor) -> Tensor:
-    """PSNR in dB of images in [-1, 1] (peak-to-peak 2)."""
-    mse = F.mse_loss(a.float().clamp(-1, 1), b.float()).clamp_min(1e-10)
-    return 10 * torch.log10(4.0 / mse)
+def batch_psnr(recon: Tensor, real: Tensor) -> float:
+    """Mean per-image PSNR in dB of images in [-1, 1] (the evaluation's definition, on the
+    [-1, 1] scale: data_range 2), reconstructions clamped to the valid range first."""
+    return float(psnr(recon.detach().float().clamp(-1, 1), real.float(), data_range=2.0).mean())
 
 
 def eostok_from_experiment(cfg) -> EOSTok:
