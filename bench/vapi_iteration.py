@@ -3,9 +3,12 @@ learner update and weight sync (learner publish to the object store + actor fetc
 the real pool (cluster.vapi_run.run_vapi: 2 rollout actors + a 1-worker Ray Train + DeepSpeed learner,
 embedded photos).
 
-    python bench/vapi_iteration.py [--iters 12] [--batch 4] [--group 8] [--layers 2] [--dim 64]
+    python bench/vapi_iteration.py [--iters 12] [--batch 8] [--group 8] [--layers 4] [--dim 256] [--no-lpips]
+    python bench/vapi_iteration.py --export runs/eostok-tiny/export     # the demo's model (64 px)
 
-Phases are per iteration (rollout/decode: the slowest actor); the first 2 iterations are warm-up.
+Defaults follow the paper's iteration (8 images x group 8, reward = MSE + LPIPS) on a small random
+model; LPIPS runs with a random VGG16 (its cost is real, its values are not). Phases are per
+iteration (rollout/decode: the slowest actor); the first 2 iterations are warm-up.
 Goal: weight sync < 5% of the iteration.
 """
 from __future__ import annotations
@@ -48,10 +51,12 @@ def build_export(folder: Path, layers: int, dim: int) -> Path:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--iters", type=int, default=12)
-    ap.add_argument("--batch", type=int, default=4)
+    ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--group", type=int, default=8)
-    ap.add_argument("--layers", type=int, default=2)
-    ap.add_argument("--dim", type=int, default=64)
+    ap.add_argument("--layers", type=int, default=4)
+    ap.add_argument("--dim", type=int, default=256)
+    ap.add_argument("--lpips", action=argparse.BooleanOptionalAction, default=True, help="LPIPS in the reward")
+    ap.add_argument("--export", default=None, help="an existing export/ folder instead of a random model")
     a = ap.parse_args()
     warnings.filterwarnings("ignore")
     from cluster.vapi_run import run_vapi
@@ -61,9 +66,15 @@ def main() -> None:
 
     tmp = Path(tempfile.mkdtemp(prefix="vapi_bench_"))
     data = ensure_embedded_dataset(str(ROOT / ".cache/embedded_shards/train"), split="train")
-    export = build_export(tmp / "export", a.layers, a.dim)
+    from system.models.export_io import read_model_json
+
+    export = Path(a.export).resolve() if a.export else build_export(tmp / "export", a.layers, a.dim)
+    model = read_model_json(str(export))
+    resolution = model["tokenizer"]["image_size"]
+    lpips = ["method.w_lpips=1.0", "method.lpips_net.random_init=true"] if a.lpips else ["method.w_lpips=0.0"]
     cfg = load_config(VapiExperiment, [
         "run_name=bench", f"data.url={data}", "data.val_url=null", f"data.batch_size={a.batch}",
+        f"data.resolution={resolution}", *lpips,
         f"method.group_size={a.group}", f"method.export_url={export}", "method.heldout_images=0",
         f"train.max_steps={a.iters}", f"checkpoint.every_steps={10 * a.iters}", f"checkpoint.storage_path={tmp}/runs",
         "logging.wandb_mode=disabled", "logging.progress=false",
@@ -80,7 +91,8 @@ def main() -> None:
               "sync_publish_s (learner state dict -> ray.put)": round(mean("publish_s"), 4),
               "sync_fetch_load_s (actor ray.get + load_state_dict)": round(mean("weight_sync_s") - mean("publish_s"), 4),
               "rollout_tokens_per_s": round(mean("rollout_tokens_per_s"), 1),
-              "images_x_group": f"{a.batch}x{a.group}", "ar": f"{a.layers} layers, dim {a.dim}"}
+              "images_x_group": f"{a.batch}x{a.group}", "lpips": a.lpips, "resolution": resolution,
+              "ar": f"{model['ar']['n_layer']} layers, dim {model['ar']['dim']}", "export": str(export)}
     print(json.dumps(report, indent=1))
     print(f"weight sync = {100 * split['weight_sync_s'] / it:.1f}% of the iteration (goal < 5%)")
 
