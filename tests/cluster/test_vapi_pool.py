@@ -119,18 +119,30 @@ def test_reward_rises_and_rollout_actor_loss_loses_no_group(setup):
     assert [r["step"] for r in more["history"]] == list(range(1, 13))  # history kept, steps 11-12 appended
 
 
-def test_learner_crash_resumes_from_checkpoint(setup):
+@pytest.mark.parametrize("off_policy", [False, True])
+def test_learner_crash_resumes_from_checkpoint(setup, off_policy):
+    """The learner dies after the update of step 3 (checkpoint at 2): the pool restarts, resumes from
+    step 2 (weights, optimizer, reader position, trained groups) and finishes. On-policy the result
+    is the uninterrupted run's, step for step; off-policy the staleness is one version."""
     from cluster.checkpoint import CheckpointStore
     from cluster.vapi_run import run_vapi
 
-    cfg = _cfg(setup, "resume", "train.max_steps=4", "checkpoint.every_steps=2", "fault.crash_at_step=3",
-               "method.off_policy=true", "method.heldout_images=0")
+    common = ("train.max_steps=4", "checkpoint.every_steps=2", f"method.off_policy={str(off_policy).lower()}",
+              "method.heldout_images=0", "optim.lr=3e-3", "optim.min_lr=3e-3")
+    cfg = _cfg(setup, f"resume-{off_policy}", *common, "fault.crash_at_step=3")
     out = run_vapi(cfg)
     assert out["learner_restarts"] == 1 and out["step"] == 4
     assert sorted(out["groups"]) == list(range(4 * cfg.data.batch_size))  # steps 1-2 from the checkpoint, 3-4 redone
-    assert max(r["staleness"] for r in out["history"]) == 1  # one-step off-policy
     store = CheckpointStore(out["run_url"])
     assert store.latest_complete().step == 4 and store.exists("fault/crash_at_step_00000003.json")
+    if off_policy:
+        assert max(r["staleness"] for r in out["history"]) == 1
+        return
+    ref = run_vapi(_cfg(setup, "no-crash", *common))
+    assert ref["learner_restarts"] == 0
+    for a, b in zip(ref["history"], out["history"], strict=True):
+        for k in ("reward_mean", "ce_prior", "pg_loss", "loss"):
+            assert a[k] == b[k], (a["step"], k)
 
 
 def test_two_rank_zero3_learner_matches_one_rank(setup):
