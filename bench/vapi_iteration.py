@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import sys
 import tempfile
 import warnings
@@ -79,7 +80,10 @@ def main() -> None:
         f"train.max_steps={a.iters}", f"checkpoint.every_steps={10 * a.iters}", f"checkpoint.storage_path={tmp}/runs",
         "logging.wandb_mode=disabled", "logging.progress=false",
     ], ["experiments/vapi_tiny.yaml"])
-    out = run_vapi(cfg)
+    try:
+        out = run_vapi(cfg)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     rows = out["history"][2:] or out["history"]
     mean = lambda k: sum(r[k] for r in rows) / len(rows)  # noqa: E731
     it = mean("iter_s")

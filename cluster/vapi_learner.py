@@ -21,6 +21,7 @@ ones before them (one version fresher), so from there the two runs can differ.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import time
 from typing import Any, Callable, Optional
@@ -63,7 +64,9 @@ class GRPOLearner:
     def __init__(self, cfg, ctx: WorkerContext, parts_fn: PartsFn, publisher: WeightPublisher):
         self.cfg, self.ctx, self.publisher, self.vcfg = cfg, ctx, publisher, vapi_config(cfg)
         seed_everything(cfg.seed)  # identical initial weights on every rank
-        policy, _, _ = parts_fn(cfg)
+        # the learner needs the policy only (our AR embeds codes through the tokenizer's codebook, so
+        # the tokenizer is still read); w_lpips=0 keeps the VGG16 of the reward off the learner ranks
+        policy, _, _ = parts_fn(dataclasses.replace(cfg, method=dataclasses.replace(cfg.method, w_lpips=0.0)))
         policy = policy.to(ctx.device)
         self.reference = copy.deepcopy(policy).eval().requires_grad_(False) if cfg.method.kl > 0 else None
         o = cfg.optim
