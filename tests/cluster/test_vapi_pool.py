@@ -227,6 +227,26 @@ def test_error_inside_a_rollout_ends_the_run_with_that_error(setup):
         run_vapi(cfg, parts_fn=_parts_failing_at_rollout)
 
 
+def test_job_entry_point_runs_and_prints_the_reward(setup, capsys):
+    """jobs/vapi.py end to end (Ray is already up here, so the job joins it)."""
+    import importlib.util
+    import json
+
+    root, train, val, export = setup
+    spec = importlib.util.spec_from_file_location("vapi_job", ROOT / "jobs/vapi.py")
+    job = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(job)
+    assert job.main(["--config", str(ROOT / "configs/experiments/vapi_tiny.yaml"), "run_name=job", f"data.url={train}",
+                     f"data.val_url={val}", f"method.export_url={export}", "data.resolution=32", "train.max_steps=2",
+                     f"checkpoint.storage_path={root}/runs", "logging.wandb_mode=disabled", "logging.progress=false",
+                     "method.heldout_images=4"]) == 0
+    out = capsys.readouterr().out
+    assert "held-out teacher-forced reward:" in out
+    summary = json.loads(out[out.index("{"):out.rindex("}") + 1])
+    assert summary["step"] == 2 and summary["groups"] == 8 and summary["learner_restarts"] == 0
+    assert (root / "runs/job/config.yaml").exists() and (root / "runs/job/vapi_result.json").exists()
+
+
 def test_resolution_mismatch_is_a_config_error(setup, capsys):
     import importlib.util
 
