@@ -1,5 +1,6 @@
 #!/usr/bin/env python
-"""VAπ pixel-space post-training (GRPO) of an AR image generator, on a Ray rollout pool + learner.
+"""VAπ pixel-space post-training (GRPO) of an AR image generator: a Ray rollout actor pool and a
+Ray Train + DeepSpeed learner pool (cluster/vapi_run.py).
 
   python jobs/vapi.py --config configs/experiments/vapi_tiny.yaml            # embedded demo (after `make demo`)
   python jobs/vapi.py run_name=vapi data.url=s3://bucket/imagenet/train method.export_url=s3://.../export \
@@ -8,8 +9,9 @@
       method.llamagen_gpt=/w/c2i_XXL_384.pt method.llamagen_vq=/w/vq_ds16_c2i.pt method.gpt_overrides.block_size=576 ...
   ray job submit --working-dir . -- python jobs/vapi.py ...                  # on a cluster
 
-Defaults are the paper's (group 8, clip 0.2, adv clip 5, beta 0.1, lr 1e-6, 1% of the shards).
-Re-running with the same run_name resumes from the newest committed learner checkpoint.
+Defaults are the paper's (group 8, clip 0.2, adv clip 5, beta 0.1, lr 1e-6, 1% of the shards) and
+post-train `runs/eostok-h/export`, the output of jobs/eostok_h.py. Re-running with the same run_name
+resumes from the newest committed learner checkpoint (checkpoint.resume=false refuses instead).
 """
 from __future__ import annotations
 
