@@ -96,6 +96,11 @@ class CheckpointStore:
         except Exception as e:  # noqa: BLE001
             raise storage_error(self.url(rel), self.storage, e) from e
 
+    def read_jsonl(self, rel: str) -> list[dict]:
+        """Records of the JSON-lines file `<run>/rel` ([] when it does not exist)."""
+        data = self.read_bytes(rel)
+        return [json.loads(line) for line in data.decode().splitlines() if line.strip()] if data else []
+
     def exists(self, rel: str) -> bool:
         self.fs.invalidate_cache()
         return self.fs.exists(self._path(rel))

@@ -79,10 +79,7 @@ class RunLogger:
         self.progress = Progress(cfg.train.max_steps, start_step, cfg.run_name, enabled and cfg.logging.progress)
         if not enabled:
             return
-        old = store.read_bytes("metrics.jsonl")
-        if old:
-            rows = [json.loads(line) for line in old.decode().splitlines() if line.strip()]
-            self.records = [r for r in rows if int(r.get("step", 0)) <= start_step]
+        self.records = [r for r in store.read_jsonl("metrics.jsonl") if int(r.get("step", 0)) <= start_step]
         if cfg.logging.wandb_mode != "disabled":
             self._init_wandb()
 

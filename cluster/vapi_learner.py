@@ -33,7 +33,8 @@ from cluster.checkpoint import CheckpointStore, TrainState, commit_checkpoint, r
 from cluster.engine import DeepSpeedStrategy
 from cluster.reporting import RunLogger
 from cluster.vapi_pool import PartsFn, RolloutClient, WeightPublisher, vapi_config
-from cluster.worker_loop import WorkerContext, barrier, checkpoint_storage, default_reader, maybe_crash, run_url
+from cluster.worker_loop import (Meter, WorkerContext, agreed_resume_point, barrier, checkpoint_storage,
+                                 default_reader, maybe_crash, run_url)
 from system.methods.grpo import group_advantages
 from system.methods.vapi import Rollouts, vapi_loss
 from system.train_utils import lr_factor, seed_everything
@@ -84,13 +85,7 @@ class GRPOLearner:
 
     def restore(self) -> Optional[int]:
         """Collective: resume from the newest committed checkpoint rank 0 finds; its step or None."""
-        ref = self.store.latest_complete() if self.rank0 else None
-        if self.rank0:
-            self.store.remove_incomplete(after=ref.step if ref else -1)
-        if dist.is_initialized():
-            box = [ref]
-            dist.broadcast_object_list(box, src=0)
-            ref = box[0]
+        ref = agreed_resume_point(self.store, self.ctx.rank)
         if ref is None:
             return None
         restore_checkpoint(self.store, ref, self.strategy, {"policy": self.engine}, self.state, rank=self.ctx.rank,
@@ -120,12 +115,10 @@ class GRPOLearner:
         self.strategy.backward(self.engine, loss)
         self.strategy.step(self.engine)
         self.state.step = s + 1
-        keys = sorted(m)
-        vec = torch.stack([loss.detach().float(), *[m[k].detach().float() for k in keys]])
-        if dist.is_initialized() and self.ctx.world_size > 1:  # equal shares: the mean of the means
-            dist.all_reduce(vec)
-            vec /= self.ctx.world_size
-        out = dict(zip(["loss", *keys], vec.tolist()))
+        meter = Meter()  # the trainer's rank mean (equal shares: the mean of the means)
+        meter.add({"loss": loss, **m})
+        meter.count = 1
+        out = meter.reduce(self.ctx.device, self.ctx.world_size)
         out.update(lr=o.lr * f, update_s=time.perf_counter() - t)
         return out
 
@@ -249,7 +242,7 @@ def vapi_learner_worker(cfg, ctx: WorkerContext, rollouts: RolloutClient, publis
             url = learner.save({"reader": reader_state, "groups": trained, "heldout_start": first,
                                 "rollout_reissued": reissued_before + rollouts.reissued})
             logger.flush()
-            ctx.report({"step": step, **{k: v for k, v in last.items() if isinstance(v, (int, float))}}, url)
+            ctx.report({"step": step, **last}, url)
     final = rollouts.heldout(version, handle, *heldout) if rank0 and heldout is not None else None
     if rank0:
         result = {"step": step, "groups": trained, "heldout_start": first, "heldout_end": final,

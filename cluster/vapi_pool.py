@@ -28,8 +28,6 @@ PartsFn = Callable[[Any], tuple]  # cfg -> (VapiPolicy, FrozenTokenizer, LPIPS |
 def default_parts(cfg) -> tuple:
     """(policy, frozen tokenizer, LPIPS or None) from `cfg.method`, checked against `data.resolution`."""
     m = cfg.method
-    if not (m.lpips_net.vgg_path or m.lpips_net.random_init) and m.w_lpips > 0:
-        raise ValueError("method.w_lpips > 0 needs method.lpips_net.vgg_path/lin_path (or random_init=true for a demo)")
     policy, tok, lp = load_parts(m.export_url, m.llamagen_gpt, m.llamagen_vq, m.lpips_net.vgg_path, m.lpips_net.lin_path,
                                  use_lpips=m.w_lpips > 0, storage=cfg.data.storage, llamagen_preset=m.llamagen_preset,
                                  **m.gpt_overrides)

@@ -8,16 +8,10 @@ import json
 import uuid
 from typing import Any, Callable, Optional
 
-from cluster.checkpoint import CheckpointStore
 from cluster.train_pool import prepare_run, run_pool
 from cluster.vapi_learner import RESULT_FILE, SESSIONS_FILE, vapi_learner_worker
 from cluster.vapi_pool import ObjectStorePublisher, PartsFn, RolloutPool, default_parts
 from system.config.vapi_schema import check_vapi_config
-
-
-def _jsonl(store: CheckpointStore, rel: str) -> list[dict]:
-    data = store.read_bytes(rel)
-    return [json.loads(line) for line in data.decode().splitlines() if line.strip()] if data else []
 
 
 def run_vapi(cfg, parts_fn: PartsFn = default_parts,
@@ -42,7 +36,7 @@ def run_vapi(cfg, parts_fn: PartsFn = default_parts,
     if raw is None:
         raise RuntimeError(f"the learner pool finished without writing {store.url(RESULT_FILE)}")
     result = json.loads(raw)
-    sessions = [s for s in _jsonl(store, SESSIONS_FILE) if s["submission"] == submission]
-    result.update(history=_jsonl(store, "metrics.jsonl"), learner_restarts=max(len(sessions) - 1, 0),
+    sessions = [s for s in store.read_jsonl(SESSIONS_FILE) if s["submission"] == submission]
+    result.update(history=store.read_jsonl("metrics.jsonl"), learner_restarts=max(len(sessions) - 1, 0),
                   run_url=store.run_url)
     return result

@@ -14,7 +14,7 @@ import torch
 import torch.distributed as dist
 from safetensors.torch import save as safetensors_bytes
 
-from cluster.checkpoint import CheckpointStore, TrainState, commit_checkpoint, restore_checkpoint
+from cluster.checkpoint import CheckpointRef, CheckpointStore, TrainState, commit_checkpoint, restore_checkpoint
 from cluster.engine import DeepSpeedStrategy, frozen
 from cluster.reporting import RunLogger
 from system.config.load import to_yaml
@@ -60,6 +60,19 @@ def barrier() -> None:
 
 def _to_device(batch: dict, device: torch.device) -> dict:
     return {k: (v.to(device, non_blocking=True) if torch.is_tensor(v) else v) for k, v in batch.items()}
+
+
+def agreed_resume_point(store: CheckpointStore, rank: int) -> Optional[CheckpointRef]:
+    """Collective: rank 0 picks the newest complete checkpoint (and deletes unfinished ones after
+    it); every rank gets the same ref, or None to start from scratch."""
+    ref = store.latest_complete() if rank == 0 else None
+    if rank == 0:
+        store.remove_incomplete(after=ref.step if ref else -1)
+    if dist.is_initialized():
+        box = [ref]
+        dist.broadcast_object_list(box, src=0)
+        ref = box[0]
+    return ref
 
 
 def maybe_crash(cfg, store: CheckpointStore, rank: int, step: int) -> None:
@@ -132,13 +145,7 @@ def train_worker(cfg, ctx: WorkerContext, method_factory: Callable, reader_facto
     seed_everything(cfg.seed + 7919 * (rank + 1))  # per-rank stream for dropout, noise, sampling
     state = TrainState(step=0, ema=ema, ema_partitioned=strategy.is_partitioned(gen_e), reader=reader, method=method)
 
-    ref = store.latest_complete() if rank0 else None
-    if rank0:
-        store.remove_incomplete(after=ref.step if ref else -1)
-    if dist.is_initialized():  # every rank resumes from the checkpoint rank 0 chose
-        box = [ref]
-        dist.broadcast_object_list(box, src=0)
-        ref = box[0]
+    ref = agreed_resume_point(store, rank)
     if ref is not None:
         restore_checkpoint(store, ref, strategy, engines, state, rank=rank, world_size=world, run_name=cfg.run_name)
         if rank0:

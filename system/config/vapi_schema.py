@@ -5,6 +5,7 @@ from dataclasses import dataclass, field
 from typing import Any, Optional
 
 from system.config.schema import DataConfig, ExperimentConfig, LPIPSConfig, OptimConfig
+from system.data.storage import protocol
 
 
 @dataclass
@@ -55,7 +56,7 @@ def check_vapi_config(cfg: VapiExperiment) -> None:
     if cfg.optim.grad_accum != 1:
         raise ValueError(f"optim.grad_accum={cfg.optim.grad_accum}: a VAπ iteration is one update on the whole "
                          "batch; set optim.grad_accum=1 and size the batch with data.batch_size")
-    if m.crash_rollout_at_call is not None and "://" in cfg.checkpoint.storage_path.replace("file://", ""):
+    if m.crash_rollout_at_call is not None and protocol(cfg.checkpoint.storage_path) != "file":
         raise ValueError("method.crash_rollout_at_call (fault injection) needs a local checkpoint.storage_path "
                          "(its once-per-run marker is a local file)")
     if cfg.data.batch_size % cfg.cluster.num_workers:
