@@ -26,7 +26,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from system.config.schema import StorageConfig  # noqa: E402
+from system.config import StorageConfig  # noqa: E402
 from system.data import ShardReader, filesystem, plan_shards, write_index, write_shard  # noqa: E402
 from system.data.embedded import load_photos, random_crops  # noqa: E402
 from system.data.transforms import center_crop_arr, flip_decision, to_tensor  # noqa: E402

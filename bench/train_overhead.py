@@ -1,5 +1,6 @@
 """Overhead of the distributed path: the same tiny GAN autoencoder and global batch trained
-(a) through Ray Train + DeepSpeed (cluster.train_pool.run_training, N CPU workers, gloo) and
+(a) through Ray Train + DeepSpeed (the one rank loop via cluster.train_pool.run_training, N CPU
+workers, gloo) and
 (b) in a plain single-process PyTorch loop (AdamW, grad clipping, same alternating G/D steps),
 in one run. Data is in memory on both sides, so only training throughput is compared.
 
@@ -24,7 +25,13 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from torch import nn  # noqa: E402
 
-from system.methods.base import StepOutput  # noqa: E402
+from dataclasses import dataclass, field  # noqa: E402
+
+from system.config import Experiment  # noqa: E402
+from system.data.source import BatchSource  # noqa: E402
+from system.methods.base import DataSpec, Method, ModuleSpec, StepOutput  # noqa: E402
+from system.methods.registry import register  # noqa: E402
+from system.models.artifacts import Artifact  # noqa: E402
 
 
 class Gen(nn.Module):
@@ -46,46 +53,47 @@ class Disc(nn.Module):
         return self.net(x)
 
 
-class BenchMethod:
-    def __init__(self, width: int):
-        self.width = width
+@dataclass
+class BenchConfig:
+    width: int = 32
 
-    def build_generator(self):
-        return Gen(self.width)
 
-    def build_discriminator(self):
-        return Disc(self.width)
+@dataclass
+class BenchExperiment(Experiment):
+    method: BenchConfig = field(default_factory=BenchConfig)
 
-    def to(self, device):
-        return self
 
-    def generator_step(self, gen, disc, batch, step):
+class BenchMethod(Method):
+    """Two phases (gen, disc) on the one contract; registered under "bench-gan"."""
+
+    @classmethod
+    def resolve_data(cls, exp) -> DataSpec:
+        return DataSpec(exp.data.resolution, 1)
+
+    def modules(self) -> dict[str, ModuleSpec]:
+        return {"gen": ModuleSpec(Gen(self.cfg.width)), "disc": ModuleSpec(Disc(self.cfg.width), betas=(0.5, 0.9))}
+
+    def phases(self) -> list[str]:
+        return ["gen", "disc"]
+
+    def step(self, phase, mods, batch, step, carry):
         x = batch["image"]
-        rec = gen(x)
-        loss = F.mse_loss(rec, x) - 0.1 * disc(rec).mean()
+        if phase == "disc":
+            d = mods["disc"]
+            return StepOutput(loss=F.relu(1 - d(x)).mean() + F.relu(1 + d(carry["rec"])).mean())
+        rec = mods["gen"](x)
+        loss = F.mse_loss(rec, x) - 0.1 * mods["disc"](rec).mean()
         return StepOutput(loss=loss, aux={"rec": rec.detach()})
 
-    def discriminator_step(self, disc, batch, aux, step):
-        return StepOutput(loss=F.relu(1 - disc(batch["image"])).mean() + F.relu(1 + disc(aux["rec"])).mean())
-
-    @torch.no_grad()
-    def sample_images(self, gen, batch, seed):
-        return {"original": batch["image"], "reconstruction": gen(batch["image"]).clamp(-1, 1)}
-
-    def export(self, gen):
-        return {"gen": gen.state_dict()}
+    def artifacts(self, mods):
+        return {"gen": Artifact("bench", {"width": self.cfg.width}, mods["gen"].state_dict())}
 
 
-class MethodFactory:
-    def __init__(self, width: int):
-        self.width = width
-
-    def __call__(self, cfg):
-        return BenchMethod(self.width)
+register("bench-gan", BenchConfig, BenchMethod)
 
 
-class RandomReader:
-    """Endless in-memory batches (no decode cost), with the reader state API."""
+class RandomReader(BatchSource):
+    """Endless in-memory batches (no decode cost), with the batch-source state API."""
 
     def __init__(self, batch: int, res: int, seed: int):
         g = torch.Generator().manual_seed(seed)
@@ -105,16 +113,17 @@ class RandomReader:
 
 
 class ReaderFactory:
-    def __call__(self, cfg, rank, world):
-        return RandomReader(cfg.data.batch_size, cfg.data.resolution, cfg.seed + rank)
+    def __call__(self, exp, ctx):
+        return RandomReader(exp.data.batch_size, exp.data.resolution, exp.seed + ctx.rank)
 
 
 def plain_loop(width: int, batch: int, res: int, steps: int, warmup: int, threads: int) -> float:
     """Seconds per step of a single-process loop doing the same work on the global batch."""
     torch.set_num_threads(threads)
     torch.manual_seed(0)
-    m = BenchMethod(width)
-    gen, disc = m.build_generator(), m.build_discriminator()
+    m = BenchMethod(BenchConfig(width), DataSpec(res, 1))
+    mods = {n: spec.module for n, spec in m.modules().items()}
+    gen, disc = mods["gen"], mods["disc"]
     og = torch.optim.AdamW(gen.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.05)
     od = torch.optim.AdamW(disc.parameters(), lr=1e-4, betas=(0.5, 0.9), weight_decay=0.05)
     it = iter(RandomReader(batch, res, 0))
@@ -125,14 +134,14 @@ def plain_loop(width: int, batch: int, res: int, steps: int, warmup: int, thread
         b = next(it)
         for p in disc.parameters():
             p.requires_grad_(False)
-        out = m.generator_step(gen, disc, b, i)
+        out = m.step("gen", mods, b, i, {})
         out.loss.backward()
         for p in disc.parameters():
             p.requires_grad_(True)
         torch.nn.utils.clip_grad_norm_(gen.parameters(), 1.0)
         og.step()
         og.zero_grad(set_to_none=True)
-        d = m.discriminator_step(disc, b, out.aux, i)
+        d = m.step("disc", mods, b, i, out.aux)
         d.loss.backward()
         torch.nn.utils.clip_grad_norm_(disc.parameters(), 1.0)
         od.step()
@@ -144,23 +153,22 @@ def distributed(width: int, batch: int, res: int, steps: int, warmup: int, worke
     """Seconds per step through Ray Train + DeepSpeed, from the logged throughput after warm-up."""
     import ray
 
-    from cluster.train_pool import run_training
+    from cluster.train_pool import resolve_job, run_training
     from system.config.load import load_config
-    from system.config.schema import ExperimentConfig
 
     if batch % workers:
         raise SystemExit(f"--global-batch {batch} must be divisible by --workers {workers}")
     log_every = warmup
     with tempfile.TemporaryDirectory() as d:
-        cfg = load_config(ExperimentConfig, [
+        cfg = load_config(BenchExperiment, [
             "run_name=overhead", "data.url=unused", f"data.resolution={res}", f"data.batch_size={batch // workers}",
             f"cluster.num_workers={workers}", "cluster.device=cpu", f"cluster.local_num_cpus={max(workers, os.cpu_count() or 1)}",
             f"checkpoint.storage_path={d}", f"checkpoint.every_steps={10**9}", "checkpoint.export=false",
             f"train.max_steps={warmup + steps}", f"deepspeed.zero_stage={zero}", "logging.wandb_mode=disabled",
-            "logging.progress=false", f"logging.log_every={log_every}", "optim.warmup_steps=0", "train.ema_decay=0",
+            "logging.progress=false", f"logging.log_every={log_every}", "optim.warmup_steps=0", f"method.width={width}",
             "cluster.max_failures=0",
         ])
-        run_training(cfg, MethodFactory(width), reader_factory=ReaderFactory())
+        run_training(cfg, resolve_job(cfg, source=ReaderFactory()))
         rows = [json.loads(x) for x in open(os.path.join(d, "overhead", "metrics.jsonl"))]
     ray.shutdown()
     timed = [r for r in rows if r["step"] > warmup]  # windows after the first (compile/alloc warm-up)

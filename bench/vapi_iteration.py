@@ -1,6 +1,6 @@
 """Per-iteration time of VAπ on CPU, split into rollout (policy forward + sampling), decode + reward,
 learner update and weight sync (learner publish to the object store + actor fetch/load), through
-the real pool (cluster.vapi_run.run_vapi: 2 rollout actors + a 1-worker Ray Train + DeepSpeed learner,
+the real pool (cluster.rollout_pool.run_vapi: 2 rollout actors + a 1-worker Ray Train + DeepSpeed learner,
 embedded photos).
 
     python bench/vapi_iteration.py [--iters 12] [--batch 8] [--group 8] [--layers 4] [--dim 256] [--no-lpips]
@@ -20,7 +20,6 @@ import shutil
 import sys
 import tempfile
 import warnings
-from dataclasses import asdict
 from pathlib import Path
 
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
@@ -31,9 +30,8 @@ sys.path.insert(0, str(ROOT))
 def build_export(folder: Path, layers: int, dim: int) -> Path:
     """A random-weight debug-tiny tokenizer + GPT (n_layer=layers, dim=dim) as a run exports it."""
     import torch
-    from safetensors.torch import save_file
 
-    from system.models.export_io import write_model_json
+    from system.models.artifacts import Artifact, save_export
     from system.models.gpt import GPT
     from system.models.registry import gpt_config
     from system.models.tokenizer1d import Tokenizer1D, tokenizer_config
@@ -42,10 +40,7 @@ def build_export(folder: Path, layers: int, dim: int) -> Path:
     tc = tokenizer_config("debug-tiny")
     ac = gpt_config("debug-tiny", vocab_size=tc.quantizer.codebook_size, block_size=tc.seq_len, code_dim=tc.latent_dim,
                     num_classes=8, n_layer=layers, dim=dim, n_head=max(1, dim // 16))
-    folder.mkdir(parents=True, exist_ok=True)
-    for name, m in (("tokenizer", Tokenizer1D(tc)), ("ar", GPT(ac))):
-        save_file({k: v.contiguous() for k, v in m.state_dict().items()}, str(folder / f"{name}.safetensors"))
-    (folder / "model.json").write_bytes(write_model_json({"tokenizer": asdict(tc), "ar": asdict(ac)}))
+    save_export(str(folder), {"tokenizer": Artifact.of("tokenizer1d", Tokenizer1D(tc)), "ar": Artifact.of("gpt", GPT(ac))})
     return folder
 
 
@@ -60,17 +55,16 @@ def main() -> None:
     ap.add_argument("--export", default=None, help="an existing export/ folder instead of a random model")
     a = ap.parse_args()
     warnings.filterwarnings("ignore")
-    from cluster.vapi_run import run_vapi
-    from system.config.load import load_config
-    from system.config.vapi_schema import VapiExperiment
+    from cluster.rollout_pool import run_vapi
+    from system.config import VapiExperiment, load_config
     from system.data.embedded import ensure_embedded_dataset
 
     tmp = Path(tempfile.mkdtemp(prefix="vapi_bench_"))
     data = ensure_embedded_dataset(str(ROOT / ".cache/embedded_shards/train"), split="train")
-    from system.models.export_io import read_model_json
+    from system.models.artifacts import read_model_json
 
     export = Path(a.export).resolve() if a.export else build_export(tmp / "export", a.layers, a.dim)
-    model = read_model_json(str(export))
+    model = {name: part["config"] for name, part in read_model_json(str(export)).items()}
     resolution = model["tokenizer"]["image_size"]
     lpips = ["method.w_lpips=1.0", "method.lpips_net.random_init=true"] if a.lpips else ["method.w_lpips=0.0"]
     cfg = load_config(VapiExperiment, [
@@ -84,7 +78,7 @@ def main() -> None:
         out = run_vapi(cfg)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    rows = out["history"][2:] or out["history"]
+    rows = out["history"][3:] or out["history"]  # iter_s / update_wall_s describe the iteration before
     mean = lambda k: sum(r[k] for r in rows) / len(rows)  # noqa: E731
     it = mean("iter_s")
     split = {"rollout_s": mean("sample_s"), "decode_reward_s": mean("reward_s"), "update_s": mean("update_wall_s"),

@@ -5,8 +5,8 @@ Layout of a run (`<checkpoint.storage_path>/<run_name>/`):
     checkpoints/step_%08d/
         gen/ disc/          DeepSpeed files of each engine, written by every rank
         shared/state.json   step, world size, ZeRO stage, engines (rank 0)
-        shared/ema.safetensors            EMA weights when replicated (rank 0)
-        rank_%05d/rng.pt reader.pt method.pt [ema.safetensors when ZeRO-3 partitioned]
+        shared/ema_<module>.safetensors   EMA weights of each module that keeps one, when replicated (rank 0)
+        rank_%05d/rng.pt reader.pt method.pt buffers.pt [ema_<module>.safetensors when ZeRO-3 partitioned]
         COMMITTED           marker object, written by rank 0 after a barrier, last
 
 A checkpoint without its marker does not exist: `latest_complete` skips it, and the next
@@ -20,13 +20,15 @@ import re
 import shutil
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Optional
 
 import torch
 from safetensors.torch import load_file, save_file
 
-from system.config.schema import StorageConfig
+from torch import nn
+
+from system.config import StorageConfig
 from system.data.storage import filesystem, join, protocol, storage_error
 from system.train_utils import EMA, capture_rng_state, restore_rng_state
 
@@ -218,10 +220,33 @@ class TrainState:
     """What a worker checkpoints besides the engines (all optional except `step`)."""
 
     step: int
-    ema: Optional[EMA] = None
+    emas: dict[str, EMA] = field(default_factory=dict)  # module name -> EMA of its (local) parameters
     ema_partitioned: bool = False
-    reader: Any = None  # has state_dict() / load_state_dict()
-    method: Any = None  # optional train_state_dict() / load_train_state_dict()
+    reader: Any = None  # the batch source: state_dict() / load_state_dict()
+    method: Any = None  # the Method: state_dict() / load_state_dict() (per-rank state)
+    # module name -> module: their persistent buffers are saved per rank (DeepSpeed keeps rank 0's
+    # only, which would hand every rank rank 0's running statistics, e.g. LeCam's EMAs, on resume)
+    modules: dict[str, nn.Module] = field(default_factory=dict)
+
+
+def module_buffers(module: nn.Module) -> dict[str, torch.Tensor]:
+    """The persistent buffers of `module` by state-dict name (CPU copies)."""
+    out = {}
+    for prefix, m in module.named_modules():
+        for name, b in m._buffers.items():
+            if b is not None and name not in m._non_persistent_buffers_set:
+                out[f"{prefix}.{name}" if prefix else name] = b.detach().cpu().clone()
+    return out
+
+
+@torch.no_grad()
+def load_module_buffers(module: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    mine = dict(module.named_buffers())
+    missing = sorted(set(state) - set(mine))
+    if missing:
+        raise RuntimeError(f"checkpoint has buffers the module lacks: {missing[:5]}")
+    for k, v in state.items():
+        mine[k].copy_(v.to(mine[k].device))
 
 
 def stage_root(run_name: str, step: int, rank: int) -> str:
@@ -256,14 +281,16 @@ def commit_checkpoint(
     _torch_save(capture_rng_state(), os.path.join(mine, "rng.pt"))
     if state.reader is not None:
         _torch_save(state.reader.state_dict(), os.path.join(mine, "reader.pt"))
-    if state.method is not None and callable(getattr(state.method, "train_state_dict", None)):
-        _torch_save(state.method.train_state_dict(), os.path.join(mine, "method.pt"))
-    if state.ema is not None:
+    if state.method is not None:
+        _torch_save(state.method.state_dict(), os.path.join(mine, "method.pt"))
+    if state.modules:
+        _torch_save({n: module_buffers(m) for n, m in state.modules.items()}, os.path.join(mine, "buffers.pt"))
+    for name, ema in state.emas.items():
         if state.ema_partitioned:
-            save_file(state.ema.state_dict(), os.path.join(mine, "ema.safetensors"))
+            save_file(ema.state_dict(), os.path.join(mine, f"ema_{name}.safetensors"))
         elif rank == 0:
             os.makedirs(os.path.join(local, "shared"), exist_ok=True)
-            save_file(state.ema.state_dict(), os.path.join(local, "shared", "ema.safetensors"))
+            save_file(ema.state_dict(), os.path.join(local, "shared", f"ema_{name}.safetensors"))
     if rank == 0:
         meta = {"step": step, "world_size": world_size, "engines": sorted(engines), **(info or {})}
         os.makedirs(os.path.join(local, "shared"), exist_ok=True)
@@ -306,17 +333,21 @@ def restore_checkpoint(
     for tag, engine in engines.items():
         strategy.load(engine, local, tag)
     mine = os.path.join(local, rank_dir(rank))
-    if state.ema is not None:
-        path = os.path.join(mine if state.ema_partitioned else os.path.join(local, "shared"), "ema.safetensors")
+    for name, ema in state.emas.items():
+        path = os.path.join(mine if state.ema_partitioned else os.path.join(local, "shared"), f"ema_{name}.safetensors")
         if os.path.exists(path):
-            state.ema.load_state_dict(load_file(path))
+            ema.load_state_dict(load_file(path))
+    if state.modules and os.path.exists(os.path.join(mine, "buffers.pt")):
+        buffers = _torch_load(os.path.join(mine, "buffers.pt"))
+        for name, module in state.modules.items():
+            load_module_buffers(module, buffers.get(name, {}))
     if state.reader is not None:
         path = os.path.join(mine, "reader.pt")
         if not os.path.exists(path):
             raise RuntimeError(f"checkpoint {ref.url} has no data reader state for rank {rank}")
         state.reader.load_state_dict(_torch_load(path))
     if state.method is not None and os.path.exists(os.path.join(mine, "method.pt")):
-        state.method.load_train_state_dict(_torch_load(os.path.join(mine, "method.pt")))
+        state.method.load_state_dict(_torch_load(os.path.join(mine, "method.pt")))
     restore_rng_state(_torch_load(os.path.join(mine, "rng.pt")))
     shutil.rmtree(os.path.dirname(local), ignore_errors=True)
     state.step = int(meta["step"])

@@ -15,7 +15,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import os
-from typing import Any, Iterator, Optional
+from typing import Any, Iterator, Optional, Sequence
 
 import torch
 from torch import nn
@@ -28,7 +28,7 @@ if not torch.cuda.is_available():  # must precede the first `import deepspeed` (
 import deepspeed  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
-from system.config.schema import DeepSpeedConfig, OptimConfig  # noqa: E402
+from system.config import DeepSpeedConfig, OptimConfig  # noqa: E402
 
 
 def deep_merge(base: dict, extra: dict) -> dict:
@@ -126,9 +126,11 @@ class DeepSpeedStrategy:
 
     # ------------------------------------------------------------------ engines
     def prepare(
-        self, model: nn.Module, *, lr: float, betas: tuple[float, float], weight_decay: Optional[float] = None
+        self, model: nn.Module, *, lr: float, betas: tuple[float, float], weight_decay: Optional[float] = None,
+        external: Sequence[nn.Parameter] = (),
     ) -> "deepspeed.DeepSpeedEngine":
-        """Move `model` to the device and wrap it (with its AdamW) in a DeepSpeed engine."""
+        """Move `model` to the device and wrap it (with its AdamW) in a DeepSpeed engine. `external`:
+        parameters of `model` read outside their own module's forward (registered under ZeRO-3)."""
         model = model.to(self.device)
         wd = self.optim.weight_decay if weight_decay is None else weight_decay
         config = self.ds_config(lr=lr, betas=betas, weight_decay=wd)
@@ -136,7 +138,7 @@ class DeepSpeedStrategy:
             model=model, model_parameters=param_groups(model, wd), config=config, dist_init_required=False
         )
         if self.is_partitioned(engine):  # parameters read outside their own module's forward
-            for p in getattr(model, "external_parameters", lambda: [])():
+            for p in external:
                 deepspeed.zero.register_external_parameter(model, p)
         return engine
 

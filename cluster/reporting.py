@@ -12,7 +12,7 @@ import tempfile
 import time
 from typing import Any
 
-from system.config.load import redact, to_dict
+from system.config import Experiment, redact, to_dict
 
 log = logging.getLogger(__name__)
 
@@ -72,7 +72,7 @@ class RunLogger:
     """Rank 0 keeps the metric records of the run and forwards them to wandb and the progress bar;
     other ranks get a no-op logger."""
 
-    def __init__(self, cfg, store, *, start_step: int, enabled: bool):
+    def __init__(self, cfg: Experiment, store, *, start_step: int, enabled: bool):
         self.cfg, self.store, self.enabled = cfg, store, enabled
         self.records: list[dict] = []
         self.wandb: Any = None

@@ -7,7 +7,7 @@ from typing import Optional
 
 import ray
 
-from system.config.schema import ClusterConfig
+from system.config import ClusterConfig
 
 REPO_ROOT = str(Path(__file__).resolve().parents[1])
 

@@ -27,7 +27,7 @@ from system.config.eval_schema import SampleConfig
 from system.data.storage import join, protocol
 from system.eval.sample_parts import PartSampler, claim_out, finished_parts, merge_parts, plan_record, write_grids
 from system.eval.sampling_plan import Part, SamplingPlan
-from system.models.export_io import read_model_json
+from system.models.artifacts import model_part
 
 log = logging.getLogger(__name__)
 
@@ -205,7 +205,7 @@ def run_sampling(cfg: SampleConfig) -> dict:
     cfg = dataclasses.replace(cfg, **local)  # actors may not share the driver's working directory
     if cfg.out is None:
         cfg = dataclasses.replace(cfg, out=default_out(cfg.export_url))
-    num_classes = int(read_model_json(cfg.export_url, cfg.storage)["ar"]["num_classes"])
+    num_classes = int(model_part(cfg.export_url, "ar", cfg.storage)["config"]["num_classes"])
     if cfg.num_classes is not None and cfg.num_classes > num_classes:
         raise ValueError(f"num_classes={cfg.num_classes} but the AR model of {cfg.export_url} has {num_classes} classes")
     plan = SamplingPlan(cfg.num_per_class, cfg.num_classes or num_classes, cfg.batch_size, cfg.seed)

@@ -11,7 +11,7 @@ from typing import Any
 import ray
 from tqdm import tqdm
 
-from system.config.schema import MakeShardsConfig
+from system.config import MakeShardsConfig
 from system.data.shards import (
     ShardPlan,
     find_classes,

@@ -1,6 +1,6 @@
-"""The Ray Train pool: `run_pool(cfg, use_gpu, worker_fn, kwargs)` runs a worker loop (EOSTok's
-`cluster.worker_loop.train_worker` via `run_training`, the VAπ learner via `cluster.vapi_run`) on
-`cfg.cluster.num_workers` workers (GPU/NCCL or CPU/gloo) under a `TorchTrainer` whose
+"""The Ray Train pool: `run_pool(exp, use_gpu, worker_fn, kwargs)` runs a worker function (the one
+rank loop `cluster.loop.train_loop` via `run_training`, for every method) on
+`exp.cluster.num_workers` workers (GPU/NCCL or CPU/gloo) under a `TorchTrainer` whose
 `FailureConfig(max_failures)` restarts the pool after a lost worker; every (re)start resumes from
 the newest complete checkpoint in our store, so resubmitting the same `run_name` continues too.
 
@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+import uuid
 from dataclasses import dataclass, replace
 from typing import Any, Callable, Optional
 
@@ -20,8 +21,9 @@ import ray.train
 from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchConfig, TorchTrainer
 
+from cluster.job import ImageShards, SourceFactory, TrainJob
 from cluster.runtime import check_resources, init_ray, resolve_use_gpu
-from system.config.load import to_yaml
+from system.config import Experiment, to_yaml
 from system.data.storage import protocol
 
 POINTER_FILE = "checkpoint_pointer.json"
@@ -41,12 +43,12 @@ class RunResult:
         return {k: v for k, v in self.__dict__.items() if k != "ray_result"}
 
 
-def resolve_paths(cfg):
-    """A copy of `cfg` whose local storage path is absolute (workers may run in another folder)."""
-    sp = cfg.checkpoint.storage_path
+def resolve_paths(exp: Experiment) -> Experiment:
+    """A copy of `exp` whose local storage path is absolute (workers may run in another folder)."""
+    sp = exp.checkpoint.storage_path
     if protocol(sp) == "file" and not sp.startswith("file://"):
-        cfg = replace(cfg, checkpoint=replace(cfg.checkpoint, storage_path=os.path.abspath(os.path.expanduser(sp))))
-    return cfg
+        exp = replace(exp, checkpoint=replace(exp.checkpoint, storage_path=os.path.abspath(os.path.expanduser(sp))))
+    return exp
 
 
 def _ray_report(rank: int) -> Callable[[dict, Optional[str]], None]:
@@ -63,9 +65,9 @@ def _ray_report(rank: int) -> Callable[[dict, Optional[str]], None]:
     return report
 
 
-def _train_fn(config: dict) -> None:
+def _train_fn(config: dict[str, Any]) -> None:  # Ray Train's train_loop_config
     """Ray Train worker entry: environment first (DeepSpeed reads DS_ACCELERATOR at import), then
-    `worker_fn(cfg, WorkerContext, **worker_kwargs)`."""
+    `worker_fn(exp, WorkerContext, **worker_kwargs)`."""
     import torch
 
     use_gpu = config["use_gpu"]
@@ -73,7 +75,7 @@ def _train_fn(config: dict) -> None:
         os.environ["DS_ACCELERATOR"] = "cpu"
     from ray.train.torch import get_device
 
-    from cluster.worker_loop import WorkerContext
+    from cluster.loop import WorkerContext
 
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
@@ -81,31 +83,31 @@ def _train_fn(config: dict) -> None:
     if device.type == "cuda":
         torch.cuda.set_device(device)
     wctx = WorkerContext(rank=rank, world_size=world, device=device, report=_ray_report(rank))
-    config["worker_fn"](config["cfg"], wctx, **config["worker_kwargs"])
+    config["worker_fn"](config["exp"], wctx, **config["worker_kwargs"])
 
 
-def ray_storage_path(cfg) -> str:
+def ray_storage_path(exp: Experiment) -> str:
     """Where Ray Train keeps its own run state: beside the run for local storage, else ~/ray_results."""
-    sp = cfg.checkpoint.storage_path
+    sp = exp.checkpoint.storage_path
     if protocol(sp) == "file":
-        return os.path.join(sp.removeprefix("file://"), cfg.run_name, "ray_train")
+        return os.path.join(sp.removeprefix("file://"), exp.run_name, "ray_train")
     return os.path.abspath(os.path.expanduser(os.environ.get("RAY_RESULTS_DIR", "~/ray_results")))
 
 
-def prepare_run(cfg, extra_cpus: float = 0.0, extra_gpus: float = 0.0):
+def prepare_run(exp: Experiment, extra_cpus: float = 0.0, extra_gpus: float = 0.0) -> tuple[Experiment, Any, bool]:
     """Before any actor starts: absolute local paths, refuse to overwrite a checkpointed run unless
     `checkpoint.resume`, start/join Ray, check the pool (plus `extra_*` resources of other actors)
-    fits, save the resolved config. Returns (cfg, store, use_gpu)."""
+    fits, save the resolved config. Returns (exp, store, use_gpu)."""
     from cluster.checkpoint import CheckpointStore
-    from cluster.worker_loop import checkpoint_storage, run_url
+    from cluster.loop import run_url
 
-    cfg = resolve_paths(cfg)
-    c = cfg.cluster
-    store = CheckpointStore(run_url(cfg), checkpoint_storage(cfg))
+    exp = resolve_paths(exp)
+    c = exp.cluster
+    store = CheckpointStore(run_url(exp), exp.data.storage)
     existing = store.latest_complete()  # before any resource is allocated
-    if existing is not None and not cfg.checkpoint.resume:
+    if existing is not None and not exp.checkpoint.resume:
         raise ValueError(
-            f"run {cfg.run_name!r} already has a checkpoint at step {existing.step} ({existing.url}); "
+            f"run {exp.run_name!r} already has a checkpoint at step {existing.step} ({existing.url}); "
             "set checkpoint.resume=true to continue it, or choose another run_name"
         )
     started_here = not ray.is_initialized() and not (c.address or os.environ.get("RAY_ADDRESS"))
@@ -113,47 +115,52 @@ def prepare_run(cfg, extra_cpus: float = 0.0, extra_gpus: float = 0.0):
     use_gpu = resolve_use_gpu(c)
     if started_here:
         check_resources(c, use_gpu, extra_cpus=extra_cpus, extra_gpus=extra_gpus)
-    store.write_bytes("config.yaml", to_yaml(cfg).encode())
-    return cfg, store, use_gpu
+    store.write_bytes("config.yaml", to_yaml(exp).encode())
+    return exp, store, use_gpu
 
 
-def run_pool(cfg, use_gpu: bool, worker_fn: Callable[..., Any], worker_kwargs: dict) -> Any:
-    """`worker_fn(cfg, WorkerContext, **worker_kwargs)` on `cfg.cluster.num_workers` Ray Train
+def run_pool(exp: Experiment, use_gpu: bool, worker_fn: Callable[..., Any], worker_kwargs: dict) -> Any:
+    """`worker_fn(exp, WorkerContext, **worker_kwargs)` on `exp.cluster.num_workers` Ray Train
     workers (torch.distributed initialised: NCCL on GPUs, gloo on CPUs), restarted as a group from
     scratch after a lost worker up to `cluster.max_failures` times; returns Ray Train's Result."""
-    c = cfg.cluster
+    c = exp.cluster
     resources = {"CPU": c.cpus_per_worker, **({"GPU": c.gpus_per_worker} if use_gpu else {})}
     trainer = TorchTrainer(
         _train_fn,
-        train_loop_config={"cfg": cfg, "worker_fn": worker_fn, "worker_kwargs": worker_kwargs, "use_gpu": use_gpu},
+        train_loop_config={"exp": exp, "worker_fn": worker_fn, "worker_kwargs": worker_kwargs, "use_gpu": use_gpu},
         scaling_config=ScalingConfig(
             num_workers=c.num_workers, use_gpu=use_gpu, resources_per_worker=resources, placement_strategy=c.placement_strategy
         ),
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
         run_config=RunConfig(
-            name=cfg.run_name,
-            storage_path=ray_storage_path(cfg),
+            name=exp.run_name,
+            storage_path=ray_storage_path(exp),
             failure_config=FailureConfig(max_failures=c.max_failures, controller_failure_limit=c.startup_retries),
-            checkpoint_config=CheckpointConfig(num_to_keep=max(cfg.checkpoint.keep_last, 1)),
+            checkpoint_config=CheckpointConfig(num_to_keep=max(exp.checkpoint.keep_last, 1)),
         ),
     )
     return trainer.fit()
 
 
-def run_training(
-    cfg,
-    method_factory: Callable[[Any], Any],
-    *,
-    reader_factory: Optional[Callable[[Any, int, int], Any]] = None,
-) -> RunResult:
-    """Train `method_factory(cfg)` on a Ray Train pool; returns where the run lives and its last metrics.
+def resolve_job(exp: Experiment, source: Optional[SourceFactory] = None, micro_batch_size: Optional[int] = None) -> TrainJob:
+    """The method registered for `type(exp.method)`, its data spec and checks (before Ray starts)."""
+    from system.methods import registry
 
-    `reader_factory(cfg, rank, world_size)` replaces the default `ShardReader` over `cfg.data`.
-    """
-    from cluster.worker_loop import train_worker
+    method = registry.for_config(exp.method).method
+    data = method.resolve_data(exp)
+    method.check(exp.method, data)
+    return TrainJob(method=method, data=data, source=source or ImageShards(),
+                    micro_batch_size=micro_batch_size or exp.data.batch_size, submission=uuid.uuid4().hex)
 
-    cfg, store, use_gpu = prepare_run(cfg)
-    result = run_pool(cfg, use_gpu, train_worker, {"method_factory": method_factory, "reader_factory": reader_factory})
+
+def run_training(exp: Experiment, job: Optional[TrainJob] = None, *, extra_cpus: float = 0.0, extra_gpus: float = 0.0) -> RunResult:
+    """Train `exp`'s method (`job`, default `resolve_job(exp)`) on a Ray Train pool with the one rank
+    loop (cluster/loop.py); returns where the run lives and its last metrics."""
+    job = job or resolve_job(exp)
+    exp, store, use_gpu = prepare_run(exp, extra_cpus, extra_gpus)
+    from cluster.loop import train_loop
+
+    result = run_pool(exp, use_gpu, train_loop, {"job": job})
     ref = store.latest_complete()
     metrics = dict(result.metrics or {})
     return RunResult(
@@ -161,6 +168,6 @@ def run_training(
         step=ref.step if ref else int(metrics.get("step", 0)),
         metrics=metrics,
         checkpoint_url=ref.url if ref else None,
-        export_url=store.url("export") if cfg.checkpoint.export else None,
+        export_url=store.url("export") if exp.checkpoint.export else None,
         ray_result=result,
     )

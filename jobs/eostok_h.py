@@ -17,27 +17,28 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo, also under `ray job submit`
 
-from system.config import EOSTokExperiment, cli_config  # noqa: E402
+from system.config import EOSTokExperiment, cli_config, exit_on_config_error  # noqa: E402
 
 DEFAULTS = ["base.yaml", "data/imagenet.yaml", "model/eostok_h.yaml", "experiments/eostok_h.yaml"]
 
 
+def check(exp: EOSTokExperiment) -> None:
+    """Config errors found before Ray starts (exit 2): the method's own checks against the data."""
+    from cluster.train_pool import resolve_job
+
+    resolve_job(exp)
+
+
 def main(argv: list[str]) -> int:
     cfg = cli_config(EOSTokExperiment, argv, DEFAULTS)
-    if cfg.data.embedded:
-        from system.data.embedded import ensure_embedded_dataset
+    from system.data.embedded import ensure_embedded_data
 
-        ensure_embedded_dataset(cfg.data.url, cfg.data.storage, split="train")
-        if cfg.data.val_url:
-            ensure_embedded_dataset(cfg.data.val_url, cfg.data.storage, split="val")
-
-    from system.methods.eostok import check_experiment, eostok_from_experiment
-
-    check_experiment(cfg)  # exits 2 with the message before any worker starts
+    ensure_embedded_data(cfg.data)
+    exit_on_config_error(lambda: check(cfg))  # exit 2 with the message before any worker starts
 
     from cluster.train_pool import run_training
 
-    result = run_training(cfg, eostok_from_experiment)
+    result = run_training(cfg)
     summary = {"run": result.run_url, "step": result.step, "checkpoint": result.checkpoint_url,
                "export": result.export_url, "metrics": result.metrics}
     if cfg.data.val_url and result.export_url:

@@ -1,6 +1,6 @@
 #!/usr/bin/env python
 """VAπ pixel-space post-training (GRPO) of an AR image generator: a Ray rollout actor pool and a
-Ray Train + DeepSpeed learner pool (cluster/vapi_run.py).
+Ray Train + DeepSpeed learner pool running the one rank loop (cluster/rollout_pool.py).
 
   python jobs/vapi.py --config configs/experiments/vapi_tiny.yaml            # embedded demo (after `make demo`)
   python jobs/vapi.py run_name=vapi data.url=s3://bucket/imagenet/train method.export_url=s3://.../export \
@@ -9,7 +9,8 @@ Ray Train + DeepSpeed learner pool (cluster/vapi_run.py).
       method.llamagen_gpt=/w/c2i_XXL_384.pt method.llamagen_vq=/w/vq_ds16_c2i.pt method.gpt_overrides.block_size=576 ...
   ray job submit --working-dir . -- python jobs/vapi.py ...                  # on a cluster
 
-Defaults are the paper's (group 8, clip 0.2, adv clip 5, beta 0.1, lr 1e-6, 1% of the shards) and
+Defaults are the paper's run (about 100 updates of 128 images x group 8, clip 0.2, adv clip 5, beta 0.1,
+lr 1e-6, 1% of the shards, update in train mode) and
 post-train `runs/eostok-h/export`, the output of jobs/eostok_h.py. Re-running with the same run_name
 resumes from the newest committed learner checkpoint (checkpoint.resume=false refuses instead).
 """
@@ -21,21 +22,24 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo, also under `ray job submit`
 
-from system.config import cli_config  # noqa: E402
-from system.config.vapi_schema import VapiExperiment, check_vapi_config  # noqa: E402
+from system.config import VapiExperiment, cli_config, exit_on_config_error  # noqa: E402
 
-DEFAULTS = ["data/imagenet.yaml"]
+DEFAULTS = ["data/imagenet.yaml", "experiments/vapi.yaml"]
+
+
+def check(exp: VapiExperiment) -> None:
+    from cluster.rollout_pool import check_vapi_experiment
+
+    check_vapi_experiment(exp)
 
 
 def main(argv: list[str]) -> int:
-    cfg = cli_config(VapiExperiment, argv, DEFAULTS, check=check_vapi_config)
-    if cfg.data.embedded:
-        from system.data.embedded import ensure_embedded_dataset
+    cfg = cli_config(VapiExperiment, argv, DEFAULTS)
+    from system.data.embedded import ensure_embedded_data
 
-        ensure_embedded_dataset(cfg.data.url, cfg.data.storage, split="train")
-        if cfg.data.val_url:
-            ensure_embedded_dataset(cfg.data.val_url, cfg.data.storage, split="val")
-    from cluster.vapi_run import run_vapi
+    ensure_embedded_data(cfg.data)
+    exit_on_config_error(lambda: check(cfg))  # exit 2 with the message before any worker starts
+    from cluster.rollout_pool import run_vapi
 
     out = run_vapi(cfg)
     if out.get("heldout_start") is not None:

@@ -1,27 +1,27 @@
-"""Typed configs: one schema (dataclasses), YAML under configs/, `key=value` overrides."""
-from system.config.load import ConfigError, cli_config, load_config, override_dataclass, parse_argv, redact, to_dict, to_yaml
-from system.config.schema import (
+"""Typed configs (a leaf package: dataclasses + OmegaConf, nothing else from system/, no torch).
+
+sections.py: infra sections; methods.py: each method's own section; experiments.py: one typed
+root per job; eval_schema.py: sampling and evaluation jobs; load.py: YAML + `key=value` loading."""
+from system.config.load import ConfigError, cli_config, exit_on_config_error, load_config, override_dataclass, parse_argv, redact, to_dict, to_yaml
+from system.config.eval_schema import EvaluateConfig, SampleConfig
+from system.config.experiments import EOSTokExperiment, Experiment, MakeShardsConfig, VapiExperiment
+from system.config.methods import EOSTokConfig, LPIPSConfig, ModelConfig, TeacherConfig, VapiConfig
+from system.config.sections import (
+    MISSING,
     CheckpointConfig,
     ClusterConfig,
     DataConfig,
     DeepSpeedConfig,
-    EOSTokExperiment,
-    EOSTokMethodConfig,
-    ExperimentConfig,
     FaultConfig,
     LoggingConfig,
-    LPIPSConfig,
-    MakeShardsConfig,
-    ModelConfig,
     OptimConfig,
     StorageConfig,
-    TeacherConfig,
     TrainConfig,
 )
 
 __all__ = [
-    "ConfigError", "cli_config", "load_config", "override_dataclass", "parse_argv", "redact", "to_dict", "to_yaml",
-    "CheckpointConfig", "ClusterConfig", "DataConfig", "DeepSpeedConfig", "EOSTokExperiment",
-    "EOSTokMethodConfig", "ExperimentConfig", "FaultConfig", "LoggingConfig", "LPIPSConfig",
-    "MakeShardsConfig", "ModelConfig", "OptimConfig", "StorageConfig", "TeacherConfig", "TrainConfig",
+    "ConfigError", "cli_config", "exit_on_config_error", "load_config", "override_dataclass", "parse_argv", "redact", "to_dict", "to_yaml",
+    "MISSING", "CheckpointConfig", "ClusterConfig", "DataConfig", "DeepSpeedConfig", "EOSTokConfig", "EOSTokExperiment",
+    "EvaluateConfig", "Experiment", "FaultConfig", "LoggingConfig", "LPIPSConfig", "MakeShardsConfig", "ModelConfig",
+    "OptimConfig", "SampleConfig", "StorageConfig", "TeacherConfig", "TrainConfig", "VapiConfig", "VapiExperiment",
 ]

@@ -9,7 +9,8 @@ from dataclasses import dataclass, field
 from typing import Literal, Optional
 
 from system.config.load import ConfigError
-from system.config.schema import MISSING, ClusterConfig, LoggingConfig, LPIPSConfig, StorageConfig
+from system.config.methods import LPIPSConfig
+from system.config.sections import MISSING, ClusterConfig, LoggingConfig, StorageConfig
 
 Schedule = Literal["constant", "linear", "power-cosine"]
 

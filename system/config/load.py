@@ -158,17 +158,23 @@ def cli_config(schema: type[T], argv: Sequence[str], defaults: Sequence[str | Pa
     with status 2 (before any Ray or GPU resource is touched). `check(cfg)` may raise ConfigError
     (or ValueError) for job-specific rules."""
     import logging
+
+    cfg = exit_on_config_error(lambda: load_config(schema, argv, defaults))
+    if check is not None:
+        exit_on_config_error(lambda: check(cfg))
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    return cfg
+
+
+def exit_on_config_error(fn: Any) -> Any:
+    """`fn()`; a ConfigError / ValueError prints `config error: ...` and exits with status 2."""
     import sys
 
     try:
-        cfg = load_config(schema, argv, defaults)
-        if check is not None:
-            check(cfg)
+        return fn()
     except (ConfigError, ValueError) as e:
         print(f"config error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    return cfg
 
 
 def redact(data: Any) -> Any:

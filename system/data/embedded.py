@@ -13,7 +13,7 @@ import math
 import numpy as np
 from PIL import Image
 
-from system.config.schema import StorageConfig
+from system.config.sections import DataConfig, StorageConfig
 from system.data.shards import INDEX, plan_shards, write_index, write_shard
 from system.data.storage import exists, join
 
@@ -96,3 +96,13 @@ def ensure_embedded_dataset(
         write_shard(p, url, storage)
     write_index(plans, url, classes, storage)
     return url
+
+
+def ensure_embedded_data(data: DataConfig) -> None:
+    """With `data.embedded`: build the embedded train (and val) shard sets at `data.url` /
+    `data.val_url` unless they exist (jobs call this before their config checks read the index)."""
+    if not data.embedded:
+        return
+    ensure_embedded_dataset(data.url, data.storage, split="train")
+    if data.val_url:
+        ensure_embedded_dataset(data.val_url, data.storage, split="val")

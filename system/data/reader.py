@@ -20,8 +20,9 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from system.config.schema import DataConfig, StorageConfig
+from system.config import DataConfig, StorageConfig
 from system.data.embedded import ensure_embedded_dataset
+from system.data.source import BatchSource
 from system.data.shards import IMAGE_FIELDS, iter_tar_samples, read_index
 from system.data.storage import StorageError, filesystem, join, storage_error
 from system.data.transforms import flip_decision, preprocess, to_tensor
@@ -200,7 +201,7 @@ class _StreamDataset(IterableDataset):
         return _Stream(self.spec, s, self.starts[s], self.skipped[s]).batches()
 
 
-class ShardReader:
+class ShardReader(BatchSource):
     """Infinite iterable of batches {"image": float (B, 3, R, R) in [-1, 1], "label": long (B,),
     "key": list[str]} for one rank. `drop_last=True`: every batch has `batch_size` samples (a
     stream's batches run on across epoch ends, nothing is dropped); False: a stream's last batch

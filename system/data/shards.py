@@ -20,7 +20,7 @@ from typing import IO, Iterator, Union
 import numpy as np
 from PIL import Image
 
-from system.config.schema import StorageConfig
+from system.config.sections import StorageConfig
 from system.data.storage import (
     filesystem,
     join,

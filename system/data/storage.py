@@ -13,7 +13,7 @@ from typing import Any
 
 import fsspec
 
-from system.config.schema import StorageConfig
+from system.config.sections import StorageConfig
 
 
 class StorageError(RuntimeError):

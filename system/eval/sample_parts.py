@@ -19,11 +19,10 @@ import numpy as np
 import torch
 
 from system.config.eval_schema import SampleConfig
-from system.config.schema import StorageConfig
+from system.config import StorageConfig
 from system.data.storage import exists, filesystem, join, protocol, read_bytes, storage_error, write_bytes_atomic
 from system.eval.sampling_plan import Part, SamplingPlan, fingerprint, record_mismatch
-from system.models.export_io import MODEL_JSON, load_tokenizer_ar
-from system.sampling.ar import generate
+from system.models.artifacts import MODEL_JSON, load_pair
 
 PARTS = "parts"
 PLAN_JSON = "plan.json"
@@ -93,16 +92,15 @@ def read_part(out: str, part: Part, storage: StorageConfig | None = None) -> dic
 
 
 class PartSampler:
-    """Loads an export once; makes parts: generate codes (KV cache, CFG) -> decode -> uint8."""
+    """Loads an export (any registered tokenizer + generator kinds) once; makes parts: generate
+    codes (KV cache, CFG) -> decode -> uint8."""
 
     def __init__(self, cfg: SampleConfig, device: str | torch.device | None = None):
         self.cfg = cfg
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        self.tokenizer, self.ar = load_tokenizer_ar(cfg.export_url, cfg.storage, ema=cfg.ema, device=self.device)
-        self.decode_fn = None
+        self.tokenizer, self.generator = load_pair(cfg.export_url, cfg.storage, ema=cfg.ema, device=self.device)
         if cfg.compile:
-            mode = "reduce-overhead" if self.device.type == "cuda" else "default"
-            self.decode_fn = torch.compile(self.ar.decode_one, mode=mode, fullgraph=True)
+            self.generator.compile_sampling("reduce-overhead" if self.device.type == "cuda" else "default")
 
     @torch.no_grad()
     def sample(self, part: Part) -> tuple[np.ndarray, np.ndarray]:
@@ -111,13 +109,12 @@ class PartSampler:
         labels = torch.tensor(part.labels, dtype=torch.long, device=self.device)
         bf16 = c.precision == "bf16" and self.device.type == "cuda"
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=bf16):
-            codes = generate(
-                self.ar, labels, cfg_scale=c.cfg_scale, schedule=c.cfg_schedule, temperature=c.temperature,
-                top_k=c.top_k, top_p=c.top_p, seed=part.seed, cfg_power=c.cfg_power,
-                codebook=self.tokenizer.codebook if self.ar.cfg.code_dim else None, decode_fn=self.decode_fn,
+            codes = self.generator.sample(
+                labels, cfg_scale=c.cfg_scale, cfg_schedule=c.cfg_schedule, cfg_power=c.cfg_power,
+                temperature=c.temperature, top_k=c.top_k, top_p=c.top_p, seed=part.seed,
             )
-            images = self.tokenizer.decode_codes(codes)
-        dtype = np.int16 if self.ar.cfg.vocab_size <= np.iinfo(np.int16).max else np.int32
+            images = self.tokenizer.decode(codes)
+        dtype = np.int16 if self.generator.vocab_size <= np.iinfo(np.int16).max else np.int32
         return to_uint8(images), codes.cpu().numpy().astype(dtype)
 
     def write_part(self, part: Part, out: str) -> int:

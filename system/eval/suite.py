@@ -17,8 +17,7 @@ import numpy as np
 import torch
 
 from system.config.eval_schema import EvaluateConfig
-from system.config.load import redact, to_dict
-from system.config.schema import StorageConfig
+from system.config import StorageConfig, redact, to_dict
 from system.data.embedded import ensure_embedded_dataset
 from system.data.reader import ShardReader
 from system.data.storage import protocol, read_bytes
@@ -30,7 +29,7 @@ from system.eval.recon_metrics import ReconMeter, build_lpips
 from system.eval.report import build_report
 from system.eval.sample_parts import to_uint8
 from system.eval.token_metrics import codebook_perplexity, codebook_usage, next_token_accuracy
-from system.models.export_io import load_tokenizer_ar
+from system.models.artifacts import load_generator, load_tokenizer, read_model_json
 
 
 @dataclass
@@ -147,30 +146,39 @@ class Evaluator:
 
     @torch.no_grad()
     def reconstruction(self, lpips: torch.nn.Module | None) -> dict:
+        """Reconstruction metrics of the export's tokenizer (any registered kind); the AR model's
+        next-token accuracy on its codes when the export has one (part "ar")."""
         cfg = self.cfg
-        tok, ar = load_tokenizer_ar(cfg.export_url, cfg.storage, ema=cfg.ema, device=self.device)
-        res = tok.cfg.image_size
+        tok = load_tokenizer(cfg.export_url, cfg.storage, ema=cfg.ema, device=self.device)
+        gen = None
+        if "ar" in read_model_json(cfg.export_url, cfg.storage):
+            gen = load_generator(cfg.export_url, tok, cfg.storage, ema=cfg.ema, device=self.device)
+        res = tok.image_size
+        if res is None:
+            if gen is None:
+                raise ValueError(f"the tokenizer of {cfg.export_url} takes any image size and the export has no AR "
+                                 "model to fix one; evaluate an export with an 'ar' part")
+            res = tok.image_size_for(gen.seq_len)
         meter = ReconMeter(lpips, data_range=1.0)
         orig_feats, rec_feats, codes, correct, counted = [], [], [], 0.0, 0
         cached = self._shard_feats.get(res)
         for images, labels in shard_batches(cfg, res):
             images, labels = images.to(self.device), labels.to(self.device)
-            out = tok(images)
+            batch_codes = tok.encode(images)  # (B, L)
             orig = torch.from_numpy(to_uint8(images)).permute(0, 3, 1, 2)  # uint8 (B, 3, R, R)
-            rec = torch.from_numpy(to_uint8(out.image)).permute(0, 3, 1, 2)
+            rec = torch.from_numpy(to_uint8(tok.reconstruct(images))).permute(0, 3, 1, 2)
             meter.update(orig.float() / 255, rec.float() / 255)
             if cached is None:
                 orig_feats.append(self.features(orig)[0])
             rec_feats.append(self.features(rec)[0])
-            codes.append(out.quant.codes.cpu())
-            if bool((labels < ar.cfg.num_classes).all()):
-                logits = ar(out.quant.codes, labels, codebook=tok.codebook if ar.cfg.code_dim else None)
-                correct += next_token_accuracy(logits, out.quant.codes) * labels.numel()
+            codes.append(batch_codes.cpu())
+            if gen is not None and bool((labels < gen.num_classes).all()):
+                correct += next_token_accuracy(gen(batch_codes, labels), batch_codes) * labels.numel()
                 counted += labels.numel()
         originals = cached if cached is not None else np.concatenate(orig_feats)
         recons = np.concatenate(rec_feats)
         self._shard_feats.setdefault(res, originals)
-        all_codes, k = torch.cat(codes), tok.cfg.quantizer.codebook_size
+        all_codes, k = torch.cat(codes), tok.vocab_size
         return {
             "export_url": cfg.export_url, "shards": cfg.shards, "num_images": int(len(recons)), "resolution": res,
             "rfid": fid_from_features(originals, recons, device=self.device),

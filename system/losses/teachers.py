@@ -7,29 +7,16 @@ register tokens removed. Weights come from a local directory (``from_pretrained`
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Literal
-
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-TeacherKind = Literal["dinov2", "siglip"]
+from system.config.methods import TeacherConfig, TeacherKind  # noqa: F401 (re-exported)
 
 _NORM = {
     "dinov2": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),  # ImageNet mean/std
     "siglip": ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),
 }
-
-
-@dataclass
-class TeacherConfig:
-    kind: TeacherKind = "dinov2"
-    path: str | None = None  # local from_pretrained directory
-    hub_name: str | None = None  # e.g. facebook/dinov2-base, google/siglip-so400m-patch14-384
-    image_size: int | None = None  # teacher input size; None = the checkpoint's own
-    random_init: bool = False  # build the architecture with random weights (tests only)
-    tiny: bool = False  # with random_init: a 2-layer width-32 model for fast tests
 
 
 def _random_config(cfg: TeacherConfig):

@@ -1,68 +1,160 @@
-"""The contract between a training method (pure PyTorch) and the pools that run it.
+"""The one contract between a training method (pure PyTorch) and the rank loop that runs it
+(cluster/loop.py), for every method: EOSTok joint training, VAπ's policy, the toy methods of the
+tests, and next AliTok / SemTok stages and AR training.
 
-A method builds its trainable modules and computes one step's losses as a function of
-(modules, batch). The cluster layer owns optimisers, ZeRO, EMA, checkpoints and logging;
-a method never sees them. Frozen helpers (teachers, LPIPS) belong to the method itself.
+A method declares its trainable modules (`modules()`: each with its own optimiser settings and EMA
+choice), the order of its optimiser phases (`phases()`: each phase steps the module of the same
+name), computes one phase's loss as a function of (modules, batch, step, carry) (`step`), and says
+what it exports (`artifacts`). The loop owns engines (DeepSpeed ZeRO), the LR schedule, EMA,
+metrics, checkpoints, fault injection and export; a method never sees them. Cross-rank needs
+(global codebook usage, contrastive negatives, per-rank buffers reduced) go through the
+`Collective` the loop hands the method (`self.collective`), so system/ never imports
+torch.distributed. Frozen helpers (teachers, LPIPS) belong to the method itself (`to(device)`).
+
+    for phase in method.phases():                       # e.g. ["gen", "disc"], ["policy"]
+        with frozen(every other module), autocast:
+            out = method.step(phase, modules, batch, step, carry)
+        backward(out.loss); optimiser step of modules[phase]
+        carry.update(out.aux)                          # detached tensors for the next phase
+
+A method is registered once (system/methods/registry.py): name -> (config type, method class).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from contextlib import contextmanager
-from typing import Any, Iterator, Optional, Protocol
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, ClassVar, Iterator, Optional
 
 import torch
-from torch import nn
+from torch import Tensor, nn
+
+from system.data.source import BatchSource  # noqa: F401  (re-exported: the contract's data side)
+
+if TYPE_CHECKING:
+    from system.models.artifacts import Artifact
+
+
+@dataclass(frozen=True)
+class DataSpec:
+    """What a method may know about its data, resolved once by the driver (e.g. from the index)."""
+
+    resolution: int = 0  # image side in pixels (0: not an image source)
+    num_classes: int = 0
+    storage: Any = None  # StorageConfig for the data's (and a method's input exports') object store
+
+
+@dataclass
+class ModuleSpec:
+    """One trainable module, wrapped by the loop in one engine. None: the experiment's `optim.*`."""
+
+    module: nn.Module
+    lr: Optional[float] = None
+    betas: Optional[tuple[float, float]] = None
+    weight_decay: Optional[float] = None
+    ema_decay: float = 0.0  # > 0: the loop keeps an EMA of this module (exported as <part>_ema)
 
 
 @dataclass
 class StepOutput:
-    """One step's scalar loss (to backprop), float metrics (to log), and tensors that the
-    discriminator step or the sample grid may reuse (`aux`, detached)."""
+    """One phase's scalar loss (to backprop), metrics (tensors stay on the device; the loop syncs
+    them only when it logs) and detached tensors for the next phase or the sample grid (`aux`)."""
 
-    loss: torch.Tensor
-    metrics: dict[str, float] = field(default_factory=dict)
+    loss: Tensor
+    metrics: dict[str, Any] = field(default_factory=dict)
     aux: dict[str, Any] = field(default_factory=dict)
 
 
-class Method(Protocol):
-    def build_generator(self) -> nn.Module:
-        """The module optimised by the main engine (e.g. tokenizer + AR wrapped together)."""
+class Collective:
+    """Cross-rank operations a method may use; this default is the single-process identity
+    (the loop hands a torch.distributed one to every rank)."""
 
-    def build_discriminator(self) -> Optional[nn.Module]:
-        """A second module optimised alternately (None when the method has no GAN term)."""
+    rank: int = 0
+    world_size: int = 1
+
+    def all_reduce(self, t: Tensor, op: str = "sum") -> Tensor:
+        """`t` reduced over ranks ("sum" | "mean" | "max"), out of place."""
+        return t.clone()
+
+    def all_gather(self, t: Tensor) -> Tensor:
+        """Every rank's `t` (same shape on every rank) concatenated along dim 0, in rank order."""
+        return t.clone()
+
+
+class Method:
+    """Base class of every method. Subclasses set `Config` (the dataclass of their `method:`
+    section) and implement `modules`, `phases`, `step` and `artifacts`; the hooks below have
+    working defaults and are part of the contract (the loop calls them unconditionally)."""
+
+    Config: ClassVar[type]
+    collective: Collective = Collective()
+
+    def __init__(self, cfg: Any, data: DataSpec):
+        self.cfg, self.data = cfg, data
+
+    # ------------------------------------------------------------------ required
+    def modules(self) -> dict[str, ModuleSpec]:
+        """Fresh trainable modules by name. Built anew on each call (the loop calls it once per
+        rank to train, and again on rank 0 for plain copies when ZeRO-3 partitions parameters);
+        the loop seeds the RNG identically on every rank before the first call."""
+        raise NotImplementedError
+
+    def phases(self) -> list[str]:
+        """The order of optimiser steps within one training step; each names a module."""
+        raise NotImplementedError
+
+    def step(self, phase: str, mods: dict[str, nn.Module], batch: Any, step: int, carry: dict) -> StepOutput:
+        """The loss of `phase` (every module but `mods[phase]` is frozen). `carry` holds the aux of
+        the earlier phases of this step."""
+        raise NotImplementedError
+
+    def artifacts(self, mods: dict[str, nn.Module]) -> dict[str, Artifact]:
+        """The exported parts (weights + model config + kind), from full (gathered) modules."""
+        raise NotImplementedError
+
+    # ------------------------------------------------------------------ hooks with defaults
+    @classmethod
+    def resolve_data(cls, exp: Any) -> DataSpec:
+        """The driver's one look at the data before any worker starts (an `Experiment` with an image
+        `data` section by default: its resolution and the class count of its shard index)."""
+        from system.data.shards import read_index
+
+        return DataSpec(exp.data.resolution, len(read_index(exp.data.url, exp.data.storage)["classes"]), exp.data.storage)
+
+    @classmethod
+    def check(cls, cfg: Any, data: DataSpec) -> None:
+        """Raise ValueError (naming the config key) for a config this method cannot run, before
+        any resource is allocated."""
 
     def to(self, device: torch.device) -> "Method":
-        """Move the method's frozen helpers (teachers, LPIPS) to `device`."""
+        """Move the method's frozen helpers (teachers, LPIPS, references) to `device`."""
+        return self
 
-    def generator_step(
-        self, gen: nn.Module, disc: Optional[nn.Module], batch: dict, step: int
-    ) -> StepOutput:
-        """Losses for the generator; `disc` is used frozen (no grads to its parameters)."""
+    def sample_images(self, mods: dict[str, nn.Module], batch: Any, seed: int) -> dict[str, Tensor]:
+        """Named image rows in [-1, 1] for a PNG grid ({}: the method draws none)."""
+        return {}
 
-    def discriminator_step(self, disc: nn.Module, batch: dict, aux: dict, step: int) -> StepOutput:
-        """Losses for the discriminator from the generator step's detached outputs (`aux`)."""
+    def sample_batch(self, batch: Any, n: int) -> Any:
+        """The first `n` examples of `batch` for `sample_images` (None: no grid from this batch)."""
+        if isinstance(batch, dict):
+            return {k: (v[:n] if torch.is_tensor(v) or isinstance(v, list) else v) for k, v in batch.items()}
+        return None
 
-    @torch.no_grad()
-    def sample_images(self, gen: nn.Module, batch: dict, seed: int) -> dict[str, torch.Tensor]:
-        """Named image rows in [-1, 1] (originals, reconstructions, samples) for a PNG grid."""
+    def external_parameters(self, name: str, module: nn.Module) -> list[nn.Parameter]:
+        """Parameters of `module` read outside its own forward (ZeRO-3 must register them)."""
+        return []
 
-    def export(self, gen: nn.Module) -> dict[str, dict[str, torch.Tensor]]:
-        """Consolidated weights to save as separate safetensors files, e.g. {"tokenizer": sd, "ar": sd}."""
+    def state_dict(self) -> dict:
+        """Per-rank method state a checkpoint keeps (beyond module weights and buffers)."""
+        return {}
 
-    # Optional hooks the pool uses when a method defines them:
-    #   export_configs() -> {"tokenizer": {...}, "ar": {...}}  written as export/model.json
-    #   train_state_dict() / load_train_state_dict(sd)        extra per-rank state in checkpoints
-    #   generator modules may define external_parameters()    parameters read outside their
-    #                                                          own module's forward (ZeRO-3)
+    def load_state_dict(self, state: dict) -> None:
+        pass
 
 
 @contextmanager
-def frozen(module: Optional[nn.Module]) -> Iterator[None]:
-    """Parameters of `module` get no gradients inside (flags restored on exit)."""
-    if module is None:
-        yield
-        return
-    flags = [(p, p.requires_grad) for p in module.parameters()]
+def frozen(*modules: Optional[nn.Module]) -> Iterator[None]:
+    """Parameters of `modules` get no gradients inside (flags restored on exit)."""
+    flags = [(p, p.requires_grad) for m in modules if m is not None for p in m.parameters()]
     for p, _ in flags:
         p.requires_grad_(False)
     try:

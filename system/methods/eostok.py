@@ -14,17 +14,17 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from system.config.load import override_dataclass
-from system.config.schema import EOSTokMethodConfig, ModelConfig
+from system.config import EOSTokConfig, ModelConfig, override_dataclass
 from system.eval.recon_metrics import psnr
 from system.losses.align import AlignConfig, DecoderAlignLoss, ImplicitAlignLoss
 from system.losses.gan import DiscriminatorConfig, GANLoss, GANLossConfig
 from system.losses.lpips import LPIPS
 from system.losses.recon import ntp_loss
 from system.losses.teachers import Teacher
-from system.methods.base import StepOutput, frozen
+from system.methods.base import DataSpec, Method, ModuleSpec, StepOutput, frozen
+from system.methods.registry import register
+from system.models.artifacts import Artifact
 from system.models.gpt import GPT, GPTConfig
-from system.models.quantizers import codebook_perplexity, codebook_usage
 from system.models.registry import gpt_config
 from system.models.tokenizer1d import Tokenizer1D, Tokenizer1DConfig, tokenizer_config
 
@@ -50,7 +50,7 @@ class EOSTokModel(nn.Module):
     """Everything the main engine optimises: tokenizer, AR model and the alignment projectors.
 
     The whole step runs inside `forward`, so ZeRO-3 gathers parameters for it; the codebook is
-    also read outside the quantizer (`external_parameters`), which the engine registers."""
+    also read outside the quantizer (`EOSTok.external_parameters`), which the engine registers."""
 
     def __init__(self, tok_cfg: Tokenizer1DConfig, ar_cfg: GPTConfig, teacher_dim: int = 0, repa_layer: int = 1,
                  align: bool = False, repa: bool = False):
@@ -60,9 +60,6 @@ class EOSTokModel(nn.Module):
         self.repa_layer = repa_layer
         self.align = ImplicitAlignLoss(AlignConfig(tok_cfg.enc_width, teacher_dim, hidden_dim=4 * tok_cfg.enc_width)) if align else None
         self.repa = DecoderAlignLoss(AlignConfig(tok_cfg.dec_width, teacher_dim, hidden_dim=4 * tok_cfg.dec_width)) if repa else None
-
-    def external_parameters(self) -> list[nn.Parameter]:
-        return [self.tokenizer.quantizer.codebook] if isinstance(self.tokenizer.quantizer.codebook, nn.Parameter) else []
 
     def forward(self, images: Tensor, labels: Tensor, teacher: Optional[Tensor] = None,
                 detach_ar_input: bool = False) -> EOSTokForward:
@@ -83,10 +80,10 @@ class EOSTokModel(nn.Module):
 
 def build_configs(model: ModelConfig, resolution: int, num_classes: int) -> tuple[Tokenizer1DConfig, GPTConfig]:
     """Registry presets + overrides, with the fields that must agree derived from one place."""
-    tok = override_dataclass(tokenizer_config(model.tokenizer), model.tokenizer_overrides, "model.tokenizer_overrides")
+    tok = override_dataclass(tokenizer_config(model.tokenizer), model.tokenizer_overrides, "method.model.tokenizer_overrides")
     tok = dataclasses.replace(tok, image_size=resolution, attn_backend=model.attn_backend,
                               grad_checkpointing=model.grad_checkpointing)
-    ar = override_dataclass(gpt_config(model.ar), model.ar_overrides, "model.ar_overrides")
+    ar = override_dataclass(gpt_config(model.ar), model.ar_overrides, "method.model.ar_overrides")
     ar = dataclasses.replace(
         ar, vocab_size=tok.quantizer.codebook_size, block_size=tok.seq_len, code_dim=tok.latent_dim,
         num_classes=num_classes, attn_backend=model.attn_backend, grad_checkpointing=model.grad_checkpointing,
@@ -94,10 +91,13 @@ def build_configs(model: ModelConfig, resolution: int, num_classes: int) -> tupl
     return tok, ar
 
 
-def check_config(cfg: EOSTokMethodConfig, model: ModelConfig, resolution: int, num_classes: int) -> None:
+def check_config(cfg: EOSTokConfig, data: DataSpec) -> None:
     """Everything that can be wrong with an EOSTok config, found without building a network
     (the job calls it before any Ray worker starts)."""
-    build_configs(model, resolution, num_classes)
+    try:
+        build_configs(cfg.model, data.resolution, data.num_classes)
+    except (ValueError, KeyError) as e:
+        raise ValueError(f"method.model / data.resolution={data.resolution}: {e}") from None
     if cfg.align > 0 or cfg.repa > 0:
         t = cfg.teacher
         if t.random_init and (t.path or t.hub_name):
@@ -111,16 +111,31 @@ def check_config(cfg: EOSTokMethodConfig, model: ModelConfig, resolution: int, n
                          "(or method.lpips_net.random_init=true for a demo), or method.lpips=0 method.apr_lpips=0")
 
 
-class EOSTok:
-    """The EOSTok method (see system/methods/base.py for the contract)."""
+def code_histogram(codes: Tensor, k: int) -> Tensor:
+    """(K,) float counts of each code in `codes` (no host sync)."""
+    return torch.zeros(k, device=codes.device).index_add_(0, codes.flatten(), torch.ones(codes.numel(), device=codes.device))
 
-    def __init__(self, cfg: EOSTokMethodConfig, model: ModelConfig, resolution: int, num_classes: int):
-        check_config(cfg, model, resolution, num_classes)
-        self.cfg = cfg
-        self.tok_cfg, self.ar_cfg = build_configs(model, resolution, num_classes)
-        self.num_classes = num_classes
+
+def usage_and_perplexity(counts: Tensor) -> tuple[Tensor, Tensor]:
+    """Fraction of codes used and exp(entropy) of the code distribution from (K,) counts."""
+    p = counts / counts.sum().clamp_min(1)
+    return (counts > 0).float().mean(), torch.exp(-(p * p.clamp_min(1e-30).log()).sum())
+
+
+class EOSTok(Method):
+    """The EOSTok method: modules "gen" (tokenizer + AR + alignment heads, with an EMA) and
+    "disc" (PatchGAN with LeCam, when method.gan > 0), phases gen then disc."""
+
+    def __init__(self, cfg: EOSTokConfig, data: DataSpec):
+        check_config(cfg, data)
+        super().__init__(cfg, data)
+        self.tok_cfg, self.ar_cfg = build_configs(cfg.model, data.resolution, data.num_classes)
         self.teacher = Teacher(cfg.teacher) if cfg.align > 0 or cfg.repa > 0 else None
         self.lpips = LPIPS(cfg.lpips_net.vgg_path, cfg.lpips_net.lin_path) if cfg.lpips > 0 or cfg.apr_lpips > 0 else None
+
+    @classmethod
+    def check(cls, cfg: EOSTokConfig, data: DataSpec) -> None:
+        check_config(cfg, data)
 
     def to(self, device: torch.device) -> "EOSTok":
         for m in (self.teacher, self.lpips):
@@ -141,9 +156,29 @@ class EOSTok:
         return GANLoss(GANLossConfig(disc=disc, weight=self.cfg.gan, lecam_weight=self.cfg.lecam,
                                      adaptive=self.cfg.adaptive_gan_weight, gan_start_step=self.cfg.gan_start_step))
 
+    def modules(self) -> dict[str, ModuleSpec]:
+        out = {"gen": ModuleSpec(self.build_generator(), ema_decay=self.cfg.ema_decay)}
+        disc = self.build_discriminator()
+        if disc is not None:
+            out["disc"] = ModuleSpec(disc, lr=self.cfg.disc_lr, betas=tuple(self.cfg.disc_betas))
+        return out
+
+    def phases(self) -> list[str]:
+        return ["gen", "disc"] if self.cfg.gan > 0 else ["gen"]
+
+    def external_parameters(self, name: str, module: nn.Module) -> list[nn.Parameter]:
+        cb = module.tokenizer.quantizer.codebook if name == "gen" else None
+        return [cb] if isinstance(cb, nn.Parameter) else []
+
     # -------------------------------------------------------------------- steps
     def _lpips(self, a: Tensor, b: Tensor) -> Tensor:
         return self.lpips(a, b).mean()
+
+    def step(self, phase: str, mods: dict[str, nn.Module], batch: dict, step: int, carry: dict) -> StepOutput:
+        if phase == "gen":
+            return self.generator_step(mods["gen"], mods.get("disc"), batch, step)
+        loss, m = mods["disc"].discriminator_loss(batch["image"], carry["recon"], step)
+        return StepOutput(loss, {k: v.detach() for k, v in m.items()})
 
     def generator_step(self, gen: nn.Module, disc: Optional[nn.Module], batch: dict, step: int) -> StepOutput:
         c = self.cfg
@@ -175,25 +210,23 @@ class EOSTok:
                 g, _ = disc.generator_loss(out.recon, step)
             terms["gan_g"] = g  # already weighted by cfg.gan (0 before gan_start_step)
         loss = torch.stack([v.float() for v in terms.values()]).sum()
-        with torch.no_grad():
-            metrics = {f"loss/{k}": float(v) for k, v in terms.items()}
+        with torch.no_grad():  # tensors: the loop syncs them to the host only when it logs
+            counts = self.collective.all_reduce(code_histogram(out.codes, self.tok_cfg.quantizer.codebook_size))
+            usage, ppl = usage_and_perplexity(counts)  # over the global batch of this step
+            metrics = {f"loss/{k}": v.detach() for k, v in terms.items()}
             metrics.update({
-                "loss/total": float(loss), "ntp_ce": float(ntp), "ar_acc": float(acc),
+                "loss/total": loss.detach(), "ntp_ce": ntp.detach(), "ar_acc": acc,
                 "psnr": batch_psnr(out.recon, x), "apr_psnr": batch_psnr(out.apr, x),
-                "codebook_usage": codebook_usage(out.codes, self.tok_cfg.quantizer.codebook_size),
-                "codebook_perplexity": codebook_perplexity(out.codes, self.tok_cfg.quantizer.codebook_size),
+                "codebook_usage": usage, "codebook_perplexity": ppl,
             })
         return StepOutput(loss, metrics, {"recon": out.recon.detach()})
 
-    def discriminator_step(self, disc: nn.Module, batch: dict, aux: dict, step: int) -> StepOutput:
-        loss, m = disc.discriminator_loss(batch["image"], aux["recon"], step)
-        return StepOutput(loss, {k: float(v) for k, v in m.items()})
-
     # --------------------------------------------------------------- outputs
     @torch.no_grad()
-    def sample_images(self, gen: nn.Module, batch: dict, seed: int) -> dict[str, Tensor]:
+    def sample_images(self, mods: dict[str, nn.Module], batch: dict, seed: int) -> dict[str, Tensor]:
         from system.sampling.ar import generate
 
+        gen = mods["gen"]
         x, y = batch["image"], batch["label"]
         recon = gen.tokenizer(x).image
         codes = generate(gen.ar, y, cfg_scale=self.cfg.sample_cfg_scale, temperature=self.cfg.sample_temperature,
@@ -201,57 +234,37 @@ class EOSTok:
         samples = gen.tokenizer.decode_codes(codes)
         return {"original": x, "reconstruction": recon.clamp(-1, 1), "ar_sample": samples.clamp(-1, 1)}
 
-    def export(self, gen: nn.Module) -> dict[str, dict[str, Tensor]]:
-        return {"tokenizer": gen.tokenizer.state_dict(), "ar": gen.ar.state_dict()}
+    def artifacts(self, mods: dict[str, nn.Module]) -> dict[str, Artifact]:
+        gen = mods["gen"]
+        return {"tokenizer": Artifact("tokenizer1d", dataclasses.asdict(self.tok_cfg), gen.tokenizer.state_dict()),
+                "ar": Artifact("gpt", dataclasses.asdict(self.ar_cfg), gen.ar.state_dict())}
 
-    def export_configs(self) -> dict[str, dict]:
-        return {"tokenizer": dataclasses.asdict(self.tok_cfg), "ar": dataclasses.asdict(self.ar_cfg)}
+
+register("eostok", EOSTokConfig, EOSTok)
 
 
-def batch_psnr(recon: Tensor, real: Tensor) -> float:
+def batch_psnr(recon: Tensor, real: Tensor) -> Tensor:
     """Mean per-image PSNR in dB of images in [-1, 1] (the evaluation's definition, on the
     [-1, 1] scale: data_range 2), reconstructions clamped to the valid range first."""
-    return float(psnr(recon.detach().float().clamp(-1, 1), real.float(), data_range=2.0).mean())
-
-
-def eostok_from_experiment(cfg) -> EOSTok:
-    """Method factory for the training pool (picklable by reference): EOSTok for an
-    `EOSTokExperiment`, with the class count read from the data index."""
-    return EOSTok(cfg.method, cfg.model, cfg.data.resolution, num_classes_of(cfg))
-
-
-def check_experiment(cfg) -> None:
-    """`check_config` for a whole experiment: prints the problem and exits 2 (job entry points)."""
-    import sys
-
-    try:
-        check_config(cfg.method, cfg.model, cfg.data.resolution, num_classes_of(cfg))
-    except (ValueError, TypeError) as e:
-        print(f"config error: {e}", file=sys.stderr)
-        raise SystemExit(2) from None
-
-
-def num_classes_of(cfg) -> int:
-    from system.data.shards import read_index
-
-    return len(read_index(cfg.data.url, cfg.data.storage)["classes"])
+    return psnr(recon.detach().float().clamp(-1, 1), real.float(), data_range=2.0).mean()
 
 
 def val_psnr_report(cfg, export_url: str) -> dict[str, float]:
     """Validation reconstruction PSNR (dB) of the exported tokenizer (raw and EMA weights) next to
-    an untrained tokenizer of the same config: the demo's evidence that training did something."""
+    an untrained tokenizer of the same config: the demo's evidence that training did something.
+    `cfg`: an EOSTokExperiment (its data section)."""
     from system.data.reader import ShardReader
     from system.eval.recon_metrics import mean_psnr
-    from system.models.export_io import load_tokenizer_ar
+    from system.models.artifacts import load_tokenizer
 
     def val_batches():
         return ShardReader.from_config(cfg.data, rank=0, world_size=1, seed=cfg.seed, val=True).one_epoch()
 
     report = {}
     for name, ema in (("trained", False), ("trained_ema", True)):
-        tok, _ = load_tokenizer_ar(export_url, cfg.data.storage, ema=ema)
-        report[name] = mean_psnr(lambda x: tok(x).image, val_batches())
+        tok = load_tokenizer(export_url, cfg.data.storage, ema=ema)
+        report[name] = mean_psnr(tok.reconstruct, val_batches())
     torch.manual_seed(cfg.seed)
-    untrained = Tokenizer1D(tok.cfg).eval()
+    untrained = Tokenizer1D(tok.model.cfg).eval()
     report["untrained"] = mean_psnr(lambda x: untrained(x).image, val_batches())
     return report

@@ -17,12 +17,13 @@ from torch import Tensor
 class GRPOConfig:
     clip_eps: float = 0.2  # PPO ratio clip, per token
     adv_clip: float = 5.0  # advantages clipped to [-adv_clip, adv_clip]
-    adv_eps: float = 1e-6  # added to the group std
+    adv_eps: float = 1e-8  # added to the group std (official VA-Pi: 1e-8)
     beta: float = 0.1  # weight of the prior regulariser (CE on ground-truth tokens)
     kl: float = 0.0  # weight of the KL to a frozen reference policy (0: off)
+    temperature: float = 1.0  # the rollouts' sampling temperature: new log-probs from logits / T as the old ones
 
 
-def group_advantages(rewards: Tensor, group_ids: Tensor, eps: float = 1e-6, clip: float = 5.0) -> Tensor:
+def group_advantages(rewards: Tensor, group_ids: Tensor, eps: float = 1e-8, clip: float = 5.0) -> Tensor:
     """rewards (N,), group ids (N,) -> (N,) (r - mean_g) / (std_g + eps), clipped at +-clip.
 
     std is the unbiased standard deviation within each group (0 for a group of one)."""
@@ -81,8 +82,10 @@ def grpo_loss(logits: Tensor, image_index: Tensor, tokens: Tensor, logp_old: Ten
     logits (B, L, V) of the policy given each image's (noised) ground-truth prefix; the N samples
     are rows image_index (N,) of it with tokens (N, L), sampling log-probs logp_old (N, L),
     rewards (N,), group ids (N,); gt_tokens (B, L). Returns (loss, metrics)."""
-    logp_all = logits.float().log_softmax(-1)  # (B, L, V)
-    logp_new = logp_all[image_index].gather(-1, tokens.unsqueeze(-1)).squeeze(-1)  # (N, L)
+    logp_all = logits.float().log_softmax(-1)  # (B, L, V): the prior's likelihood (unscaled)
+    # the sampling policy's log-probs, at the rollouts' temperature: an on-policy ratio is exactly 1
+    logp_t = logp_all if cfg.temperature == 1.0 else (logits.float() / cfg.temperature).log_softmax(-1)
+    logp_new = logp_t[image_index].gather(-1, tokens.unsqueeze(-1)).squeeze(-1)  # (N, L)
     adv = group_advantages(rewards, group_ids, cfg.adv_eps, cfg.adv_clip)
     pg, clip_frac = clipped_objective(logp_new, logp_old, adv, cfg.clip_eps)
     ce = F.nll_loss(logp_all.flatten(0, 1), gt_tokens.flatten())
@@ -92,7 +95,7 @@ def grpo_loss(logits: Tensor, image_index: Tensor, tokens: Tensor, logp_old: Ten
                "adv_abs_max": adv.abs().max(),
                "ratio_mean": torch.exp(logp_new - logp_old).mean().detach()}
     if ref_logits is not None and cfg.kl > 0:
-        logp_ref = token_logprobs(ref_logits[image_index], tokens)
+        logp_ref = token_logprobs(ref_logits[image_index].float() / cfg.temperature, tokens)
         kl = kl_k3(logp_new, logp_ref)
         loss = loss + cfg.kl * kl
         metrics["kl"] = kl.detach()

@@ -5,7 +5,8 @@ token prefix; G sequences per image sampled position-wise from those logits; eac
 frozen tokenizer and scored with reward = -(w_mse MSE + w_lpips LPIPS) against the real image.
 The GRPO update (system/methods/grpo.py) raises the log-probability of the better samples, with a
 cross-entropy prior on the ground-truth tokens. Works with our 1D tokenizer + GPT (EOSTok/AliTok
-exports) and LlamaGen's VQ-16 + c2i GPT through `FrozenTokenizer`.
+exports) and LlamaGen's VQ-16 + c2i GPT, or any registered kinds, through the protocols of
+system.models.artifacts (`Tokenizer`, `Generator`).
 """
 from __future__ import annotations
 
@@ -15,133 +16,38 @@ from typing import Optional
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 
 from system.losses.lpips import LPIPS
+from system.config import VapiConfig
+from system.methods.base import DataSpec, Method, ModuleSpec, StepOutput
 from system.methods.grpo import GRPOConfig, grpo_loss
-from system.models.gpt import GPT
-from system.models.tokenizer1d import Tokenizer1D
-from system.models.vqgan import VQModel
+from system.methods.registry import register
+from system.models.artifacts import (  # noqa: F401 - FrozenTokenizer .. frozen_tokenizer: old import paths
+    Artifact,
+    FrozenTokenizer,
+    Generator,
+    GPTGenerator,
+    Tokenizer,
+    Tokenizer1DFrozen,
+    VQFrozen,
+    check_fit,
+    frozen_tokenizer,
+    load_llamagen,
+    load_pair,
+)
 
 
-# ---------------------------------------------------------------------------- frozen tokenizers
-class FrozenTokenizer(nn.Module):
-    """Frozen tokenizer interface: encode images (B, 3, H, W) in [-1, 1] -> codes (B, L);
-    decode codes (B, L) -> images; `codebook` (V, D) when the AR model embeds codes through it."""
-
-    def __init__(self, model: nn.Module):
-        super().__init__()
-        self.model = model.eval().requires_grad_(False)
-
-    def train(self, mode: bool = True) -> "FrozenTokenizer":
-        return super().train(False)
-
-    @property
-    def codebook(self) -> Optional[Tensor]:
-        return None
-
-    def encode(self, images: Tensor) -> Tensor:
-        raise NotImplementedError
-
-    def decode(self, codes: Tensor) -> Tensor:
-        raise NotImplementedError
-
-    def num_tokens(self, resolution: int) -> int:
-        """Codes per image at `resolution` px (ValueError when the tokenizer cannot take that size)."""
-        raise NotImplementedError
-
-
-class Tokenizer1DFrozen(FrozenTokenizer):
-    """Our 1D tokenizer (EOSTok, AliTok exports); its codebook feeds the AR input embedding."""
-
-    model: Tokenizer1D
-
-    @property
-    def codebook(self) -> Tensor:
-        return self.model.codebook
-
-    @torch.no_grad()
-    def encode(self, images: Tensor) -> Tensor:
-        quant, _ = self.model.encode(images)
-        return quant.codes  # (B, L)
-
-    @torch.no_grad()
-    def decode(self, codes: Tensor) -> Tensor:
-        return self.model.decode_codes(codes)  # (B, 3, H, W)
-
-    def num_tokens(self, resolution: int) -> int:
-        if resolution != self.model.cfg.image_size:
-            raise ValueError(f"this 1D tokenizer works at {self.model.cfg.image_size} px, not {resolution}; "
-                             f"set data.resolution={self.model.cfg.image_size}")
-        return self.model.cfg.seq_len
-
-
-class VQFrozen(FrozenTokenizer):
-    """LlamaGen's VQ-16 (2D grid of codes, raster order); the GPT embeds ids with its own table."""
-
-    model: VQModel
-
-    @torch.no_grad()
-    def encode(self, images: Tensor) -> Tensor:
-        return self.model.encode(images).flatten(1)  # (B, h*w)
-
-    @torch.no_grad()
-    def decode(self, codes: Tensor) -> Tensor:
-        return self.model.decode_codes(codes)
-
-    def num_tokens(self, resolution: int) -> int:
-        f = self.model.cfg.downsample
-        if resolution % f:
-            raise ValueError(f"data.resolution={resolution} is not a multiple of the VQ's downsampling factor {f}")
-        return (resolution // f) ** 2
-
-
-def frozen_tokenizer(model: nn.Module) -> FrozenTokenizer:
-    if isinstance(model, FrozenTokenizer):
-        return model
-    if isinstance(model, Tokenizer1D):
-        return Tokenizer1DFrozen(model)
-    if isinstance(model, VQModel):
-        return VQFrozen(model)
-    raise TypeError(f"no FrozenTokenizer adapter for {type(model).__name__}; expected Tokenizer1D or VQModel")
-
-
-# ---------------------------------------------------------------------------- policy
-class VapiPolicy(nn.Module):
-    """The trainable AR model plus the frozen codebook it embeds codes through (EOSTok's AR takes
-    `codebook=`; LlamaGen's GPT does not). state_dict() holds the AR weights only ("ar.*")."""
-
-    def __init__(self, ar: GPT, codebook: Optional[Tensor] = None):
-        super().__init__()
-        self.ar = ar
-        needs = ar.code_proj is not None
-        if needs and codebook is None:
-            raise ValueError("this GPT embeds codes through a codebook (GPTConfig.code_dim set): pass the tokenizer's codebook")
-        self.register_buffer("codebook", codebook.detach().clone() if needs else None, persistent=False)
-
-    @property
-    def vocab_size(self) -> int:
-        return self.ar.cfg.vocab_size
-
-    def forward(self, tokens: Tensor, labels: Tensor) -> Tensor:
-        """Teacher forcing: input ids (B, L), labels (B,) -> logits (B, L, V) for every position."""
-        return self.ar(tokens, labels, codebook=self.codebook)
-
-
-def check_fit(policy: VapiPolicy, tokenizer: FrozenTokenizer, resolution: int) -> None:
-    """ValueError unless the AR model generates exactly the tokenizer's code sequence at `resolution`."""
-    n, c = tokenizer.num_tokens(resolution), policy.ar.cfg
-    if n != c.block_size:
-        raise ValueError(f"the tokenizer gives {n} codes per {resolution} px image but the AR model generates "
-                         f"{c.block_size} (e.g. LlamaGen's 384 px checkpoints need method.gpt_overrides.block_size=576 "
-                         "and data.resolution=384)")
-    if getattr(tokenizer, "codebook", None) is not None and tokenizer.codebook.shape[0] != c.vocab_size:
-        raise ValueError(f"codebook size {tokenizer.codebook.shape[0]} != AR vocab {c.vocab_size}")
+# The frozen tokenizer adapters, the policy (an AR generator + the codebook it embeds codes
+# through) and check_fit live in system.models.artifacts; the old names stay importable here.
+VapiPolicy = GPTGenerator
 
 
 # ---------------------------------------------------------------------------- rollouts
 @dataclass
-class VapiConfig:
+class RolloutConfig:
+    """What a rollout actor needs (built from the method's `VapiConfig` by `rollout_config`)."""
+
     group_size: int = 8
     noise_p: float = 0.0  # contextual noise: replace each teacher-forced input by a uniform token w.p. p
     temperature: float = 1.0
@@ -219,8 +125,8 @@ def pixel_reward(images: Tensor, real: Tensor, lpips: Optional[LPIPS], w_mse: fl
 
 
 @torch.no_grad()
-def rollout(policy: VapiPolicy, tokenizer: FrozenTokenizer, lpips: Optional[LPIPS], images: Tensor, labels: Tensor,
-            group_ids: Tensor, cfg: VapiConfig, generator: torch.Generator,
+def rollout(policy: Generator, tokenizer: Tokenizer, lpips: Optional[LPIPS], images: Tensor, labels: Tensor,
+            group_ids: Tensor, cfg: RolloutConfig, generator: torch.Generator,
             gt_tokens: Optional[Tensor] = None, timings: Optional[dict] = None) -> Rollouts:
     """Rollouts for real images (B, 3, H, W), labels (B,), global group ids (B,): G samples each.
     `timings` (if given) receives seconds of "sample_s" (encode + forward + sampling) and "reward_s"
@@ -249,10 +155,10 @@ def rollout(policy: VapiPolicy, tokenizer: FrozenTokenizer, lpips: Optional[LPIP
                     group_ids=group_ids[image_index], image_index=image_index, mse=torch.cat(mses), lpips=torch.cat(lps))
 
 
-def vapi_loss(policy: nn.Module, batch: Rollouts, cfg: GRPOConfig, reference: Optional[nn.Module] = None
+def vapi_loss(policy: Generator, batch: Rollouts, cfg: GRPOConfig, reference: Optional[Generator] = None
               ) -> tuple[Tensor, dict[str, Tensor]]:
     """GRPO + prior loss of `policy` on a rollout batch (one teacher-forced forward per image)."""
-    logits = policy(batch.inputs, batch.labels)  # (B, L, V)
+    logits = policy(batch.inputs, batch.labels)  # (B, L, V); grpo_loss scales by 1 / cfg.temperature
     ref_logits = None
     if reference is not None and cfg.kl > 0:
         with torch.no_grad():
@@ -266,8 +172,8 @@ def vapi_loss(policy: nn.Module, batch: Rollouts, cfg: GRPOConfig, reference: Op
 
 
 @torch.no_grad()
-def heldout_reward(policy: VapiPolicy, tokenizer: FrozenTokenizer, lpips: Optional[LPIPS], images: Tensor,
-                   labels: Tensor, cfg: VapiConfig, seed: int = 0) -> float:
+def heldout_reward(policy: Generator, tokenizer: Tokenizer, lpips: Optional[LPIPS], images: Tensor,
+                   labels: Tensor, cfg: RolloutConfig, seed: int = 0) -> float:
     """Mean reward of teacher-forced rollouts on held-out images (fixed seed): the eval signal."""
     gen = torch.Generator(device=images.device).manual_seed(seed)
     ids = torch.arange(images.shape[0], device=images.device)
@@ -276,23 +182,117 @@ def heldout_reward(policy: VapiPolicy, tokenizer: FrozenTokenizer, lpips: Option
 
 def load_parts(export_url: Optional[str] = None, llamagen_gpt: Optional[str] = None, llamagen_vq: Optional[str] = None,
                lpips_vgg: Optional[str] = None, lpips_lin: Optional[str] = None, use_lpips: bool = True,
-               storage=None, llamagen_preset: Optional[str] = None, **gpt_overrides) -> tuple[VapiPolicy, FrozenTokenizer, Optional[LPIPS]]:
-    """(policy, frozen tokenizer, LPIPS) from an export of ours or LlamaGen checkpoint paths (CPU)."""
+               storage=None, llamagen_preset: Optional[str] = None, **gpt_overrides
+               ) -> tuple[Generator, Tokenizer, Optional[LPIPS]]:
+    """(policy, frozen tokenizer, LPIPS) from an export of ours (any registered kinds) or LlamaGen
+    checkpoint paths (CPU); the policy's AR model is trainable, in eval mode."""
     if export_url and not (llamagen_gpt or llamagen_vq):
-        from system.models.export_io import load_tokenizer_ar
-
-        tok_model, ar = load_tokenizer_ar(export_url, storage)
-        tok = frozen_tokenizer(tok_model)
-        policy = VapiPolicy(ar.eval(), tok.codebook)
+        tok, policy = load_pair(export_url, storage)
     elif llamagen_gpt and llamagen_vq and not export_url:
-        from system.models.adapters_llamagen_gpt import load_llamagen_gpt
-        from system.models.adapters_vq import load_llamagen_vq
-
-        tok = frozen_tokenizer(load_llamagen_vq(llamagen_vq))
-        policy = VapiPolicy(load_llamagen_gpt(llamagen_gpt, name=llamagen_preset, **gpt_overrides).eval())
+        tok, policy = load_llamagen(llamagen_gpt, llamagen_vq, llamagen_preset, **gpt_overrides)
     else:
         raise ValueError("give either method.export_url (a run's export/ folder) or both method.llamagen_gpt and "
                          f"method.llamagen_vq (checkpoint paths); got export_url={export_url!r}, "
                          f"llamagen_gpt={llamagen_gpt!r}, llamagen_vq={llamagen_vq!r}")
     lp = LPIPS(lpips_vgg, lpips_lin) if use_lpips else None
     return policy, tok, lp
+
+
+def rollout_config(m: VapiConfig) -> RolloutConfig:
+    """The rollout and GRPO settings of the method's config (one temperature for both sides)."""
+    return RolloutConfig(group_size=m.group_size, noise_p=m.noise_p, temperature=m.temperature, w_mse=m.w_mse,
+                         w_lpips=m.w_lpips, grpo=GRPOConfig(clip_eps=m.clip_eps, adv_clip=m.adv_clip, adv_eps=m.adv_eps,
+                                                            beta=m.beta, kl=m.kl, temperature=m.temperature))
+
+
+def check_config(m: VapiConfig, data: DataSpec) -> None:
+    """Method-level rules, before any actor starts (the export's model.json is read, nothing built)."""
+    if bool(m.export_url) == bool(m.llamagen_gpt or m.llamagen_vq):
+        raise ValueError("set either method.export_url or method.llamagen_gpt + method.llamagen_vq (and export_url=null)")
+    if m.w_lpips > 0 and not (m.lpips_net.vgg_path or m.lpips_net.random_init):
+        raise ValueError("method.w_lpips > 0 needs method.lpips_net.vgg_path/lin_path (or random_init=true for a demo)")
+    if m.group_size < 2:
+        raise ValueError(f"method.group_size={m.group_size}: advantages are normalised within a group; use group_size >= 2")
+    if m.temperature <= 0:
+        raise ValueError(f"method.temperature={m.temperature} must be > 0")
+    if m.export_url:
+        from system.models.artifacts import model_part
+
+        try:
+            size = model_part(m.export_url, "tokenizer", data.storage)["config"].get("image_size")
+        except FileNotFoundError as e:
+            raise ValueError(f"method.export_url: {e} (train one with jobs/eostok_h.py first; the embedded demo's is made by `make demo`)") from None
+        if size is not None and size != data.resolution:
+            raise ValueError(f"data.resolution={data.resolution} but the tokenizer of {m.export_url} works at "
+                             f"{size} px; set data.resolution={size}")
+
+
+class VapiMethod(Method):
+    """VAπ's GRPO learner as a method: one module "policy" (the AR generator, trained), one phase
+    "policy" on a batch of rollouts {"rollouts": Rollouts, "stats": whole-batch statistics} from
+    the rollout pool's batch source (cluster/rollout_pool.py). The frozen tokenizer is exported
+    beside the post-trained policy, so sampling and evaluation run on the result."""
+
+    def __init__(self, cfg: VapiConfig, data: DataSpec):
+        check_config(cfg, data)
+        super().__init__(cfg, data)
+        self.rcfg = rollout_config(cfg)
+        self.tokenizer: Optional[Tokenizer] = None
+        self.reference = self._load()[0].eval().requires_grad_(False) if cfg.kl > 0 else None
+
+    @classmethod
+    def resolve_data(cls, exp) -> DataSpec:
+        return DataSpec(resolution=exp.data.resolution, num_classes=0, storage=exp.data.storage)  # the policy knows its classes
+
+    @classmethod
+    def check(cls, cfg: VapiConfig, data: DataSpec) -> None:
+        check_config(cfg, data)
+
+    def _load(self) -> tuple[Generator, Tokenizer]:
+        m = self.cfg
+        policy, tok, _ = load_parts(m.export_url, m.llamagen_gpt, m.llamagen_vq, use_lpips=False, storage=self.data.storage,
+                                    llamagen_preset=m.llamagen_preset, **m.gpt_overrides)
+        check_fit(policy, tok, self.data.resolution)
+        self.tokenizer = tok
+        return policy, tok
+
+    def to(self, device: torch.device) -> "VapiMethod":
+        if self.reference is not None:
+            self.reference.to(device)
+        return self
+
+    def modules(self) -> dict[str, ModuleSpec]:
+        return {"policy": ModuleSpec(self._load()[0])}
+
+    def phases(self) -> list[str]:
+        return ["policy"]
+
+    def step(self, phase: str, mods: dict, batch: dict, step: int, carry: dict) -> StepOutput:
+        policy = mods["policy"]
+        # train: dropout + class dropout as the official update (ratios != 1, the clip acts on-policy);
+        # eval: a deterministic update (on-policy ratios are exactly 1)
+        policy.train(self.cfg.update_mode == "train")
+        loss, m = vapi_loss(policy, batch["rollouts"], self.rcfg.grpo, self.reference)
+        for k in ("reward_mean", "reward_std", "mse", "lpips", "adv_mean", "adv_std", "adv_abs_max"):
+            m.pop(k, None)  # this rank's share: the whole batch's values come in `stats`
+        device = loss.device
+        m.update({k: torch.tensor(float(v), device=device) for k, v in batch["stats"].items()})
+        return StepOutput(loss, m)
+
+    def sample_batch(self, batch, n):
+        return None  # no image grid: the held-out reward is measured by the rollout pool
+
+    def artifacts(self, mods: dict) -> dict[str, Artifact]:
+        if self.tokenizer is None:
+            self._load()
+        return {"tokenizer": self.tokenizer.artifact(), "ar": mods["policy"].artifact()}
+
+
+register("vapi", VapiConfig, VapiMethod)
+
+
+def exported_policy_state(export_url: str, storage=None) -> dict[str, Tensor]:
+    """The post-trained policy of a VAπ export as a `GPTGenerator` state dict ("ar.*" keys)."""
+    from system.models.artifacts import load_part
+
+    return {f"ar.{k}": v for k, v in load_part(export_url, "ar", storage, ema=False).items()}

@@ -7,9 +7,10 @@ import torch
 
 from cluster.checkpoint import MARKER, CheckpointStore, TrainState, commit_checkpoint, latest_complete, restore_checkpoint
 from cluster.engine import DeepSpeedStrategy
-from system.config.schema import DeepSpeedConfig, OptimConfig, StorageConfig
+from system.config import DeepSpeedConfig, OptimConfig, StorageConfig
 from system.train_utils import EMA
-from toy_method import MemoryReader, ToyGenerator, ToyMethod
+from system.methods.base import DataSpec
+from toy_method import MemoryReader, ToyConfig, ToyGenerator, ToyMethod
 
 
 @pytest.fixture(params=["local", "s3"])
@@ -70,17 +71,19 @@ def _setup(stage: int, seed: int):
     gen = s.prepare(ToyGenerator(), lr=1e-2, betas=(0.9, 0.95))
     ema = EMA(s.local_params(gen), 0.9)
     reader = MemoryReader(8, rank=0, world_size=1, batch_size=2, resolution=8, seed=0)
-    method = ToyMethod(gan=False)
-    return s, gen, TrainState(step=0, ema=ema, ema_partitioned=s.is_partitioned(gen), reader=reader, method=method)
+    method = ToyMethod(ToyConfig(gan=False), DataSpec(8, 1))
+    state = TrainState(step=0, emas={"gen": ema}, ema_partitioned=s.is_partitioned(gen), reader=reader, method=method,
+                       modules={"gen": gen.module})
+    return s, gen, state
 
 
 def _steps(s, gen, state, it, n):
     for _ in range(n):
         batch = next(it)
-        out = state.method.generator_step(gen.module, None, batch, state.step)
+        out = state.method.step("gen", {"gen": gen.module}, batch, state.step, {})
         s.backward(gen, out.loss)
         s.step(gen)
-        state.ema.update(s.local_params(gen))
+        state.emas["gen"].update(s.local_params(gen))
         state.step += 1
 
 
@@ -94,10 +97,10 @@ def test_commit_restore_roundtrip(stage, dist_world1, tmp_path):
     assert ref.step == 3 and store.latest_complete() == ref
     files = store.fs.find(store._path("checkpoints"))
     assert any(f.endswith("rank_00000/rng.pt") for f in files) and any("/gen/" in f for f in files)
-    assert any(f.endswith("ema.safetensors") for f in files)
+    assert any(f.endswith("ema_gen.safetensors") for f in files) and any(f.endswith("rank_00000/buffers.pt") for f in files)
     _steps(s, gen, state, it, 2)  # the uninterrupted continuation
     want_params = s.gathered_state_dict(gen)
-    want_ema = {k: v.clone() for k, v in state.ema.shadow.items()}
+    want_ema = {k: v.clone() for k, v in state.emas["gen"].shadow.items()}
 
     s2, gen2, state2 = _setup(stage, seed=7)
     restore_checkpoint(store, ref, s2, {"gen": gen2}, state2, rank=0, world_size=1, run_name="t")
@@ -105,7 +108,7 @@ def test_commit_restore_roundtrip(stage, dist_world1, tmp_path):
     _steps(s2, gen2, state2, iter(state2.reader), 2)
     got = s2.gathered_state_dict(gen2)
     assert all(torch.equal(want_params[k], got[k]) for k in want_params)
-    assert all(torch.equal(want_ema[k], state2.ema.shadow[k]) for k in want_ema)
+    assert all(torch.equal(want_ema[k], state2.emas["gen"].shadow[k]) for k in want_ema)
 
     with pytest.raises(RuntimeError, match="written by 1 workers but this run has 2"):
         restore_checkpoint(store, ref, s2, {"gen": gen2}, state2, rank=0, world_size=2, run_name="t")

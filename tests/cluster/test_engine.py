@@ -4,8 +4,9 @@ import pytest
 import torch
 
 from cluster.engine import DeepSpeedStrategy, deep_merge, frozen
-from system.config.schema import DeepSpeedConfig, OptimConfig
-from toy_method import ToyDiscriminator, ToyGenerator, ToyMethod
+from system.config import DeepSpeedConfig, OptimConfig
+from system.methods.base import DataSpec
+from toy_method import ToyConfig, ToyDiscriminator, ToyGenerator, ToyMethod
 
 CPU = torch.device("cpu")
 
@@ -60,11 +61,11 @@ def _train(s, gen, disc, method, steps, start=0):
     for i in range(start, start + steps):
         b = _batch(i)
         with frozen(disc.module):
-            out = method.generator_step(gen.module, disc.module, b, i)
+            out = method.step("gen", {"gen": gen.module, "disc": disc.module}, b, i, {})
         s.backward(gen, out.loss)
         assert all(p.grad is None for p in disc.module.parameters())  # no grads into the frozen disc
         s.step(gen)
-        d = method.discriminator_step(disc.module, b, out.aux, i)
+        d = method.step("disc", {"disc": disc.module}, b, i, out.aux)
         s.backward(disc, d.loss)
         s.step(disc)
 
@@ -75,7 +76,7 @@ def _full(s, engine):
 
 @pytest.mark.parametrize("stage", [0, 1, 2, 3])
 def test_alternating_steps_save_load_gather(stage, dist_world1, tmp_path):
-    method = ToyMethod()
+    method = ToyMethod(ToyConfig(), DataSpec(8, 1))
     s, gen, disc = _engines(stage)
     before = {k: v.clone() for k, v in _full(s, gen).items()}
     torch.manual_seed(1)
@@ -105,23 +106,23 @@ def test_alternating_steps_save_load_gather(stage, dist_world1, tmp_path):
 @pytest.mark.parametrize("stage", [0, 2, 3])
 def test_generator_step_leaks_nothing_into_disc(stage, dist_world1):
     """A disc update after a generator step equals a disc update alone (same aux)."""
-    method = ToyMethod()
+    method = ToyMethod(ToyConfig(), DataSpec(8, 1))
     b = _batch(0)
     torch.manual_seed(0)
     aux = {"rec": torch.rand(2, 3, 8, 8) * 2 - 1}
 
     s, gen, disc = _engines(stage)
     with frozen(disc.module):
-        out = method.generator_step(gen.module, disc.module, b, 0)
+        out = method.step("gen", {"gen": gen.module, "disc": disc.module}, b, 0, {})
     s.backward(gen, out.loss)
     s.step(gen)
-    d = method.discriminator_step(disc.module, b, aux, 0)
+    d = method.step("disc", {"disc": disc.module}, b, 0, aux)
     s.backward(disc, d.loss)
     s.step(disc)
     with_gen = _full(s, disc)
 
     s, gen, disc = _engines(stage)
-    d = method.discriminator_step(disc.module, b, aux, 0)
+    d = method.step("disc", {"disc": disc.module}, b, 0, aux)
     s.backward(disc, d.loss)
     s.step(disc)
     alone = _full(s, disc)

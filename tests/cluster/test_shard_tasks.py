@@ -8,7 +8,7 @@ from PIL import Image
 
 from cluster.runtime import init_ray
 from cluster.shards import make_shards, plan_all, run_write_tasks
-from system.config.schema import ClusterConfig, MakeShardsConfig
+from system.config import ClusterConfig, MakeShardsConfig
 from system.data import read_index
 
 pytestmark = pytest.mark.slow

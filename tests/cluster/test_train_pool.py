@@ -6,6 +6,7 @@ import io
 import json
 import os
 from collections import Counter
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -64,12 +65,12 @@ def shards(tmp_path_factory) -> str:
 
 def make_cfg(name: str, storage: str, shards: str, *overrides: str):
     from system.config.load import load_config
-    from system.config.schema import ExperimentConfig
+    from toy_method import ToyExperiment
 
-    return load_config(ExperimentConfig, [
+    return load_config(ToyExperiment, [
         f"run_name={name}", f"data.url={shards}", "data.resolution=16", "data.batch_size=2", "data.num_workers=0",
         "cluster.num_workers=2", "cluster.device=cpu", "cluster.max_failures=0", f"checkpoint.storage_path={storage}",
-        "checkpoint.every_steps=2", "checkpoint.keep_last=1", "train.max_steps=4", "train.ema_decay=0.9",
+        "checkpoint.every_steps=2", "checkpoint.keep_last=1", "train.max_steps=4", "method.ema_decay=0.9",
         "train.sample_grid=2", "optim.lr=0.01", "optim.warmup_steps=1", "logging.wandb_mode=disabled",
         "logging.log_every=1", "logging.progress=false", *overrides,
     ])
@@ -77,9 +78,9 @@ def make_cfg(name: str, storage: str, shards: str, *overrides: str):
 
 def train(cfg, key_log=None):
     from cluster.train_pool import run_training
-    from toy_method import ToyFactory
-
-    return run_training(cfg, ToyFactory(key_log=str(key_log) if key_log else None))
+    if key_log:
+        cfg = replace(cfg, method=replace(cfg.method, key_log=str(key_log)))
+    return run_training(cfg)
 
 
 def exported(run: Path, suffix: str = "") -> dict[str, torch.Tensor]:
@@ -201,31 +202,67 @@ def test_crash_resume_is_bit_identical(ray_cluster, shards, tmp_path):
     assert attempts == [0, 1, 2, 2, 3]  # step index 2 ran twice: once before the crash, once after resume
 
 
+def eostok_cfg(tmp_path, data: str, *over: str):
+    from system.config import EOSTokExperiment, load_config
+
+    return load_config(EOSTokExperiment, [
+        "--config", str(ROOT / "configs/experiments/eostok_tiny.yaml"), f"data.url={data}", "data.val_url=null",
+        "data.resolution=32", "data.batch_size=2", f"checkpoint.storage_path={tmp_path / 'runs'}",
+        "cluster.max_failures=0", "logging.wandb_mode=disabled", "logging.progress=false", "train.sample_grid=2",
+        "method.gan_start_step=0", *over,
+    ])
+
+
 def test_eostok_zero3_partitioned_train_export_reload(ray_cluster, tmp_path):
     """EOSTok itself under ZeRO-3 with every parameter partitioned (the codebook is read outside
     the quantizer's forward: registered as an external parameter), then reloaded without DeepSpeed."""
     from cluster.train_pool import run_training
-    from system.config import EOSTokExperiment, load_config
     from system.data.embedded import ensure_embedded_dataset
-    from system.methods.eostok import eostok_from_experiment
-    from system.models.export_io import load_part, load_tokenizer_ar, read_model_json
+    from system.models.artifacts import load_part, load_tokenizer, read_model_json
 
     data = ensure_embedded_dataset(str(tmp_path / "data" / "train"), per_class=4, num_shards=2, resolution=64)
-    cfg = load_config(EOSTokExperiment, [
-        "--config", str(ROOT / "configs/experiments/eostok_tiny.yaml"), f"data.url={data}", "data.val_url=null",
-        "data.resolution=32", "data.batch_size=2", f"checkpoint.storage_path={tmp_path / 'runs'}",
-        "deepspeed.zero_stage=3", "deepspeed.extra={zero_optimization: {stage3_param_persistence_threshold: 0}}",
-        "train.max_steps=2", "checkpoint.every_steps=2", "cluster.max_failures=0", "logging.wandb_mode=disabled",
-        "logging.progress=false", "train.sample_grid=2", "method.gan_start_step=0",
-    ])
-    result = run_training(cfg, eostok_from_experiment)
+    cfg = eostok_cfg(tmp_path, data, "deepspeed.zero_stage=3",
+                     "deepspeed.extra={zero_optimization: {stage3_param_persistence_threshold: 0}}",
+                     "train.max_steps=2", "checkpoint.every_steps=2")
+    result = run_training(cfg)
     assert result.step == 2
     configs = read_model_json(result.export_url)
-    tok, ar = load_tokenizer_ar(result.export_url, ema=False)
-    k, d = configs["tokenizer"]["quantizer"]["codebook_size"], configs["tokenizer"]["latent_dim"]
+    assert configs["tokenizer"]["kind"] == "tokenizer1d" and configs["ar"]["kind"] == "gpt"
+    tok = load_tokenizer(result.export_url, ema=False)
+    k, d = configs["tokenizer"]["config"]["quantizer"]["codebook_size"], configs["tokenizer"]["config"]["latent_dim"]
     assert tuple(tok.codebook.shape) == (k, d) and float(tok.codebook.abs().sum()) > 0
     sd = load_part(result.export_url, "ar", ema=False)
     assert all(v.numel() > 0 for v in sd.values()), "a partitioned (empty) tensor was exported"
     x = torch.rand(2, 3, 32, 32) * 2 - 1
-    assert tok(x).image.shape == x.shape
+    assert tok.reconstruct(x).shape == x.shape
     assert (Path(result.run_url) / "samples" / "step_00000002.png").exists()
+
+
+def test_eostok_crash_resume_with_every_term_is_bit_identical(ray_cluster, tmp_path):
+    """EOSTok on 2 ranks with every loss term active (GAN from step 0 with LeCam, EMA, implicit
+    alignment + REPA to a random teacher, LPIPS + APR-LPIPS with a random VGG, NTP, APR): rank 1
+    killed at step 3 after the step-2 checkpoint -> the resumed run exports exactly the weights of
+    an uninterrupted run. (Found from outside: LeCam's per-rank EMA buffers came back as rank 0's
+    on every rank, because DeepSpeed saves buffers from rank 0 only; the loop now keeps them per rank.)"""
+    from cluster.train_pool import run_training
+    from system.data.embedded import ensure_embedded_dataset
+    from system.models.artifacts import load_part
+
+    data = ensure_embedded_dataset(str(tmp_path / "data" / "train"), per_class=4, num_shards=2, resolution=64)
+    terms = ["method.lpips=0.5", "method.apr_lpips=0.5", "method.lecam=0.05", "method.gan=0.1", "method.align=0.5",
+             "method.repa=0.5", "method.ntp=0.1", "method.ema_decay=0.9", "deepspeed.zero_stage=2", "train.max_steps=4",
+             "checkpoint.every_steps=2", "checkpoint.keep_last=2", "train.sample_grid=0"]
+    run_training(eostok_cfg(tmp_path, data, "run_name=plain", *terms))
+    crash = eostok_cfg(tmp_path, data, "run_name=crash", *terms, "fault.crash_at_step=3", "fault.crash_rank=1",
+                       "cluster.max_failures=1")
+    assert run_training(crash).step == 4
+    runs = tmp_path / "runs"
+    assert (runs / "crash" / "fault" / "crash_at_step_00000003.json").is_file()
+    assert json.loads((runs / "crash" / "metrics.json").read_text())["start_step"] == 2
+    rows = [json.loads(x) for x in (runs / "crash" / "metrics.jsonl").read_text().splitlines()]
+    assert {"loss/lpips", "loss/apr_lpips", "loss/gan_g", "loss/align", "loss/repa", "loss/ntp", "disc/gan/lecam"} <= set(rows[-1])
+    for part in ("tokenizer", "ar", "tokenizer_ema", "ar_ema"):
+        a = load_part(str(runs / "plain" / "export"), part, ema=False)
+        b = load_part(str(runs / "crash" / "export"), part, ema=False)
+        diff = max(float((a[k] - b[k]).abs().max()) for k in a)
+        assert diff == 0.0, f"{part}: crash + resume differs from the uninterrupted run by up to {diff:.3g}"

@@ -1,6 +1,7 @@
-"""A tiny method implementing the `Method` protocol for tests and benchmarks of cluster/:
-a conv autoencoder generator (with dropout and input noise, so RNG restore matters) and a
-conv discriminator trained with a hinge loss. Optionally logs the sample keys of each step."""
+"""A tiny method on the `Method` contract for tests and benchmarks of cluster/, registered through
+the registry alone (no edit under cluster/): a conv autoencoder generator (with dropout and input
+noise, so RNG restore matters) and a conv discriminator trained with a hinge loss. Optionally logs
+the sample keys of each step. Plus an in-memory batch source."""
 from __future__ import annotations
 
 import json
@@ -11,7 +12,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from system.methods.base import StepOutput
+from dataclasses import dataclass, field
+
+from cluster.job import SourceContext
+from system.config import Experiment
+from system.data.source import BatchSource
+from system.methods.base import DataSpec, Method, ModuleSpec, StepOutput
+from system.methods.registry import register
+from system.models.artifacts import Artifact
 
 
 class ToyGenerator(nn.Module):
@@ -39,69 +47,124 @@ def _rank() -> int:
     return dist.get_rank() if dist.is_initialized() else 0
 
 
-class ToyMethod:
-    def __init__(self, width: int = 8, gan: bool = True, gan_weight: float = 0.1, key_log: Optional[str] = None):
-        self.width, self.gan, self.gan_weight, self.key_log = width, gan, gan_weight, key_log
+@dataclass
+class ToyConfig:
+    """The toy two-phase method's `method:` section."""
+
+    width: int = 8
+    gan: bool = True
+    gan_weight: float = 0.1
+    ema_decay: float = 0.9
+    key_log: Optional[str] = None  # folder: each rank appends the sample keys of each step
+
+
+@dataclass
+class ToyExperiment(Experiment):
+    method: ToyConfig = field(default_factory=ToyConfig)
+
+
+class ToyMethod(Method):
+    """Two phases ("gen" then "disc", or "gen" alone with gan=false): a conv autoencoder with a
+    hinge-GAN discriminator; keeps a call counter as per-rank method state."""
+
+    def __init__(self, cfg: ToyConfig, data: DataSpec):
+        super().__init__(cfg, data)
         self.calls = 0
 
-    def build_generator(self) -> nn.Module:
-        return ToyGenerator(self.width)
+    @classmethod
+    def resolve_data(cls, exp) -> DataSpec:
+        return DataSpec(resolution=exp.data.resolution, num_classes=1)
 
-    def build_discriminator(self) -> Optional[nn.Module]:
-        return ToyDiscriminator(self.width) if self.gan else None
+    def modules(self) -> dict[str, ModuleSpec]:
+        out = {"gen": ModuleSpec(ToyGenerator(self.cfg.width), ema_decay=self.cfg.ema_decay)}
+        if self.cfg.gan:
+            out["disc"] = ModuleSpec(ToyDiscriminator(self.cfg.width), lr=0.005, betas=(0.5, 0.9))
+        return out
 
-    def to(self, device: torch.device) -> "ToyMethod":
-        return self
+    def phases(self) -> list[str]:
+        return ["gen", "disc"] if self.cfg.gan else ["gen"]
 
-    def generator_step(self, gen, disc, batch, step):
+    def step(self, phase, mods, batch, step, carry):
+        if phase == "disc":
+            real, fake = mods["disc"](batch["image"]).float(), mods["disc"](carry["rec"]).float()
+            loss = F.relu(1 - real).mean() + F.relu(1 + fake).mean()
+            return StepOutput(loss=loss, metrics={"real_logit": real.mean().detach()})
         x = batch["image"]
-        if self.key_log:
-            os.makedirs(self.key_log, exist_ok=True)
-            with open(os.path.join(self.key_log, f"keys_rank{_rank()}.jsonl"), "a") as f:
+        if self.cfg.key_log:
+            os.makedirs(self.cfg.key_log, exist_ok=True)
+            with open(os.path.join(self.cfg.key_log, f"keys_rank{_rank()}.jsonl"), "a") as f:
                 f.write(json.dumps({"step": step, "keys": list(batch["key"])}) + "\n")
-        rec = gen(x + 0.01 * torch.randn_like(x))
+        rec = mods["gen"](x + 0.01 * torch.randn_like(x))
         mse = F.mse_loss(rec.float(), x)
-        loss = mse
-        metrics = {"mse": float(mse.detach())}
-        if disc is not None:
-            g = -disc(rec).float().mean()
-            loss = loss + self.gan_weight * g
-            metrics["gan_g"] = float(g.detach())
+        loss, metrics = mse, {"mse": mse.detach()}
+        if "disc" in mods:
+            g = -mods["disc"](rec).float().mean()
+            loss = loss + self.cfg.gan_weight * g
+            metrics["gan_g"] = g.detach()
         self.calls += 1
         return StepOutput(loss=loss, metrics=metrics, aux={"rec": rec.detach()})
 
-    def discriminator_step(self, disc, batch, aux, step):
-        real, fake = disc(batch["image"]).float(), disc(aux["rec"]).float()
-        loss = F.relu(1 - real).mean() + F.relu(1 + fake).mean()
-        return StepOutput(loss=loss, metrics={"real_logit": float(real.mean().detach())})
-
     @torch.no_grad()
-    def sample_images(self, gen, batch, seed):
+    def sample_images(self, mods, batch, seed):
         x = batch["image"]
-        return {"original": x, "reconstruction": gen(x).float().clamp(-1, 1)}
+        return {"original": x, "reconstruction": mods["gen"](x).float().clamp(-1, 1)}
 
-    def export(self, gen):
-        return {"encoder": gen.encoder.state_dict(), "decoder": gen.decoder.state_dict()}
+    def artifacts(self, mods):
+        g = mods["gen"]
+        return {"encoder": Artifact("toy", {"width": self.cfg.width}, g.encoder.state_dict()),
+                "decoder": Artifact("toy", {"width": self.cfg.width}, g.decoder.state_dict())}
 
-    # optional hooks: method state that a checkpoint keeps
-    def train_state_dict(self) -> dict:
+    def state_dict(self) -> dict:
         return {"calls": self.calls}
 
-    def load_train_state_dict(self, state: dict) -> None:
+    def load_state_dict(self, state: dict) -> None:
         self.calls = int(state["calls"])
 
 
-class ToyFactory:
-    """Picklable `method_factory(cfg) -> ToyMethod`."""
-
-    def __init__(self, **kwargs):
-        self.kwargs = kwargs
-
-    def __call__(self, cfg) -> ToyMethod:
-        return ToyMethod(**self.kwargs)
+register("toy", ToyConfig, ToyMethod)
 
 
-class MemoryReader:
+@dataclass
+class ToyOneConfig:
+    """The toy one-phase method's section."""
+
+    hidden: int = 4
+
+
+@dataclass
+class ToyOneExperiment(Experiment):
+    method: ToyOneConfig = field(default_factory=ToyOneConfig)
+
+
+class ToyOnePhase(Method):
+    """One phase ("fit"): a tiny MLP predicting each image's mean colour from its pixels, with
+    dropout (RNG restore matters) and no EMA, no sample grid (the defaults of the contract)."""
+
+    @classmethod
+    def resolve_data(cls, exp) -> DataSpec:
+        return DataSpec(resolution=exp.data.resolution, num_classes=1)
+
+    def modules(self) -> dict[str, ModuleSpec]:
+        r = self.data.resolution
+        net = nn.Sequential(nn.Flatten(), nn.Linear(3 * r * r, self.cfg.hidden), nn.Dropout(0.2), nn.Linear(self.cfg.hidden, 3))
+        return {"net": ModuleSpec(net)}
+
+    def phases(self) -> list[str]:
+        return ["net"]
+
+    def step(self, phase, mods, batch, step, carry):
+        x = batch["image"]
+        err = F.mse_loss(mods["net"](x).float(), x.mean(dim=(2, 3)))
+        return StepOutput(loss=err, metrics={"err": err.detach()})
+
+    def artifacts(self, mods):
+        return {"net": Artifact("toy-mlp", {"hidden": self.cfg.hidden}, mods["net"].state_dict())}
+
+
+register("toy1", ToyOneConfig, ToyOnePhase)
+
+
+class MemoryReader(BatchSource):
     """In-memory stand-in with the ShardReader API: `n` deterministic images, a per-epoch
     permutation seeded by (seed, epoch), rank r reads every world_size-th sample."""
 
@@ -133,11 +196,11 @@ class MemoryReader:
 
 
 class MemoryReaderFactory:
-    """Picklable `reader_factory(cfg, rank, world_size)`."""
+    """Picklable batch-source factory: a `MemoryReader` of `n` images for each rank."""
 
     def __init__(self, n: int = 64):
         self.n = n
 
-    def __call__(self, cfg, rank: int, world_size: int) -> MemoryReader:
-        return MemoryReader(self.n, rank=rank, world_size=world_size, batch_size=cfg.data.batch_size,
-                            resolution=cfg.data.resolution, seed=cfg.seed)
+    def __call__(self, exp, ctx: SourceContext) -> MemoryReader:
+        return MemoryReader(self.n, rank=ctx.rank, world_size=ctx.world_size, batch_size=exp.data.batch_size,
+                            resolution=exp.data.resolution, seed=exp.seed)

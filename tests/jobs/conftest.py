@@ -2,12 +2,10 @@
 from __future__ import annotations
 
 import sys
-from dataclasses import asdict
 from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import save_file
 
 ROOT = Path(__file__).resolve().parents[2]
 if str(ROOT / "jobs") not in sys.path:
@@ -17,7 +15,7 @@ if str(ROOT / "jobs") not in sys.path:
 def make_export(folder: Path, num_classes: int = 8, seed: int = 0) -> Path:
     """Random-weight debug-tiny tokenizer (32 px, 16 codes of a 64-entry codebook) and a matching AR
     model in `folder` (tokenizer.safetensors, ar.safetensors, model.json); returns `folder`."""
-    from system.models.export_io import write_model_json
+    from system.models.artifacts import Artifact, save_export
     from system.models.gpt import GPT
     from system.models.registry import gpt_config
     from system.models.tokenizer1d import Tokenizer1D, tokenizer_config
@@ -30,10 +28,7 @@ def make_export(folder: Path, num_classes: int = 8, seed: int = 0) -> Path:
     )
     tok, ar = Tokenizer1D(tok_cfg), GPT(ar_cfg)
     torch.nn.init.normal_(ar.output.weight, std=0.5)  # the zero-initialised head would sample uniformly
-    folder.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.contiguous() for k, v in tok.state_dict().items()}, str(folder / "tokenizer.safetensors"))
-    save_file({k: v.contiguous() for k, v in ar.state_dict().items()}, str(folder / "ar.safetensors"))
-    (folder / "model.json").write_bytes(write_model_json({"tokenizer": asdict(tok_cfg), "ar": asdict(ar_cfg)}))
+    save_export(str(folder), {"tokenizer": Artifact.of("tokenizer1d", tok), "ar": Artifact.of("gpt", ar)})
     return folder
 
 

@@ -30,10 +30,40 @@ def test_config_error_exits_2_before_ray(tmp_path):
     assert "Ray" not in r.stdout + r.stderr.replace("config error", "")
 
 
+def _stop_own_head(proc: subprocess.Popen, temp: str) -> None:
+    """Stop only the head this test started: `ray start --block` tears down what it started on
+    SIGTERM; then anything left whose command line names our private temp dir (never other Ray
+    processes on the machine: no `ray stop`, which stops every Ray cluster here)."""
+    import signal
+
+    import psutil
+
+    try:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=60)
+    except (ProcessLookupError, subprocess.TimeoutExpired):
+        pass
+    ours = []
+    for p in psutil.process_iter(["cmdline"]):
+        try:
+            if any(temp in part for part in (p.info["cmdline"] or [])):
+                ours.append(p)
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+    for p in ours:
+        try:
+            p.kill()
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(ours, timeout=30)
+
+
 @pytest.fixture
 def ray_head():
     import shutil
     import tempfile
+    import time
+    import urllib.request
 
     temp = tempfile.mkdtemp(prefix="rj", dir="/tmp")  # short: Ray's socket paths must fit in 107 bytes
     gcs, dash = _free_port(), _free_port()
@@ -41,15 +71,25 @@ def ray_head():
     env = {**os.environ, "RAY_DEDUP_LOGS": "0", "DS_ACCELERATOR": "cpu", "WANDB_MODE": "offline", "RAY_AUTH_MODE": "disabled"}
     env.pop("RAY_ADDRESS", None)
     env["PATH"] = f"{BIN}{os.pathsep}{env.get('PATH', '')}"  # the entrypoint's `python` is this venv's
-    start = [str(BIN / "ray"), "start", "--head", f"--port={gcs}", "--num-cpus=4", "--include-dashboard=true",
+    start = [str(BIN / "ray"), "start", "--head", "--block", f"--port={gcs}", "--num-cpus=4", "--include-dashboard=true",
              "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", f"--temp-dir={temp}",
              "--disable-usage-stats"]
-    r = subprocess.run(start, env=env, capture_output=True, text=True, timeout=180)
-    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    log = open(os.path.join(temp, "ray_start.log"), "w")
+    proc = subprocess.Popen(start, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     try:
+        deadline = time.time() + 180
+        while True:
+            assert proc.poll() is None, open(os.path.join(temp, "ray_start.log")).read()[-3000:]
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{dash}/api/version", timeout=2)
+                break
+            except OSError:
+                assert time.time() < deadline, "the local Ray head did not come up within 180 s"
+                time.sleep(1)
         yield f"http://127.0.0.1:{dash}", env
     finally:
-        subprocess.run([str(BIN / "ray"), "stop", "--force"], env=env, capture_output=True, timeout=120)
+        _stop_own_head(proc, temp)
+        log.close()
         shutil.rmtree(temp, ignore_errors=True)
 
 
@@ -79,3 +119,17 @@ def test_ray_job_submit_then_resubmit_continues(ray_head, tmp_path):
     lines = [json.loads(x) for x in (runs / "submitted" / "metrics.jsonl").read_text().splitlines() if x.strip()]
     steps = [m["step"] for m in lines if "step" in m]
     assert max(steps) == 6
+
+
+def test_stopping_our_head_spares_other_ray_processes(tmp_path):
+    """The fixture's clean-up kills only processes of its own head (a stand-in named like a raylet
+    of another cluster survives; a process naming our temp dir does not)."""
+    code = "import time; time.sleep(120)"
+    other = subprocess.Popen([sys.executable, "-c", code, "raylet", "--temp-dir=/tmp/someone-else"])
+    ours = subprocess.Popen([sys.executable, "-c", code, "raylet", f"--temp-dir={tmp_path}"], start_new_session=True)
+    try:
+        _stop_own_head(ours, str(tmp_path))
+        assert ours.poll() is not None and other.poll() is None
+    finally:
+        other.kill()
+        ours.kill()

@@ -51,7 +51,7 @@ def ray_local():
     import ray
 
     from cluster.runtime import init_ray
-    from system.config.schema import ClusterConfig
+    from system.config import ClusterConfig
 
     started = not ray.is_initialized()
     init_ray(ClusterConfig(local_num_cpus=2))

@@ -31,7 +31,9 @@ def test_config_file_then_cli_wins(tmp_path):
         ([*BASE, "nope=1"], "unknown config key 'nope'"),
         ([*BASE, "train.max_steps=many"], "bad value for config key 'train.max_steps'"),
         ([*BASE, "deepspeed.zero_stage=5"], "expected one of [0, 1, 2, 3]"),
-        ([*BASE, "model.attn_backend=xformers"], "model.attn_backend"),
+        ([*BASE, "method.model.attn_backend=xformers"], "method.model.attn_backend"),
+        ([*BASE, "model.ar=eostok-l"], "unknown config key 'model'"),
+        ([*BASE, "train.ema_decay=0.9"], "unknown config key 'train.ema_decay'"),
         (["data.url=/x"], "missing required config value(s): run_name"),
         (["run_name=t", "data.url=s3://"], "names no bucket"),
         (["run_name=t", "data.url=gopher://host/x"], "unsupported storage URL 'gopher://host/x'"),
@@ -69,11 +71,16 @@ def test_every_shipped_yaml_is_valid():
 
     from system.config.load import CONFIG_DIR
 
-    files = sorted((CONFIG_DIR / "experiments").glob("eostok*.yaml"))
-    assert files, "no EOSTok experiment configs shipped"
-    for f in files:
-        cfg = load_config(EOSTokExperiment, ["--config", str(f), "data.url=/x"])
-        assert cfg.run_name
+    from system.config import VapiExperiment
+
+    for pattern, schema in (("eostok*.yaml", EOSTokExperiment), ("vapi*.yaml", VapiExperiment)):
+        files = sorted((CONFIG_DIR / "experiments").glob(pattern))
+        assert files, f"no {pattern} experiment configs shipped"
+        for f in files:
+            cfg = load_config(schema, ["--config", str(f), "data.url=/x"])
+            assert cfg.run_name
+    for f in sorted((CONFIG_DIR / "model").glob("eostok*.yaml")):
+        assert load_config(EOSTokExperiment, ["--config", str(f), "run_name=t", "data.url=/x"]).method.model.ar
 
 
 def test_relative_local_paths_become_absolute(tmp_path, monkeypatch):

@@ -1,6 +1,6 @@
 import os
 
-from system.config.schema import DataConfig
+from system.config import DataConfig
 from system.data import ShardReader, ensure_embedded_dataset, read_index
 from system.data.embedded import PHOTOS
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
-from system.config.schema import StorageConfig
+from system.config import StorageConfig
 from system.data import ShardReader, StorageError, plan_shards, write_index, write_shard
 from system.data.reader import build_units
 from system.data.shards import iter_tar_samples

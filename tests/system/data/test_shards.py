@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from system.config.schema import StorageConfig
+from system.config import StorageConfig
 from system.data import ShardReader, filesystem, pending_shards, plan_shards, read_index, write_index, write_shard
 from system.data.shards import find_classes, iter_tar_samples, list_split
 

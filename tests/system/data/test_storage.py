@@ -1,7 +1,7 @@
 import pytest
 import s3fs
 
-from system.config.schema import StorageConfig
+from system.config import StorageConfig
 from system.data.storage import (
     StorageError,
     check_readable,

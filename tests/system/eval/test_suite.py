@@ -34,3 +34,33 @@ def test_stats_only_reference_needs_the_real_inception(tmp_path):
     ev = Evaluator(EvaluateConfig(samples="x.npz", reference=str(tmp_path / "ref.npz")), device="cpu")
     with pytest.raises(ValueError, match="inception_path"):
         ev.reference(32)
+
+
+def test_reconstruction_of_a_llamagen_export(tmp_path):
+    """Any tokenizer kind: a LlamaGen VQ export (no fixed image size: the AR model's grid sets it);
+    a tokenizer without an AR model has no next-token accuracy (and a VQ alone no image size)."""
+    import torch
+
+    from system.models.artifacts import Artifact, save_export
+    from system.models.gpt import GPT
+    from system.models.registry import gpt_config
+    from system.models.tokenizer1d import Tokenizer1D, tokenizer_config
+    from system.models.vqgan import VQGANConfig, VQModel
+
+    torch.manual_seed(0)
+    vq = VQModel(VQGANConfig(codebook_size=64, codebook_dim=8, ch=32, ch_mult=(1, 2, 2, 2), z_channels=32, num_res_blocks=1))
+    ar = GPT(gpt_config("debug-tiny", vocab_size=64, block_size=16, num_classes=8))  # 4x4 grid: 32 px
+    shards = str(tmp_path / "val")
+    cfg = EvaluateConfig(export_url=save_export(str(tmp_path / "pair"), {"tokenizer": Artifact.of("llamagen-vq", vq),
+                                                                         "ar": Artifact.of("gpt", ar)}),
+                         shards=shards, max_images=4, batch_size=4)
+    rec = Evaluator(cfg, device="cpu").reconstruction(None)
+    assert rec["num_images"] == 4 and rec["resolution"] == 32 and rec["codebook_size"] == 64
+    assert 0 <= rec["ar_next_token_accuracy"] <= 1 and np.isfinite(rec["psnr"]) and "lpips" not in rec
+    tok1d = Artifact.of("tokenizer1d", Tokenizer1D(tokenizer_config("debug-tiny")))
+    alone = save_export(str(tmp_path / "tok1d"), {"tokenizer": tok1d})
+    rec = Evaluator(EvaluateConfig(export_url=alone, shards=shards, max_images=4), device="cpu").reconstruction(None)
+    assert rec["resolution"] == 32 and rec["ar_next_token_accuracy"] is None
+    alone = save_export(str(tmp_path / "vq"), {"tokenizer": Artifact.of("llamagen-vq", vq)})
+    with pytest.raises(ValueError, match="takes any image size"):
+        Evaluator(EvaluateConfig(export_url=alone, shards=shards, max_images=4), device="cpu").reconstruction(None)

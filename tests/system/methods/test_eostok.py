@@ -6,8 +6,8 @@ import dataclasses
 import pytest
 import torch
 
-from system.config.schema import EOSTokMethodConfig, LPIPSConfig, ModelConfig
-from system.losses.teachers import TeacherConfig
+from system.config import EOSTokConfig, LPIPSConfig, ModelConfig, TeacherConfig
+from system.methods.base import DataSpec
 from system.methods.eostok import EOSTok
 
 NUM_CLASSES = 5
@@ -15,11 +15,12 @@ NUM_CLASSES = 5
 
 def _method(**weights) -> EOSTok:
     weights.setdefault("repa", 0.5)
-    cfg = EOSTokMethodConfig(
+    cfg = EOSTokConfig(
+        model=ModelConfig(tokenizer="debug-tiny", ar="debug-tiny"),
         teacher=TeacherConfig(kind="dinov2", random_init=True, tiny=True, image_size=28),
         lpips_net=LPIPSConfig(random_init=True), **weights,
     )
-    return EOSTok(cfg, ModelConfig(tokenizer="debug-tiny", ar="debug-tiny"), resolution=32, num_classes=NUM_CLASSES)
+    return EOSTok(cfg, DataSpec(resolution=32, num_classes=NUM_CLASSES))
 
 
 def _batch(b=4, seed=0):
@@ -38,7 +39,7 @@ def test_every_term_finite_and_gradients_reach_all_parts():
     out = m.generator_step(gen, disc, _batch(), step=10)
     expected = {"l2", "lpips", "ntp", "apr_l2", "apr_lpips", "align", "repa", "gan_g"}
     assert expected <= {k.split("/", 1)[1] for k in out.metrics if k.startswith("loss/")}
-    assert all(torch.isfinite(torch.tensor(v)) for v in out.metrics.values())
+    assert all(torch.is_tensor(v) and torch.isfinite(v) for v in out.metrics.values())  # on device: no host sync
     for k in ("ar_acc", "codebook_usage", "codebook_perplexity", "psnr"):
         assert k in out.metrics
     out.loss.backward()
@@ -49,7 +50,7 @@ def test_every_term_finite_and_gradients_reach_all_parts():
     assert _grad_norm(tok.decoder) > 0
     assert _grad_norm(gen.align) > 0 and _grad_norm(gen.repa) > 0
     assert all(p.grad is None for p in disc.parameters()), "generator step must not touch D's grads"
-    d = m.discriminator_step(disc, _batch(), out.aux, step=10)
+    d = m.step("disc", {"disc": disc}, _batch(), 10, out.aux)
     d.loss.backward()
     assert _grad_norm(disc) > 0
 
@@ -84,17 +85,35 @@ def test_ablation_rows_are_configs():
 
 
 def test_lpips_without_weights_is_a_clear_error():
-    cfg = EOSTokMethodConfig(align=0.0, repa=0.0)
+    cfg = EOSTokConfig(model=ModelConfig(tokenizer="debug-tiny", ar="debug-tiny"), align=0.0, repa=0.0)
     with pytest.raises(ValueError, match="lpips_net.vgg_path"):
-        EOSTok(cfg, ModelConfig(tokenizer="debug-tiny", ar="debug-tiny"), resolution=32, num_classes=3)
+        EOSTok(cfg, DataSpec(resolution=32, num_classes=3))
 
 
 def test_sample_images_and_export():
     torch.manual_seed(0)
     m = _method(align=0.0, repa=0.0)
     gen = m.build_generator()
-    rows = m.sample_images(gen, _batch(3), seed=1)
+    rows = m.sample_images({"gen": gen}, _batch(3), seed=1)
     assert set(rows) == {"original", "reconstruction", "ar_sample"}
     assert all(v.shape == (3, 3, 32, 32) for v in rows.values())
-    ex = m.export(gen)
-    assert set(ex) == {"tokenizer", "ar"} and ex["ar"]
+    ex = m.artifacts({"gen": gen})
+    assert set(ex) == {"tokenizer", "ar"} and ex["ar"].state_dict
+    assert (ex["tokenizer"].kind, ex["ar"].kind) == ("tokenizer1d", "gpt")
+    assert ex["ar"].config["vocab_size"] == ex["tokenizer"].config["quantizer"]["codebook_size"]
+
+
+def test_modules_phases_and_registry():
+    from system.methods import registry
+
+    m = _method()
+    specs = m.modules()
+    assert m.phases() == ["gen", "disc"] and set(specs) == {"gen", "disc"}
+    assert specs["gen"].ema_decay == m.cfg.ema_decay and specs["disc"].lr == m.cfg.disc_lr
+    assert registry.for_config(m.cfg).method is EOSTok and registry.get("eostok").config is EOSTokConfig
+    assert _method(gan=0.0).phases() == ["gen"]
+
+
+def test_bad_model_name_names_the_key():
+    with pytest.raises(ValueError, match="method.model"):
+        EOSTok.check(EOSTokConfig(model=ModelConfig(tokenizer="nope")), DataSpec(32, 3))

@@ -4,7 +4,7 @@ import torch
 
 from system.losses.lpips import LPIPS
 from system.methods.grpo import GRPOConfig
-from system.methods.vapi import Rollouts, VapiConfig, VapiPolicy, frozen_tokenizer, noise_tokens, rollout, vapi_loss
+from system.methods.vapi import Rollouts, RolloutConfig, VapiPolicy, frozen_tokenizer, noise_tokens, rollout, vapi_loss
 from system.models.gpt import GPT
 from system.models.registry import gpt_config
 from system.models.tokenizer1d import Tokenizer1D, tokenizer_config
@@ -37,7 +37,7 @@ def test_rollout_shapes_logprobs_and_determinism(build, lpips):
     policy, tok = build()
     imgs = torch.rand(2, 3, 32, 32) * 2 - 1
     labels = torch.tensor([1, 3])
-    cfg = VapiConfig(group_size=3, noise_p=0.5, decode_chunk=4)
+    cfg = RolloutConfig(group_size=3, noise_p=0.5, decode_chunk=4)
     ro = rollout(policy, tok, lpips, imgs, labels, torch.tensor([10, 11]), cfg, torch.Generator().manual_seed(1))
     assert ro.tokens.shape == (6, 16) and ro.logp.shape == (6, 16) and ro.rewards.shape == (6,)
     assert ro.group_ids.tolist() == [10, 10, 10, 11, 11, 11]
@@ -64,7 +64,7 @@ def test_noise_and_config_errors():
     assert 0.3 < (n != 0).float().mean() < 0.7
     assert torch.equal(noise_tokens(t, 0.0, 1000), t)
     with pytest.raises(ValueError, match="group_size"):
-        VapiConfig(group_size=1)
+        RolloutConfig(group_size=1)
     ar = GPT(gpt_config("debug-tiny", vocab_size=64, block_size=16, code_dim=16, num_classes=8))
     with pytest.raises(ValueError, match="codebook"):
         VapiPolicy(ar)
@@ -73,7 +73,7 @@ def test_noise_and_config_errors():
 def test_split_keeps_whole_groups_and_cat_inverts_it(lpips):
     policy, tok = _ours()
     imgs = torch.rand(4, 3, 32, 32) * 2 - 1
-    ro = rollout(policy, tok, None, imgs, torch.tensor([0, 1, 2, 3]), torch.tensor([7, 8, 9, 10]), VapiConfig(group_size=3),
+    ro = rollout(policy, tok, None, imgs, torch.tensor([0, 1, 2, 3]), torch.tensor([7, 8, 9, 10]), RolloutConfig(group_size=3),
                  torch.Generator().manual_seed(0))
     a, b = ro.split(2)
     assert a.group_ids.tolist() == [7] * 3 + [8] * 3 and b.group_ids.tolist() == [9] * 3 + [10] * 3
@@ -102,3 +102,50 @@ def test_check_fit_names_the_mismatch():
         check_fit(policy, vq, 64)
     with pytest.raises(ValueError, match="not a multiple"):
         check_fit(policy, vq, 36)
+
+
+@pytest.mark.parametrize("temperature", [0.7, 1.3])
+def test_on_policy_ratio_is_exactly_one_at_any_temperature(temperature):
+    """Old log-probs come from logits / T in the rollout; the loss uses the same T (it used not to:
+    at T=0.7 about a third of on-policy tokens were clipped)."""
+    from system.methods.vapi import rollout_config
+    from system.config import VapiConfig
+
+    policy, tok = _ours()
+    torch.nn.init.normal_(policy.ar.output.weight, std=0.5)  # peaked logits: a wrong T shows
+    rcfg = rollout_config(VapiConfig(group_size=4, temperature=temperature, w_lpips=0.0))
+    imgs = torch.rand(2, 3, 32, 32) * 2 - 1
+    ro = rollout(policy, tok, None, imgs, torch.tensor([1, 3]), torch.tensor([0, 1]), rcfg, torch.Generator().manual_seed(0))
+    _, m = vapi_loss(policy, ro, rcfg.grpo)
+    assert float(m["ratio_mean"]) == pytest.approx(1.0, abs=1e-6) and float(m["clip_frac"]) == 0.0
+    wrong = GRPOConfig(temperature=1.0)
+    assert float(vapi_loss(policy, ro, wrong)[1]["clip_frac"]) > 0.05  # the old behaviour clipped on-policy tokens
+
+
+def test_update_mode_train_uses_dropout_eval_does_not():
+    """VapiMethod's step runs the policy in train mode by default (official: dropout + class
+    dropout, so on-policy ratios differ from 1), in eval mode with update_mode=eval (exactly 1)."""
+    from system.config import VapiConfig
+    from system.methods.base import DataSpec
+    from system.methods.vapi import VapiMethod, rollout_config
+
+    policy, tok = _ours()
+    torch.nn.init.normal_(policy.ar.output.weight, std=0.5)  # zero-initialised: uniform logits hide any mode
+    policy.ar.cfg.class_dropout = 0.5
+    for mod in policy.ar.modules():
+        if isinstance(mod, torch.nn.Dropout):
+            mod.p = 0.3
+    rcfg = rollout_config(VapiConfig(group_size=4, w_lpips=0.0))
+    ro = rollout(policy, tok, None, torch.rand(4, 3, 32, 32) * 2 - 1, torch.tensor([1, 3, 2, 0]), torch.arange(4), rcfg,
+                 torch.Generator().manual_seed(0))
+    batch = {"rollouts": ro, "stats": {"reward_mean": float(ro.rewards.mean())}}
+    ratios = {}
+    for mode in ("train", "eval"):
+        m = VapiMethod.__new__(VapiMethod)  # the step alone: no export to load
+        m.cfg, m.rcfg, m.reference = VapiConfig(update_mode=mode, w_lpips=0.0), rcfg, None
+        m.data = DataSpec(32, 8)
+        torch.manual_seed(0)
+        out = m.step("policy", {"policy": policy}, batch, 0, {})
+        ratios[mode] = float(out.metrics["ratio_mean"])
+        assert float(out.metrics["reward_mean"]) == pytest.approx(batch["stats"]["reward_mean"])
+    assert ratios["eval"] == pytest.approx(1.0, abs=1e-6) and abs(ratios["train"] - 1.0) > 1e-4

@@ -28,10 +28,10 @@ def _pretrain_tokenizer(export: Path, data_url: str, steps: int = 30) -> None:
     from safetensors.torch import save_file
 
     from system.data.reader import ShardReader
-    from system.models.export_io import load_tokenizer_ar
+    from system.models.artifacts import build_tokenizer1d, load_part, model_part
 
     torch.manual_seed(0)
-    tok, _ = load_tokenizer_ar(str(export))
+    tok = build_tokenizer1d(model_part(str(export), "tokenizer")["config"], load_part(str(export), "tokenizer"))
     tok.train()
     opt = torch.optim.Adam(tok.parameters(), lr=3e-3)
     it = iter(ShardReader(data_url, rank=0, world_size=1, batch_size=8, resolution=32, num_workers=0, seed=0))
@@ -67,8 +67,7 @@ def setup(tmp_path_factory):
 
 
 def _cfg(setup, run: str, *extra: str):
-    from system.config.load import load_config
-    from system.config.vapi_schema import VapiExperiment
+    from system.config import VapiExperiment, load_config
 
     root, train, val, export = setup
     argv = [f"run_name={run}", f"data.url={train}", f"data.val_url={val}", f"method.export_url={export}",
@@ -80,7 +79,7 @@ def _cfg(setup, run: str, *extra: str):
 def test_object_store_publisher_round_trips_any_state_dict(setup):
     """One flat buffer through the object store: every dtype, shape and empty tensor comes back equal,
     and loading it into a model gives the published weights."""
-    from cluster.vapi_pool import ObjectStorePublisher
+    from cluster.rollout_pool import ObjectStorePublisher
     from system.models.gpt import GPT
     from system.models.registry import gpt_config
 
@@ -98,7 +97,7 @@ def test_object_store_publisher_round_trips_any_state_dict(setup):
 
 
 def test_reward_rises_and_rollout_actor_loss_loses_no_group(setup):
-    from cluster.vapi_run import run_vapi
+    from cluster.rollout_pool import run_vapi
 
     cfg = _cfg(setup, "rise", "train.max_steps=10", "optim.lr=3e-3", "optim.min_lr=3e-3", "checkpoint.every_steps=10",
                "method.crash_rollout_at_call=4")
@@ -125,7 +124,7 @@ def test_learner_crash_resumes_from_checkpoint(setup, off_policy):
     step 2 (weights, optimizer, reader position, trained groups) and finishes. On-policy the result
     is the uninterrupted run's, step for step; off-policy the staleness is one version."""
     from cluster.checkpoint import CheckpointStore
-    from cluster.vapi_run import run_vapi
+    from cluster.rollout_pool import run_vapi
 
     common = ("train.max_steps=4", "checkpoint.every_steps=2", f"method.off_policy={str(off_policy).lower()}",
               "method.heldout_images=0", "optim.lr=3e-3", "optim.min_lr=3e-3")
@@ -148,10 +147,11 @@ def test_learner_crash_resumes_from_checkpoint(setup, off_policy):
 def test_two_rank_zero3_learner_matches_one_rank(setup):
     """The batch is scattered over 2 learner ranks (whole groups each) under ZeRO-3 and the weights
     are gathered to publish: the run follows the 1-rank ZeRO-0 run (same rollouts, same updates)."""
-    from cluster.vapi_run import run_vapi
+    from cluster.rollout_pool import run_vapi
 
     common = ("train.max_steps=3", "optim.lr=3e-3", "optim.min_lr=3e-3", "checkpoint.every_steps=3",
-              "method.heldout_images=0", "cluster.local_num_cpus=4")
+              "method.heldout_images=0", "cluster.local_num_cpus=4",
+              "method.update_mode=eval")  # train mode draws dropout masks per rank: 1 and 2 ranks differ
     one = run_vapi(_cfg(setup, "one-rank", *common))
     two = run_vapi(_cfg(setup, "two-ranks", *common, "cluster.num_workers=2", "deepspeed.zero_stage=3"))
     assert sorted(two["groups"]) == list(range(3 * 4))
@@ -182,7 +182,7 @@ def llamagen_ckpts(setup):
 
 
 def test_llamagen_checkpoints_through_the_pool(setup, llamagen_ckpts):
-    from cluster.vapi_run import run_vapi
+    from cluster.rollout_pool import run_vapi
 
     out = run_vapi(_cfg(setup, "llamagen", *llamagen_ckpts, "train.max_steps=3", "checkpoint.every_steps=3",
                         "method.heldout_images=4"))
@@ -194,7 +194,7 @@ def test_llamagen_checkpoints_through_the_pool(setup, llamagen_ckpts):
 def test_model_that_does_not_fit_fails_before_training(setup, llamagen_ckpts):
     """An AR length that differs from the tokenizer's code count is reported by the rollout actors'
     constructors, before the learner pool starts."""
-    from cluster.vapi_run import run_vapi
+    from cluster.rollout_pool import run_vapi
 
     with pytest.raises(Exception, match="gives 16 codes per 32 px image but the AR model generates 64"):
         run_vapi(_cfg(setup, "misfit", *llamagen_ckpts, "method.gpt_overrides.block_size=64", "train.max_steps=2"))
@@ -202,7 +202,7 @@ def test_model_that_does_not_fit_fails_before_training(setup, llamagen_ckpts):
 
 def _parts_failing_at_rollout(cfg):
     """The default parts, with a tokenizer whose encode fails (a bug inside a rollout)."""
-    from cluster.vapi_pool import default_parts
+    from cluster.rollout_pool import default_parts
 
     policy, tok, lp = default_parts(cfg)
 
@@ -219,7 +219,7 @@ def test_error_inside_a_rollout_ends_the_run_with_that_error(setup):
 
     import ray.cloudpickle
 
-    from cluster.vapi_run import run_vapi
+    from cluster.rollout_pool import run_vapi
 
     ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # actors import no test module
     cfg = _cfg(setup, "broken", "train.max_steps=2", "cluster.max_failures=0", "method.heldout_images=0")
@@ -244,7 +244,12 @@ def test_job_entry_point_runs_and_prints_the_reward(setup, capsys):
     assert "held-out teacher-forced reward:" in out
     summary = json.loads(out[out.index("{"):out.rindex("}") + 1])
     assert summary["step"] == 2 and summary["groups"] == 8 and summary["learner_restarts"] == 0
-    assert (root / "runs/job/config.yaml").exists() and (root / "runs/job/vapi_result.json").exists()
+    assert (root / "runs/job/config.yaml").exists()
+    # the post-trained policy is exported like any artifact (with its tokenizer): sampling loads it
+    from system.models.artifacts import load_pair
+
+    tok, gen = load_pair(str(root / "runs/job/export"))
+    assert tok.decode(gen.sample(torch.tensor([0, 1]), seed=0)).shape == (2, 3, 32, 32)
 
 
 def test_resolution_mismatch_is_a_config_error(setup, capsys):

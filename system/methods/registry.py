@@ -1,0 +1,58 @@
+"""name -> (config type, method class). The training driver finds a job's method from the type of
+its `method` section; adding a method is a config dataclass, a file implementing
+`system.methods.base.Method`, and one `register` call (no edit under cluster/)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from system.methods.base import Method
+
+
+@dataclass(frozen=True)
+class Entry:
+    name: str
+    config: type
+    method: type[Method]
+
+
+_BY_NAME: dict[str, Entry] = {}
+
+
+def register(name: str, config: type, method: type[Method]) -> type[Method]:
+    """Register `method` (a `Method` subclass) for configs of type `config`; returns `method`."""
+    if not (isinstance(method, type) and issubclass(method, Method)):
+        raise TypeError(f"{method!r} is not a system.methods.base.Method subclass")
+    old = _BY_NAME.get(name)
+    if old is not None and (old.config, old.method) != (config, method):
+        raise ValueError(f"method name {name!r} is already registered for {old.method.__qualname__}")
+    _BY_NAME[name] = Entry(name, config, method)
+    method.Config = config
+    return method
+
+
+def _builtin() -> None:
+    # import side effect: the built-in methods register themselves
+    import system.methods.eostok  # noqa: F401
+    import system.methods.vapi  # noqa: F401
+
+
+def get(name: str) -> Entry:
+    _builtin()
+    if name not in _BY_NAME:
+        raise KeyError(f"no method named {name!r}; registered: {', '.join(sorted(_BY_NAME))}")
+    return _BY_NAME[name]
+
+
+def for_config(method_cfg: object) -> Entry:
+    """The registered entry whose config type is exactly `type(method_cfg)`."""
+    _builtin()
+    for e in _BY_NAME.values():
+        if type(method_cfg) is e.config:
+            return e
+    raise KeyError(f"no method registered for config type {type(method_cfg).__name__}; "
+                   f"registered: {', '.join(f'{e.name} ({e.config.__name__})' for e in _BY_NAME.values())}")
+
+
+def names() -> list[str]:
+    _builtin()
+    return sorted(_BY_NAME)
