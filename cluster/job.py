@@ -19,6 +19,8 @@ class WorkerContext:
     device: torch.device
     # report(metrics, checkpoint_url or None): all ranks call it at each commit (Ray: ray.train.report)
     report: Callable[[dict, Optional[str]], None] = field(default=lambda metrics, url: None)
+    # progress(event): rank 0's small events for the driver's console (start, step, checkpoint)
+    progress: Callable[[dict], None] = field(default=lambda event: None)
 
 
 @dataclass

@@ -180,6 +180,8 @@ class RankLoop:
                 print(f"[{exp.run_name}] resumed from {ref.url} (step {ref.step})", flush=True)
         start = state.step
         if self.rank0:
+            ctx.progress({"kind": "start", "step": start, "resumed_from": ref.url if ref is not None else None})
+        if self.rank0:
             rows = self.store.read_jsonl(SESSIONS_FILE)
             rows.append({"submission": self.job.submission, "start_step": start, "world_size": ctx.world_size, "time": time.time()})
             self.store.write_bytes(SESSIONS_FILE, "".join(json.dumps(r) + "\n" for r in rows).encode())
@@ -244,6 +246,9 @@ class RankLoop:
                 dt = time.perf_counter() - t_log
                 self.last.update(lr=o.lr * f, images_per_s=per_step * since_log / max(dt, 1e-9))
                 self.logger.log(state.step, self.last)
+                if self.rank0:
+                    ctx.progress({"kind": "step", "step": state.step, "loss": self.last.get("loss"),
+                                  "images_per_s": self.last["images_per_s"]})
                 t_log, since_log = time.perf_counter(), 0
             if exp.train.sample_every and state.step % exp.train.sample_every == 0:
                 self.write_samples(batch)
@@ -258,7 +263,11 @@ class RankLoop:
                           keep_last=self.exp.checkpoint.keep_last, info={"zero_stage": self.strategy.zero_stage})
         self.committed = self.state.step
         self.logger.flush()
+        self.logger.curves(self.method.curve_keys())
         self.ctx.report({"step": self.state.step, **self.last}, self.store.ckpt_url(self.state.step))
+        if self.rank0:
+            self.ctx.progress({"kind": "checkpoint", "step": self.state.step, "url": self.store.ckpt_url(self.state.step),
+                               "loss": self.last.get("loss")})
 
     @contextlib.contextmanager
     def _gathered(self):
@@ -326,7 +335,7 @@ class RankLoop:
             restore_rng_state(rng)
         if self.rank0 and rows:
             buf = io.BytesIO()
-            save_image_grid(rows, buf)
+            save_image_grid(rows, buf, title=f"{self.exp.run_name}, step {self.state.step}")
             self.store.write_bytes(f"samples/step_{self.state.step:08d}.png", buf.getvalue())
         barrier()
 

@@ -27,19 +27,12 @@ def _in_ray_worker() -> bool:
 
 
 class Progress:
-    """tqdm bar (Ray's tqdm_ray inside a Ray worker, so the driver renders it)."""
+    """A local tqdm bar for runs outside Ray (tests, a single process); inside a Ray worker the
+    driver draws the bar from rank 0's progress events (cluster/console.py)."""
 
     def __init__(self, total: int, initial: int, desc: str, enabled: bool = True):
         self.bar: Any = None
-        self.desc = desc
-        if not enabled:
-            return
-        if _in_ray_worker():
-            from ray.experimental.tqdm_ray import tqdm as ray_tqdm
-
-            self.bar = ray_tqdm(total=total, desc=desc)
-            self.bar.update(initial)
-        else:
+        if enabled and not _in_ray_worker():
             from tqdm.auto import tqdm
 
             self.bar = tqdm(total=total, initial=initial, desc=desc, dynamic_ncols=True, file=sys.stderr)
@@ -49,13 +42,9 @@ class Progress:
             self.bar.update(n)
 
     def show(self, step: int, metrics: dict[str, float]) -> None:
-        if self.bar is None:
-            return
-        text = f"loss={metrics.get('loss', float('nan')):.4f} img/s={metrics.get('images_per_s', 0.0):.1f}"
-        if hasattr(self.bar, "set_postfix_str"):
+        if self.bar is not None:
+            text = f"loss={metrics.get('loss', float('nan')):.4f} img/s={metrics.get('images_per_s', 0.0):.1f}"
             self.bar.set_postfix_str(text, refresh=False)
-        else:
-            self.bar.set_description(f"{self.desc} {text}")
 
     def close(self) -> None:
         if self.bar is not None:
@@ -116,13 +105,23 @@ class RunLogger:
         self.progress.show(step, metrics)
         if self.wandb is not None:
             self.wandb.log(metrics, step=step)
-        if not self.cfg.logging.progress:
+        if not self.cfg.logging.progress or _in_ray_worker():  # the run's log file (workers: logs/rank_0.log)
             print(f"[{self.cfg.run_name}] step {step} " + " ".join(f"{k}={v:.4g}" for k, v in sorted(metrics.items())), flush=True)
 
     def flush(self) -> None:
         """Write metrics.jsonl (rank 0; called at checkpoint commits and at the end)."""
         if self.enabled:
             self.store.write_bytes("metrics.jsonl", "".join(json.dumps(r) + "\n" for r in self.records).encode())
+
+    def curves(self, keys: list[str]) -> None:
+        """Write `<run>/curves.png` (rank 0): one panel per metric of `keys` from the records so far."""
+        if not self.enabled or not self.records:
+            return
+        from system.eval.curves import curves_png
+
+        png = curves_png(self.records, keys, title=self.cfg.run_name)
+        if png:
+            self.store.write_bytes("curves.png", png)
 
     def summary(self, extra: dict[str, Any]) -> None:
         if not self.enabled:

@@ -12,14 +12,15 @@ from system.config import ClusterConfig
 REPO_ROOT = str(Path(__file__).resolve().parents[1])
 
 
-def init_ray(cluster: ClusterConfig, runtime_env: Optional[dict] = None) -> None:
+def init_ray(cluster: ClusterConfig, runtime_env: Optional[dict] = None, verbose: bool = True) -> None:
     """Connect to `cluster.address` (or RAY_ADDRESS, as set by `ray job submit`); with neither,
-    start a local Ray with `cluster.local_num_cpus` CPUs. No-op when Ray is already up."""
+    start a local Ray with `cluster.local_num_cpus` CPUs. No-op when Ray is already up. Without
+    `verbose`, worker output stays in the workers' log files (not forwarded to this console)."""
     if ray.is_initialized():
         return
     address = cluster.address or os.environ.get("RAY_ADDRESS")
     if address:
-        ray.init(address=address, runtime_env=runtime_env, log_to_driver=True)
+        ray.init(address=address, runtime_env=runtime_env, log_to_driver=verbose, configure_logging=verbose)
         return
     env = dict(runtime_env or {})
     env_vars = dict(env.get("env_vars", {}))
@@ -27,7 +28,7 @@ def init_ray(cluster: ClusterConfig, runtime_env: Optional[dict] = None) -> None
     env_vars.setdefault("PYTHONPATH", os.pathsep.join(p for p in (REPO_ROOT, os.environ.get("PYTHONPATH")) if p))
     env["env_vars"] = env_vars
     # the dashboard serves Ray's state API, which Ray Train's placement-group cleaner polls
-    ray.init(num_cpus=cluster.local_num_cpus, runtime_env=env)
+    ray.init(num_cpus=cluster.local_num_cpus, runtime_env=env, log_to_driver=verbose, configure_logging=verbose)
 
 
 def resolve_use_gpu(cluster: ClusterConfig) -> bool:

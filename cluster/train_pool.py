@@ -22,6 +22,7 @@ from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchConfig, TorchTrainer
 
 from cluster.job import ImageShards, SourceFactory, TrainJob
+from cluster.console import say
 from cluster.runtime import check_resources, init_ray, resolve_use_gpu
 from system.config import Experiment, to_yaml
 from system.data.storage import protocol
@@ -82,8 +83,21 @@ def _train_fn(config: dict[str, Any]) -> None:  # Ray Train's train_loop_config
     device = get_device() if use_gpu else torch.device("cpu")
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    wctx = WorkerContext(rank=rank, world_size=world, device=device, report=_ray_report(rank))
-    config["worker_fn"](config["exp"], wctx, **config["worker_kwargs"])
+    exp = config["exp"]
+    if not exp.logging.verbose:  # the console shows the driver's bar; worker output goes to the run's logs
+        from cluster.console import redirect_worker_output
+
+        redirect_worker_output(local_run_dir(exp), rank)
+    board = config.get("board")
+    progress = (lambda e: board.push.remote(e)) if board is not None and rank == 0 else (lambda e: None)
+    wctx = WorkerContext(rank=rank, world_size=world, device=device, report=_ray_report(rank), progress=progress)
+    config["worker_fn"](exp, wctx, **config["worker_kwargs"])
+
+
+def local_run_dir(exp: Experiment) -> Optional[str]:
+    """The run's folder when its storage is local (None for object storage)."""
+    sp = exp.checkpoint.storage_path
+    return os.path.join(sp.removeprefix("file://"), exp.run_name) if protocol(sp) == "file" else None
 
 
 def ray_storage_path(exp: Experiment) -> str:
@@ -101,8 +115,11 @@ def prepare_run(exp: Experiment, extra_cpus: float = 0.0, extra_gpus: float = 0.
     from cluster.checkpoint import CheckpointStore
     from cluster.loop import run_url
 
+    from cluster.console import setup_driver_logging
+
     exp = resolve_paths(exp)
     c = exp.cluster
+    log_file = setup_driver_logging(local_run_dir(exp), exp.logging.verbose)
     store = CheckpointStore(run_url(exp), exp.data.storage)
     existing = store.latest_complete()  # before any resource is allocated
     if existing is not None and not exp.checkpoint.resume:
@@ -111,11 +128,13 @@ def prepare_run(exp: Experiment, extra_cpus: float = 0.0, extra_gpus: float = 0.
             "set checkpoint.resume=true to continue it, or choose another run_name"
         )
     started_here = not ray.is_initialized() and not (c.address or os.environ.get("RAY_ADDRESS"))
-    init_ray(c)
+    init_ray(c, verbose=exp.logging.verbose)
     use_gpu = resolve_use_gpu(c)
     if started_here:
         check_resources(c, use_gpu, extra_cpus=extra_cpus, extra_gpus=extra_gpus)
     store.write_bytes("config.yaml", to_yaml(exp).encode())
+    say(f"[{exp.run_name}] {c.num_workers} {'GPU' if use_gpu else 'CPU'} worker(s), DeepSpeed ZeRO-{exp.deepspeed.zero_stage}, "
+        f"{exp.train.max_steps} steps; run: {store.run_url}" + (f" (logs: {os.path.dirname(log_file)}/)" if log_file else ""))
     return exp, store, use_gpu
 
 
@@ -123,11 +142,15 @@ def run_pool(exp: Experiment, use_gpu: bool, worker_fn: Callable[..., Any], work
     """`worker_fn(exp, WorkerContext, **worker_kwargs)` on `exp.cluster.num_workers` Ray Train
     workers (torch.distributed initialised: NCCL on GPUs, gloo on CPUs), restarted as a group from
     scratch after a lost worker up to `cluster.max_failures` times; returns Ray Train's Result."""
+    from cluster.console import ConsoleProgress, ProgressBoard, run_with_progress
+
     c = exp.cluster
     resources = {"CPU": c.cpus_per_worker, **({"GPU": c.gpus_per_worker} if use_gpu else {})}
+    board = ray.remote(num_cpus=0)(ProgressBoard).remote()
     trainer = TorchTrainer(
         _train_fn,
-        train_loop_config={"exp": exp, "worker_fn": worker_fn, "worker_kwargs": worker_kwargs, "use_gpu": use_gpu},
+        train_loop_config={"exp": exp, "worker_fn": worker_fn, "worker_kwargs": worker_kwargs, "use_gpu": use_gpu,
+                           "board": board},
         scaling_config=ScalingConfig(
             num_workers=c.num_workers, use_gpu=use_gpu, resources_per_worker=resources, placement_strategy=c.placement_strategy
         ),
@@ -139,7 +162,11 @@ def run_pool(exp: Experiment, use_gpu: bool, worker_fn: Callable[..., Any], work
             checkpoint_config=CheckpointConfig(num_to_keep=max(exp.checkpoint.keep_last, 1)),
         ),
     )
-    return trainer.fit()
+    progress = ConsoleProgress(board, exp.run_name, exp.train.max_steps, enabled=exp.logging.progress)
+    try:
+        return run_with_progress(trainer.fit, progress)
+    finally:
+        ray.kill(board)
 
 
 def resolve_job(exp: Experiment, source: Optional[SourceFactory] = None, micro_batch_size: Optional[int] = None) -> TrainJob:

@@ -152,9 +152,33 @@ def image_grid(rows: Iterable[torch.Tensor], pad: int = 2) -> np.ndarray:
     return out
 
 
-def save_image_grid(rows: Mapping[str, torch.Tensor] | Iterable[torch.Tensor], path_or_file, pad: int = 2) -> None:
-    """Write a PNG grid (one row per entry, in order) to a path or a binary file object."""
-    from PIL import Image
+def save_image_grid(rows: Mapping[str, torch.Tensor] | Iterable[torch.Tensor], path_or_file, pad: int = 2,
+                    title: str = "") -> None:
+    """Write a PNG grid (one row per entry, in order) to a path or a binary file object. Named rows
+    (a mapping) get their name as a label on the left ("ar_sample" -> "ar sample"), and `title`
+    a line above the grid. Small images are upscaled (nearest) to at least 96 px for viewing."""
+    from PIL import Image, ImageDraw, ImageFont
 
-    values = list(rows.values()) if isinstance(rows, Mapping) else list(rows)
-    Image.fromarray(image_grid(values, pad)).save(path_or_file, format="PNG")
+    named = isinstance(rows, Mapping)
+    values = list(rows.values()) if named else list(rows)
+    grid = Image.fromarray(image_grid(values, pad))
+    side = max(max(v.shape[-2] for v in values), 1)
+    scale = max(1, -(-96 // side))
+    if scale > 1:
+        grid = grid.resize((grid.width * scale, grid.height * scale), Image.NEAREST)
+    if not named and not title:
+        grid.save(path_or_file, format="PNG")
+        return
+    font = ImageFont.load_default(size=14)
+    labels = [str(k).replace("_", " ") for k in rows] if named else []
+    left = 8 + max((int(font.getlength(t)) for t in labels), default=0) + (8 if labels else 0)
+    top = 24 if title else 0
+    canvas = Image.new("RGB", (grid.width + left, grid.height + top), (255, 255, 255))
+    canvas.paste(grid, (left, top))
+    draw = ImageDraw.Draw(canvas)
+    if title:
+        draw.text((8, 4), title, fill=(0, 0, 0), font=font)
+    row_h = grid.height / max(len(values), 1)
+    for i, t in enumerate(labels):
+        draw.text((8, top + (i + 0.5) * row_h), t, fill=(0, 0, 0), font=font, anchor="lm")
+    canvas.save(path_or_file, format="PNG")

@@ -157,12 +157,9 @@ def cli_config(schema: type[T], argv: Sequence[str], defaults: Sequence[str | Pa
     """`load_config` for a job's command line: a bad config prints `config error: ...` and exits
     with status 2 (before any Ray or GPU resource is touched). `check(cfg)` may raise ConfigError
     (or ValueError) for job-specific rules."""
-    import logging
-
     cfg = exit_on_config_error(lambda: load_config(schema, argv, defaults))
     if check is not None:
         exit_on_config_error(lambda: check(cfg))
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     return cfg
 
 

@@ -92,7 +92,8 @@ class LoggingConfig:
     project: str = "tokenizer-ar"
     entity: Optional[str] = None
     log_every: int = 10
-    progress: bool = True
+    progress: bool = True  # the driver's progress bar (step, loss, img/s, ETA)
+    verbose: bool = False  # also show worker output and library logs on the console (else: <run>/logs/)
 
 
 @dataclass

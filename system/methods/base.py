@@ -139,6 +139,10 @@ class Method:
             return {k: (v[:n] if torch.is_tensor(v) or isinstance(v, list) else v) for k, v in batch.items()}
         return None
 
+    def curve_keys(self) -> list[str]:
+        """Metric names drawn in the run's curves.png, one panel each ("a|b": two in one panel)."""
+        return ["loss"]
+
     def external_parameters(self, name: str, module: nn.Module) -> list[nn.Parameter]:
         """Parameters of `module` read outside its own forward (ZeRO-3 must register them)."""
         return []

@@ -166,6 +166,9 @@ class EOSTok(Method):
     def phases(self) -> list[str]:
         return ["gen", "disc"] if self.cfg.gan > 0 else ["gen"]
 
+    def curve_keys(self) -> list[str]:
+        return ["loss", "loss/l2|loss/apr_l2", "psnr|apr_psnr", "codebook_usage", "ar_acc", "disc_loss"]
+
     def external_parameters(self, name: str, module: nn.Module) -> list[nn.Parameter]:
         cb = module.tokenizer.quantizer.codebook if name == "gen" else None
         return [cb] if isinstance(cb, nn.Parameter) else []

@@ -279,6 +279,9 @@ class VapiMethod(Method):
         m.update({k: torch.tensor(float(v), device=device) for k, v in batch["stats"].items()})
         return StepOutput(loss, m)
 
+    def curve_keys(self) -> list[str]:
+        return ["loss", "reward_mean", "ce_prior", "clip_frac", "ratio_mean", "weight_sync_s"]
+
     def sample_batch(self, batch, n):
         return None  # no image grid: the held-out reward is measured by the rollout pool
 
