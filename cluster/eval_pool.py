@@ -9,7 +9,7 @@ import tempfile
 from typing import Any
 
 from system.config.eval_schema import EvaluateConfig
-from system.config.load import redact, to_dict
+from system.config.load import redacted_dict
 from system.data.storage import protocol
 from system.eval.report import flat_metrics
 from system.eval.suite import run_evaluation
@@ -53,7 +53,7 @@ def log_to_wandb(report: dict, cfg: EvaluateConfig, out: str) -> Any:
         os.makedirs(wdir, exist_ok=True)
         run = wandb.init(
             project=cfg.logging.project, entity=cfg.logging.entity, name=cfg.run_name, job_type="eval",
-            mode=cfg.logging.wandb_mode, dir=wdir, config=redact(to_dict(cfg)),
+            mode=cfg.logging.wandb_mode, dir=wdir, config=redacted_dict(cfg),
             settings=wandb.Settings(console="off", x_disable_stats=True),
         )
         run.log(flat_metrics(report))

@@ -12,7 +12,7 @@ import tempfile
 import time
 from typing import Any
 
-from system.config import Experiment, redact, to_dict
+from system.config import Experiment, redacted_dict
 
 log = logging.getLogger(__name__)
 
@@ -87,7 +87,7 @@ class RunLogger:
                 resume="allow",
                 mode=cfg.logging.wandb_mode,
                 dir=wdir,
-                config=redact(to_dict(cfg)),
+                config=redacted_dict(cfg),
                 settings=wandb.Settings(console="off", x_disable_stats=True),
             )
         except Exception as e:  # noqa: BLE001 - logging must not kill a training run

@@ -397,6 +397,9 @@ def check_vapi_experiment(exp: VapiExperiment) -> None:
     if exp.data.batch_size % exp.cluster.num_workers:
         raise ValueError(f"data.batch_size={exp.data.batch_size} images per iteration must split evenly over "
                          f"cluster.num_workers={exp.cluster.num_workers} learner ranks")
+    from system.data.shards import check_shard_set
+
+    check_shard_set(exp.data.url, "data.url", exp.data.storage)
     VapiMethod.check(m, VapiMethod.resolve_data(exp))
 
 

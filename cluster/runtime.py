@@ -7,7 +7,7 @@ from typing import Optional
 
 import ray
 
-from system.config import ClusterConfig
+from system.config import ClusterConfig, ConfigError
 
 REPO_ROOT = str(Path(__file__).resolve().parents[1])
 
@@ -52,15 +52,46 @@ def check_resources(cluster: ClusterConfig, use_gpu: bool, extra_cpus: float = 0
     need_cpu = cluster.num_workers * cluster.cpus_per_worker + extra_cpus
     others = f" + {extra_cpus:g} for the job's other actors" if extra_cpus else ""
     if res.get("CPU", 0) < need_cpu:
-        raise RuntimeError(
+        raise ConfigError(
             f"the job needs {need_cpu:g} CPUs (cluster.num_workers={cluster.num_workers} x "
             f"cluster.cpus_per_worker={cluster.cpus_per_worker:g}{others}) but the Ray cluster has {res.get('CPU', 0):g}; "
             "lower cluster.num_workers or cluster.cpus_per_worker (or raise cluster.local_num_cpus)"
         )
     need_gpu = (cluster.num_workers * cluster.gpus_per_worker if use_gpu else 0) + extra_gpus
     if need_gpu and res.get("GPU", 0) < need_gpu:
-        raise RuntimeError(
+        raise ConfigError(
             f"the job needs {need_gpu:g} GPUs (cluster.num_workers x cluster.gpus_per_worker"
             f"{' + the other actors' if extra_gpus else ''}) but the Ray cluster has "
             f"{res.get('GPU', 0):g}; lower cluster.num_workers or cluster.gpus_per_worker"
         )
+
+
+def check_local_resources(cluster: ClusterConfig, extra_cpus: float = 0.0) -> None:
+    """Before starting a local Ray: the pool (plus other actors) must fit in the CPUs it will have."""
+    have = cluster.local_num_cpus or os.cpu_count() or 1
+    need = cluster.num_workers * cluster.cpus_per_worker + extra_cpus
+    if need > have:
+        key = "cluster.local_num_cpus" if cluster.local_num_cpus else "this machine's CPU count"
+        raise ConfigError(
+            f"config key 'cluster.num_workers' = {cluster.num_workers}: the pool needs {need:g} CPUs "
+            f"(cluster.num_workers x cluster.cpus_per_worker={cluster.cpus_per_worker:g}"
+            f"{f' + {extra_cpus:g} for other actors' if extra_cpus else ''}) but the local Ray gets {have} ({key}); "
+            f"use cluster.num_workers <= {int((have - extra_cpus) // cluster.cpus_per_worker)} or join a cluster (cluster.address)")
+
+
+STALE_LOCK_S = 300  # a torch extension build takes well under this on CPU
+
+
+def check_extension_locks(root: Optional[str] = None) -> None:
+    """A build lock of a torch C++ extension (DeepSpeed's CPU communication op) left by an
+    interrupted first run makes every later run wait forever after "Started training worker
+    group"; name it instead (older than STALE_LOCK_S seconds: no build is still running)."""
+    import glob
+    import time
+
+    root = root or os.environ.get("TORCH_EXTENSIONS_DIR") or os.path.expanduser("~/.cache/torch_extensions")
+    now = time.time()
+    stale = [p for p in glob.glob(os.path.join(root, "*", "*", "lock")) if now - os.path.getmtime(p) > STALE_LOCK_S]
+    if stale:
+        raise ConfigError(f"stale build lock(s) left by an interrupted run: {', '.join(stale)}; DeepSpeed would wait "
+                          f"for them forever. Remove them (rm {' '.join(stale)}) and start again")

@@ -23,8 +23,8 @@ from ray.train.torch import TorchConfig, TorchTrainer
 
 from cluster.job import ImageShards, SourceFactory, TrainJob
 from cluster.console import say
-from cluster.runtime import check_resources, init_ray, resolve_use_gpu
-from system.config import Experiment, to_yaml
+from cluster.runtime import check_extension_locks, check_local_resources, check_resources, init_ray, resolve_use_gpu
+from system.config import ConfigError, Experiment, to_yaml
 from system.data.storage import protocol
 
 POINTER_FILE = "checkpoint_pointer.json"
@@ -94,6 +94,47 @@ def _train_fn(config: dict[str, Any]) -> None:  # Ray Train's train_loop_config
     config["worker_fn"](exp, wctx, **config["worker_kwargs"])
 
 
+class RunFinished(Exception):
+    """The run already reached `train.max_steps` and has its export: nothing to do (not an error)."""
+
+
+def run_job(fn: Callable[[], Any]) -> Any:
+    """A job's run: a finished run says so and exits 0; a `ConfigError` found while starting (storage,
+    resources, an existing run) prints one line and exits 2 (`--debug`: the traceback)."""
+    from system.config import exit_on_config_error
+
+    try:
+        return exit_on_config_error(lambda: _only_config_errors(fn))
+    except RunFinished as e:
+        say(str(e))
+        raise SystemExit(0) from None
+
+
+def _only_config_errors(fn: Callable[[], Any]) -> Any:
+    try:
+        return fn()
+    except ConfigError:
+        raise
+    except ValueError as e:  # not a config problem: keep its traceback
+        raise RuntimeError(f"{type(e).__name__}: {e}") from e
+
+
+def check_writable(exp: Experiment) -> None:
+    """A local `checkpoint.storage_path` must be a folder this process can write (before Ray starts)."""
+    run_dir = local_run_dir(exp)
+    if run_dir is None:
+        return
+    try:
+        os.makedirs(run_dir, exist_ok=True)
+        probe = os.path.join(run_dir, f".write-probe-{os.getpid()}")
+        with open(probe, "wb") as f:
+            f.write(b"ok")
+        os.remove(probe)
+    except OSError as e:
+        raise ConfigError(f"config key 'checkpoint.storage_path' = {exp.checkpoint.storage_path!r}: cannot write the run "
+                          f"folder {run_dir} ({e.strerror or e}); choose a writable folder or s3://bucket/prefix") from None
+
+
 def local_run_dir(exp: Experiment) -> Optional[str]:
     """The run's folder when its storage is local (None for object storage)."""
     sp = exp.checkpoint.storage_path
@@ -119,15 +160,27 @@ def prepare_run(exp: Experiment, extra_cpus: float = 0.0, extra_gpus: float = 0.
 
     exp = resolve_paths(exp)
     c = exp.cluster
+    check_writable(exp)
     log_file = setup_driver_logging(local_run_dir(exp), exp.logging.verbose)
     store = CheckpointStore(run_url(exp), exp.data.storage)
-    existing = store.latest_complete()  # before any resource is allocated
+    try:
+        existing = store.latest_complete()  # before any resource is allocated
+    except Exception as e:  # noqa: BLE001 - an unreachable store is a config problem, said in one line
+        raise ConfigError(f"config key 'checkpoint.storage_path': cannot list the run's checkpoints at {store.run_url}: {e}") from None
     if existing is not None and not exp.checkpoint.resume:
-        raise ValueError(
+        raise ConfigError(
             f"run {exp.run_name!r} already has a checkpoint at step {existing.step} ({existing.url}); "
             "set checkpoint.resume=true to continue it, or choose another run_name"
         )
+    if existing is not None and existing.step >= exp.train.max_steps and (not exp.checkpoint.export or store.exists("export/model.json")):
+        raise RunFinished(
+            f"run {exp.run_name!r} is already at step {existing.step} >= train.max_steps={exp.train.max_steps}: nothing "
+            f"to train, and its export is left as it is ({store.url('export')}). To train it further, raise "
+            f"train.max_steps; to start a new run, set another run_name (e.g. run_name={exp.run_name}-2)")
     started_here = not ray.is_initialized() and not (c.address or os.environ.get("RAY_ADDRESS"))
+    if started_here:
+        check_local_resources(c, extra_cpus)
+        check_extension_locks()
     init_ray(c, verbose=exp.logging.verbose)
     use_gpu = resolve_use_gpu(c)
     if started_here:
@@ -171,8 +224,13 @@ def run_pool(exp: Experiment, use_gpu: bool, worker_fn: Callable[..., Any], work
 
 def resolve_job(exp: Experiment, source: Optional[SourceFactory] = None, micro_batch_size: Optional[int] = None) -> TrainJob:
     """The method registered for `type(exp.method)`, its data spec and checks (before Ray starts)."""
+    from system.data.shards import check_shard_set
     from system.methods import registry
 
+    if source is None or isinstance(source, ImageShards):  # the job reads image shards: they must be there
+        check_shard_set(exp.data.url, "data.url", exp.data.storage)
+        if exp.data.val_url:
+            check_shard_set(exp.data.val_url, "data.val_url", exp.data.storage)
     method = registry.for_config(exp.method).method
     data = method.resolve_data(exp)
     method.check(exp.method, data)

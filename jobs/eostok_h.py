@@ -33,15 +33,15 @@ def main(argv: list[str]) -> int:
     cfg = cli_config(EOSTokExperiment, argv, DEFAULTS)
     from system.data.embedded import ensure_embedded_data
 
-    ensure_embedded_data(cfg.data)
+    exit_on_config_error(lambda: ensure_embedded_data(cfg.data))
     exit_on_config_error(lambda: check(cfg))  # exit 2 with the message before any worker starts
 
     from cluster.console import say, table
-    from cluster.train_pool import run_training
+    from cluster.train_pool import run_job, run_training
 
     if cfg.data.embedded:
         say(f"[{cfg.run_name}] data: the embedded real photos at {cfg.data.url} (val: {cfg.data.val_url})")
-    result = run_training(cfg)
+    result = run_job(lambda: run_training(cfg))
     m = result.metrics
     rows = [(k, m[k]) for k in ("step", "loss", "psnr", "codebook_usage", "ar_acc", "images_per_s") if k in m]
     summary = {"run": result.run_url, "step": result.step, "checkpoint": result.checkpoint_url,

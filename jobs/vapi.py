@@ -37,11 +37,12 @@ def main(argv: list[str]) -> int:
     cfg = cli_config(VapiExperiment, argv, DEFAULTS)
     from system.data.embedded import ensure_embedded_data
 
-    ensure_embedded_data(cfg.data)
+    exit_on_config_error(lambda: ensure_embedded_data(cfg.data))
     exit_on_config_error(lambda: check(cfg))  # exit 2 with the message before any worker starts
     from cluster.rollout_pool import run_vapi
+    from cluster.train_pool import run_job
 
-    out = run_vapi(cfg)
+    out = run_job(lambda: run_vapi(cfg))
     if out.get("heldout_start") is not None:
         print(f"held-out teacher-forced reward: {out['heldout_start']:.4f} -> {out['heldout_end']:.4f}")
     last = out["history"][-1] if out["history"] else {}

@@ -10,6 +10,7 @@ from typing import Literal, Optional
 
 from system.config.load import ConfigError
 from system.config.methods import LPIPSConfig
+from system.config.ranges import ok
 from system.config.sections import MISSING, ClusterConfig, LoggingConfig, StorageConfig
 
 Schedule = Literal["constant", "linear", "power-cosine"]
@@ -22,23 +23,23 @@ class SampleConfig:
     export_url: str = MISSING  # a run's export/ folder (model.json + safetensors), local or s3://
     out: Optional[str] = None  # folder for parts/, samples.npz, grids/; None: <run>/samples beside export/
     ema: bool = True  # use the EMA weights when the export has them
-    num_per_class: int = 50
-    num_classes: Optional[int] = None  # None: the AR model's num_classes (model.json)
-    cfg_scale: float = 1.0  # classifier-free guidance; 1.0 = off
+    num_per_class: int = field(default=50, metadata=ok(">= 1"))
+    num_classes: Optional[int] = field(default=None, metadata=ok(">= 1"))  # None: the AR model's num_classes (model.json)
+    cfg_scale: float = field(default=1.0, metadata=ok(">= 0"))  # classifier-free guidance; 1.0 = off
     cfg_schedule: Schedule = "constant"
-    cfg_power: float = 1.0  # power of the power-cosine schedule
-    temperature: float = 1.0
-    top_k: int = 0  # 0 = off
-    top_p: float = 1.0  # 1.0 = off
-    batch_size: int = 64  # images per part (one generate call); part content depends on it
-    seed: int = 0
+    cfg_power: float = field(default=1.0, metadata=ok("> 0"))  # power of the power-cosine schedule
+    temperature: float = field(default=1.0, metadata=ok(">= 0"))
+    top_k: int = field(default=0, metadata=ok(">= 0"))  # 0 = off
+    top_p: float = field(default=1.0, metadata=ok("in (0, 1]"))  # 1.0 = off
+    batch_size: int = field(default=64, metadata=ok(">= 1"))  # images per part (one generate call); part content depends on it
+    seed: int = field(default=0, metadata=ok(">= 0"))
     precision: Literal["fp32", "bf16"] = "fp32"  # bf16: autocast on GPU
     compile: bool = False  # torch.compile the decode step (GPU)
-    num_actors: int = 0  # 0: one per GPU of the Ray cluster (CPU-only: one per cluster.cpus_per_worker CPUs)
-    grid_classes: int = 16  # PNG grids: first classes, one row each, 8 rows per PNG
-    grid_cols: int = 8
+    num_actors: int = field(default=0, metadata=ok(">= 0"))  # 0: one per GPU of the Ray cluster (CPU-only: one per cluster.cpus_per_worker CPUs)
+    grid_classes: int = field(default=16, metadata=ok(">= 0"))  # PNG grids: first classes, one row each, 8 rows per PNG
+    grid_cols: int = field(default=8, metadata=ok(">= 1"))
     progress: bool = True
-    crash_at_part: Optional[int] = None  # fault injection: the actor making this part dies once
+    crash_at_part: Optional[int] = field(default=None, metadata=ok(">= 0"))  # fault injection: the actor making this part dies once
     storage: StorageConfig = field(default_factory=StorageConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
 
@@ -55,37 +56,21 @@ class EvaluateConfig:
     reference: Optional[str] = None  # ADM reference batch or stats npz; None: the images of `shards`
     shards: str = ".cache/embedded_shards/val"  # shard set: recon metrics; generation reference if none given
     embedded: bool = True  # build the embedded real-photo set at `shards` when it is missing
-    max_images: int = 0  # cap on images read from `shards` (0: all)
-    batch_size: int = 50
+    max_images: int = field(default=0, metadata=ok(">= 0"))  # cap on images read from `shards` (0: all)
+    batch_size: int = field(default=50, metadata=ok(">= 1"))
     inception_path: Optional[str] = None  # pytorch-fid pt_inception-2015-12-05 weights; None: random weights
     inception_preprocess: Literal["adm", "pytorch-fid"] = "adm"
     lpips: LPIPSConfig = field(default_factory=LPIPSConfig)  # no paths: random-weight LPIPS, labelled
-    is_splits: int = 10
-    pr_k: int = 3  # k of improved precision/recall
+    is_splits: int = field(default=10, metadata=ok(">= 1"))
+    pr_k: int = field(default=3, metadata=ok(">= 1"))  # k of improved precision/recall
     run_name: Optional[str] = None  # wandb run name; None: derived from the inputs
     storage: StorageConfig = field(default_factory=StorageConfig)
     cluster: ClusterConfig = field(default_factory=lambda: ClusterConfig(num_workers=1))
     logging: LoggingConfig = field(default_factory=LoggingConfig)
 
 
-def _positive(cfg: object, *names: str) -> None:
-    for name in names:
-        if getattr(cfg, name) < 1:
-            raise ConfigError(f"config key '{name}' must be >= 1; got {getattr(cfg, name)}")
-
-
 def check_sample_config(cfg: SampleConfig) -> None:
-    _positive(cfg, "num_per_class", "batch_size", "grid_cols")
-    if cfg.num_classes is not None and cfg.num_classes < 1:
-        raise ConfigError(f"config key 'num_classes' must be >= 1 (or null for the model's); got {cfg.num_classes}")
-    if cfg.seed < 0:
-        raise ConfigError(f"config key 'seed' must be >= 0; got {cfg.seed}")
-    if cfg.temperature < 0 or cfg.top_k < 0 or not 0.0 < cfg.top_p <= 1.0:
-        raise ConfigError(
-            f"sampling: need temperature >= 0, top_k >= 0 and 0 < top_p <= 1; got {cfg.temperature}, {cfg.top_k}, {cfg.top_p}"
-        )
-    if cfg.num_actors < 0 or cfg.grid_classes < 0:
-        raise ConfigError(f"num_actors and grid_classes must be >= 0; got {cfg.num_actors}, {cfg.grid_classes}")
+    """Cross-field rules (single-field ranges are declared on the fields and checked on load)."""
 
 
 def check_evaluate_config(cfg: EvaluateConfig) -> None:
@@ -94,8 +79,5 @@ def check_evaluate_config(cfg: EvaluateConfig) -> None:
             "nothing to evaluate: set samples=<sample npz> (generation metrics) and/or "
             "export_url=<run export folder> (reconstruction metrics)"
         )
-    _positive(cfg, "batch_size", "is_splits", "pr_k")
-    if cfg.max_images < 0:
-        raise ConfigError(f"config key 'max_images' must be >= 0 (0: all); got {cfg.max_images}")
     if bool(cfg.lpips.vgg_path) != bool(cfg.lpips.lin_path):
         raise ConfigError("lpips.vgg_path and lpips.lin_path go together: give both (real LPIPS) or neither (random weights)")

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 from system.config.methods import EOSTokConfig, VapiConfig
+from system.config.ranges import ok
 from system.config.sections import (
     MISSING,
     CheckpointConfig,
@@ -26,7 +27,7 @@ class Experiment:
     """The sections every training job shares; a job's root subclasses it with its `method`."""
 
     run_name: str = MISSING
-    seed: int = 0
+    seed: int = field(default=0, metadata=ok(">= 0"))
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
@@ -65,9 +66,9 @@ class MakeShardsConfig:
     out: str = MISSING  # fsspec URL; each split goes to <out>/<split>/
     splits: list[str] = field(default_factory=lambda: ["train", "val"])
     val_labels: Optional[str] = None  # file "<filename> <wnid-or-index>" per line, for a flat val/
-    shard_size: int = 1000  # samples per shard
-    max_side: int = 0  # >0: re-encode images whose shorter side exceeds this (keeps the aspect)
-    parallelism: int = 0  # concurrent Ray tasks; 0: one per available CPU
-    seed: int = 0  # order of files across shards
+    shard_size: int = field(default=1000, metadata=ok(">= 1"))  # samples per shard
+    max_side: int = field(default=0, metadata=ok(">= 0"))  # >0: re-encode images whose shorter side exceeds this (keeps the aspect)
+    parallelism: int = field(default=0, metadata=ok(">= 0"))  # concurrent Ray tasks; 0: one per available CPU
+    seed: int = field(default=0, metadata=ok(">= 0"))  # order of files across shards
     storage: StorageConfig = field(default_factory=StorageConfig)
     cluster: ClusterConfig = field(default_factory=lambda: ClusterConfig(num_workers=1))

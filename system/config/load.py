@@ -18,13 +18,21 @@ from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationE
 T = TypeVar("T")
 
 CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
-_SECRET = re.compile(r"(^|_)(key|secret|token|password|passwd|credential|credentials|api_key)s?$", re.I)
+# credential names only (whole field names): `key`, `secret`, `*_api_key`, `*_token`, `password` ...;
+# never names that merely end like one (`num_latent_tokens`, `keep_last`)
+_SECRET = re.compile(r"^(key|secret|token|password|passwd|credentials?|(\w+_)?(api_key|access_key|access_key_id|"
+                     r"secret_key|secret_access_key|session_token|auth_token|password))$", re.I)
+_OUTPUT_FIELDS = ("storage_path", "out")  # where a job writes: must outlive a `ray job submit` working dir
 _URL_FIELDS = ("url", "val_url", "storage_path", "src", "out", "export_url", "samples", "reference", "shards",
                "inception_path", "val_labels")
 
 
 class ConfigError(ValueError):
     """A config the schema cannot accept; the message names the key and the allowed values."""
+
+
+class HelpRequested(Exception):
+    """`-h` / `--help` on a job's command line."""
 
 
 def parse_argv(argv: Sequence[str]) -> tuple[list[str], list[str]]:
@@ -44,7 +52,9 @@ def parse_argv(argv: Sequence[str]) -> tuple[list[str], list[str]]:
         if a.startswith("--config="):
             files.append(a.split("=", 1)[1])
         elif a in ("-h", "--help"):
-            raise ConfigError("usage: [--config FILE.yaml] [key=value ...]  (e.g. train.max_steps=100)")
+            raise HelpRequested()
+        elif a == "--debug":
+            pass  # read by exit_on_config_error: show tracebacks
         elif "=" in a and not a.startswith("-"):
             overrides.append(a)
         else:
@@ -96,17 +106,44 @@ def _load_yaml(path: str | Path) -> DictConfig:
     return OmegaConf.create(data)
 
 
-def _check_urls(obj: Any, prefix: str = "") -> None:
-    """Reject unusable storage URLs; make relative local paths absolute (workers run elsewhere)."""
+def _submitted_working_dir() -> bool:
+    """True inside a driver started by `ray job submit --working-dir` (its cwd is Ray's temporary
+    copy of the package, deleted with the cluster)."""
+    import json
+    import os
+
+    raw = os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR")
+    if not raw:
+        return False
+    try:
+        return bool(json.loads(raw).get("runtime_env", {}).get("working_dir"))
+    except (ValueError, AttributeError):
+        return False
+
+
+def _check_fields(obj: Any, prefix: str = "") -> None:
+    """Declared value ranges (system/config/ranges.py); unusable storage URLs; relative local paths
+    made absolute (workers run elsewhere), refused for outputs under `ray job submit --working-dir`."""
     import fsspec  # local import: cheap, and only needed at validation
+
+    from system.config.ranges import in_range
 
     for f in dataclasses.fields(obj):
         val = getattr(obj, f.name)
         key = f"{prefix}{f.name}"
+        rule = f.metadata.get("range")
+        if rule and not in_range(val, rule):
+            raise ConfigError(f"config key '{key}' = {val!r} is out of range: it must be {rule}")
         if dataclasses.is_dataclass(val):
-            _check_urls(val, key + ".")
+            _check_fields(val, key + ".")
         elif f.name in _URL_FIELDS and isinstance(val, str) and val:
             if "://" not in val:
+                if f.name in _OUTPUT_FIELDS and not Path(val).expanduser().is_absolute() and _submitted_working_dir():
+                    raise ConfigError(
+                        f"config key '{key}' = {val!r} is a relative path: under `ray job submit --working-dir` it "
+                        f"would resolve inside Ray's temporary package folder ({Path.cwd()}), which disappears with "
+                        f"the cluster (and a resubmission after any code edit would start over). Give an absolute path "
+                        f"on storage every node shares, or s3://bucket/prefix")
                 setattr(obj, f.name, str(Path(val).expanduser().absolute()))
                 continue
             proto = val.split("://", 1)[0]
@@ -148,7 +185,7 @@ def load_config(
         obj = OmegaConf.to_object(cfg)
     except OmegaConfBaseException as e:
         raise _explain(schema, e) from None
-    _check_urls(obj)
+    _check_fields(obj)
     return obj  # type: ignore[return-value]
 
 
@@ -157,31 +194,41 @@ def cli_config(schema: type[T], argv: Sequence[str], defaults: Sequence[str | Pa
     """`load_config` for a job's command line: a bad config prints `config error: ...` and exits
     with status 2 (before any Ray or GPU resource is touched). `check(cfg)` may raise ConfigError
     (or ValueError) for job-specific rules."""
-    cfg = exit_on_config_error(lambda: load_config(schema, argv, defaults))
+    try:
+        cfg = exit_on_config_error(lambda: load_config(schema, argv, defaults))
+    except HelpRequested:
+        import sys
+
+        print(help_text(schema, defaults))
+        raise SystemExit(0) from None
     if check is not None:
         exit_on_config_error(lambda: check(cfg))
     return cfg
 
 
 def exit_on_config_error(fn: Any) -> Any:
-    """`fn()`; a ConfigError / ValueError prints `config error: ...` and exits with status 2."""
+    """`fn()`; a ConfigError / ValueError prints one line `config error: ...` and exits with status
+    2 (`--debug` on the command line re-raises it with its traceback)."""
     import sys
 
     try:
         return fn()
     except (ConfigError, ValueError) as e:
+        if "--debug" in sys.argv:
+            raise
         print(f"config error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
 
 
-def redact(data: Any) -> Any:
-    """Copy of a plain dict/list tree with credential-like values replaced by '***'."""
+def redact(data: Any, extra: Sequence[str] = ()) -> Any:
+    """Copy of a plain dict/list tree with credential values (and keys named in `extra`) replaced by '***'."""
     if isinstance(data, dict):
         return {
-            k: ("***" if _SECRET.search(str(k)) and v not in (None, "", {}) else redact(v)) for k, v in data.items()
+            k: ("***" if (_SECRET.search(str(k)) or str(k) in extra) and v not in (None, "", {}) else redact(v, extra))
+            for k, v in data.items()
         }
     if isinstance(data, (list, tuple)):
-        return [redact(v) for v in data]
+        return [redact(v, extra) for v in data]
     if isinstance(data, str):
         # credentials embedded in URLs: scheme://user:password@host
         return re.sub(r"(://[^/:@]+:)[^@/]+@", r"\1***@", data)
@@ -195,7 +242,13 @@ def to_dict(cfg: Any) -> dict:
 
 def to_yaml(cfg: Any) -> str:
     """The resolved config as YAML with secrets redacted: what is saved beside a run."""
-    return yaml.safe_dump(redact(to_dict(cfg)), sort_keys=False)
+    return yaml.safe_dump(redacted_dict(cfg), sort_keys=False)
+
+
+def redacted_dict(cfg: Any) -> dict:
+    """Plain dict of a config with credentials and the keys named in `logging.redact` hidden."""
+    tree = to_dict(cfg)
+    return redact(tree, (tree.get("logging") or {}).get("redact") or ())
 
 
 def override_dataclass(obj: T, overrides: dict[str, Any], where: str = "overrides") -> T:
@@ -216,3 +269,85 @@ def override_dataclass(obj: T, overrides: dict[str, Any], where: str = "override
         return dataclasses.replace(obj, **changes)  # type: ignore[type-var]
     except (TypeError, ValueError) as e:
         raise ConfigError(f"{where}: {e}") from e
+
+
+# ---------------------------------------------------------------------------- --help
+def _field_comments(cls: type) -> dict[str, str]:
+    """field name -> the comment at the end of its line in the class source (the field's doc)."""
+    import inspect
+    import io
+    import tokenize
+
+    try:
+        src = inspect.getsource(cls)
+    except (OSError, TypeError):
+        return {}
+    out: dict[str, str] = {}
+    name_at_line: dict[int, str] = {}
+    for i, line in enumerate(src.splitlines(), 1):
+        m = re.match(r"^\s{4}(\w+)\s*:", line)
+        if m:
+            name_at_line[i] = m.group(1)
+    for tok in tokenize.generate_tokens(io.StringIO(src).readline):
+        if tok.type == tokenize.COMMENT and tok.start[0] in name_at_line:
+            out[name_at_line[tok.start[0]]] = tok.string.lstrip("#").strip()
+    return out
+
+
+def _type_name(t: Any) -> str:
+    origin, args = typing.get_origin(t), typing.get_args(t)
+    if origin is typing.Literal:
+        return "|".join(str(a) for a in args)
+    if origin is typing.Union:
+        return " or ".join("null" if a is type(None) else _type_name(a) for a in args)
+    if origin is not None:
+        return f"{getattr(origin, '__name__', origin)}[{', '.join(_type_name(a) for a in args)}]"
+    return getattr(t, "__name__", str(t))
+
+
+def help_text(schema: type, defaults: Sequence[str | Path] = (), job: str = "") -> str:
+    """Every key of `schema` grouped by section: type, default (after the job's default YAML files),
+    allowed range and the field's description (its comment in the schema source)."""
+    cfg = OmegaConf.structured(schema)
+    for d in defaults:
+        cfg = OmegaConf.merge(cfg, _load_yaml(CONFIG_DIR / d if not Path(d).is_absolute() else Path(d)))
+    if not job:
+        import sys
+
+        job = f"jobs/{Path(sys.argv[0]).name}" if sys.argv and sys.argv[0].endswith(".py") else "jobs/<job>.py"
+    lines = [f"usage: python {job} [--config FILE.yaml] [key=value ...] [--debug]",
+             "  key=value overrides (dotted keys), applied after the job's defaults and --config files;",
+             "  --debug shows tracebacks of config errors.", ""]
+
+    def value(key: str) -> str:
+        v = OmegaConf.select(cfg, key, throw_on_missing=False)
+        if v == "???" or (isinstance(v, str) and OmegaConf.is_missing(cfg, key)):
+            return "(required)"
+        return str(OmegaConf.to_container(v) if OmegaConf.is_config(v) else v)
+
+    def walk(cls: type, prefix: str, title: str) -> None:
+        hints = typing.get_type_hints(cls)
+        comments = _field_comments(cls)
+        rows, subs = [], []
+        for f in dataclasses.fields(cls):
+            t = hints[f.name]
+            if dataclasses.is_dataclass(t):
+                subs.append((t, f"{prefix}{f.name}."))
+                continue
+            desc = comments.get(f.name, "")
+            rule = f.metadata.get("range")
+            rows.append((f"{prefix}{f.name}", _type_name(t), value(prefix + f.name),
+                         " ".join(x for x in ((f"[{rule}]" if rule else ""), desc) if x)))
+        if rows:
+            doc = " ".join((cls.__doc__ or "").strip().split("\n\n")[0].split())
+            doc = doc.split(". ")[0].rstrip(".")
+            lines.append(f"{title}" + (f": {doc}" if doc and not doc.startswith(cls.__name__ + "(") else ""))
+            w = max(len(r[0]) for r in rows)
+            for key, typ, val, desc in rows:
+                lines.append(f"  {key.ljust(w)}  {typ} = {val}" + (f"   # {desc}" if desc else ""))
+            lines.append("")
+        for t, p in subs:
+            walk(t, p, p.rstrip("."))
+
+    walk(schema, "", "top level")
+    return "\n".join(lines).rstrip() + "\n"

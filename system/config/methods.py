@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Literal, Optional
 
+from system.config.ranges import ok
+
 TeacherKind = Literal["dinov2", "siglip"]
 
 
@@ -15,7 +17,7 @@ class TeacherConfig:
     kind: TeacherKind = "dinov2"
     path: Optional[str] = None  # local from_pretrained directory
     hub_name: Optional[str] = None  # e.g. facebook/dinov2-base, google/siglip-so400m-patch14-384
-    image_size: Optional[int] = None  # teacher input size; None = the checkpoint's own
+    image_size: Optional[int] = field(default=None, metadata=ok(">= 14"))  # teacher input size; None = the checkpoint's own
     random_init: bool = False  # build the architecture with random weights (tests only)
     tiny: bool = False  # with random_init: a 2-layer width-32 model for fast tests
 
@@ -45,30 +47,30 @@ class EOSTokConfig:
     off, so the paper's ablation rows (two-stage baseline, NTP only, + APR, alignment) are configs."""
 
     model: ModelConfig = field(default_factory=ModelConfig)
-    l1: float = 0.0
-    l2: float = 1.0
-    lpips: float = 1.0
-    gan: float = 0.1
-    gan_start_step: int = 0
+    l1: float = field(default=0.0, metadata=ok(">= 0"))
+    l2: float = field(default=1.0, metadata=ok(">= 0"))
+    lpips: float = field(default=1.0, metadata=ok(">= 0"))
+    gan: float = field(default=0.1, metadata=ok(">= 0"))
+    gan_start_step: int = field(default=0, metadata=ok(">= 0"))
     adaptive_gan_weight: bool = False
-    lecam: float = 0.05
+    lecam: float = field(default=0.05, metadata=ok(">= 0"))
     # commitment / entropy weights live in the tokenizer's quantizer config
     # (method.model.tokenizer_overrides={quantizer: {commit_weight: ..., entropy_weight: ...}})
-    ntp: float = 0.1
-    ntp_label_smoothing: float = 0.0
-    apr_l2: float = 1.0
-    apr_lpips: float = 1.0
-    align: float = 0.5  # implicit alignment: encoder 2D hidden patches vs teacher features
-    repa: float = 0.0  # REPA-style decoder alignment
-    repa_layer: int = 1
+    ntp: float = field(default=0.1, metadata=ok(">= 0"))
+    ntp_label_smoothing: float = field(default=0.0, metadata=ok("in [0, 1)"))
+    apr_l2: float = field(default=1.0, metadata=ok(">= 0"))
+    apr_lpips: float = field(default=1.0, metadata=ok(">= 0"))
+    align: float = field(default=0.5, metadata=ok(">= 0"))  # implicit alignment: encoder 2D hidden patches vs teacher features
+    repa: float = field(default=0.0, metadata=ok(">= 0"))  # REPA-style decoder alignment
+    repa_layer: int = field(default=1, metadata=ok(">= 0"))
     detach_ar_input: bool = False  # True: two-stage baseline (no NTP gradient into the tokenizer)
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
     lpips_net: LPIPSConfig = field(default_factory=LPIPSConfig)
-    ema_decay: float = 0.9999  # EMA of the generator (tokenizer + AR); 0: none
-    disc_lr: float = 1e-4  # the discriminator's own AdamW settings (the generator uses optim.*)
+    ema_decay: float = field(default=0.9999, metadata=ok("in [0, 1)"))  # EMA of the generator (tokenizer + AR); 0: none
+    disc_lr: float = field(default=1e-4, metadata=ok("> 0"))  # the discriminator's own AdamW settings (the generator uses optim.*)
     disc_betas: tuple[float, float] = (0.5, 0.9)
-    sample_cfg_scale: float = 2.0
-    sample_temperature: float = 1.0
+    sample_cfg_scale: float = field(default=2.0, metadata=ok(">= 0"))
+    sample_temperature: float = field(default=1.0, metadata=ok("> 0"))
 
 
 @dataclass
@@ -81,24 +83,24 @@ class VapiConfig:
     llamagen_vq: Optional[str] = None  # LlamaGen vq_ds16_c2i.pt
     llamagen_preset: Optional[str] = None  # GPT size (llamagen-b ... llamagen-3b); null: inferred from the weights
     gpt_overrides: dict[str, Any] = field(default_factory=dict)  # e.g. {block_size: 576} for 384px
-    group_size: int = 8
-    noise_p: float = 0.0  # contextual noise (code default 0.5, off in the shipped script)
-    temperature: float = 1.0  # sampling temperature; old and new log-probs both use logits / T
+    group_size: int = field(default=8, metadata=ok(">= 2"))
+    noise_p: float = field(default=0.0, metadata=ok("in [0, 1]"))  # contextual noise (code default 0.5, off in the shipped script)
+    temperature: float = field(default=1.0, metadata=ok("> 0"))  # sampling temperature; old and new log-probs both use logits / T
     # "train": the update sees dropout and class dropout (official; ratios != 1, the clip is active
     # on-policy); "eval": deterministic update (on-policy ratios exactly 1, the clip acts only off-policy)
     update_mode: Literal["train", "eval"] = "train"
-    w_mse: float = 1.0
-    w_lpips: float = 1.0
-    clip_eps: float = 0.2
-    adv_clip: float = 5.0
-    adv_eps: float = 1e-8  # group-std epsilon (official 1e-8)
-    beta: float = 0.1  # prior regulariser (CE on ground-truth tokens)
-    kl: float = 0.0  # KL to the frozen initial policy (0: off)
+    w_mse: float = field(default=1.0, metadata=ok(">= 0"))
+    w_lpips: float = field(default=1.0, metadata=ok(">= 0"))
+    clip_eps: float = field(default=0.2, metadata=ok("> 0"))
+    adv_clip: float = field(default=5.0, metadata=ok("> 0"))
+    adv_eps: float = field(default=1e-8, metadata=ok("> 0"))  # group-std epsilon (official 1e-8)
+    beta: float = field(default=0.1, metadata=ok(">= 0"))  # prior regulariser (CE on ground-truth tokens)
+    kl: float = field(default=0.0, metadata=ok(">= 0"))  # KL to the frozen initial policy (0: off)
     lpips_net: LPIPSConfig = field(default_factory=LPIPSConfig)
-    num_rollout_workers: int = 2
-    cpus_per_rollout_worker: float = 1.0
-    gpus_per_rollout_worker: float = 0.0
-    rollout_max_restarts: int = 3
+    num_rollout_workers: int = field(default=2, metadata=ok(">= 1"))
+    cpus_per_rollout_worker: float = field(default=1.0, metadata=ok("> 0"))
+    gpus_per_rollout_worker: float = field(default=0.0, metadata=ok(">= 0"))
+    rollout_max_restarts: int = field(default=3, metadata=ok(">= 0"))
     off_policy: bool = False  # one-step off-policy: rollouts of k+1 overlap the update of k
-    heldout_images: int = 8  # held-out images for the teacher-forced reward check (0: off)
-    crash_rollout_at_call: Optional[int] = None  # fault injection: a rollout actor dies at this call (once)
+    heldout_images: int = field(default=8, metadata=ok(">= 0"))  # held-out images for the teacher-forced reward check (0: off)
+    crash_rollout_at_call: Optional[int] = field(default=None, metadata=ok(">= 1"))  # fault injection: a rollout actor dies at this call (once)

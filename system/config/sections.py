@@ -7,6 +7,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Literal, Optional
 
+from system.config.ranges import ok
+
 MISSING = "???"
 
 
@@ -20,7 +22,7 @@ class StorageConfig:
     key: Optional[str] = None
     secret: Optional[str] = None
     anon: bool = False
-    max_attempts: int = 5  # botocore retry attempts for transient S3 errors
+    max_attempts: int = field(default=5, metadata=ok(">= 1"))  # botocore retry attempts for transient S3 errors
     retry_mode: Literal["standard", "adaptive", "legacy"] = "standard"
 
 
@@ -28,11 +30,11 @@ class StorageConfig:
 class DataConfig:
     url: str = MISSING  # shard set: a folder or s3://bucket/prefix holding index.json + *.tar
     val_url: Optional[str] = None
-    resolution: int = 256
-    batch_size: int = 32  # per rank micro-batch (VAπ: images per iteration over all learner ranks)
-    num_workers: int = 2  # dataloader workers per rank
+    resolution: int = field(default=256, metadata=ok(">= 8"))
+    batch_size: int = field(default=32, metadata=ok(">= 1"))  # per rank micro-batch (VAπ: images per iteration over all learner ranks)
+    num_workers: int = field(default=2, metadata=ok(">= 0"))  # dataloader workers per rank
     random_flip: bool = True
-    fraction: float = 1.0  # use this fraction of the shard set's samples (VAπ uses 0.01)
+    fraction: float = field(default=1.0, metadata=ok("in (0, 1]"))  # use this fraction of the shard set's samples (VAπ uses 0.01)
     storage: StorageConfig = field(default_factory=StorageConfig)
     embedded: bool = False  # build the embedded real-photo shard set at `url` when missing
 
@@ -42,15 +44,15 @@ class OptimConfig:
     """AdamW + schedule for every trainable module; a method may give a module its own lr/betas
     (e.g. EOSTok's discriminator: method.disc_lr, method.disc_betas)."""
 
-    lr: float = 1e-4
-    min_lr: float = 1e-5
+    lr: float = field(default=1e-4, metadata=ok("> 0"))
+    min_lr: float = field(default=1e-5, metadata=ok(">= 0"))
     betas: tuple[float, float] = (0.9, 0.95)
-    eps: float = 1e-8
-    weight_decay: float = 0.05
-    warmup_steps: int = 1000
+    eps: float = field(default=1e-8, metadata=ok("> 0"))
+    weight_decay: float = field(default=0.05, metadata=ok(">= 0"))
+    warmup_steps: int = field(default=1000, metadata=ok(">= 0"))
     schedule: Literal["cosine", "constant"] = "cosine"
-    grad_clip: float = 1.0
-    grad_accum: int = 1
+    grad_clip: float = field(default=1.0, metadata=ok(">= 0"))
+    grad_accum: int = field(default=1, metadata=ok(">= 1"))
 
 
 @dataclass
@@ -65,23 +67,23 @@ class DeepSpeedConfig:
 @dataclass
 class ClusterConfig:
     address: Optional[str] = None  # None: join RAY_ADDRESS if set, else start a local Ray
-    num_workers: int = 8
+    num_workers: int = field(default=8, metadata=ok(">= 1"))
     device: Literal["auto", "gpu", "cpu"] = "auto"  # auto: GPUs when the Ray cluster has them
-    cpus_per_worker: float = 1.0
-    gpus_per_worker: float = 1.0
+    cpus_per_worker: float = field(default=1.0, metadata=ok("> 0"))
+    gpus_per_worker: float = field(default=1.0, metadata=ok(">= 0"))
     placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
-    max_failures: int = 3  # worker losses tolerated; each restarts the pool from the last checkpoint
+    max_failures: int = field(default=3, metadata=ok(">= 0"))  # worker losses tolerated; each restarts the pool from the last checkpoint
     # times Ray Train retries starting the worker group when it cannot be placed within
     # RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S (60 s) each, e.g. while a cluster autoscales; -1: forever
-    startup_retries: int = 3
-    local_num_cpus: Optional[int] = None  # CPUs for a locally started Ray
+    startup_retries: int = field(default=3, metadata=ok(">= -1"))
+    local_num_cpus: Optional[int] = field(default=None, metadata=ok(">= 1"))  # CPUs for a locally started Ray
 
 
 @dataclass
 class CheckpointConfig:
     storage_path: str = "runs"  # local folder or s3://bucket/prefix; runs live in <storage_path>/<run_name>
-    every_steps: int = 1000
-    keep_last: int = 3
+    every_steps: int = field(default=1000, metadata=ok(">= 1"))
+    keep_last: int = field(default=3, metadata=ok(">= 1"))
     resume: bool = True  # continue from the newest complete checkpoint of the same run name
     export: bool = True  # write consolidated safetensors at the end
 
@@ -91,23 +93,24 @@ class LoggingConfig:
     wandb_mode: Literal["offline", "online", "disabled"] = "offline"
     project: str = "tokenizer-ar"
     entity: Optional[str] = None
-    log_every: int = 10
+    log_every: int = field(default=10, metadata=ok(">= 1"))
     progress: bool = True  # the driver's progress bar (step, loss, img/s, ETA)
     verbose: bool = False  # also show worker output and library logs on the console (else: <run>/logs/)
+    redact: list[str] = field(default_factory=list)  # more key names to hide in saved configs (besides credentials)
 
 
 @dataclass
 class FaultConfig:
     """Inject a worker crash, for tests and for users to try fault tolerance."""
 
-    crash_at_step: Optional[int] = None
-    crash_rank: int = 0
+    crash_at_step: Optional[int] = field(default=None, metadata=ok(">= 1"))
+    crash_rank: int = field(default=0, metadata=ok(">= 0"))
 
 
 @dataclass
 class TrainConfig:
-    max_steps: int = 100_000
-    ema_every: int = 1  # steps between EMA updates of the modules a method keeps an EMA of
-    sample_every: int = 0  # 0: only at the end (methods that draw sample grids)
-    sample_grid: int = 8  # images per row of the PNG grid
+    max_steps: int = field(default=100_000, metadata=ok(">= 1"))
+    ema_every: int = field(default=1, metadata=ok(">= 1"))  # steps between EMA updates of the modules a method keeps an EMA of
+    sample_every: int = field(default=0, metadata=ok(">= 0"))  # 0: only at the end (methods that draw sample grids)
+    sample_grid: int = field(default=8, metadata=ok(">= 0"))  # images per row of the PNG grid
     compile: bool = False  # torch.compile every trained module

@@ -101,8 +101,16 @@ def ensure_embedded_dataset(
 def ensure_embedded_data(data: DataConfig) -> None:
     """With `data.embedded`: build the embedded train (and val) shard sets at `data.url` /
     `data.val_url` unless they exist (jobs call this before their config checks read the index)."""
+    from system.config import ConfigError
+    from system.data.storage import StorageError
+
     if not data.embedded:
         return
-    ensure_embedded_dataset(data.url, data.storage, split="train")
-    if data.val_url:
-        ensure_embedded_dataset(data.val_url, data.storage, split="val")
+    for key, url, split in (("data.url", data.url, "train"), ("data.val_url", data.val_url, "val")):
+        if not url:
+            continue
+        try:
+            ensure_embedded_dataset(url, data.storage, split=split)
+        except (OSError, StorageError) as e:
+            raise ConfigError(f"config key '{key}' = {url!r}: cannot build the embedded photo set there ({e}); "
+                              "choose a writable folder, or data.embedded=false for an existing shard set") from None

@@ -338,3 +338,16 @@ def iter_tar_samples(fileobj: IO[bytes], url: str = "") -> Iterator[tuple[str, d
         return
     if key is not None:
         yield key, fields
+
+
+def check_shard_set(url: str, key: str, storage: StorageConfig | None = None) -> dict:
+    """The index at `url`, or a ConfigError naming config key `key` and what would be right."""
+    from system.config import ConfigError
+    from system.data.storage import StorageError
+
+    try:
+        return read_index(url, storage)
+    except (FileNotFoundError, StorageError, ValueError, OSError) as e:
+        raise ConfigError(f"config key '{key}' = {url!r}: {e}. Point it at a shard set written by jobs/make_shards.py "
+                          "(a folder or s3://bucket/prefix holding index.json), or use the embedded photos "
+                          "(--config configs/experiments/eostok_tiny.yaml)") from None

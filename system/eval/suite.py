@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from system.config.eval_schema import EvaluateConfig
-from system.config import StorageConfig, redact, to_dict
+from system.config import StorageConfig, redacted_dict
 from system.data.embedded import ensure_embedded_dataset
 from system.data.reader import ShardReader
 from system.data.storage import protocol, read_bytes
@@ -203,6 +203,6 @@ def run_evaluation(cfg: EvaluateConfig, device: str | torch.device | None = None
     return build_report(
         inception_label=ev.inception.label, inception_pretrained=ev.inception.pretrained,
         lpips_pretrained=None if lpips is None else bool(lpips.pretrained),
-        generation=generation, reconstruction=reconstruction, config=redact(to_dict(cfg)),
+        generation=generation, reconstruction=reconstruction, config=redacted_dict(cfg),
         device=str(ev.device), seconds=time.time() - t0,
     )

@@ -102,3 +102,37 @@ def test_driver_refuses_to_restart_an_existing_run(dist_world1, deterministic_fl
     with pytest.raises(ValueError, match="already has a checkpoint at step 2.*checkpoint.resume=true"):
         run_training(cfg_for(tmp_path, "done", "checkpoint.resume=false"))
     assert not ray.is_initialized()  # refused before any resource was allocated
+
+
+def test_finished_run_says_so_and_leaves_the_export_alone(dist_world1, deterministic_flags, tmp_path):
+    """Rerunning a finished run (e.g. `make demo ARGS=train.max_steps=50` after the demo) says at once
+    that it is past train.max_steps and how to start a new run; nothing is trained or rewritten."""
+    import ray
+
+    from cluster.train_pool import RunFinished, prepare_run
+
+    if ray.is_initialized():
+        pytest.skip("needs a process without Ray to see that nothing was allocated")
+    run(cfg_for(tmp_path, "done", "train.max_steps=2"))
+    export = tmp_path / "done" / "export" / "encoder.safetensors"
+    before = export.stat().st_mtime_ns
+    with pytest.raises(RunFinished, match=r"already at step 2 >= train.max_steps=1.*run_name=done-2"):
+        prepare_run(cfg_for(tmp_path, "done", "train.max_steps=1"))
+    assert not ray.is_initialized() and export.stat().st_mtime_ns == before
+
+
+def test_stale_extension_build_lock_is_named(tmp_path):
+    import os
+    import time
+
+    from cluster.runtime import STALE_LOCK_S, check_extension_locks
+    from system.config import ConfigError
+
+    lock = tmp_path / "py311_cpu" / "deepspeed_shm_comm" / "lock"
+    lock.parent.mkdir(parents=True)
+    lock.write_text("")
+    check_extension_locks(str(tmp_path))  # fresh: a build may be running
+    old = time.time() - STALE_LOCK_S - 10
+    os.utime(lock, (old, old))
+    with pytest.raises(ConfigError, match=f"rm {lock}"):
+        check_extension_locks(str(tmp_path))

@@ -88,3 +88,52 @@ def test_relative_local_paths_become_absolute(tmp_path, monkeypatch):
     cfg = load_config(EOSTokExperiment, ["run_name=t", "data.url=shards/train", "data.storage.endpoint_url=http://h:1"])
     assert cfg.data.url == str(tmp_path / "shards" / "train")
     assert cfg.checkpoint.storage_path == str(tmp_path / "runs")
+
+
+JOBS = [  # (schema, default YAML files of the job, required overrides)
+    ("EOSTokExperiment", ["base.yaml", "data/imagenet.yaml", "model/eostok_h.yaml", "experiments/eostok_h.yaml"], []),
+    ("EOSTokExperiment", ["experiments/eostok_tiny.yaml"], []),
+    ("VapiExperiment", ["data/imagenet.yaml", "experiments/vapi.yaml"], []),
+    ("SampleConfig", ["sample.yaml"], ["export_url=/runs/x/export"]),
+    ("EvaluateConfig", ["evaluate.yaml"], ["samples=/runs/x/samples.npz"]),
+    ("MakeShardsConfig", ["make_shards.yaml"], ["src=/data/imagenet", "out=s3://bucket/shards"]),
+]
+
+
+@pytest.mark.parametrize("schema_name, defaults, required", JOBS, ids=[f"{j[0]}-{j[1][-1]}" for j in JOBS])
+def test_saved_config_loads_back_equal(schema_name, defaults, required, tmp_path):
+    """What a run saves (config.yaml) is a valid --config for the same job and gives the same
+    resolved config, apart from redacted secrets (e.g. num_latent_tokens is not a secret)."""
+    import system.config as C
+
+    schema = getattr(C, schema_name)
+    over = [*required, "storage.key=AKIAXXXX" if schema_name in ("SampleConfig", "EvaluateConfig", "MakeShardsConfig")
+            else "data.storage.key=AKIAXXXX"]
+    cfg = load_config(schema, over, defaults)
+    text = to_yaml(cfg)
+    assert "AKIAXXXX" not in text and "'***'" in text
+    (tmp_path / "config.yaml").write_text(text)
+    again = load_config(schema, ["--config", str(tmp_path / "config.yaml")])
+    plain = C.to_dict(cfg)
+    back = C.to_dict(again)
+    storage = plain.get("data", plain).get("storage")
+    storage["key"] = "***"  # the one redacted value
+    assert back == plain
+    if schema_name == "EOSTokExperiment" and "eostok_tiny" in defaults[-1]:
+        assert again.method.model.tokenizer_overrides["num_latent_tokens"] == 32
+
+
+def test_only_real_secrets_are_redacted():
+    tree = {"num_latent_tokens": 32, "max_new_tokens": 4, "keep_last": 3, "key": "k", "secret": "s", "token": "t",
+            "wandb_api_key": "w", "aws_secret_access_key": "a", "password": "p", "sort_key": "x", "tokenizer": "eostok"}
+    out = redact(tree)
+    assert out == {**tree, "key": "***", "secret": "***", "token": "***", "wandb_api_key": "***",
+                   "aws_secret_access_key": "***", "password": "***"}
+
+
+def test_ranges_are_checked_on_load():
+    with pytest.raises(ConfigError, match=r"config key 'cluster.max_failures' = -1 is out of range: it must be >= 0"):
+        load_config(EOSTokExperiment, [*BASE, "cluster.max_failures=-1"])
+    with pytest.raises(ConfigError, match=r"'data.fraction' = 1.5 is out of range: it must be in \(0, 1\]"):
+        load_config(EOSTokExperiment, [*BASE, "data.fraction=1.5"])
+    assert load_config(EOSTokExperiment, [*BASE, "cluster.local_num_cpus=null"]).cluster.local_num_cpus is None
