@@ -98,6 +98,20 @@ class RunFinished(Exception):
     """The run already reached `train.max_steps` and has its export: nothing to do (not an error)."""
 
 
+def job_config(schema: type, argv: list[str], defaults: list[str], check: Optional[Callable[[Any], None]] = None) -> Any:
+    """A training job's config from its command line: parse it (`--help`; exit 2 on a bad key or
+    value), build the embedded photo set when `data.embedded`, then `check(cfg)` (exit 2): all before
+    any Ray resource is touched."""
+    from system.config import cli_config, exit_on_config_error
+    from system.data.embedded import ensure_embedded_data
+
+    cfg = cli_config(schema, argv, defaults)
+    exit_on_config_error(lambda: ensure_embedded_data(cfg.data))
+    if check is not None:
+        exit_on_config_error(lambda: check(cfg))
+    return cfg
+
+
 def run_job(fn: Callable[[], Any]) -> Any:
     """A job's run: a finished run says so and exits 0; a `ConfigError` found while starting (storage,
     resources, an existing run) prints one line and exits 2 (`--debug`: the traceback)."""

@@ -17,7 +17,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo, also under `ray job submit`
 
-from system.config import EOSTokExperiment, cli_config, exit_on_config_error  # noqa: E402
+from system.config import EOSTokExperiment  # noqa: E402
 
 DEFAULTS = ["base.yaml", "data/imagenet.yaml", "model/eostok_h.yaml", "experiments/eostok_h.yaml"]
 
@@ -30,14 +30,10 @@ def check(exp: EOSTokExperiment) -> None:
 
 
 def main(argv: list[str]) -> int:
-    cfg = cli_config(EOSTokExperiment, argv, DEFAULTS)
-    from system.data.embedded import ensure_embedded_data
-
-    exit_on_config_error(lambda: ensure_embedded_data(cfg.data))
-    exit_on_config_error(lambda: check(cfg))  # exit 2 with the message before any worker starts
-
     from cluster.console import say, table
-    from cluster.train_pool import run_job, run_training
+    from cluster.train_pool import job_config, run_job, run_training
+
+    cfg = job_config(EOSTokExperiment, argv, DEFAULTS, check)  # exit 2 on a bad config, before Ray
 
     if cfg.data.embedded:
         say(f"[{cfg.run_name}] data: the embedded real photos at {cfg.data.url} (val: {cfg.data.val_url})")

@@ -22,7 +22,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo, also under `ray job submit`
 
-from system.config import VapiExperiment, cli_config, exit_on_config_error  # noqa: E402
+from system.config import VapiExperiment  # noqa: E402
 
 DEFAULTS = ["data/imagenet.yaml", "experiments/vapi.yaml"]
 
@@ -34,13 +34,10 @@ def check(exp: VapiExperiment) -> None:
 
 
 def main(argv: list[str]) -> int:
-    cfg = cli_config(VapiExperiment, argv, DEFAULTS)
-    from system.data.embedded import ensure_embedded_data
-
-    exit_on_config_error(lambda: ensure_embedded_data(cfg.data))
-    exit_on_config_error(lambda: check(cfg))  # exit 2 with the message before any worker starts
     from cluster.rollout_pool import run_vapi
-    from cluster.train_pool import run_job
+    from cluster.train_pool import job_config, run_job
+
+    cfg = job_config(VapiExperiment, argv, DEFAULTS, check)  # exit 2 on a bad config, before Ray
 
     out = run_job(lambda: run_vapi(cfg))
     if out.get("heldout_start") is not None:

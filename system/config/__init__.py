@@ -6,22 +6,12 @@ from system.config.load import ConfigError, cli_config, exit_on_config_error, lo
 from system.config.eval_schema import EvaluateConfig, SampleConfig
 from system.config.experiments import EOSTokExperiment, Experiment, MakeShardsConfig, VapiExperiment
 from system.config.methods import EOSTokConfig, LPIPSConfig, ModelConfig, TeacherConfig, VapiConfig
-from system.config.sections import (
-    MISSING,
-    CheckpointConfig,
-    ClusterConfig,
-    DataConfig,
-    DeepSpeedConfig,
-    FaultConfig,
-    LoggingConfig,
-    OptimConfig,
-    StorageConfig,
-    TrainConfig,
-)
+from system.config.sections import *  # noqa: F401,F403 (every infra section)
+from system.config.sections import __all__ as _sections
 
 __all__ = [
-    "ConfigError", "cli_config", "exit_on_config_error", "load_config", "override_dataclass", "parse_argv", "redact", "redacted_dict", "to_dict", "to_yaml",
-    "MISSING", "CheckpointConfig", "ClusterConfig", "DataConfig", "DeepSpeedConfig", "EOSTokConfig", "EOSTokExperiment",
-    "EvaluateConfig", "Experiment", "FaultConfig", "LoggingConfig", "LPIPSConfig", "MakeShardsConfig", "ModelConfig",
-    "OptimConfig", "SampleConfig", "StorageConfig", "TeacherConfig", "TrainConfig", "VapiConfig", "VapiExperiment",
+    "ConfigError", "cli_config", "exit_on_config_error", "load_config", "override_dataclass", "parse_argv", "redact",
+    "redacted_dict", "to_dict", "to_yaml", "EOSTokConfig", "EOSTokExperiment", "EvaluateConfig", "Experiment",
+    "LPIPSConfig", "MakeShardsConfig", "ModelConfig", "SampleConfig", "TeacherConfig", "VapiConfig", "VapiExperiment",
+    *_sections,
 ]

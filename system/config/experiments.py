@@ -8,18 +8,7 @@ from typing import Optional
 
 from system.config.methods import EOSTokConfig, VapiConfig
 from system.config.ranges import ok
-from system.config.sections import (
-    MISSING,
-    CheckpointConfig,
-    ClusterConfig,
-    DataConfig,
-    DeepSpeedConfig,
-    FaultConfig,
-    LoggingConfig,
-    OptimConfig,
-    StorageConfig,
-    TrainConfig,
-)
+from system.config.sections import *  # noqa: F401,F403 (the infra sections)
 
 
 @dataclass

@@ -9,6 +9,9 @@ from typing import Any, Literal, Optional
 
 from system.config.ranges import ok
 
+__all__ = ["MISSING", "StorageConfig", "DataConfig", "OptimConfig", "DeepSpeedConfig", "ClusterConfig",
+           "CheckpointConfig", "LoggingConfig", "FaultConfig", "TrainConfig"]
+
 MISSING = "???"
 
 
