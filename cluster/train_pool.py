@@ -74,6 +74,9 @@ def _train_fn(config: dict[str, Any]) -> None:  # Ray Train's train_loop_config
     use_gpu = config["use_gpu"]
     if not use_gpu:
         os.environ["DS_ACCELERATOR"] = "cpu"
+        # one intra-op thread per CPU Ray reserved for this worker: Ray sets OMP_NUM_THREADS only when the
+        # environment has none, and an inherited value would oversubscribe the node's cores N workers times
+        torch.set_num_threads(max(1, int(config["exp"].cluster.cpus_per_worker)))
     from ray.train.torch import get_device
 
     from cluster.loop import WorkerContext

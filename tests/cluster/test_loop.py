@@ -100,7 +100,8 @@ def test_driver_refuses_to_restart_an_existing_run(dist_world1, deterministic_fl
         pytest.skip("needs a process without Ray to see that nothing was allocated")
     run(cfg_for(tmp_path, "done", "train.max_steps=2", "checkpoint.export=false"))
     with pytest.raises(ValueError, match="already has a checkpoint at step 2.*checkpoint.resume=true"):
-        run_training(cfg_for(tmp_path, "done", "checkpoint.resume=false"))
+        exp = cfg_for(tmp_path, "done", "checkpoint.resume=false")
+        run_training(exp, resolve_job(exp, source=MemoryReaderFactory(n=8)))
     assert not ray.is_initialized()  # refused before any resource was allocated
 
 

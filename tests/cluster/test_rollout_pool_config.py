@@ -24,8 +24,8 @@ def test_defaults_are_the_papers():
 @pytest.mark.parametrize("argv, match", [
     (["method.export_url=runs/x/export"], "either method.export_url or method.llamagen_gpt"),
     (["method.w_lpips=1.0", "method.lpips_net.random_init=false"], "needs method.lpips_net.vgg_path"),
-    (["method.group_size=1"], "group_size >= 2"),
-    (["method.temperature=0"], "method.temperature=0.0 must be > 0"),
+    (["method.group_size=1"], "'method.group_size' = 1 is out of range: it must be >= 2"),  # on load
+    (["method.temperature=0"], "'method.temperature' = 0.0 is out of range: it must be > 0"),
     (["cluster.num_workers=3"], "split evenly over cluster.num_workers=3"),
     (["optim.grad_accum=2"], "set optim.grad_accum=1"),
     (["method.crash_rollout_at_call=2", "checkpoint.storage_path=s3://bucket/runs"], "needs a local checkpoint.storage_path"),
