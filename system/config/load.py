@@ -197,8 +197,6 @@ def cli_config(schema: type[T], argv: Sequence[str], defaults: Sequence[str | Pa
     try:
         cfg = exit_on_config_error(lambda: load_config(schema, argv, defaults))
     except HelpRequested:
-        import sys
-
         print(help_text(schema, defaults))
         raise SystemExit(0) from None
     if check is not None:
