@@ -70,8 +70,14 @@ def test_image_grid_and_png():
     assert grid[2 + 10, 2].tolist() == [255, 255, 255]  # row b, first cell (gray -> rgb)
     assert grid[2 + 10, 2 + 2 * 10].tolist() == [0, 0, 0]  # row b has no third image
     buf = io.BytesIO()
-    save_image_grid(rows, buf)
+    save_image_grid(list(rows.values()), buf)  # unnamed rows: the grid alone, 8 px cells upscaled x12 to 96 px
     img = Image.open(io.BytesIO(buf.getvalue()))
-    assert img.size == (32, 22) and img.format == "PNG"
+    assert img.size == (32 * 12, 22 * 12) and img.format == "PNG"
+    assert np.array_equal(np.asarray(img)[::12, ::12], grid)  # nearest upscale keeps every pixel
+    buf = io.BytesIO()
+    save_image_grid(rows, buf, title="step 5")  # named rows get a label column on the left, title on top
+    labelled = Image.open(io.BytesIO(buf.getvalue()))
+    assert labelled.height == 22 * 12 + 24 and labelled.width > 32 * 12
+    assert np.array_equal(np.asarray(labelled)[24:, -32 * 12 :], np.asarray(img))
     with pytest.raises(ValueError, match="row 0"):
         image_grid([torch.zeros(3, 8, 8)])

@@ -51,8 +51,9 @@ def test_merge_streams_parts_in_order_and_grids(tmp_path):
     grids = write_grids(out, plan, num_classes=2, cols=2)
     assert len(grids) == 1
     img = np.asarray(Image.open(grids[0]))
-    assert img.shape == (2 + 2 * 18, 2 + 2 * 18, 3)  # 2 class rows x 2 images of 16 px, padding 2
-    assert np.array_equal(img[2:18, 2:18], made[0][0][0])  # class 0's first image comes first
+    # 2 class rows x 2 images of 16 px, padding 2, upscaled x6 (nearest) so small samples are viewable
+    assert img.shape == (6 * (2 + 2 * 18), 6 * (2 + 2 * 18), 3)
+    assert np.array_equal(img[12 : 12 + 96 : 6, 12 : 12 + 96 : 6], made[0][0][0])  # class 0's first image first
 
 
 def test_missing_or_foreign_parts_are_errors(tmp_path):
