@@ -7,17 +7,13 @@ in one run. Data is in memory on both sides, so only training throughput is comp
     python bench/train_overhead.py [--workers 2] [--global-batch 32] [--steps 60] [--zero 2]
 
 Prints steps/s and samples/s of both and their ratio (goal on CPU: >= 0.8x per sample), both sides
-timed alike: the median of --warmup-step windows after --warmup warm-up steps, with the load average
-(the machine may be shared: quote the load with the figures).
+timed alike (bench/overhead.py): the median of --warmup-step windows after --warmup warm-up steps,
+with the load average (the machine may be shared: quote the load with the figures).
 """
 from __future__ import annotations
 
-import argparse
-import json
 import os
 import sys
-import tempfile
-import time
 from pathlib import Path
 
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
@@ -34,6 +30,8 @@ from system.data.source import BatchSource  # noqa: E402
 from system.methods.base import DataSpec, Method, ModuleSpec, StepOutput  # noqa: E402
 from system.methods.registry import register  # noqa: E402
 from system.models.artifacts import Artifact  # noqa: E402
+
+from bench.overhead import bench_config_args, compare, distributed_windows, parse_args, plain_windows  # noqa: E402
 
 
 class Gen(nn.Module):
@@ -122,7 +120,6 @@ class ReaderFactory:
 def plain_loop(width: int, batch: int, res: int, steps: int, warmup: int, threads: int) -> list[float]:
     """Seconds per step of a single-process loop doing the same work on the global batch, one value
     per `warmup`-step window after the warm-up (the windows the rank loop logs on the other side)."""
-    torch.set_num_threads(threads)
     torch.manual_seed(0)
     m = BenchMethod(BenchConfig(width), DataSpec(res, 1))
     mods = {n: spec.module for n, spec in m.modules().items()}
@@ -130,10 +127,8 @@ def plain_loop(width: int, batch: int, res: int, steps: int, warmup: int, thread
     og = torch.optim.AdamW(gen.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.05)
     od = torch.optim.AdamW(disc.parameters(), lr=1e-4, betas=(0.5, 0.9), weight_decay=0.05)
     it = iter(RandomReader(batch, res, 0))
-    marks: list[float] = []  # time at the start of step `warmup` and at the end of every later step
-    for i in range(warmup + steps):
-        if i == warmup:
-            marks.append(time.perf_counter())
+
+    def step(i: int) -> None:
         b = next(it)
         for p in disc.parameters():
             p.requires_grad_(False)
@@ -149,78 +144,36 @@ def plain_loop(width: int, batch: int, res: int, steps: int, warmup: int, thread
         torch.nn.utils.clip_grad_norm_(disc.parameters(), 1.0)
         od.step()
         od.zero_grad(set_to_none=True)
-        if i >= warmup:
-            marks.append(time.perf_counter())
-    return [(marks[j + warmup] - marks[j]) / warmup for j in range(0, steps, warmup)]
+
+    return plain_windows(step, steps, warmup, threads)
 
 
 def distributed(width: int, batch: int, res: int, steps: int, warmup: int, workers: int, zero: int) -> list[float]:
     """Seconds per step through Ray Train + DeepSpeed, one value per logged `warmup`-step window after
     the warm-up (the loop logs every `warmup` steps)."""
-    import ray
-
-    from cluster.train_pool import resolve_job, run_training
+    from cluster.train_pool import resolve_job
     from system.config.load import load_config
 
-    if batch % workers:
-        raise SystemExit(f"--global-batch {batch} must be divisible by --workers {workers}")
-    log_every = warmup
-    with tempfile.TemporaryDirectory() as d:
-        cfg = load_config(BenchExperiment, [
-            "run_name=overhead", "data.url=unused", f"data.resolution={res}", f"data.batch_size={batch // workers}",
-            f"cluster.num_workers={workers}", "cluster.device=cpu", f"cluster.local_num_cpus={max(workers, os.cpu_count() or 1)}",
-            f"checkpoint.storage_path={d}", f"checkpoint.every_steps={10**9}", "checkpoint.export=false",
-            f"train.max_steps={warmup + steps}", f"deepspeed.zero_stage={zero}", "logging.wandb_mode=disabled",
-            "logging.progress=false", f"logging.log_every={log_every}", "optim.warmup_steps=0", f"method.width={width}",
-            "cluster.max_failures=0",
-        ])
-        run_training(cfg, resolve_job(cfg, source=ReaderFactory()))
-        rows = [json.loads(x) for x in open(os.path.join(d, "overhead", "metrics.jsonl"))]
-    ray.shutdown()
-    return [batch / r["images_per_s"] for r in rows if r["step"] > warmup]  # windows after the first (warm-up)
+    def build(storage: str):
+        cfg = load_config(BenchExperiment, [*bench_config_args(workers, steps, warmup, zero, storage), "data.url=unused",
+                                            f"data.resolution={res}", f"data.batch_size={batch // workers}",
+                                            f"method.width={width}"])
+        return cfg, resolve_job(cfg, source=ReaderFactory())
 
-
-def median(xs: list[float]) -> float:
-    xs = sorted(xs)
-    return (xs[(len(xs) - 1) // 2] + xs[len(xs) // 2]) / 2
+    return distributed_windows(build, batch, warmup)
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--workers", type=int, default=2)
-    ap.add_argument("--global-batch", type=int, default=32)
-    ap.add_argument("--resolution", type=int, default=32)
-    ap.add_argument("--width", type=int, default=32)
-    ap.add_argument("--steps", type=int, default=60)
-    ap.add_argument("--warmup", type=int, default=10)
-    ap.add_argument("--zero", type=int, default=2, choices=[0, 1, 2, 3])
-    a = ap.parse_args()
-    if a.warmup < 1 or a.steps % a.warmup:
-        raise SystemExit(f"--steps {a.steps} must be a multiple of --warmup {a.warmup} (>= 1): both sides time windows of --warmup steps")
-    load0 = os.getloadavg()
-    # Both sides are timed the same way: seconds per step of each `warmup`-step window after a
-    # `warmup`-step warm-up, summarised by the median window (robust to a busy neighbour on a shared
-    # machine; the mean over all timed steps is printed beside it). The baseline is the best plain
-    # loop seen (1 thread or one per worker; the better of a run before and one after the distributed
-    # run), so the ratio stays conservative.
-    plain = {t: plain_loop(a.width, a.global_batch, a.resolution, a.steps, a.warmup, t) for t in sorted({1, a.workers})}
-    dist = distributed(a.width, a.global_batch, a.resolution, a.steps, a.warmup, a.workers, a.zero)
-    best_t = min(plain, key=lambda t: median(plain[t]))
-    again = plain_loop(a.width, a.global_batch, a.resolution, a.steps, a.warmup, best_t)
-    plain[best_t] = min(plain[best_t], again, key=median)
-    mean = lambda xs: sum(xs) / len(xs)  # noqa: E731  (equal windows: seconds per step over all timed steps)
-    load1 = os.getloadavg()
-    print(f"model: conv GAN autoencoder width {a.width}, {a.resolution}px, global batch {a.global_batch}, {a.steps} timed steps "
-          f"(median of {a.warmup}-step windows after {a.warmup} warm-up steps; mean over all timed steps in brackets)")
-    for t, xs in plain.items():
-        print(f"plain PyTorch, 1 process x {t} thread(s)  : {1 / median(xs):7.2f} steps/s  {a.global_batch / median(xs):8.1f} samples/s"
-              f"  ({a.global_batch / mean(xs):.1f})")
-    print(f"Ray Train + DeepSpeed ZeRO-{a.zero}, {a.workers} workers : {1 / median(dist):7.2f} steps/s  "
-          f"{a.global_batch / median(dist):8.1f} samples/s  ({a.global_batch / mean(dist):.1f})")
-    best = min(plain.values(), key=median)
-    print(f"ratio (distributed / best plain, per sample): {median(best) / median(dist):.2f}x  (goal >= 0.8x)  "
-          f"(by means: {mean(best) / mean(dist):.2f}x)")
-    print("load average 1/5/15 min: at start " + " ".join(f"{x:.2f}" for x in load0) + ", at end " + " ".join(f"{x:.2f}" for x in load1))
+    def add(ap) -> None:
+        ap.add_argument("--resolution", type=int, default=32)
+        ap.add_argument("--width", type=int, default=32)
+
+    a = parse_args(__doc__, add)
+    compare(lambda t: plain_loop(a.width, a.global_batch, a.resolution, a.steps, a.warmup, t),
+            lambda: distributed(a.width, a.global_batch, a.resolution, a.steps, a.warmup, a.workers, a.zero),
+            workers=a.workers, zero=a.zero, per_step=a.global_batch, unit="samples", steps=a.steps, warmup=a.warmup,
+            model=f"conv GAN autoencoder width {a.width}, {a.resolution}px, global batch {a.global_batch}")
+
 
 if __name__ == "__main__":
     main()

@@ -8,11 +8,12 @@ while Ray Train's `fit()` runs in a thread.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import sys
 import threading
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Iterator, Optional
 
 import ray
 
@@ -39,9 +40,15 @@ def say(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
+_SHARED_LOG: list[Optional[str]] = []  # set while a driver runs several runs at once: their one log file
+
+
 def setup_driver_logging(run_dir: Optional[str], verbose: bool = False) -> Optional[str]:
     """Send every logger (ours, Ray's, DeepSpeed's, py.warnings) to `<run_dir>/logs/driver.log`
-    (console only with `verbose`); returns the log file path (None when the run is not local)."""
+    (console only with `verbose`); returns the log file path (None when the run is not local).
+    Inside `shared_driver_log` the driver's one log stays as it is (runs started side by side)."""
+    if _SHARED_LOG:
+        return _SHARED_LOG[-1]
     root = logging.getLogger()
     for h in list(root.handlers):
         root.removeHandler(h)
@@ -62,6 +69,18 @@ def setup_driver_logging(run_dir: Optional[str], verbose: bool = False) -> Optio
             lg.removeHandler(h)
         lg.propagate = True
     return path
+
+
+@contextlib.contextmanager
+def shared_driver_log(run_dir: Optional[str], verbose: bool = False) -> Iterator[Optional[str]]:
+    """One driver log (`<run_dir>/logs/driver.log`) for several runs started side by side in this
+    process (cluster/multi_run.py): their own `setup_driver_logging` calls keep it."""
+    path = setup_driver_logging(run_dir, verbose)
+    _SHARED_LOG.append(path)
+    try:
+        yield path
+    finally:
+        _SHARED_LOG.pop()
 
 
 def redirect_worker_output(run_dir: Optional[str], rank: int) -> None:

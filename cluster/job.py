@@ -50,6 +50,16 @@ class ImageShards:
         return ShardReader.from_config(exp.data, rank=ctx.rank, world_size=ctx.world_size, seed=exp.seed)
 
 
+class TokenShards:
+    """Pre-tokenized batches: this rank's `TokenShardReader` over `data.url` (a `TokenDataConfig`;
+    picklable factory)."""
+
+    def __call__(self, exp: Experiment, ctx: SourceContext) -> BatchSource:
+        from system.data.reader import TokenShardReader
+
+        return TokenShardReader.from_config(exp.data, rank=ctx.rank, world_size=ctx.world_size, seed=exp.seed)
+
+
 @dataclass
 class TrainJob:
     """What the driver resolved once for every rank: the method class, its data spec, the batch

@@ -245,6 +245,7 @@ class RankLoop:
                 self.last = meter.reduce(ctx.device, ctx.world_size)
                 dt = time.perf_counter() - t_log
                 self.last.update(lr=o.lr * f, images_per_s=per_step * since_log / max(dt, 1e-9))
+                self.last.update(self.method.rate_metrics(self.last["images_per_s"]))
                 self.logger.log(state.step, self.last)
                 if self.rank0:
                     ctx.progress({"kind": "step", "step": state.step, "loss": self.last.get("loss"),

@@ -4,9 +4,9 @@ its method's own type (methods.py). A key that means nothing for a job is an unk
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Any, Literal, Optional
 
-from system.config.methods import EOSTokConfig, VapiConfig
+from system.config.methods import AliTokStage1Config, AliTokStage2Config, ARConfig, EOSTokConfig, MaskedARConfig, VapiConfig
 from system.config.ranges import ok
 from system.config.sections import *  # noqa: F401,F403 (the infra sections)
 
@@ -35,6 +35,22 @@ class EOSTokExperiment(Experiment):
 
 
 @dataclass
+class AliTokStage1Experiment(Experiment):
+    """jobs/alitok.py stage=1: AliTok tokenizer stage 1 (causal decoder)."""
+
+    stage: Literal[1, 2] = 1  # 1: causal-decoder stage (method.*: AliTokStage1Config); 2: AliTokStage2Config
+    method: AliTokStage1Config = field(default_factory=AliTokStage1Config)
+
+
+@dataclass
+class AliTokStage2Experiment(Experiment):
+    """jobs/alitok.py stage=2: AliTok tokenizer stage 2 (a new bidirectional decoder on the frozen stage-1 encoder)."""
+
+    stage: Literal[1, 2] = 2  # 2: bidirectional-decoder stage (method.*: AliTokStage2Config); 1: AliTokStage1Config
+    method: AliTokStage2Config = field(default_factory=AliTokStage2Config)
+
+
+@dataclass
 class VapiExperiment(Experiment):
     """jobs/vapi.py: the paper's run shape by default (about 100 updates of 128 images x group 8,
     lr 1e-6, 1% of the shards). `data.batch_size` is images per iteration over all learner ranks."""
@@ -45,6 +61,34 @@ class VapiExperiment(Experiment):
     train: TrainConfig = field(default_factory=lambda: TrainConfig(max_steps=100))
     checkpoint: CheckpointConfig = field(default_factory=lambda: CheckpointConfig(every_steps=20))
     method: VapiConfig = field(default_factory=VapiConfig)
+
+
+@dataclass
+class RunSpec:
+    """One of several runs a job starts side by side (`runs.<name>.*`): the run is named
+    `<run_name>-<name>` and is the job's config with these changes."""
+
+    model: Optional[str] = None  # method.model of this run (a size preset); None: the job's
+    overrides: dict[str, Any] = field(default_factory=dict)  # dotted key -> value, e.g. {optim.lr: 3.0e-4, method.overrides: {n_layer: 4}}
+
+
+@dataclass
+class ARExperiment(Experiment):
+    """jobs/train_ar.py: next-token AR on token shards (jobs/pretokenize.py), LlamaGen's recipe by
+    default. `runs` starts several sizes side by side, one Ray Train run each."""
+
+    objective: Literal["ar", "masked_ar"] = "ar"  # ar: next-token (method.*: ARConfig); masked_ar: SemTok masked AR (MaskedARConfig)
+    data: TokenDataConfig = field(default_factory=TokenDataConfig)
+    method: ARConfig = field(default_factory=ARConfig)
+    runs: dict[str, RunSpec] = field(default_factory=dict)  # name -> size/overrides; empty: one run named run_name
+
+
+@dataclass
+class MaskedARExperiment(ARExperiment):
+    """jobs/train_ar.py objective=masked_ar: SemTok-style masked AR on token shards."""
+
+    objective: Literal["ar", "masked_ar"] = "masked_ar"  # masked_ar: SemTok masked AR (method.*: MaskedARConfig); ar: next-token
+    method: MaskedARConfig = field(default_factory=MaskedARConfig)
 
 
 @dataclass
@@ -61,3 +105,21 @@ class MakeShardsConfig:
     seed: int = field(default=0, metadata=ok(">= 0"))  # order of files across shards
     storage: StorageConfig = field(default_factory=StorageConfig)
     cluster: ClusterConfig = field(default_factory=lambda: ClusterConfig(num_workers=1))
+
+
+@dataclass
+class PretokenizeConfig:
+    """jobs/pretokenize.py: image shards -> token shards (codes of every augmented view) for AR training."""
+
+    src: str = MISSING  # image shard set (a folder or s3://bucket/prefix holding index.json), e.g. <shards>/train
+    out: str = MISSING  # token shard set to write (gets index.json + one token shard per image shard)
+    export_url: str = MISSING  # exported tokenizer folder (model.json + tokenizer*.safetensors): tokenizer1d, llamagen-vq
+    part: str = "tokenizer"  # the export's part holding the tokenizer
+    augment: Literal["none", "flip", "ten-crop"] = "none"  # views per image: 1, 2 (mirror), 10 (LlamaGen's ten-crop)
+    resolution: Optional[int] = field(default=None, metadata=ok(">= 8"))  # pixels encoded; None: the tokenizer's own size
+    batch_size: int = field(default=64, metadata=ok(">= 1"))  # views per encoder forward pass
+    shard_size: int = field(default=0, metadata=ok(">= 0"))  # source images per token shard; 0: one token shard per image shard
+    num_actors: int = field(default=0, metadata=ok(">= 0"))  # tokenizer actors; 0: as many as the cluster fits
+    storage: StorageConfig = field(default_factory=StorageConfig)  # src, out and export_url storage
+    # cluster.device: where actors encode; cluster.cpus/gpus_per_worker: per actor; cluster.max_failures: actor deaths tolerated
+    cluster: ClusterConfig = field(default_factory=lambda: ClusterConfig(num_workers=1, max_failures=3))

@@ -24,7 +24,7 @@ _SECRET = re.compile(r"^(key|secret|token|password|passwd|credentials?|(\w+_)?(a
                      r"secret_key|secret_access_key|session_token|auth_token|password))$", re.I)
 _OUTPUT_FIELDS = ("storage_path", "out")  # where a job writes: must outlive a `ray job submit` working dir
 _URL_FIELDS = ("url", "val_url", "storage_path", "src", "out", "export_url", "samples", "reference", "shards",
-               "inception_path", "val_labels")
+               "inception_path", "val_labels", "tokenizer_export", "stage1_export")
 
 
 class ConfigError(ValueError):
@@ -61,6 +61,24 @@ def parse_argv(argv: Sequence[str]) -> tuple[list[str], list[str]]:
             raise ConfigError(f"cannot read argument {a!r}: expected `key=value` or `--config FILE`")
         i += 1
     return files, overrides
+
+
+def peek(argv: Sequence[str], key: str, default: Any) -> Any:
+    """The value a command line gives a top-level `key` (its --config files, then `key=value`), before
+    any schema reads it: a job whose schema depends on it (train_ar's `objective`, alitok's `stage`)
+    picks the schema with it, and that schema then reads and checks the whole config. `default`
+    when unset or unreadable (the full load names the problem)."""
+    try:
+        files, overrides = parse_argv([a for a in argv if a not in ("-h", "--help")])
+        value = default
+        for f in files:
+            value = (yaml.safe_load(Path(f).read_text()) or {}).get(key, value)
+        for o in overrides:
+            k, _, v = o.partition("=")
+            value = yaml.safe_load(v) if k == key else value
+    except Exception:  # noqa: BLE001
+        return default
+    return value
 
 
 def _node_at(root: Any, dotted: str) -> Any:
@@ -318,14 +336,17 @@ def help_text(schema: type, defaults: Sequence[str | Path] = (), job: str = "") 
              "  --debug shows tracebacks of config errors.", ""]
 
     def value(key: str) -> str:
-        v = OmegaConf.select(cfg, key, throw_on_missing=False)
-        if v == "???" or (isinstance(v, str) and OmegaConf.is_missing(cfg, key)):
+        parent, _, leaf = key.rpartition(".")
+        node = OmegaConf.select(cfg, parent) if parent else cfg
+        if OmegaConf.is_missing(node, leaf):
             return "(required)"
+        v = OmegaConf.select(cfg, key)
         return str(OmegaConf.to_container(v) if OmegaConf.is_config(v) else v)
 
     def walk(cls: type, prefix: str, title: str) -> None:
         hints = typing.get_type_hints(cls)
-        comments = _field_comments(cls)
+        comments = {k: v for base in reversed(cls.__mro__) if dataclasses.is_dataclass(base)
+                    for k, v in _field_comments(base).items()}  # inherited fields keep their docs
         rows, subs = [], []
         for f in dataclasses.fields(cls):
             t = hints[f.name]

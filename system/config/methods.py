@@ -37,6 +37,11 @@ class ModelConfig:
     tokenizer_overrides: dict[str, Any] = field(default_factory=dict)
     ar: str = "eostok-h"
     ar_overrides: dict[str, Any] = field(default_factory=dict)
+    # EOSTok's differentiable AR input h = Ind^T (straight-through one-hot Ind, (L, K)) times:
+    # "codebook": the tokenizer's codebook (K, 64) then a linear map to the AR width (rank 64;
+    # NTP reaches encoder and codebook); "table": the AR's own full-rank table E (K, dim) (NTP
+    # reaches the encoder through Ind). Only the table that is read is built and counted.
+    ar_input: Literal["codebook", "table"] = "codebook"
     attn_backend: Literal["auto", "flash", "sdpa", "math"] = "auto"
     grad_checkpointing: bool = False
 
@@ -60,10 +65,16 @@ class EOSTokConfig:
     ntp_label_smoothing: float = field(default=0.0, metadata=ok("in [0, 1)"))
     apr_l2: float = field(default=1.0, metadata=ok(">= 0"))
     apr_lpips: float = field(default=1.0, metadata=ok(">= 0"))
-    align: float = field(default=0.5, metadata=ok(">= 0"))  # implicit alignment: encoder 2D hidden patches vs teacher features
+    align: float = field(default=0.5, metadata=ok(">= 0"))  # weight of the encoder's alignment to teacher features
+    # what `align` pulls to the teacher: "patches": the encoder's 2D hidden patch states after block
+    # `align_layer` (implicit alignment, the paper's); "latents": the 1D latents z (direct alignment,
+    # latent i to teacher patch i in raster order, teacher pooled to L tokens when L != N)
+    align_target: Literal["patches", "latents"] = "patches"
+    align_layer: Optional[int] = None  # encoder block (0-based, -1 = last) for "patches"; None: the middle, enc_depth // 2 - 1
+    substitute_patches: bool = False  # direct substitution: teacher features (projected) replace the patch embeddings
     repa: float = field(default=0.0, metadata=ok(">= 0"))  # REPA-style decoder alignment
     repa_layer: int = field(default=1, metadata=ok(">= 0"))
-    detach_ar_input: bool = False  # True: two-stage baseline (no NTP gradient into the tokenizer)
+    detach_ar_input: bool = False  # True: two-stage baseline (no NTP gradient into the tokenizer: Ind and codebook detached)
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
     lpips_net: LPIPSConfig = field(default_factory=LPIPSConfig)
     ema_decay: float = field(default=0.9999, metadata=ok("in [0, 1)"))  # EMA of the generator (tokenizer + AR); 0: none
@@ -71,6 +82,57 @@ class EOSTokConfig:
     disc_betas: tuple[float, float] = (0.5, 0.9)
     sample_cfg_scale: float = field(default=2.0, metadata=ok(">= 0"))
     sample_temperature: float = field(default=1.0, metadata=ok("> 0"))
+
+
+@dataclass
+class AliTokLossConfig:
+    """The reconstruction objective both AliTok tokenizer stages share (../shared/seeds/alitok.txt,
+    ../shared/REFERENCE.md "AliTok"): MSE + LPIPS + the quantizer's terms + a PatchGAN (hinge, LeCam)
+    from `gan_start_step`. A weight of 0 switches a term off."""
+
+    l2: float = field(default=1.0, metadata=ok(">= 0"))
+    lpips: float = field(default=1.0, metadata=ok(">= 0"))  # official: LPIPS 1.0 early, then a ConvNeXt-S perceptual loss (not built here)
+    gan: float = field(default=0.1, metadata=ok(">= 0"))  # the paper's lambda (official code: 0.1 x discriminator_weight 0.05)
+    gan_start_step: int = field(default=0, metadata=ok(">= 0"))  # official: GAN only in the last ~100k steps of each stage
+    lecam: float = field(default=0.05, metadata=ok(">= 0"))  # LeCam on the discriminator (official code: 0)
+    lpips_net: LPIPSConfig = field(default_factory=LPIPSConfig)
+    ema_decay: float = field(default=0.0, metadata=ok("in [0, 1)"))  # EMA of the trained tokenizer part (exported as tokenizer_ema); 0: none (official)
+    disc_lr: float = field(default=1e-4, metadata=ok("> 0"))  # the discriminator's own AdamW (official: the generator's lr)
+    disc_betas: tuple[float, float] = (0.9, 0.999)  # official: AdamW defaults
+    attn_backend: Literal["auto", "flash", "sdpa", "math"] = "auto"
+    grad_checkpointing: bool = False
+
+
+@dataclass
+class AliTokStage1Config(AliTokLossConfig):
+    """AliTok stage 1: bidirectional ViT encoder, VQ with the official clustering re-initialisation
+    (the preset's quantizer.cluster_decay), causal decoder with prefix tokens and the prefix aux loss."""
+
+    tokenizer: str = "alitok-tok-code"  # preset (system/models/tokenizer1d.py): alitok-tok-code (17 prefix), alitok-tok-paper (16), debug-tiny-causal
+    tokenizer_overrides: dict[str, Any] = field(default_factory=dict)  # single Tokenizer1DConfig fields, e.g. {num_prefix_tokens: 8, quantizer: {codebook_size: 256}}
+    # the prefix aux loss (system/methods/alitok.py): l2 x MSE of the patches the prefix tokens decode (the first
+    # row, and its first patches when there are more prefix tokens than a row) x aux x num_prefix_tokens / num_patches
+    # (official: x10 x 17/256) + lpips x LPIPS of the full image with that row (other rows detached) x aux
+    aux: float = field(default=10.0, metadata=ok(">= 0"))  # prefix aux loss weight (official 10)
+    # AR-predictability probe: a small AR model (module "probe", phase "probe") trained on the current codes,
+    # detached; it logs its next-token accuracy (probe/acc: the paper's "AR training accuracy", online)
+    probe: Optional[str] = None  # GPT preset of the probe (e.g. debug-tiny; sequence/vocab/classes follow the tokenizer); None: off
+    probe_overrides: dict[str, Any] = field(default_factory=dict)  # single GPTConfig fields of the probe, e.g. {n_layer: 4, dim: 256}
+    probe_lr: Optional[float] = field(default=None, metadata=ok("> 0"))  # the probe's AdamW lr; None: optim.lr
+
+
+@dataclass
+class AliTokStage2Config(AliTokLossConfig):
+    """AliTok stage 2: the stage-1 encoder, quantizer and latent queries frozen (loaded from its
+    export), a fresh bidirectional decoder with buffer tokens and without prefix tokens trained with
+    the same reconstruction losses; exported as one tokenizer1d part."""
+
+    stage1_export: str = "runs/alitok-stage1/export"  # the stage-1 run's export/ folder (local or s3://)
+    stage1_part: str = "tokenizer"  # its part holding the tokenizer
+    stage1_ema: bool = True  # read the stage-1 EMA weights when the export has them
+    # decoder fields of the stage-2 tokenizer (dec_width, dec_depth, dec_heads, num_buffer_tokens); the rest
+    # comes from the stage-1 tokenizer (buffer tokens: the preset's, 32 code / 64 paper)
+    decoder_overrides: dict[str, Any] = field(default_factory=dict)  # e.g. {num_buffer_tokens: 64} (the paper's)
 
 
 @dataclass
@@ -104,3 +166,37 @@ class VapiConfig:
     off_policy: bool = False  # one-step off-policy: rollouts of k+1 overlap the update of k
     heldout_images: int = field(default=8, metadata=ok(">= 0"))  # held-out images for the teacher-forced reward check (0: off)
     crash_rollout_at_call: Optional[int] = field(default=None, metadata=ok(">= 1"))  # fault injection: a rollout actor dies at this call (once)
+
+
+@dataclass
+class ARConfig:
+    """Next-token AR training on token shards (LlamaGen, AliTok, EOSTok's AR; jobs/train_ar.py).
+    vocab_size, block_size (seq_len - prefix_tokens) and num_classes come from the token index."""
+
+    model: str = "llamagen-b"  # GPT size preset (system/models/registry.py): llamagen-*, alitok-*, eostok-*, semtok-ar-*, debug-tiny
+    overrides: dict[str, Any] = field(default_factory=dict)  # single GPTConfig fields, e.g. {n_layer: 4, rope: 1d}
+    class_dropout: float = field(default=0.1, metadata=ok("in [0, 1)"))  # labels dropped to the null class (CFG)
+    label_smoothing: float = field(default=0.0, metadata=ok("in [0, 1)"))
+    ema_decay: float = field(default=0.9999, metadata=ok("in [0, 1)"))  # EMA of the AR model (exported as ar_ema); 0: none
+    attn_backend: Literal["auto", "flash", "sdpa", "math"] = "auto"
+    grad_checkpointing: bool = False
+    tokenizer_export: Optional[str] = None  # an export/ folder with the tokens' tokenizer: decodes the sample grid, exported beside the AR model
+    sample_cfg_scale: float = field(default=2.0, metadata=ok(">= 0"))  # classifier-free guidance of the sample grid (1.0: off)
+    sample_temperature: float = field(default=1.0, metadata=ok("> 0"))
+    sample_top_k: int = field(default=0, metadata=ok(">= 0"))  # 0: off
+    sample_top_p: float = field(default=1.0, metadata=ok("in (0, 1]"))  # 1.0: off
+
+
+@dataclass
+class MaskedARConfig(ARConfig):
+    """SemTok-style masked AR (../shared/REFERENCE.md "SemTok"): a bidirectional GPT predicts the
+    masked tokens of each sequence, mask ratio ~ U[mask_min, mask_max] per sample in a random order;
+    a bitwise head for the semtok-ar-* presets; label smoothing 0.01."""
+
+    model: str = "semtok-ar-l"
+    label_smoothing: float = field(default=0.01, metadata=ok("in [0, 1)"))
+    mask_min: float = field(default=0.7, metadata=ok("in (0, 1]"))  # lowest mask ratio of a sample
+    mask_max: float = field(default=1.0, metadata=ok("in (0, 1]"))  # highest mask ratio of a sample
+    sample_cfg_scale: float = field(default=6.0, metadata=ok(">= 0"))  # SemTok-L: linear CFG 6.0
+    sample_top_p: float = field(default=0.75, metadata=ok("in (0, 1]"))  # per bit for a bitwise head
+    sample_steps: int = field(default=64, metadata=ok(">= 1"))  # cosine schedule steps (at most seq_len)

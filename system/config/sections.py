@@ -9,7 +9,7 @@ from typing import Any, Literal, Optional
 
 from system.config.ranges import ok
 
-__all__ = ["MISSING", "StorageConfig", "DataConfig", "OptimConfig", "DeepSpeedConfig", "ClusterConfig",
+__all__ = ["MISSING", "StorageConfig", "DataConfig", "TokenDataConfig", "OptimConfig", "DeepSpeedConfig", "ClusterConfig",
            "CheckpointConfig", "LoggingConfig", "FaultConfig", "TrainConfig"]
 
 MISSING = "???"
@@ -40,6 +40,18 @@ class DataConfig:
     fraction: float = field(default=1.0, metadata=ok("in (0, 1]"))  # use this fraction of the shard set's samples (VAπ uses 0.01)
     storage: StorageConfig = field(default_factory=StorageConfig)
     embedded: bool = False  # build the embedded real-photo shard set at `url` when missing
+
+
+@dataclass
+class TokenDataConfig:
+    """Pre-tokenized images (token shards written by jobs/pretokenize.py) for AR training."""
+
+    url: str = MISSING  # token shard set: a folder or s3://bucket/prefix holding index.json (with a tokens section) + *.tar
+    val_url: Optional[str] = None  # token shards for validation (read once per evaluation, short last batch)
+    batch_size: int = field(default=32, metadata=ok(">= 1"))  # per rank micro-batch of token sequences
+    num_workers: int = field(default=2, metadata=ok(">= 0"))  # dataloader workers per rank
+    fraction: float = field(default=1.0, metadata=ok("in (0, 1]"))  # use this fraction of the set's samples (views)
+    storage: StorageConfig = field(default_factory=StorageConfig)  # how to reach url / val_url
 
 
 @dataclass

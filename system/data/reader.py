@@ -1,4 +1,5 @@
-"""Streaming, resumable reader of WebDataset shards (see system/data/shards.py for the format).
+"""Streaming, resumable reader of WebDataset shards: image shards (system/data/shards.py) and
+token shards (system/data/tokens.py) share this machinery; a `SampleCodec` is all that differs.
 
 Work is cut into units (a shard, or a sample range of one when there are fewer shards than
 streams). There are `world_size * max(num_workers, 1)` streams; stream `rank * W + w` runs on
@@ -7,6 +8,8 @@ dealt round-robin to the streams; the samples of a unit are shuffled with rng(se
 A stream's position is (epoch, unit index in its epoch assignment, sample offset in the unit),
 so `state_dict()` after any batch lets a fresh reader continue with exactly the batches an
 uninterrupted run would have produced: each sample is seen once per epoch, across restarts.
+
+`ShardReader` yields {"image", "label", "key"}; `TokenShardReader` yields {"codes", "label", "key"}.
 """
 from __future__ import annotations
 
@@ -14,17 +17,18 @@ import io
 import logging
 import math
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from system.config import DataConfig, StorageConfig
+from system.config import DataConfig, StorageConfig, TokenDataConfig
 from system.data.embedded import ensure_embedded_dataset
 from system.data.source import BatchSource
-from system.data.shards import IMAGE_FIELDS, iter_tar_samples, read_index
+from system.data.shards import IMAGE_FIELDS, image_complete, iter_tar_samples, read_index
 from system.data.storage import StorageError, filesystem, join, storage_error
+from system.data.tokens import decode_token_sample, meta_dtype, token_meta
 from system.data.transforms import flip_decision, preprocess, to_tensor
 
 log = logging.getLogger(__name__)
@@ -74,6 +78,63 @@ def stream_units(num_units: int, num_streams: int, seed: int, epoch: int, stream
     return [int(u) for u in perm[stream::num_streams]]
 
 
+class SampleCodec:
+    """What a reader does with one sample's tar members: `decode` -> (array, label) (raises on a
+    corrupt sample, which is then skipped and counted); `collate` stacks arrays into the batch
+    entry named `field`. Picklable (it travels to dataloader workers)."""
+
+    field = "sample"
+
+    def complete(self, fields: dict[str, bytes]) -> bool:
+        raise NotImplementedError
+
+    def decode(self, key: str, fields: dict[str, bytes], epoch: int) -> tuple[np.ndarray, int]:
+        raise NotImplementedError
+
+    def collate(self, arrays: list[np.ndarray]) -> torch.Tensor:
+        raise NotImplementedError
+
+
+@dataclass(frozen=True)
+class ImageCodec(SampleCodec):
+    """Image bytes -> center-cropped uint8 (R, R, 3), mirrored by a per-(seed, epoch, key) coin."""
+
+    resolution: int
+    random_flip: bool
+    seed: int
+    field = "image"
+
+    def complete(self, fields: dict[str, bytes]) -> bool:
+        return image_complete(fields)
+
+    def decode(self, key: str, fields: dict[str, bytes], epoch: int) -> tuple[np.ndarray, int]:
+        img = next(fields[k] for k in IMAGE_FIELDS if k in fields)
+        flip = self.random_flip and flip_decision(self.seed, epoch, key)
+        return preprocess(img, self.resolution, flip), int(fields["cls"])
+
+    def collate(self, arrays: list[np.ndarray]) -> torch.Tensor:
+        return to_tensor(arrays)
+
+
+@dataclass(frozen=True)
+class TokenCodec(SampleCodec):
+    """Raw codes -> int64 (L,) (dtype and length from the index's `tokens` section)."""
+
+    dtype: str  # numpy dtype string, e.g. "<u2"
+    seq_len: int
+    field = "codes"
+
+    def complete(self, fields: dict[str, bytes]) -> bool:
+        return "tok" in fields and "cls" in fields
+
+    def decode(self, key: str, fields: dict[str, bytes], epoch: int) -> tuple[np.ndarray, int]:
+        codes, label, _ = decode_token_sample(fields, np.dtype(self.dtype), self.seq_len)
+        return codes, label
+
+    def collate(self, arrays: list[np.ndarray]) -> torch.Tensor:
+        return torch.from_numpy(np.stack(arrays))
+
+
 @dataclass
 class _Spec:
     url: str
@@ -82,8 +143,7 @@ class _Spec:
     num_streams: int
     seed: int
     batch_size: int
-    resolution: int
-    random_flip: bool
+    codec: SampleCodec
     drop_last: bool
 
 
@@ -107,7 +167,7 @@ class _Stream:
             raise storage_error(url, self.spec.storage, e) from e
         samples, n = [], 0  # n: complete samples read from the start of the tar
         try:
-            for key, fields in iter_tar_samples(f, url):
+            for key, fields in iter_tar_samples(f, url, self.spec.codec.complete):
                 if fields is None or n >= unit.end:
                     break
                 if n >= unit.start:
@@ -125,17 +185,15 @@ class _Stream:
         return samples, truncated
 
     def _decode(self, unit: Unit, key: str, fields: dict, epoch: int) -> tuple[np.ndarray, int] | None:
-        sp = self.spec
-        img = next((fields[k] for k in IMAGE_FIELDS if k in fields), None)
-        url = join(sp.url, unit.shard)
-        if img is None or "cls" not in fields:
+        codec = self.spec.codec
+        url = join(self.spec.url, unit.shard)
+        if not codec.complete(fields):
             log.warning("skipping incomplete sample %r in %s (fields: %s)", key, url, sorted(fields))
             return None
         try:
-            flip = sp.random_flip and flip_decision(sp.seed, epoch, key)
-            return preprocess(img, sp.resolution, flip), int(fields["cls"])
+            return codec.decode(key, fields, epoch)
         except Exception as e:  # noqa: BLE001 - any decode failure skips the sample
-            log.warning("skipping corrupt image %r in %s: %s: %s", key, url, type(e).__name__, e)
+            log.warning("skipping corrupt %s %r in %s: %s: %s", codec.field, key, url, type(e).__name__, e)
             return None
 
     def samples(self) -> Iterator[tuple[tuple[np.ndarray, int, str] | None, int, Pos]]:
@@ -169,18 +227,18 @@ class _Stream:
 
     def batches(self) -> Iterator[dict[str, Any]]:
         sp = self.spec
-        imgs, labels, keys, first_epoch = [], [], [], None
+        arrays, labels, keys, first_epoch = [], [], [], None
         for item, epoch, nxt in self.samples():
             if item is not None:
-                if not imgs:
+                if not arrays:
                     first_epoch = epoch
-                imgs.append(item[0])
+                arrays.append(item[0])
                 labels.append(item[1])
                 keys.append(item[2])
             epoch_ends = not sp.drop_last and nxt[0] != first_epoch
-            if imgs and (len(imgs) == sp.batch_size or epoch_ends):
+            if arrays and (len(arrays) == sp.batch_size or epoch_ends):
                 yield {
-                    "image": to_tensor(imgs),
+                    sp.codec.field: sp.codec.collate(arrays),
                     "label": torch.tensor(labels, dtype=torch.long),
                     "key": keys,
                     "_stream": self.stream,
@@ -188,7 +246,7 @@ class _Stream:
                     "_skipped": self.skipped,
                     "_epoch": first_epoch,
                 }
-                imgs, labels, keys = [], [], []
+                arrays, labels, keys = [], [], []
 
 
 class _StreamDataset(IterableDataset):
@@ -201,63 +259,49 @@ class _StreamDataset(IterableDataset):
         return _Stream(self.spec, s, self.starts[s], self.skipped[s]).batches()
 
 
-class ShardReader(BatchSource):
-    """Infinite iterable of batches {"image": float (B, 3, R, R) in [-1, 1], "label": long (B,),
-    "key": list[str]} for one rank. `drop_last=True`: every batch has `batch_size` samples (a
-    stream's batches run on across epoch ends, nothing is dropped); False: a stream's last batch
-    of an epoch may be short, so no batch mixes epochs. `skipped` counts corrupt samples and
-    truncated shards; `epoch` is the epoch of the last batch's first sample."""
+class ShardSource(BatchSource):
+    """Infinite iterable of one rank's batches {<codec.field>: (B, ...), "label": long (B,),
+    "key": list[str]} from a shard set; `codec(index)` says how samples decode. `drop_last=True`:
+    every batch has `batch_size` samples (a stream's batches run on across epoch ends, nothing is
+    dropped); False: a stream's last batch of an epoch may be short, so no batch mixes epochs.
+    `skipped` counts corrupt samples and truncated shards; `epoch` is the epoch of the last
+    batch's first sample."""
 
     def __init__(
         self,
         url: str,
+        codec: Callable[[dict], SampleCodec],
         *,
         rank: int = 0,
         world_size: int = 1,
         batch_size: int,
-        resolution: int,
         num_workers: int = 0,
         seed: int = 0,
-        random_flip: bool = True,
         fraction: float = 1.0,
         storage: StorageConfig | None = None,
         drop_last: bool = True,
     ):
         if not 0 <= rank < world_size:
             raise ValueError(f"rank must be in [0, {world_size}), got {rank}")
-        if batch_size <= 0 or resolution <= 0 or num_workers < 0:
-            raise ValueError(f"need batch_size > 0, resolution > 0, num_workers >= 0; got {batch_size}, {resolution}, {num_workers}")
+        if batch_size <= 0 or num_workers < 0:
+            raise ValueError(f"need batch_size > 0, num_workers >= 0; got {batch_size}, {num_workers}")
         storage = storage or StorageConfig()
         self.url, self.rank, self.world_size, self.num_workers = url.rstrip("/"), rank, world_size, num_workers
         self.seed, self.fraction = seed, fraction
         self.index = read_index(self.url, storage)  # early: unreachable endpoint / bad credentials
+        sample_codec = codec(self.index)
         self._check_shards(storage)
         self.classes: dict[str, int] = dict(self.index["classes"])
         self.streams_per_rank = max(num_workers, 1)
         num_streams = world_size * self.streams_per_rank
         units = build_units(self.index["shards"], num_streams, fraction)
         self.num_samples = sum(u.end - u.start for u in units)
-        self._spec = _Spec(self.url, storage, units, num_streams, seed, batch_size, resolution, random_flip, drop_last)
+        self._spec = _Spec(self.url, storage, units, num_streams, seed, batch_size, sample_codec, drop_last)
         self._my_streams = [rank * self.streams_per_rank + w for w in range(self.streams_per_rank)]
         self._positions: dict[int, Pos] = {s: (0, 0, 0) for s in self._my_streams}
         self._skipped: dict[int, int] = {s: 0 for s in self._my_streams}
         self._next = self._my_streams[0]
         self.epoch = 0
-
-    @classmethod
-    def from_config(cls, data: DataConfig, *, rank: int, world_size: int, seed: int, val: bool = False) -> "ShardReader":
-        """Reader for `data.url` (or `data.val_url` with val=True: no flips, short last batches);
-        builds the embedded photo set there first when `data.embedded` is set."""
-        url = data.val_url if val else data.url
-        if not url:
-            raise ValueError("data.val_url is not set (needed for validation)" if val else "data.url is not set")
-        if data.embedded:
-            ensure_embedded_dataset(url, data.storage, split="val" if val else "train")
-        return cls(
-            url, rank=rank, world_size=world_size, batch_size=data.batch_size, resolution=data.resolution,
-            num_workers=data.num_workers, seed=seed, random_flip=data.random_flip and not val,
-            fraction=1.0 if val else data.fraction, storage=data.storage, drop_last=not val,
-        )
 
     def _check_shards(self, storage: StorageConfig) -> None:
         try:
@@ -338,3 +382,64 @@ class ShardReader(BatchSource):
         self._skipped = {int(s): int(v) for s, v in state.get("skipped", {}).items()} or {s: 0 for s in positions}
         self._next = int(state["next_stream"])
         self.epoch = int(state.get("epoch", 0))
+
+
+def _config_url(data: DataConfig | TokenDataConfig, val: bool) -> str:
+    url = data.val_url if val else data.url
+    if not url:
+        raise ValueError("data.val_url is not set (needed for validation)" if val else "data.url is not set")
+    return url
+
+
+class ShardReader(ShardSource):
+    """Batches {"image": float (B, 3, R, R) in [-1, 1], "label": long (B,), "key": list[str]} of
+    an image shard set (center crop to `resolution`, seeded per-sample flips)."""
+
+    def __init__(self, url: str, *, resolution: int, seed: int = 0, random_flip: bool = True, **kwargs: Any):
+        if resolution <= 0:
+            raise ValueError(f"need resolution > 0, got {resolution}")
+        super().__init__(url, lambda index: ImageCodec(resolution, random_flip, seed), seed=seed, **kwargs)
+
+    @classmethod
+    def from_config(cls, data: DataConfig, *, rank: int, world_size: int, seed: int, val: bool = False) -> "ShardReader":
+        """Reader for `data.url` (or `data.val_url` with val=True: no flips, short last batches);
+        builds the embedded photo set there first when `data.embedded` is set."""
+        url = _config_url(data, val)
+        if data.embedded:
+            ensure_embedded_dataset(url, data.storage, split="val" if val else "train")
+        return cls(
+            url, rank=rank, world_size=world_size, batch_size=data.batch_size, resolution=data.resolution,
+            num_workers=data.num_workers, seed=seed, random_flip=data.random_flip and not val,
+            fraction=1.0 if val else data.fraction, storage=data.storage, drop_last=not val,
+        )
+
+
+class TokenShardReader(ShardSource):
+    """Batches {"codes": long (B, L), "label": long (B,), "key": list[str]} of a token shard set
+    (jobs/pretokenize.py; each (image, augmentation) view is one sample). `meta` is the index's
+    `tokens` section (dtype, seq_len, vocab_size, augment, tokenizer)."""
+
+    def __init__(self, url: str, **kwargs: Any):
+        super().__init__(url, self._codec, **kwargs)
+
+    def _codec(self, index: dict) -> TokenCodec:
+        self.meta: dict[str, Any] = dict(token_meta(index, join(self.url, "index.json")))
+        return TokenCodec(meta_dtype(self.meta).str, int(self.meta["seq_len"]))
+
+    @property
+    def seq_len(self) -> int:
+        return int(self.meta["seq_len"])
+
+    @property
+    def vocab_size(self) -> int:
+        return int(self.meta["vocab_size"])
+
+    @classmethod
+    def from_config(cls, data: TokenDataConfig, *, rank: int, world_size: int, seed: int,
+                    val: bool = False) -> "TokenShardReader":
+        """Reader for `data.url` (or `data.val_url` with val=True: short last batches)."""
+        return cls(
+            _config_url(data, val), rank=rank, world_size=world_size, batch_size=data.batch_size,
+            num_workers=data.num_workers, seed=seed, fraction=1.0 if val else data.fraction, storage=data.storage,
+            drop_last=not val,
+        )

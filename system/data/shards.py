@@ -15,7 +15,7 @@ import os
 import re
 import tarfile
 from dataclasses import dataclass, field
-from typing import IO, Iterator, Union
+from typing import IO, Callable, Iterable, Iterator, Union
 
 import numpy as np
 from PIL import Image
@@ -211,45 +211,67 @@ def read_marker(split_url: str, name: str, storage: StorageConfig | None = None)
         return None
 
 
+def done_marker(split_url: str, name: str, fingerprint: str, storage: StorageConfig | None = None) -> dict | None:
+    """The marker of shard `name` when it exists and was written for `fingerprint`, else None."""
+    marker = read_marker(split_url, name, storage)
+    return marker if marker is not None and marker.get("fingerprint") == fingerprint else None
+
+
+def write_tar(
+    split_url: str,
+    name: str,
+    fingerprint: str,
+    samples: Iterable[tuple[str, dict[str, bytes]]],
+    storage: StorageConfig | None = None,
+    stats: dict | None = None,
+) -> dict:
+    """Write the samples (key, {ext: bytes}) as tar `<split_url>/<name>` (atomically), then its
+    marker {name, count, bytes, sha256, fingerprint, **stats}; returns the marker. `stats` may be
+    filled while `samples` is consumed."""
+    tar_url = join(split_url, name)
+    count = 0
+    try:
+        with open_atomic_write(tar_url, storage) as raw:
+            out = _HashingWriter(raw)
+            with tarfile.open(fileobj=out, mode="w|", format=tarfile.USTAR_FORMAT) as tar:
+                for key, fields in samples:
+                    for ext, data in fields.items():
+                        _add(tar, f"{key}.{ext}", data)
+                    count += 1
+    except (FileNotFoundError, ValueError):
+        raise
+    except Exception as e:  # noqa: BLE001
+        raise storage_error(tar_url, storage, e) from e
+    marker = {"name": name, "count": count, "bytes": out.size, "sha256": out.sha.hexdigest(), "fingerprint": fingerprint,
+              **(stats or {})}
+    write_bytes_atomic(join(split_url, name + MARKER_SUFFIX), json.dumps(marker).encode(), storage)
+    return marker
+
+
 def write_shard(plan: ShardPlan, out_url: str, storage: StorageConfig | None = None) -> dict:
     """Write one shard tar to `<out_url>/<split>/<name>`, then its marker; returns the marker.
     A shard whose marker exists with the same plan fingerprint is skipped."""
     split_url = plan.split_url(out_url)
     fp = plan.fingerprint()
-    marker = read_marker(split_url, plan.name, storage)
-    if marker is not None and marker.get("fingerprint") == fp:
+    marker = done_marker(split_url, plan.name, fp, storage)
+    if marker is not None:
         return marker
-    tar_url = join(split_url, plan.name)
-    reencoded = 0
-    try:
-        with open_atomic_write(tar_url, storage) as raw:
-            out = _HashingWriter(raw)
-            with tarfile.open(fileobj=out, mode="w|", format=tarfile.USTAR_FORMAT) as tar:
-                for (src, key, label), ext in zip(plan.items, plan.ext):
-                    if isinstance(src, str):
-                        fs, p = filesystem(src, plan.src_storage)
-                        data = fs.cat_file(p)
-                    else:
-                        data = src
-                    if plan.max_side > 0:
-                        data, changed = _shrink(data, plan.max_side, key)
-                        ext, reencoded = ("jpg", reencoded + 1) if changed else (ext, reencoded)
-                    _add(tar, f"{key}.{ext}", data)
-                    _add(tar, f"{key}.cls", str(label).encode())
-    except (FileNotFoundError, ValueError):
-        raise
-    except Exception as e:  # noqa: BLE001
-        raise storage_error(tar_url, storage, e) from e
-    marker = {
-        "name": plan.name,
-        "count": len(plan.items),
-        "bytes": out.size,
-        "sha256": out.sha.hexdigest(),
-        "fingerprint": fp,
-        "reencoded": reencoded,
-    }
-    write_bytes_atomic(join(split_url, plan.name + MARKER_SUFFIX), json.dumps(marker).encode(), storage)
-    return marker
+    stats = {"reencoded": 0}
+
+    def samples() -> Iterator[tuple[str, dict[str, bytes]]]:
+        for (src, key, label), ext in zip(plan.items, plan.ext):
+            if isinstance(src, str):
+                fs, p = filesystem(src, plan.src_storage)
+                data = fs.cat_file(p)
+            else:
+                data = src
+            if plan.max_side > 0:
+                data, changed = _shrink(data, plan.max_side, key)
+                if changed:
+                    ext, stats["reencoded"] = "jpg", stats["reencoded"] + 1
+            yield key, {ext: data, "cls": str(label).encode()}
+
+    return write_tar(split_url, plan.name, fp, samples(), storage, stats)
 
 
 def pending_shards(plans: list[ShardPlan], out_url: str, storage: StorageConfig | None = None) -> list[ShardPlan]:
@@ -279,8 +301,10 @@ def write_index(
     out_url: str,
     classes: dict[str, int],
     storage: StorageConfig | None = None,
+    extra: dict | None = None,
 ) -> dict:
-    """Write `<out_url>/<split>/index.json` listing only the planned shards that are complete."""
+    """Write `<out_url>/<split>/index.json` listing only the planned shards that are complete
+    (`extra`: more top-level sections, e.g. a token set's `tokens`)."""
     if not plans:
         raise ValueError("write_index needs at least one planned shard")
     split = plans[0].split
@@ -292,6 +316,7 @@ def write_index(
         "shards": shards,
         "num_samples": sum(s["count"] for s in shards),
         "classes": dict(classes),
+        **(extra or {}),
     }
     write_bytes_atomic(join(plans[0].split_url(out_url), INDEX), json.dumps(index, indent=1).encode(), storage)
     return index
@@ -311,9 +336,17 @@ def read_index(split_url: str, storage: StorageConfig | None = None) -> dict:
     return index
 
 
-def iter_tar_samples(fileobj: IO[bytes], url: str = "") -> Iterator[tuple[str, dict[str, bytes] | None]]:
+def image_complete(fields: dict[str, bytes]) -> bool:
+    """An image sample has its label and one image member."""
+    return "cls" in fields and any(f in fields for f in IMAGE_FIELDS)
+
+
+def iter_tar_samples(
+    fileobj: IO[bytes], url: str = "", complete: Callable[[dict[str, bytes]], bool] = image_complete
+) -> Iterator[tuple[str, dict[str, bytes] | None]]:
     """(key, {ext: bytes}) for consecutive members sharing a key. A truncated or corrupt tar ends
-    the iteration with one `(key, None)` (the sample lost where it broke), logged with `url`."""
+    the iteration with one `(key, None)` (the sample lost where it broke), logged with `url`; the
+    sample read just before the break is kept when `complete(fields)` says it is whole."""
     key, fields = None, {}
     try:
         with tarfile.open(fileobj=fileobj, mode="r|") as tar:
@@ -331,7 +364,7 @@ def iter_tar_samples(fileobj: IO[bytes], url: str = "") -> Iterator[tuple[str, d
                 fields[ext.lower()] = data
     except (tarfile.TarError, EOFError) as e:  # storage errors (OSError) propagate
         log.warning("truncated or corrupt tar %s after key %r: %s; continuing with the next shard", url, key, e)
-        if key is not None and "cls" in fields and any(f in fields for f in IMAGE_FIELDS):
+        if key is not None and complete(fields):
             yield key, fields
             key = None
         yield key or "<unknown>", None

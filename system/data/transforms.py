@@ -45,6 +45,37 @@ def preprocess(data: bytes, resolution: int, flip: bool) -> np.ndarray:
     return np.ascontiguousarray(arr[:, ::-1]) if flip else arr
 
 
+def five_crop_arr(arr: np.ndarray, size: int) -> list[np.ndarray]:
+    """torchvision's FiveCrop on (H, W, 3): top-left, top-right, bottom-left, bottom-right, centre."""
+    h, w = arr.shape[:2]
+    if size > min(h, w):
+        raise ValueError(f"crop size {size} exceeds the image ({h}x{w})")
+    top, left = int(round((h - size) / 2.0)), int(round((w - size) / 2.0))
+    corners = [(0, 0), (0, w - size), (h - size, 0), (h - size, w - size), (top, left)]
+    return [np.ascontiguousarray(arr[y : y + size, x : x + size]) for y, x in corners]
+
+
+def ten_crop_views(img: Image.Image, resolution: int, crop_range: float = 1.1) -> list[np.ndarray]:
+    """LlamaGen's pre-tokenization views: ADM-center-crop to int(1.1 R), then torchvision's
+    TenCrop(R): the five crops, then the five crops of the mirrored image."""
+    big = center_crop_arr(img, int(resolution * crop_range))
+    return five_crop_arr(big, resolution) + five_crop_arr(np.ascontiguousarray(big[:, ::-1]), resolution)
+
+
+def augment_views(data: bytes, resolution: int, mode: str) -> np.ndarray:
+    """Image bytes -> the uint8 (V, R, R, 3) views of an augmentation mode: "none" (the center
+    crop), "flip" (it and its mirror image) or "ten-crop" (`ten_crop_views`)."""
+    img = decode_rgb(data)
+    if mode == "ten-crop":
+        return np.stack(ten_crop_views(img, resolution))
+    arr = center_crop_arr(img, resolution)
+    if mode == "none":
+        return arr[None]
+    if mode == "flip":
+        return np.stack([arr, arr[:, ::-1]])
+    raise ValueError(f"unknown augmentation mode {mode!r}; expected none, flip or ten-crop")
+
+
 def to_tensor(images: list[np.ndarray] | np.ndarray) -> torch.Tensor:
     """uint8 (B, R, R, 3) -> float32 (B, 3, R, R) in [-1, 1]."""
     batch = torch.from_numpy(np.stack(images) if isinstance(images, list) else np.asarray(images))

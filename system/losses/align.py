@@ -2,6 +2,8 @@
 
 - ``ImplicitAlignLoss`` (EOSTok): project the encoder's 2D hidden patch tokens to the teacher
   dim and maximise per-patch cosine similarity: L = -1/N sum_n cos(h(h_enc[n]), y[n]).
+- ``DirectAlignLoss`` (EOSTok's "direct alignment" ablation): the same on the 1D latents z,
+  latent i against teacher patch i in raster order (the teacher pooled to L tokens if L != N).
 - ``DecoderAlignLoss`` (REPA-style, EOSTok decoder): same on a decoder layer's mask-token states.
 - ``SemanticDistillLoss`` (SemTok 2D branch): MSE between projected patch tokens and teacher features.
 - ``SemanticContrastiveLoss`` (SemTok 1D branch): InfoNCE between pooled projected 1D tokens and
@@ -109,6 +111,20 @@ class CosineAlignLoss(nn.Module):
 
 class ImplicitAlignLoss(CosineAlignLoss):
     """EOSTok implicit alignment on the encoder's 2D hidden patch embeddings (not the 1D latents)."""
+
+
+class DirectAlignLoss(CosineAlignLoss):
+    """EOSTok's direct alignment of the 1D latents z (B, L, in_dim) to the teacher's patch features
+    (B, N, teacher_dim): latent i against teacher patch i in raster order, which is what pulls z
+    into a raster-ordered patch sequence (the paper's failure case). With 256 latents and a 16x16
+    teacher grid (DINOv2 at 224 px) the map is one-to-one; otherwise the teacher's raster
+    sequence is average-pooled (or repeated) to L tokens: our choice, the paper gives no other."""
+
+    def forward(self, latents: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:  # scalar in [-1, 1]
+        n = latents.shape[1]
+        if teacher.dim() == 3 and teacher.shape[1] != n:
+            teacher = F.adaptive_avg_pool1d(teacher.detach().transpose(1, 2), n).transpose(1, 2)
+        return super().forward(latents, teacher, grid=(1, n), teacher_grid=(1, n))
 
 
 class DecoderAlignLoss(CosineAlignLoss):

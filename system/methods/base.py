@@ -41,6 +41,7 @@ class DataSpec:
     resolution: int = 0  # image side in pixels (0: not an image source)
     num_classes: int = 0
     storage: Any = None  # StorageConfig for the data's (and a method's input exports') object store
+    tokens: Optional[dict] = None  # token shards: the index's `tokens` section (seq_len, vocab_size, dtype, tokenizer)
 
 
 @dataclass
@@ -138,6 +139,11 @@ class Method:
         if isinstance(batch, dict):
             return {k: (v[:n] if torch.is_tensor(v) or isinstance(v, list) else v) for k, v in batch.items()}
         return None
+
+    def rate_metrics(self, samples_per_s: float) -> dict[str, float]:
+        """Throughput metrics derived from a log window's global samples/s (e.g. tokens/s, MFU);
+        called on every rank when the loop logs."""
+        return {}
 
     def curve_keys(self) -> list[str]:
         """Metric names drawn in the run's curves.png, one panel each ("a|b": two in one panel)."""

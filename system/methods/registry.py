@@ -32,6 +32,8 @@ def register(name: str, config: type, method: type[Method]) -> type[Method]:
 
 def _builtin() -> None:
     # import side effect: the built-in methods register themselves
+    import system.methods.alitok  # noqa: F401
+    import system.methods.ar  # noqa: F401
     import system.methods.eostok  # noqa: F401
     import system.methods.vapi  # noqa: F401
 

@@ -44,6 +44,7 @@ from system.sampling.ar import generate
 MODEL_JSON = "model.json"
 # model.json written before kinds existed: part name -> kind
 LEGACY_KINDS = {"tokenizer": "tokenizer1d", "ar": "gpt"}
+MASKED_STEPS = 64  # sampling steps of a bidirectional (masked) GPT (SemTok: 64, cosine)
 
 WriteBytes = Callable[[str, bytes], None]  # (name relative to the export folder, bytes) -> None
 
@@ -370,7 +371,14 @@ class GPTGenerator(nn.Module):
                temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, seed: Optional[int] = None,
                generator: Optional[torch.Generator] = None, decode_fn: Optional[Callable] = None) -> Tensor:
         """labels (B,) -> codes (B, seq_len): KV-cache sampling with classifier-free guidance
-        (system.sampling.ar.generate); `decode_fn` defaults to the compiled step of `compile_sampling`."""
+        (system.sampling.ar.generate); `decode_fn` defaults to the compiled step of `compile_sampling`.
+        A bidirectional (masked) GPT samples with system.sampling.masked (min(64, seq_len) cosine steps,
+        CFG linear in the revealed fraction; the schedule, power and decode_fn do not apply)."""
+        if self.ar.cfg.bidirectional:
+            from system.sampling.masked import generate_masked
+
+            return generate_masked(self.ar, labels, steps=min(MASKED_STEPS, self.seq_len), cfg_scale=cfg_scale,
+                                   temperature=temperature, top_k=top_k, top_p=top_p, generator=generator, seed=seed)
         return generate(self.ar, labels, cfg_scale=cfg_scale, schedule=cfg_schedule, temperature=temperature,
                         top_k=top_k, top_p=top_p, generator=generator, seed=seed, cfg_power=cfg_power,
                         codebook=self.codebook, decode_fn=decode_fn or self._decode_fn)
@@ -429,11 +437,16 @@ def config_from_dict(cls: type, config: dict, what: str) -> Any:
     return cls(**config)
 
 
-def build_tokenizer1d(config: dict, state_dict: dict[str, Tensor]) -> Tokenizer1D:
-    """Our Tokenizer1D with its weights (trainable, eval mode)."""
+def tokenizer1d_config(config: dict) -> Tokenizer1DConfig:
+    """The Tokenizer1DConfig of a tokenizer1d part's model.json config."""
     cfg = dict(config)
     cfg["quantizer"] = config_from_dict(QuantizerConfig, cfg["quantizer"], "tokenizer1d quantizer")
-    model = Tokenizer1D(config_from_dict(Tokenizer1DConfig, cfg, "tokenizer1d"))
+    return config_from_dict(Tokenizer1DConfig, cfg, "tokenizer1d")
+
+
+def build_tokenizer1d(config: dict, state_dict: dict[str, Tensor]) -> Tokenizer1D:
+    """Our Tokenizer1D with its weights (trainable, eval mode)."""
+    model = Tokenizer1D(tokenizer1d_config(config))
     model.load_state_dict(state_dict)
     return model.eval()
 

@@ -4,8 +4,13 @@
   ``logits[:, i]`` predicts ``tokens[:, i]``.
 - Masked mode (``bidirectional=True``, SemTok / MaskGIT): input [cls; tokens]
   with masked positions replaced by a learned mask embedding, no causal mask.
-- Inputs: token ids, or a probability matrix times the tokenizer codebook
-  (EOSTok's differentiable embedding) projected to ``dim``.
+- Inputs: token ids or a probability matrix (B, L, V) (EOSTok's differentiable embedding
+  h = Ind^T E), embedded through one of two tables, chosen by ``code_dim``:
+  ``code_dim=None``: the model's own full-rank table E = ``tok_embeddings`` (V, dim): ids look
+  rows up, probs give probs @ E. ``code_dim=D``: the tokenizer's codebook (V, D), passed in as
+  ``codebook``, then ``code_proj`` (D -> dim): ids give codebook[ids] @ P, probs
+  (probs @ codebook) @ P; no ``tok_embeddings`` is built (it would never be read). Either way
+  sampling embeds ids through the same table training used, and every parameter is read.
 - Heads: softmax over the vocabulary, or a bitwise head (one binary
   classifier per index bit; logits shaped (..., n_bits, 2)).
 - Optional shared AdaLN class conditioning (SemTok) on top of the class token.
@@ -54,7 +59,7 @@ class GPTConfig:
     head: str = "softmax"  # "softmax" | "bitwise"
     n_bits: int = 0  # bitwise head: vocab_size == 2 ** n_bits
     adaln: bool = False
-    code_dim: int | None = None  # EOSTok: width of the tokenizer codebook fed as probs @ codebook
+    code_dim: int | None = None  # EOSTok "codebook" input: codebook width (no own token table); None: own table
     init_std: float = 0.02
     grad_checkpointing: bool = False
 
@@ -129,11 +134,10 @@ class GPT(nn.Module):
         self.cfg = cfg
         d = cfg.dim
         self.cls_embedding = nn.Embedding(cfg.num_classes + 1, d)  # last row = null class (CFG)
-        if cfg.head == "bitwise":
-            self.tok_embeddings: nn.Module = BitEmbedding(cfg.n_bits, d)
-        else:
-            self.tok_embeddings = nn.Embedding(cfg.vocab_size, d)
+        self.tok_embeddings: nn.Module | None = None  # codebook input: ids embed through the codebook
         self.code_proj = nn.Linear(cfg.code_dim, d, bias=False) if cfg.code_dim else None
+        if self.code_proj is None:
+            self.tok_embeddings = BitEmbedding(cfg.n_bits, d) if cfg.head == "bitwise" else nn.Embedding(cfg.vocab_size, d)
         self.mask_embedding = nn.Parameter(torch.zeros(d)) if cfg.bidirectional else None
         self.tok_dropout = nn.Dropout(cfg.token_dropout)
         self.layers = nn.ModuleList(
@@ -180,27 +184,43 @@ class GPT(nn.Module):
             nn.init.normal_(self.mask_embedding, 0.0, std)
 
     def num_params(self) -> int:
+        """Parameters the model reads (no table is built that the forward never uses)."""
         return sum(p.numel() for p in self.parameters())
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # exports and checkpoints written while a codebook-input GPT still built its (never read)
+        # own table carry tok_embeddings.weight: drop it, nothing reads it
+        if self.tok_embeddings is None:
+            state_dict.pop(prefix + "tok_embeddings.weight", None)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     # ------------------------------------------------------------ embedding
     def embed_tokens(self, tokens: Tensor | None = None, probs: Tensor | None = None, codebook: Tensor | None = None) -> Tensor:
         """Token ids (B, L) or probs (B, L, V) -> (B, L, D).
 
-        With ``codebook`` (V, code_dim): ids embed as codebook[ids] @ code_proj and
-        probs as (probs @ codebook) @ code_proj, so gradients reach probs and codebook.
+        Own table E (``code_dim=None``; ``codebook`` must be None): E[ids] or probs @ E, so
+        gradients reach probs and E. Codebook input (``code_dim`` set; ``codebook`` (V, code_dim)
+        required): codebook[ids] @ P or (probs @ codebook) @ P, gradients reach probs and codebook.
         """
         if (tokens is None) == (probs is None):
             raise ValueError("give exactly one of tokens (B, L) ids or probs (B, L, V)")
-        if codebook is not None or probs is not None:
-            if self.code_proj is None:
-                raise ValueError("probs/codebook input needs GPTConfig.code_dim (the codebook width) to be set")
-            if codebook is None or codebook.shape != (self.cfg.vocab_size, self.cfg.code_dim):
-                got = None if codebook is None else tuple(codebook.shape)
-                raise ValueError(f"codebook must be ({self.cfg.vocab_size}, {self.cfg.code_dim}); got {got}")
-            cb = codebook.to(self.code_proj.weight.dtype)
-            z = F.embedding(tokens, cb) if tokens is not None else probs.to(cb.dtype) @ cb  # (B, L, code_dim)
-            return self.code_proj(z)
-        return self.tok_embeddings(tokens)
+        if self.code_proj is None:
+            if codebook is not None:
+                raise ValueError("this GPT embeds tokens through its own table (GPTConfig.code_dim=None): "
+                                 "pass no codebook")
+            if tokens is not None:
+                return self.tok_embeddings(tokens)
+            if not isinstance(self.tok_embeddings, nn.Embedding):
+                raise ValueError("probs input needs a token table (softmax head), not the bitwise embedding")
+            table = self.tok_embeddings.weight  # (V, D): h = Ind^T E
+            return probs.to(table.dtype) @ table
+        if codebook is None or codebook.shape != (self.cfg.vocab_size, self.cfg.code_dim):
+            got = None if codebook is None else tuple(codebook.shape)
+            raise ValueError(f"codebook must be ({self.cfg.vocab_size}, {self.cfg.code_dim}) "
+                             f"(GPTConfig.code_dim is set); got {got}")
+        cb = codebook.to(self.code_proj.weight.dtype)
+        z = F.embedding(tokens, cb) if tokens is not None else probs.to(cb.dtype) @ cb  # (B, L, code_dim)
+        return self.code_proj(z)
 
     def embed_labels(self, labels: Tensor) -> Tensor:
         """(B,) class ids (num_classes = null) -> (B, D); drops labels to null while training."""

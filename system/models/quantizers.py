@@ -8,6 +8,7 @@ the codes first (this module never communicates across ranks).
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from typing import NamedTuple, Optional
@@ -46,6 +47,10 @@ class QuantizerConfig:
     batch_entropy_weight: float = 1.0
     bsq_inv_temperature: float = 100.0  # BSQ: per-bit p(+) = sigmoid(4 * tau * u_i / sqrt(d))
     reinit_after_steps: int = 0  # VQ: re-initialise codes unused for this many steps (0 = off)
+    # VQ: AliTok's official "clustering" re-initialisation (0 = off; official 0.99): an EMA of each
+    # code's usage with this decay, and every step code k moves to its nearest feature by a factor
+    # exp(-usage_k * K * 10 / (1 - decay) - 1e-3) (about 1 for unused codes, about 0 at uniform use)
+    cluster_decay: float = 0.0
 
     def __post_init__(self) -> None:
         if self.type not in QUANTIZER_TYPES:
@@ -58,6 +63,20 @@ class QuantizerConfig:
             raise ValueError(f"codebook_size must be >= 2, got {self.codebook_size}")
         if self.reinit_after_steps < 0:
             raise ValueError(f"reinit_after_steps must be >= 0 (0 = off), got {self.reinit_after_steps}")
+        if not 0.0 <= self.cluster_decay < 1.0:
+            raise ValueError(f"cluster_decay must be in [0, 1) (0 = off), got {self.cluster_decay}")
+        if self.reinit_after_steps > 0 and self.cluster_decay > 0:
+            raise ValueError("choose one codebook re-initialisation: reinit_after_steps (dead codes) or cluster_decay "
+                             "(AliTok's clustering); set the other to 0")
+
+    @property
+    def reinit(self) -> bool:
+        """A VQ that re-initialises codes during training (keeps usage buffers and code offsets)."""
+        return self.type == "vq" and (self.reinit_after_steps > 0 or self.cluster_decay > 0)
+
+    def without_reinit(self) -> "QuantizerConfig":
+        """This config for inference: no re-initialisation (no training buffers)."""
+        return dataclasses.replace(self, reinit_after_steps=0, cluster_decay=0.0)
 
     @property
     def num_codes(self) -> int:
@@ -130,8 +149,15 @@ class _CodebookQuantizer(nn.Module):
 class VectorQuantizer(_CodebookQuantizer):
     """Nearest-neighbour VQ (plain or L2-normalised/cosine) with commitment + codebook losses.
 
-    Optional usage-based dead-code re-initialisation (AliTok): call
-    ``reinit_dead_codes(codes, features)`` once per optimiser step.
+    Optional codebook re-initialisation during training, once per step with the same inputs on
+    every rank: dead codes (``reinit_dead_codes(codes, features)``, ``reinit_after_steps``) or
+    AliTok's clustering rule (``nearest_features`` on each rank, then ``cluster_update`` with the
+    global usage and every rank's nearest features, ``cluster_decay``). Re-initialisation never
+    writes the trained weight: it moves a buffer ``code_offset`` and the codebook is
+    ``embedding.weight + code_offset``. An optimiser that keeps its own master copy of the weights
+    (DeepSpeed ZeRO 1-3 does) would overwrite an in-place change of the weight at its next step;
+    the offset survives it, and the weight keeps training by gradient from where it is (the same
+    as an in-place change followed by gradient steps). ``inference_state`` folds the offset in.
     """
 
     def __init__(self, cfg: QuantizerConfig):
@@ -142,6 +168,25 @@ class VectorQuantizer(_CodebookQuantizer):
                 w.copy_(F.normalize(w, dim=-1))
         if cfg.reinit_after_steps > 0:
             self.register_buffer("unused_steps", torch.zeros(cfg.codebook_size, dtype=torch.long))
+        if cfg.cluster_decay > 0:
+            self.register_buffer("usage_ema", torch.zeros(cfg.codebook_size))  # official name: embed_prob
+        self.register_buffer("code_offset", torch.zeros(cfg.codebook_size, cfg.dim) if cfg.reinit else None)
+
+    @property
+    def raw_codebook(self) -> Tensor:
+        """(K, D) code vectors before L2 normalisation: the weight plus the re-initialisation offset."""
+        w = self.embedding.weight
+        return w if self.code_offset is None else w + self.code_offset.to(w.dtype)
+
+    @property
+    def codebook(self) -> Tensor:
+        w = self.raw_codebook
+        return F.normalize(w, dim=-1) if self.cfg.l2_norm else w
+
+    def inference_state(self, prefix: str = "") -> tuple[QuantizerConfig, dict[str, Tensor]]:
+        """(config without re-initialisation, state dict with the offset folded into the weight):
+        the same codebook as a plain VQ with no training buffers."""
+        return self.cfg.without_reinit(), {f"{prefix}embedding.weight": self.raw_codebook.detach().clone()}
 
     def forward(self, z: Tensor) -> QuantizerOutput:
         """z (B, L, D) -> QuantizerOutput (probs None)."""
@@ -186,10 +231,48 @@ class VectorQuantizer(_CodebookQuantizer):
         new = feats[rows]
         if self.cfg.l2_norm:
             new = F.normalize(new, dim=-1)
-        w = self.embedding.weight
-        w[dead.to(w.device)] = new.to(device=w.device, dtype=w.dtype)
+        dead = dead.to(self.code_offset.device)
+        self.code_offset[dead] += new.to(self.code_offset) - self.raw_codebook.detach()[dead].to(self.code_offset)
         self.unused_steps[dead] = 0
         return n
+
+    @torch.no_grad()
+    def nearest_features(self, features: Tensor) -> tuple[Tensor, Tensor]:
+        """For each code, the nearest of this rank's ``features`` (..., D) (the quantizer inputs, in
+        the distance the forward uses): (squared distances (K,), features (K, D) as given, not
+        normalised). ``cluster_update`` takes every rank's pair and keeps the global nearest."""
+        z = features.detach().reshape(-1, self.cfg.dim).float()
+        if z.shape[0] == 0:
+            raise ValueError("nearest_features needs at least one feature")
+        zn = F.normalize(z, dim=-1) if self.cfg.l2_norm else z
+        cb = self.codebook.detach().float()
+        d = zn.pow(2).sum(-1, keepdim=True) + cb.pow(2).sum(-1) - 2.0 * zn @ cb.t()  # (N, K)
+        dist, idx = d.min(0)
+        return dist, z[idx]
+
+    @torch.no_grad()
+    def cluster_update(self, counts: Tensor, dists: Tensor, feats: Tensor) -> Tensor:
+        """AliTok's clustering re-initialisation (official ``vae_stage1.py``), one step: the usage EMA
+        takes the step's code frequencies ``counts`` (K,) (global: summed over ranks); each code k
+        moves to its nearest feature f_k by ``a_k = exp(-usage_k * K * 10 / (1 - decay) - 1e-3)``:
+        ``code_k <- code_k (1 - a_k) + f_k a_k``. ``dists`` (R, K) and ``feats`` (R, K, D) are every
+        rank's ``nearest_features`` in rank order; f_k is the first rank's at the smallest distance
+        (the official argmin over the concatenated batch). Returns a (K,)."""
+        if self.cfg.cluster_decay <= 0:
+            raise RuntimeError("cluster_update needs QuantizerConfig.cluster_decay > 0")
+        k, decay = self.cfg.codebook_size, self.cfg.cluster_decay
+        if counts.shape != (k,) or dists.dim() != 2 or dists.shape[1] != k or feats.shape != (*dists.shape, self.cfg.dim):
+            raise ValueError(f"cluster_update expects counts ({k},), dists (R, {k}), feats (R, {k}, {self.cfg.dim}); "
+                             f"got {tuple(counts.shape)}, {tuple(dists.shape)}, {tuple(feats.shape)}")
+        dev = self.usage_ema.device
+        counts = counts.to(dev, torch.float32)
+        self.usage_ema.mul_(decay).add_(counts / counts.sum().clamp_min(1), alpha=1 - decay)
+        best = dists.to(dev).argmin(0)  # (K,) first rank at the minimum
+        nearest = feats.to(dev, torch.float32)[best, torch.arange(k, device=dev)]  # (K, D)
+        a = torch.exp(-(self.usage_ema * k * 10) / (1 - decay) - 1e-3)
+        raw = self.raw_codebook.detach().float()
+        self.code_offset += (a[:, None] * (nearest - raw)).to(self.code_offset)
+        return a
 
 
 class IBQuantizer(_CodebookQuantizer):

@@ -16,12 +16,15 @@ _LLAMAGEN = dict(vocab_size=16384, rope="2d")
 # AliTok: the paper uses 16 prefix tokens; the released code 17 (pass prefix_tokens=17 to match it).
 _ALITOK = dict(vocab_size=4096, rope="mixed", prefix_tokens=16, qk_norm=True, qkv_bias=True)
 # EOSTok has no official code. 12/768/12, 24/1024/16, 32/1280/20 with a plain SwiGLU hidden of
-# int(8d/3) (no rounding up to a multiple of 256) gives 92.1M / 311.5M / 641.0M, within 1% of the
-# published 93M / 312M / 644M; with LlamaGen's rounding L and H would be 318M (+1.9%) and
-# 662M (+2.8%). code_dim=64 is the (unverified) IBQ latent width used by the differentiable
-# embedding probs @ codebook; it adds code_dim * dim parameters. RoPE is 1D: the 256 latents are a
-# sequence with no 2D order (the paper's point), so no 2D prior is put back in by the AR model.
-_EOSTOK = dict(vocab_size=4096, rope="1d", mlp_multiple_of=1, code_dim=64)  # 1D latents: no 2D prior
+# int(8d/3) (no rounding up to a multiple of 256) gives 92.0M / 311.4M / 641.0M, within 1.1% of
+# the published 93M / 312M / 644M; with LlamaGen's rounding L and H would be 318M (+1.9%) and
+# 662M (+2.8%). The presets embed tokens through the AR's own full-rank table E (vocab x dim; the
+# paper's h = Ind^T E), which the published counts need: EOSTok's "codebook" input
+# (method.model.ar_input=codebook: probs @ tokenizer codebook (64 wide) @ code_proj, code_dim set)
+# builds no table and counts 88.9M / 307.3M / 635.8M (-4.4% / -1.5% / -1.3%; the codebook itself
+# is the tokenizer's). RoPE is 1D: the 256 latents are a sequence with no 2D order (the paper's
+# point), so no 2D prior is put back in by the AR model.
+_EOSTOK = dict(vocab_size=4096, rope="1d", mlp_multiple_of=1)  # 1D latents: no 2D prior
 # SemTok masked AR: bidirectional LlamaGen + QK-norm + 1D RoPE + class token and AdaLN, bitwise
 # head over 18 bits. AdaLN is shared across blocks (one (6*dim) modulation from the class
 # embedding plus a (6, dim) table per block, and a final (2*dim) modulation): this reproduces

@@ -18,11 +18,22 @@ AliTok stage semantics (``decoder_causal``):
   Buffer tokens are not used.
 - bidirectional (stage 2 / EOSTok): full attention; prefix latents are dropped
   ("prefix tokens are removed"), ``num_buffer_tokens`` learnable buffer tokens are added.
+
+``token_mix`` (off in every paper preset; on in the CPU demo's tiny preset): linear token-mixing
+shortcuts. The encoder's latent queries get a learned linear mix of all patch tokens added
+(query_j += sum_i A_ji patch_i) and the decoder's mask tokens a learned linear mix of the embedded
+latents (mask_i += sum_j B_ij embed(z_j)); A and B are dense (no 2D order is imposed on the
+latents). Without them every bit of image content must cross two attention hops (patches ->
+latent queries, latents -> mask tokens) whose routing is learned from a symmetric start; a small
+ViT stays for thousands of steps at the plateau where the latents carry only the mean colour
+(about PCA-3 quality). The shortcuts give content an O(1) linear path from the first step and
+leave the attention to refine it. Bidirectional decoders only (a dense mix breaks causality).
 Switch stages with ``dataclasses.replace(cfg, decoder_causal=False)``.
 """
 from __future__ import annotations
 
 import copy
+import dataclasses
 from dataclasses import dataclass, field
 from typing import NamedTuple, Optional
 
@@ -53,6 +64,7 @@ class Tokenizer1DConfig:
     decoder_causal: bool = False
     num_prefix_tokens: int = 0
     num_buffer_tokens: int = 0
+    token_mix: bool = False  # linear token-mixing shortcuts patches -> latents -> patches (see module doc)
     attn_backend: str = "auto"
     grad_checkpointing: bool = False
 
@@ -76,6 +88,9 @@ class Tokenizer1DConfig:
             )
         if self.attn_backend not in BACKENDS:
             raise ValueError(f"attn_backend {self.attn_backend!r} unknown; expected one of {BACKENDS}")
+        if self.token_mix and self.decoder_causal:
+            raise ValueError("token_mix needs a bidirectional decoder (decoder_causal=False): a dense mix of the "
+                             "latents into every patch would break the causal decoder's ordering")
 
     @property
     def grid(self) -> int:
@@ -95,6 +110,9 @@ class DecoderOutput(NamedTuple):  # NamedTuples: DeepSpeed ZeRO-3 hooks see the 
     image: Tensor  # (B, 3, H, W)
     hidden: Optional[Tensor] = None  # (B, N, dec_width) patch (mask-token) states after the chosen layer
     prefix_row: Optional[Tensor] = None  # (B, 3, patch, W) first patch row from the prefix tokens (causal)
+    # (B, 3, patch, k * patch): the first k = P - grid prefix tokens decoded to the first k patches of
+    # row 0 (AliTok's code: 17 prefix tokens decode "first patch + first row"); None when P == grid
+    prefix_lead: Optional[Tensor] = None
 
 
 class TokenizerOutput(NamedTuple):
@@ -167,6 +185,8 @@ class Encoder1D(nn.Module):
         self.latent_tokens = _param(cfg.seq_len, w)  # prefix queries first, then latent queries
         self.vit = _ViT(w, cfg.enc_depth, cfg.enc_heads, cfg.mlp_ratio, cfg.attn_backend, cfg.grad_checkpointing)
         self.to_latent = nn.Linear(w, cfg.latent_dim)
+        # token_mix: latent query j += sum_i latent_mix[j, i] * patch token i (variance-preserving init)
+        self.latent_mix = nn.Parameter(torch.randn(cfg.seq_len, cfg.num_patches) / cfg.num_patches**0.5) if cfg.token_mix else None
         self.cfg = cfg
 
     def forward(self, img: Tensor, hidden_layer: int = -1) -> tuple[Tensor, Tensor]:
@@ -176,6 +196,8 @@ class Encoder1D(nn.Module):
             raise ValueError(f"expected images (B, 3, {c.image_size}, {c.image_size}); got {tuple(img.shape)}")
         x = self.patch_embed(img).flatten(2).transpose(1, 2) + self.pos_embed  # (B, N, W)
         q = self.latent_tokens.unsqueeze(0).expand(x.shape[0], -1, -1).to(x.dtype)
+        if self.latent_mix is not None:
+            q = q + torch.einsum("ln,bnw->blw", self.latent_mix.to(x.dtype), x)
         keep = _layer_index(int(hidden_layer), c.enc_depth, "encoder")
         out, hidden = self.vit(torch.cat([x, q], dim=1), keep=keep)  # (B, N + P + L, W)
         return self.to_latent(out[:, c.num_patches :]), hidden[:, : c.num_patches]
@@ -207,6 +229,8 @@ class Decoder1D(nn.Module):
         self.latent_pos = _param(1, self.n_in, w)
         self.mask_token = _param(1, 1, w)
         self.patch_pos = _param(1, cfg.num_patches, w)
+        # token_mix: mask token i += sum_j patch_mix[i, j] * embed(z_j) (variance-preserving init)
+        self.patch_mix = nn.Parameter(torch.randn(cfg.num_patches, self.n_in) / self.n_in**0.5) if cfg.token_mix else None
         n_buf = 0 if cfg.decoder_causal else cfg.num_buffer_tokens
         self.buffer_tokens = _param(n_buf, w) if n_buf else None
         self.vit = _ViT(w, cfg.dec_depth, cfg.dec_heads, cfg.mlp_ratio, cfg.attn_backend, cfg.grad_checkpointing)
@@ -231,8 +255,11 @@ class Decoder1D(nn.Module):
         b = zq.shape[0]
         if not c.decoder_causal:
             zq = zq[:, c.num_prefix_tokens :]
-        lat = self.embed(zq) + self.latent_pos  # (B, n_in, W)
+        emb = self.embed(zq)
+        lat = emb + self.latent_pos  # (B, n_in, W)
         patches = (self.mask_token + self.patch_pos).expand(b, -1, -1).to(lat.dtype)  # (B, N, W)
+        if self.patch_mix is not None:
+            patches = patches + torch.einsum("nl,blw->bnw", self.patch_mix.to(emb.dtype), emb)
         parts = [lat, patches]
         if self.buffer_tokens is not None:
             parts.insert(0, self.buffer_tokens.unsqueeze(0).expand(b, -1, -1).to(lat.dtype))
@@ -241,11 +268,16 @@ class Decoder1D(nn.Module):
         out, hidden = self.vit(x, mask=self.attn_mask, keep=keep)
         n = c.num_patches
         image = self._unpatchify(self.to_pixels(out[:, -n:]), c.grid)
-        prefix_row = None
+        prefix_row = prefix_lead = None
         if self.prefix_head is not None:
             pre = out[:, c.num_prefix_tokens - c.grid : c.num_prefix_tokens]  # last `grid` prefix tokens
             prefix_row = self._unpatchify(self.prefix_head(pre), 1)
-        return DecoderOutput(image=image, hidden=None if hidden is None else hidden[:, -n:], prefix_row=prefix_row)
+            lead = c.num_prefix_tokens - c.grid
+            if lead:  # the leading prefix tokens -> the first `lead` patches of row 0
+                pix = self.prefix_head(out[:, :lead]).reshape(b, 1, lead, c.patch_size, c.patch_size, 3)
+                prefix_lead = pix.permute(0, 5, 1, 3, 2, 4).reshape(b, 3, c.patch_size, lead * c.patch_size)
+        return DecoderOutput(image=image, hidden=None if hidden is None else hidden[:, -n:], prefix_row=prefix_row,
+                             prefix_lead=prefix_lead)
 
 
 class Tokenizer1D(nn.Module):
@@ -283,11 +315,30 @@ class Tokenizer1D(nn.Module):
         zq = self.quantizer.embed_codes(codes).to(self.decoder.embed.weight.dtype)
         return self.decode(zq)
 
+    def inference_state(self) -> tuple[Tokenizer1DConfig, dict[str, Tensor]]:
+        """(config, state dict) to export: a VQ's re-initialisation state folded into its codebook and
+        dropped (``VectorQuantizer.inference_state``), so the export loads as a plain tokenizer."""
+        sd = dict(self.state_dict())
+        fold = getattr(self.quantizer, "inference_state", None)
+        if fold is None:
+            return self.cfg, sd
+        qcfg, qsd = fold("quantizer.")
+        sd = {k: v for k, v in sd.items() if not k.startswith("quantizer.")} | qsd
+        return dataclasses.replace(self.cfg, quantizer=qcfg), sd
+
     def forward(self, images: Tensor, enc_hidden_layer: int = -1, dec_hidden_layer: int | None = None) -> TokenizerOutput:
         """images (B, 3, H, W) -> TokenizerOutput (reconstruction, quantizer output, alignment hooks)."""
         quant, enc_hidden = self.encode(images, enc_hidden_layer)
         dec = self.decode_full(quant.quantized, dec_hidden_layer)
         return TokenizerOutput(dec.image, quant, enc_hidden, dec.hidden, dec.prefix_row)
+
+
+def new_decoder(cfg: Tokenizer1DConfig) -> Decoder1D:
+    """A decoder of `cfg` initialised as Tokenizer1D initialises its own (AliTok stage 2 trains a
+    new decoder on a frozen encoder and quantizer)."""
+    dec = Decoder1D(cfg)
+    dec.apply(_init_weights)
+    return dec
 
 
 def _init_weights(m: nn.Module) -> None:
@@ -307,8 +358,8 @@ def _ibq(k: int, d: int) -> QuantizerConfig:
 
 
 def _alitok(prefix: int, buffer: int) -> Tokenizer1DConfig:
-    # reinit_after_steps: AliTok re-initialises unused codes online; the exact window is unverified
-    vq = QuantizerConfig(type="vq", codebook_size=4096, dim=32, commit_weight=0.25, codebook_weight=1.0, reinit_after_steps=100)
+    # the official "clustering" VQ (train_tokenizer/model/vae_stage1.py): usage EMA 0.99, codes pulled to features
+    vq = QuantizerConfig(type="vq", codebook_size=4096, dim=32, commit_weight=0.25, codebook_weight=1.0, cluster_decay=0.99)
     return Tokenizer1DConfig(
         enc_width=768, enc_depth=12, enc_heads=12, dec_width=1024, dec_depth=24, dec_heads=16,
         num_latent_tokens=256, latent_dim=32, quantizer=vq, decoder_causal=True,
@@ -317,7 +368,7 @@ def _alitok(prefix: int, buffer: int) -> Tokenizer1DConfig:
 
 
 def _debug_tiny(causal: bool) -> Tokenizer1DConfig:
-    q = (QuantizerConfig(type="vq", codebook_size=64, dim=16, reinit_after_steps=20) if causal
+    q = (QuantizerConfig(type="vq", codebook_size=64, dim=16, cluster_decay=0.99) if causal
          else QuantizerConfig(type="ibq", codebook_size=64, dim=16, entropy_weight=0.01))
     return Tokenizer1DConfig(
         image_size=32, patch_size=8, enc_width=64, enc_depth=2, enc_heads=4, dec_width=64, dec_depth=2, dec_heads=4,

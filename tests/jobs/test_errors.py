@@ -3,6 +3,7 @@ traceback, before Ray starts (subprocesses of the real entry points)."""
 from __future__ import annotations
 
 import json
+import re
 import os
 import subprocess
 import sys
@@ -76,15 +77,18 @@ def test_relative_output_under_ray_job_submit_is_refused(embedded):
     assert r.returncode == 2 and "checkpoint.storage_path" in r.stderr and "temporary package folder" in r.stderr
 
 
-@pytest.mark.parametrize("job", ["eostok_h", "vapi", "sample", "evaluate", "make_shards"])
+@pytest.mark.parametrize("job", ["eostok_h", "vapi", "sample", "evaluate", "make_shards", "pretokenize", "train_ar", "alitok"])
 def test_help_lists_the_jobs_own_keys(job):
     r = run_job(job, "--help", timeout=60)
     assert r.returncode == 0
     out = r.stdout
     assert out.startswith(f"usage: python jobs/{job}.py")
     own = {"eostok_h": "method.model.ar", "vapi": "method.group_size", "sample": "num_per_class",
-           "evaluate": "inception_path", "make_shards": "shard_size"}[job]
+           "evaluate": "inception_path", "make_shards": "shard_size", "pretokenize": "augment",
+           "train_ar": "method.tokenizer_export", "alitok": "method.aux"}[job]
     assert own in out
+    if job in ("make_shards", "pretokenize"):
+        assert re.search(r"^  src +str = \(required\)", out, re.M)  # not "= None"
     if job == "vapi":
         assert "method.model" not in out and "method.disc_lr" not in out  # not VAπ's keys
     if job == "eostok_h":

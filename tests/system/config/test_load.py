@@ -94,6 +94,12 @@ JOBS = [  # (schema, default YAML files of the job, required overrides)
     ("EOSTokExperiment", ["base.yaml", "data/imagenet.yaml", "model/eostok_h.yaml", "experiments/eostok_h.yaml"], []),
     ("EOSTokExperiment", ["experiments/eostok_tiny.yaml"], []),
     ("VapiExperiment", ["data/imagenet.yaml", "experiments/vapi.yaml"], []),
+    ("AliTokStage1Experiment", ["base.yaml", "data/imagenet.yaml", "experiments/alitok_stage1.yaml"], []),
+    ("AliTokStage2Experiment", ["base.yaml", "data/imagenet.yaml", "experiments/alitok_stage2.yaml"], []),
+    ("AliTokStage1Experiment", ["base.yaml", "data/imagenet.yaml", "experiments/alitok_stage1.yaml",
+                                "experiments/alitok_tiny_stage1.yaml"], []),
+    ("AliTokStage2Experiment", ["base.yaml", "data/imagenet.yaml", "experiments/alitok_stage2.yaml",
+                                "experiments/alitok_tiny_stage2.yaml"], []),
     ("SampleConfig", ["sample.yaml"], ["export_url=/runs/x/export"]),
     ("EvaluateConfig", ["evaluate.yaml"], ["samples=/runs/x/samples.npz"]),
     ("MakeShardsConfig", ["make_shards.yaml"], ["src=/data/imagenet", "out=s3://bucket/shards"]),
@@ -120,7 +126,7 @@ def test_saved_config_loads_back_equal(schema_name, defaults, required, tmp_path
     storage["key"] = "***"  # the one redacted value
     assert back == plain
     if schema_name == "EOSTokExperiment" and "eostok_tiny" in defaults[-1]:
-        assert again.method.model.tokenizer_overrides["num_latent_tokens"] == 32
+        assert again.method.model.tokenizer_overrides["num_latent_tokens"] == 64
 
 
 def test_only_real_secrets_are_redacted():

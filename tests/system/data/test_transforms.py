@@ -53,3 +53,23 @@ def test_decode_rejects_corrupt_bytes():
         decode_rgb(buf.getvalue()[: len(buf.getvalue()) // 2])
     with pytest.raises(Exception):
         decode_rgb(b"not an image")
+
+
+def test_ten_crop_is_llamagens_tencrop_of_the_1_1x_center_crop():
+    from system.data.transforms import augment_views, ten_crop_views
+
+    img = _img(100, 80, seed=3)
+    big = center_crop_arr(img, 35)  # int(32 * 1.1)
+    # torchvision TenCrop(32) on 35 px: corners, then the centre at round(1.5) = 2, then all five of the mirror
+    boxes = [(0, 0), (0, 3), (3, 0), (3, 3), (2, 2)]
+    want = [big[y : y + 32, x : x + 32] for y, x in boxes] + [big[:, ::-1][y : y + 32, x : x + 32] for y, x in boxes]
+    got = ten_crop_views(img, 32)
+    assert len(got) == 10 and all(np.array_equal(g, w) for g, w in zip(got, want))
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    views = {m: augment_views(buf.getvalue(), 32, m) for m in ("none", "flip", "ten-crop")}
+    assert {m: v.shape for m, v in views.items()} == {"none": (1, 32, 32, 3), "flip": (2, 32, 32, 3),
+                                                       "ten-crop": (10, 32, 32, 3)}
+    assert np.array_equal(views["flip"][0], views["none"][0]) and np.array_equal(views["flip"][1], views["none"][0][:, ::-1])
+    with pytest.raises(ValueError, match="ten-crop"):
+        augment_views(buf.getvalue(), 32, "mirror")

@@ -10,6 +10,7 @@ from system.losses.align import (
     AlignConfig,
     ContrastiveConfig,
     DecoderAlignLoss,
+    DirectAlignLoss,
     ImplicitAlignLoss,
     SemanticContrastiveLoss,
     SemanticDistillLoss,
@@ -116,3 +117,18 @@ def test_bf16_inputs_resize_and_loss_in_fp32() -> None:
     loss = loss_fn(v.expand(2, 16, 4).bfloat16(), v.expand(2, 4, 4).bfloat16())  # 4x4 -> 2x2 antialiased
     assert loss.dtype == torch.float32
     assert loss.item() == pytest.approx(-1.0, abs=1e-2)
+
+
+def test_direct_alignment_is_raster_order_one_to_one_or_pooled() -> None:
+    """Latent i against teacher patch i (raster order) when L == N; the teacher's raster sequence
+    average-pooled to L tokens otherwise. Gradients reach the latents, never the teacher."""
+    loss_fn = DirectAlignLoss(AlignConfig(in_dim=4, teacher_dim=4, depth=0))
+    t = torch.randn(2, 16, 4)
+    assert loss_fn(t.clone(), t).item() == pytest.approx(-1.0, abs=1e-6)
+    assert loss_fn(t.flip(1), t).item() > -0.9  # order matters: a permutation of the latents is not aligned
+    pooled = t.view(2, 4, 4, 4).mean(2)  # 16 teacher tokens -> 4 latents: mean of 4 consecutive patches
+    assert loss_fn(pooled, t).item() == pytest.approx(-1.0, abs=1e-6)
+    z = torch.randn(2, 5, 6, requires_grad=True)  # any L, here not a square
+    teacher = torch.randn(2, 16, 3, requires_grad=True)
+    DirectAlignLoss(AlignConfig(in_dim=6, teacher_dim=3, hidden_dim=8, depth=2))(z, teacher).backward()
+    assert z.grad.abs().sum() > 0 and teacher.grad is None

@@ -62,6 +62,28 @@ def test_probs_codebook_embedding_gets_gradients():
         m(probs=probs, codebook=torch.randn(64, 3), labels=torch.tensor([0, 1]))
 
 
+def test_probs_through_own_table_and_no_unused_table():
+    """h = Ind^T E through the model's own table; a codebook-input model builds no table (and
+    still loads a state dict written when it did)."""
+    m = _model()
+    assert m.code_proj is None
+    probs = torch.softmax(torch.randn(2, 16, 64), -1).requires_grad_(True)
+    m(probs=probs, labels=torch.tensor([0, 1])).square().mean().backward()
+    assert probs.grad.abs().sum() > 0 and m.tok_embeddings.weight.grad.abs().sum() > 0
+    tok = torch.randint(0, 64, (2, 16))
+    onehot = torch.nn.functional.one_hot(tok, 64).float()
+    torch.testing.assert_close(m(probs=onehot, labels=torch.tensor([0, 1])), m(tok, torch.tensor([0, 1])))
+    with pytest.raises(ValueError, match="own table"):
+        m(tok, torch.tensor([0, 1]), codebook=torch.randn(64, 8))
+    c = _model(code_dim=8)
+    assert c.tok_embeddings is None and "tok_embeddings.weight" not in c.state_dict()
+    assert c.num_params() == m.num_params() - 64 * 64 + 8 * 64
+    legacy = dict(c.state_dict(), **{"tok_embeddings.weight": torch.zeros(64, 64)})  # the old never-read table
+    c.load_state_dict(legacy)
+    with pytest.raises(ValueError, match="codebook must be"):
+        c(tok, torch.tensor([0, 1]))
+
+
 def test_class_dropout_in_training():
     m = _model(class_dropout=1.0)
     m.train()

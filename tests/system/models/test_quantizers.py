@@ -50,17 +50,71 @@ def test_vq_reinit_replaces_dead_codes_deterministically():
     torch.manual_seed(123)
     n = q.reinit_dead_codes(codes, feats)
     assert n == 6  # codes 2..7 unused for 2 steps
-    w = q.embedding.weight.detach()
+    w = q.codebook.detach()
     assert torch.equal(w[:2], before[:2])  # used codes untouched
-    assert all(any(torch.equal(w[i], f) for f in feats) for i in range(2, 8))
+    assert all(any(torch.allclose(w[i], f, rtol=0, atol=1e-5) for f in feats) for i in range(2, 8))
+    assert torch.equal(q.embedding.weight, before)  # the trained weight is untouched: the offset moves
     assert int(q.unused_steps.max()) == 0
     # same RNG state -> same replacement
     q2 = VectorQuantizer(cfg)
-    q2.load_state_dict({"embedding.weight": before, "unused_steps": torch.zeros(8, dtype=torch.long)})
+    q2.load_state_dict({"embedding.weight": before, "unused_steps": torch.zeros(8, dtype=torch.long),
+                        "code_offset": torch.zeros(8, 4)})
     q2.reinit_dead_codes(codes, feats)
     torch.manual_seed(123)
     q2.reinit_dead_codes(codes, feats)
-    assert torch.equal(q2.embedding.weight, w)
+    assert torch.equal(q2.codebook, w)
+
+
+def _official_cluster_step(weight, embed_prob, z, idx, decay):
+    """The official rule (alitok train_tokenizer/model/vae_stage1.py) on one process, written out;
+    `idx`: the forward's codes (given: identical codes, which the rule creates, make argmin ties)."""
+    k = weight.shape[0]
+    d = z.pow(2).sum(1, keepdim=True) + weight.pow(2).sum(1) - 2 * z @ weight.t()
+    embed_prob = embed_prob * decay + torch.nn.functional.one_hot(idx, k).float().mean(0) * (1 - decay)
+    feat = z[d.argmin(0)]
+    a = torch.exp(-(embed_prob * k * 10) / (1 - decay) - 1e-3)[:, None]
+    return weight * (1 - a) + feat * a, embed_prob
+
+
+def test_vq_cluster_update_is_the_official_rule_and_keeps_the_weight():
+    torch.manual_seed(0)
+    q = VectorQuantizer(QuantizerConfig(type="vq", codebook_size=16, dim=4, cluster_decay=0.99))
+    w0 = q.embedding.weight.detach().clone()
+    ref_w, ref_p = w0.clone(), torch.zeros(16)
+    for step in range(3):
+        z = torch.randn(2, 10, 4) + step
+        codes = q(z).codes
+        dist, feat = q.nearest_features(z)
+        counts = torch.bincount(codes.flatten(), minlength=16).float()
+        a = q.cluster_update(counts, dist[None], feat[None])
+        ref_w, ref_p = _official_cluster_step(ref_w, ref_p, z.reshape(-1, 4), codes.flatten(), 0.99)
+        torch.testing.assert_close(q.codebook, ref_w, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(q.usage_ema, ref_p)
+    assert a.shape == (16,) and bool((a >= 0).all() and (a < 1).all()) and a.max() > 0.99  # an unused code moves
+    assert torch.equal(q.embedding.weight, w0)  # the offset moved, not the trained weight
+    cfg, sd = q.inference_state()
+    plain = VectorQuantizer(cfg)
+    plain.load_state_dict(sd)  # strict: no training buffers left
+    assert not cfg.reinit and plain.code_offset is None
+    torch.testing.assert_close(plain.codebook, q.codebook)
+    with pytest.raises(ValueError, match="choose one"):
+        QuantizerConfig(type="vq", reinit_after_steps=3, cluster_decay=0.99)
+
+
+def test_vq_cluster_update_picks_the_nearest_feature_over_all_ranks():
+    """Two ranks' halves of a batch give exactly the one-process update of the whole batch."""
+    torch.manual_seed(0)
+    cfg = QuantizerConfig(type="vq", codebook_size=8, dim=4, cluster_decay=0.99)
+    whole, split = VectorQuantizer(cfg), VectorQuantizer(cfg)
+    split.load_state_dict(whole.state_dict())
+    z = torch.randn(4, 6, 4)
+    codes = whole(z).codes
+    counts = torch.bincount(codes.flatten(), minlength=8).float()
+    d, f = whole.nearest_features(z)
+    whole.cluster_update(counts, d[None], f[None])
+    parts = [split.nearest_features(z[:2]), split.nearest_features(z[2:])]
+    split.cluster_update(counts, torch.stack([p[0] for p in parts]), torch.stack([p[1] for p in parts]))
+    assert torch.equal(split.codebook, whole.codebook)
 
 
 def test_vq_reinit_requires_it_enabled():

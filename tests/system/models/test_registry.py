@@ -30,3 +30,14 @@ def test_names_and_errors():
     with pytest.raises(TypeError, match="unknown GPTConfig field"):
         gpt_config("llamagen-b", depth=3)
     assert gpt_config("alitok-l", prefix_tokens=17).seq_len == 273
+
+
+@pytest.mark.parametrize("name", ["eostok-s", "eostok-l", "eostok-h"])
+def test_eostok_counts_only_the_input_table_it_reads(name):
+    """The presets read their own (vocab x dim) table (the published counts include it); the
+    codebook input (code_dim set) builds none and counts its code_dim x dim projection instead."""
+    with torch.device("meta"):
+        own, via_codebook = GPT(gpt_config(name)), GPT(gpt_config(name, code_dim=64))
+    cfg = own.cfg
+    assert own.code_proj is None and via_codebook.tok_embeddings is None
+    assert via_codebook.num_params() == own.num_params() - cfg.vocab_size * cfg.dim + 64 * cfg.dim

@@ -181,3 +181,19 @@ def test_cuda_bf16_forward_backward_and_causality():
     zq = torch.randn(1, cfg.seq_len, cfg.latent_dim, device="cuda", requires_grad=True)
     (g,) = torch.autograd.grad(model.decode(zq)[..., :8, :8].sum(), zq)  # top-left patch
     assert g[0, cfg.num_prefix_tokens + 1:].eq(0).all() and g[0, cfg.num_prefix_tokens].abs().sum() > 0
+
+
+def test_token_mix_shortcuts_are_built_only_when_asked_and_carry_content():
+    torch.manual_seed(0)
+    base = tokenizer_config("debug-tiny")
+    plain = Tokenizer1D(base)
+    assert plain.encoder.latent_mix is None and plain.decoder.patch_mix is None
+    mixed = Tokenizer1D(dataclasses.replace(base, token_mix=True))
+    n_plain = sum(p.numel() for p in plain.parameters())
+    n_mixed = sum(p.numel() for p in mixed.parameters())
+    assert n_mixed - n_plain == 2 * base.num_latent_tokens * base.num_patches  # A (L x N) and B (N x L)
+    img = _images()
+    F.mse_loss(mixed(img).image, img).backward()
+    assert mixed.encoder.latent_mix.grad.abs().sum() > 0 and mixed.decoder.patch_mix.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="token_mix needs a bidirectional decoder"):
+        dataclasses.replace(tokenizer_config("debug-tiny-causal"), token_mix=True)

@@ -1,0 +1,70 @@
+#!/usr/bin/env python
+"""AliTok tokenizer training on Ray Train + DeepSpeed ZeRO: stage 1 or stage 2 (`stage=1|2`).
+
+  python jobs/alitok.py data.url=s3://bucket/imagenet/train                       # stage 1, paper sizes
+  python jobs/alitok.py stage=2 data.url=... method.stage1_export=runs/alitok-stage1/export
+  python jobs/alitok.py --config configs/experiments/alitok_tiny_stage1.yaml       # embedded demo: stage 1,
+  python jobs/alitok.py --config configs/experiments/alitok_tiny_stage2.yaml       # then stage 2 on it
+
+Stage 1 trains the tokenizer with a causal decoder; its codes are what the AR model learns
+(jobs/pretokenize.py reads either stage's export: both encode alike). Stage 2 trains a
+bidirectional decoder on the frozen stage-1 encoder and exports the tokenizer that decodes AR
+samples. Re-running with the same run_name resumes from the newest committed checkpoint.
+"""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo, also under `ray job submit`
+
+from system.config import AliTokStage1Experiment, AliTokStage2Experiment, peek  # noqa: E402
+
+SCHEMAS = {1: AliTokStage1Experiment, 2: AliTokStage2Experiment}
+DEFAULTS = {s: ["base.yaml", "data/imagenet.yaml", f"experiments/alitok_stage{s}.yaml"] for s in SCHEMAS}
+
+
+def check(exp) -> None:
+    """Config errors found before Ray starts (exit 2): the method's own checks against the data."""
+    from cluster.train_pool import resolve_job
+
+    resolve_job(exp)
+
+
+def main(argv: list[str]) -> int:
+    from cluster.console import say, table
+    from cluster.train_pool import job_config, run_job, run_training
+    from system.data.storage import write_bytes_atomic
+
+    stage = peek(argv, "stage", 1)
+    stage = stage if stage in SCHEMAS else 1  # any other value: the schema names the error
+    cfg = job_config(SCHEMAS[stage], argv, DEFAULTS[stage], check)  # exit 2 on a bad config, before Ray
+
+    if cfg.data.embedded:
+        say(f"[{cfg.run_name}] stage {cfg.stage}; data: the embedded real photos at {cfg.data.url}")
+    result = run_job(lambda: run_training(cfg))
+    m, run, export = result.metrics, result.run_url, result.export_url
+    rows = [(k, m[k]) for k in ("step", "loss", "psnr", "prefix_psnr", "codebook_usage", "probe/acc", "images_per_s") if k in m]
+    summary = {"stage": cfg.stage, "run": run, "step": result.step, "checkpoint": result.checkpoint_url,
+               "export": export, "metrics": m}
+    if cfg.data.val_url and export:
+        from system.methods.tokenizer_training import val_psnr_report
+
+        others = {"stage1": cfg.method.stage1_export} if cfg.stage == 2 else {}
+        summary["val_psnr_db"] = psnr = val_psnr_report(cfg, export, others)
+        rows.append(("val PSNR (dB)", f"untrained {psnr['untrained']:.2f} -> trained {psnr['trained']:.2f} (EMA "
+                                      f"{psnr['trained_ema']:.2f})" + (f"; stage 1 {psnr['stage1']:.2f}" if others else "")))
+    rows += [("checkpoint", result.checkpoint_url), ("export", export), ("sample grid", f"{run}/samples/step_{result.step:08d}.png"),
+             ("curves", f"{run}/curves.png"), ("metrics", f"{run}/metrics.jsonl"), ("logs", f"{run}/logs/")]
+    write_bytes_atomic(f"{run}/result.json", json.dumps(summary, indent=1, default=str).encode(), cfg.data.storage)
+    print(table(f"[{cfg.run_name}] stage {cfg.stage} done", rows))
+    if export and cfg.stage == 1:
+        print(f"stage 2:     python jobs/alitok.py stage=2 method.stage1_export={export} data.url={cfg.data.url}")
+    if export:
+        print(f"pretokenize: python jobs/pretokenize.py export_url={export} src={cfg.data.url} out=<token shards>")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,126 @@
+"""Pieces shared by the methods that train image tokenizers by reconstruction (EOSTok, the AliTok
+stages): the PatchGAN phase pair, code-usage metrics over all ranks, PSNR of a batch, and the
+LPIPS weight check.
+
+`PatchGANPhases` gives a method a "gen" module and, when `cfg.gan > 0`, a "disc" module (PatchGAN
+with hinge losses and LeCam, switched on at `cfg.gan_start_step`) with its own AdamW
+(`cfg.disc_lr`, `cfg.disc_betas`); phases gen then disc; `step` calls the method's
+`generator_step` or the shared discriminator step. The generator step adds
+`gan_generator_term(disc, recon, step)` and puts the detached reconstruction in its aux as "recon",
+which the disc phase reads. Config fields it reads: gan, lecam, gan_start_step, disc_lr,
+disc_betas (adaptive_gan_weight when present).
+"""
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import torch
+from torch import Tensor, nn
+
+from system.eval.recon_metrics import psnr
+from system.losses.gan import DiscriminatorConfig, GANLoss, GANLossConfig
+from system.methods.base import Method, ModuleSpec, StepOutput, frozen
+
+
+class PatchGANPhases(Method):
+    """A Method whose generator "gen" may be trained against a PatchGAN "disc" (see module doc).
+    Subclasses set `gan_image_size` (the side of the images the discriminator sees)."""
+
+    gan_image_size: int = 256
+
+    def build_discriminator(self) -> Optional[GANLoss]:
+        """The PatchGAN with its losses, sized for the image (None when `cfg.gan` is 0)."""
+        c = self.cfg
+        if c.gan <= 0:
+            return None
+        size = self.gan_image_size
+        disc = DiscriminatorConfig(ndf=64 if size >= 128 else 32, n_layers=3 if size >= 64 else 2, num_groups=8)
+        return GANLoss(GANLossConfig(disc=disc, weight=c.gan, lecam_weight=c.lecam,
+                                     adaptive=getattr(c, "adaptive_gan_weight", False), gan_start_step=c.gan_start_step))
+
+    def gan_modules(self, gen: ModuleSpec) -> dict[str, ModuleSpec]:
+        """{"gen": gen} plus the discriminator with its own optimiser settings when `cfg.gan > 0`."""
+        out = {"gen": gen}
+        disc = self.build_discriminator()
+        if disc is not None:
+            out["disc"] = ModuleSpec(disc, lr=self.cfg.disc_lr, betas=tuple(self.cfg.disc_betas))
+        return out
+
+    def phases(self) -> list[str]:
+        return ["gen", "disc"] if self.cfg.gan > 0 else ["gen"]
+
+    def step(self, phase: str, mods: dict[str, nn.Module], batch: dict, step: int, carry: dict) -> StepOutput:
+        if phase == "gen":
+            return self.generator_step(mods["gen"], mods.get("disc"), batch, step)
+        return self.discriminator_step(mods, batch, step, carry)
+
+    def generator_step(self, gen: nn.Module, disc: Optional[nn.Module], batch: dict, step: int) -> StepOutput:
+        """The "gen" phase (`disc`: the frozen discriminator or None); its aux holds "recon"."""
+        raise NotImplementedError
+
+    @staticmethod
+    def gan_generator_term(disc: Optional[nn.Module], recon: Tensor, step: int) -> Optional[Tensor]:
+        """The generator's hinge term against the frozen discriminator (weighted by `cfg.gan`; 0 before
+        `cfg.gan_start_step`), or None without a discriminator."""
+        if disc is None:
+            return None
+        with frozen(disc):
+            g, _ = disc.generator_loss(recon, step)
+        return g
+
+    @staticmethod
+    def discriminator_step(mods: dict[str, nn.Module], batch: dict, step: int, carry: dict) -> StepOutput:
+        """The "disc" phase: hinge (+ LeCam) on the batch's real images and the generator's detached
+        reconstructions of this step (`carry["recon"]`)."""
+        loss, m = mods["disc"].discriminator_loss(batch["image"], carry["recon"], step)
+        return StepOutput(loss, {k: v.detach() for k, v in m.items()})
+
+
+def code_histogram(codes: Tensor, k: int) -> Tensor:
+    """(K,) float counts of each code in `codes` (no host sync)."""
+    return torch.zeros(k, device=codes.device).index_add_(0, codes.flatten(), torch.ones(codes.numel(), device=codes.device))
+
+
+def usage_and_perplexity(counts: Tensor) -> tuple[Tensor, Tensor]:
+    """Fraction of codes used and exp(entropy) of the code distribution from (K,) counts."""
+    p = counts / counts.sum().clamp_min(1)
+    return (counts > 0).float().mean(), torch.exp(-(p * p.clamp_min(1e-30).log()).sum())
+
+
+def batch_psnr(recon: Tensor, real: Tensor) -> Tensor:
+    """Mean per-image PSNR in dB of images in [-1, 1] (the evaluation's definition, on the
+    [-1, 1] scale: data_range 2), reconstructions clamped to the valid range first."""
+    return psnr(recon.detach().float().clamp(-1, 1), real.float(), data_range=2.0).mean()
+
+
+def check_lpips_weights(lpips_net: Any, used: bool, switch_off: str) -> None:
+    """ValueError unless an LPIPS that is used has weights (or is a declared random-weight demo);
+    `switch_off`: the settings that turn every LPIPS term off (e.g. "method.lpips=0")."""
+    if used and not (lpips_net.vgg_path or lpips_net.random_init):
+        raise ValueError("LPIPS needs weights: set method.lpips_net.vgg_path and lin_path "
+                         f"(or method.lpips_net.random_init=true for a demo), or {switch_off}")
+
+
+def val_psnr_report(cfg: Any, export_url: str, others: Optional[dict[str, str]] = None) -> dict[str, float]:
+    """Validation reconstruction PSNR (dB) of an exported tokenizer1d (raw and EMA weights) next to
+    an untrained tokenizer of the same config and the exports in `others` (name -> export URL): the
+    demo's evidence that training did something. `cfg`: the job's experiment (its data section)."""
+    from system.data.reader import ShardReader
+    from system.eval.recon_metrics import mean_psnr
+    from system.models.artifacts import load_tokenizer
+    from system.models.tokenizer1d import Tokenizer1D
+
+    def val_batches():
+        return ShardReader.from_config(cfg.data, rank=0, world_size=1, seed=cfg.seed, val=True).one_epoch()
+
+    report = {}
+    for name, url, ema in (("trained", export_url, False), ("trained_ema", export_url, True),
+                           *((n, u, True) for n, u in (others or {}).items())):
+        tok = load_tokenizer(url, cfg.data.storage, ema=ema)
+        report[name] = mean_psnr(tok.reconstruct, val_batches())
+        if name == "trained":
+            tok_cfg = tok.model.cfg
+    torch.manual_seed(cfg.seed)
+    untrained = Tokenizer1D(tok_cfg).eval()
+    report["untrained"] = mean_psnr(lambda x: untrained(x).image, val_batches())
+    return report

@@ -1,0 +1,104 @@
+"""Helpers for the AR pool tests (importable by Ray workers: tests/cluster is on their PYTHONPATH):
+a local Ray fixture, a token shard set written from arrays, and a token batch source that logs the
+keys of every batch the rank loop draws."""
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pytest
+
+from cluster.job import TokenShards
+from system.data.source import BatchSource
+
+SEQ_LEN, VOCAB, CLASSES = 16, 64, 4
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+@pytest.fixture(scope="module")
+def ray_local():
+    """A local Ray (4 CPUs) for a test module, with its own dashboard: Ray Train's placement-group
+    cleaner asks the state API whether the run's controller lives, and without a dashboard that
+    query goes to 127.0.0.1:8265, which may be another Ray on this machine; "not found" there reads
+    as dead and the run's placement group (and its workers) are removed mid-run."""
+    import ray
+
+    os.environ.update(RAY_TRAIN_HEALTH_CHECK_INTERVAL_S="0.25", RAY_TRAIN_ENABLE_PREEMPTION_WATCHER="0",
+                      RAY_TRAIN_ENABLE_STATE_ACTOR_RECONCILIATION="0")
+    env = {"PYTHONPATH": os.pathsep.join([ROOT, os.path.join(ROOT, "tests", "cluster")]), "DS_ACCELERATOR": "cpu",
+           "WANDB_MODE": "offline"}
+    if ray.is_initialized():  # another module's cluster lacks our env vars
+        ray.shutdown()
+    ray.init(num_cpus=4, include_dashboard=True, dashboard_port=free_port(), runtime_env={"env_vars": env},
+             log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+def write_tokens(url: str, n: int = 32, seed: int = 0) -> str:
+    """`n` learnable sequences (a class-dependent ramp plus noise) as a 2-shard token set at `url`."""
+    from system.data.tokens import write_token_set
+
+    rng = np.random.default_rng(seed)
+    labels = np.arange(n) % CLASSES
+    codes = (labels[:, None] * 7 + np.arange(SEQ_LEN)[None] + rng.integers(0, 2, (n, SEQ_LEN))) % VOCAB
+    write_token_set(url, codes, labels, VOCAB, num_shards=2)
+    return url
+
+
+class KeyLog(BatchSource):
+    """A batch source's batches, each logged as {"step", "keys"} to `<folder>/keys_rank<r>.jsonl`
+    when the loop draws it."""
+
+    def __init__(self, inner: BatchSource, folder: str, rank: int, step):
+        self.inner, self.folder, self.rank, self.step = inner, folder, rank, step
+
+    def __iter__(self):
+        os.makedirs(self.folder, exist_ok=True)
+        for batch in self.inner:
+            with open(os.path.join(self.folder, f"keys_rank{self.rank}.jsonl"), "a") as f:
+                f.write(json.dumps({"step": self.step(), "keys": list(batch["key"])}) + "\n")
+            yield batch
+
+    def state_dict(self) -> dict:
+        return self.inner.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.inner.load_state_dict(state)
+
+    def summary(self) -> dict:
+        return self.inner.summary()
+
+    def close(self) -> None:
+        self.inner.close()
+
+
+class KeyLoggingTokens:
+    """Picklable batch-source factory: the job's token shards, keys logged under `folder`."""
+
+    def __init__(self, folder: str):
+        self.folder = folder
+
+    def __call__(self, exp, ctx) -> KeyLog:
+        return KeyLog(TokenShards()(exp, ctx), self.folder, ctx.rank, ctx.step)
+
+
+def key_log(folder, ranks=(0, 1)) -> dict[tuple[int, int], list[str]]:
+    """(rank, step) -> keys of the last attempt that ran that step."""
+    out = {}
+    for rank in ranks:
+        for line in open(os.path.join(folder, f"keys_rank{rank}.jsonl")).read().splitlines():
+            row = json.loads(line)
+            out[(rank, row["step"])] = row["keys"]
+    return out

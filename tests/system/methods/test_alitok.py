@@ -1,0 +1,326 @@
+"""AliTok's tokenizer stages on tiny models: every term finite, gradients where they must be and
+nowhere else, the aux loss reaching only the prefix path, causality of the prefix decoding, the
+codebook re-initialisation identical on every rank from gathered codes and features, stage 2's
+frozen encoder/quantizer/latent queries and the export round trips."""
+from __future__ import annotations
+
+import dataclasses
+import threading
+
+import pytest
+import torch
+
+from system.config import AliTokStage1Config, AliTokStage2Config, LPIPSConfig
+from system.methods.alitok import AliTokStage1, AliTokStage2
+from system.methods.base import Collective, DataSpec
+from system.models import artifacts as A
+
+RES = 32  # debug-tiny-causal: 8 px patches, a 4 x 4 grid, 16 latents + 4 prefix tokens, VQ 64 x 16
+
+
+def _stage1(**kw) -> AliTokStage1:
+    kw.setdefault("tokenizer", "debug-tiny-causal")
+    kw.setdefault("lpips_net", LPIPSConfig(random_init=True))
+    return AliTokStage1(AliTokStage1Config(**kw), DataSpec(resolution=RES, num_classes=3))
+
+
+def _batch(b=4, seed=0) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    return {"image": torch.rand(b, 3, RES, RES, generator=g) * 2 - 1, "label": torch.zeros(b, dtype=torch.long)}
+
+
+def _mods(method) -> dict:
+    return {n: s.module for n, s in method.modules().items()}
+
+
+def _grad_norm(module) -> float:
+    return sum(float(p.grad.abs().sum()) for p in module.parameters() if p.grad is not None)
+
+
+def test_stage1_every_term_finite_and_gradients_reach_every_part():
+    torch.manual_seed(0)
+    m = _stage1(gan_start_step=0)
+    mods = _mods(m)
+    gen, disc = mods["gen"], mods["disc"]
+    out = m.step("gen", mods, _batch(), 5, {})
+    terms = {k.split("/", 1)[1] for k in out.metrics if k.startswith("loss/")}
+    assert {"l2", "lpips", "quant_commit", "quant_codebook", "aux_l2", "aux_lpips", "gan_g", "total"} <= terms
+    assert all(torch.is_tensor(v) and torch.isfinite(v) for v in out.metrics.values())  # on device: no host sync
+    for k in ("psnr", "prefix_psnr", "codebook_usage", "codebook_perplexity", "codebook_reinit"):
+        assert k in out.metrics
+    out.loss.backward()
+    tok = gen.tokenizer
+    for part in (tok.encoder.patch_embed, tok.encoder.vit, tok.decoder.vit, tok.decoder.to_pixels, tok.decoder.prefix_head):
+        assert _grad_norm(part) > 0, type(part).__name__
+    assert tok.encoder.latent_tokens.grad.abs().sum() > 0
+    assert tok.quantizer.embedding.weight.grad.abs().sum() > 0  # the codebook loss
+    assert all(p.grad is None for p in disc.parameters()), "the generator step must not touch D's grads"
+    d = m.step("disc", mods, _batch(), 5, out.aux)
+    assert torch.isfinite(d.loss)
+    d.loss.backward()
+    assert _grad_norm(disc) > 0 and m.phases() == ["gen", "disc"]
+    assert _mods(_stage1(gan=0.0)).keys() == {"gen"} and _stage1(gan=0.0).phases() == ["gen"]
+
+
+def test_aux_loss_reaches_only_the_prefix_path():
+    """With one prefix token more than a row (as the code's 17 at 256 px) the aux loss is the
+    official MSE of the prefix patches + LPIPS of the prefix composite: its gradient reaches the
+    prefix latents (and through them the encoder), the decoder and the prefix head, and never the
+    image latents, the patch head or the mask tokens."""
+    torch.manual_seed(0)
+    m = _stage1(tokenizer_overrides={"num_prefix_tokens": 5}, aux=1.0)
+    gen = _mods(m)["gen"]
+    tok = gen.tokenizer
+    P, p = m.tok_cfg.num_prefix_tokens, m.tok_cfg.patch_size
+    seen = {}
+
+    def keep(module, args, out):  # the decoder's input: quantized latents (B, P + L, D)
+        seen["zq"] = out.quantized
+        out.quantized.retain_grad()
+
+    tok.quantizer.register_forward_hook(keep)
+    x = _batch()["image"]
+    out = gen(x)
+    assert out.prefix_lead.shape == (4, 3, p, p) and out.prefix_row.shape == (4, 3, p, RES)
+    terms = m.aux_terms(x, out)
+    assert set(terms) == {"aux_l2", "aux_lpips"}
+    target = torch.cat([x[:, :, :p, :p], x[:, :, :p]], -1)  # "first patch + first row"
+    pred = torch.cat([out.prefix_lead, out.prefix_row], -1)
+    want = m.cfg.aux * P / m.tok_cfg.num_patches * torch.nn.functional.mse_loss(pred, target)
+    torch.testing.assert_close(terms["aux_l2"], want)
+    sum(terms.values()).backward()
+    g = seen["zq"].grad[0].abs().sum(-1)  # per token
+    assert g[:P].gt(0).all() and g[P:].eq(0).all()
+    dec = tok.decoder
+    assert _grad_norm(dec.prefix_head) > 0 and _grad_norm(dec.vit) > 0 and _grad_norm(tok.encoder) > 0
+    assert _grad_norm(dec.to_pixels) == 0
+    for t in (dec.mask_token, dec.patch_pos):
+        assert t.grad is None or t.grad.abs().sum() == 0
+
+
+def test_prefix_decoding_is_causal():
+    """Each leading prefix token decodes its patch from the prefix tokens up to it; the first row
+    from the prefix tokens only (the image patches' causality: test_tokenizer1d.py)."""
+    torch.manual_seed(0)
+    m = _stage1(tokenizer_overrides={"num_prefix_tokens": 6})
+    dec = _mods(m)["gen"].tokenizer.decoder.eval()
+    P, p = m.tok_cfg.num_prefix_tokens, m.tok_cfg.patch_size
+    zq = torch.randn(1, m.tok_cfg.seq_len, m.tok_cfg.latent_dim, requires_grad=True)
+    out = dec(zq)
+    for j in range(P - m.tok_cfg.grid):
+        (gj,) = torch.autograd.grad(out.prefix_lead[..., j * p:(j + 1) * p].sum(), zq, retain_graph=True)
+        per_token = gj[0].abs().sum(-1)
+        assert per_token[: j + 1].gt(0).all() and per_token[j + 1:].eq(0).all(), j
+    (gr,) = torch.autograd.grad(out.prefix_row.sum(), zq)
+    assert gr[0, P:].eq(0).all() and gr[0, :P].abs().sum() > 0
+
+
+def test_probe_learns_next_tokens_of_the_codes_without_touching_the_tokenizer():
+    torch.manual_seed(0)
+    m = _stage1(lpips=0.0, gan=0.0, probe="debug-tiny", probe_overrides={"n_layer": 1})
+    mods = _mods(m)
+    assert m.phases() == ["gen", "probe"] and len(mods["probe"].layers) == 1
+    pc = mods["probe"].cfg
+    assert (pc.vocab_size, pc.prefix_tokens, pc.block_size, pc.rope) == (64, 4, 16, "mixed")
+    b = _batch()
+    out = m.step("gen", mods, b, 0, {})
+    assert out.aux["codes"].shape == (4, m.tok_cfg.seq_len) and not out.aux["codes"].requires_grad
+    p = m.step("probe", mods, b, 0, out.aux)
+    assert torch.isfinite(p.loss) and 0 <= float(p.metrics["acc"]) <= 1
+    p.loss.backward()
+    assert _grad_norm(mods["probe"]) > 0 and _grad_norm(mods["gen"]) == 0
+    with pytest.raises(ValueError, match="method.probe="):
+        _stage1(probe="nope")
+
+
+class _Board:
+    """Rendezvous of thread 'ranks' for a fake collective."""
+
+    def __init__(self, n: int):
+        self.slots, self.barrier = [None] * n, threading.Barrier(n, timeout=60)
+
+    def exchange(self, rank: int, t: torch.Tensor) -> list[torch.Tensor]:
+        self.slots[rank] = t.detach().clone()
+        self.barrier.wait()
+        parts = list(self.slots)
+        self.barrier.wait()
+        return parts
+
+
+class ThreadCollective(Collective):
+    """A 2-rank collective over threads (same semantics as the loop's DistCollective)."""
+
+    def __init__(self, board: _Board, rank: int):
+        self.board, self.rank, self.world_size = board, rank, len(board.slots)
+
+    def all_reduce(self, t, op="sum"):
+        parts = self.board.exchange(self.rank, t)
+        if op == "max":
+            return torch.stack(parts).amax(0)
+        out = parts[0].clone()
+        for q in parts[1:]:
+            out += q
+        return out / self.world_size if op == "mean" else out
+
+    def all_gather(self, t):
+        return torch.cat(self.board.exchange(self.rank, t))
+
+
+def test_codebook_reinit_from_gathered_codes_is_identical_on_every_rank():
+    """Two ranks, each with its half of the batch: after a step both have the same codebook, and
+    the usage is the global one (both halves' codes), not either rank's (the split of the nearest-
+    feature search over ranks equals the one-process search: test_quantizers.py)."""
+    batch = _batch(b=8, seed=1)
+    halves = [{k: v[:4] for k, v in batch.items()}, {k: v[4:] for k, v in batch.items()}]
+    board, results, ranks = _Board(2), [None, None], []
+    for r in range(2):  # built here: torch's global RNG is shared by threads
+        torch.manual_seed(0)  # the loop seeds every rank alike before modules()
+        m = _stage1(lpips=0.0, gan=0.0)
+        m.collective = ThreadCollective(board, r)
+        ranks.append((m, _mods(m)["gen"]))
+    assert torch.equal(ranks[0][1].tokenizer.codebook, ranks[1][1].tokenizer.codebook)
+
+    def rank(r: int):
+        m, gen = ranks[r]
+        codes = []
+        gen.tokenizer.quantizer.register_forward_hook(lambda mod, args, out: codes.append(out.codes))
+        out = m.step("gen", {"gen": gen}, halves[r], 0, {})
+        results[r] = (gen.tokenizer.quantizer, out.metrics, codes[0])
+
+    threads = [threading.Thread(target=rank, args=(r,)) for r in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    (q0, m0, c0), (q1, m1, c1) = results
+    assert torch.equal(q0.code_offset, q1.code_offset) and torch.equal(q0.usage_ema, q1.usage_ema)
+    assert torch.equal(q0.codebook, q1.codebook) and q0.code_offset.abs().sum() > 0
+    assert torch.equal(m0["codebook_usage"], m1["codebook_usage"])
+    k = q0.cfg.codebook_size
+    hist = torch.bincount(torch.cat([c0.flatten(), c1.flatten()]), minlength=k).float()
+    torch.testing.assert_close(q0.usage_ema, (1 - q0.cfg.cluster_decay) * hist / hist.sum())  # global usage
+    torch.testing.assert_close(m0["codebook_usage"], (hist > 0).float().mean())
+    own = torch.bincount(c0.flatten(), minlength=k).float()
+    assert not torch.allclose(q0.usage_ema, (1 - q0.cfg.cluster_decay) * own / own.sum())
+
+
+def _stage1_export(folder, steps: int = 2) -> AliTokStage1:
+    """A stage-1 export after `steps` training steps (the codebook moved by re-initialisation)."""
+    torch.manual_seed(0)
+    m = _stage1(lpips=0.0, gan=0.0)
+    mods = _mods(m)
+    opt = torch.optim.AdamW(mods["gen"].parameters(), lr=1e-3)
+    for s in range(steps):
+        out = m.step("gen", mods, _batch(seed=s), s, {})
+        out.loss.backward()
+        opt.step()
+        opt.zero_grad()
+    A.save_export(str(folder), m.artifacts(mods))
+    m.trained = mods["gen"]
+    return m
+
+
+def test_stage1_export_folds_the_codebook_and_loads(tmp_path):
+    m = _stage1_export(tmp_path)
+    gen = m.trained.eval()
+    assert gen.tokenizer.quantizer.code_offset.abs().sum() > 0
+    parts = A.read_model_json(str(tmp_path))
+    assert parts["tokenizer"]["kind"] == "tokenizer1d"
+    q = parts["tokenizer"]["config"]["quantizer"]
+    assert q["cluster_decay"] == 0 and parts["tokenizer"]["config"]["decoder_causal"] is True
+    tok = A.load_tokenizer(str(tmp_path))  # strict load: no training buffers in the export
+    x = _batch()["image"]
+    out = gen(x)
+    assert torch.equal(tok.encode(x), out.codes)
+    torch.testing.assert_close(tok.reconstruct(x), out.recon)
+    torch.testing.assert_close(tok.codebook, gen.tokenizer.quantizer.codebook)
+
+
+def test_stage2_trains_only_a_new_decoder_and_exports_one_tokenizer(tmp_path):
+    _stage1_export(tmp_path / "s1")
+    torch.manual_seed(0)
+    cfg = AliTokStage2Config(stage1_export=str(tmp_path / "s1"), lpips_net=LPIPSConfig(random_init=True), gan_start_step=0)
+    m = AliTokStage2(cfg, DataSpec(resolution=RES, num_classes=3))
+    assert not m.tok_cfg.decoder_causal and m.tok_cfg.num_buffer_tokens == 4 and m.tok_cfg.num_prefix_tokens == 4
+    specs = m.modules()
+    assert set(specs) == {"gen", "disc"}
+    dec = specs["gen"].module
+    assert dec.buffer_tokens is not None and dec.prefix_head is None
+    frozen = {id(p) for part in (m.encoder, m.quantizer) for p in part.parameters()}
+    assert frozen and not frozen & {id(p) for s in specs.values() for p in s.module.parameters()}
+    assert all(not p.requires_grad for part in (m.encoder, m.quantizer) for p in part.parameters())
+    assert m.encoder.latent_tokens.shape[0] == m.tok_cfg.seq_len  # the latent queries belong to the frozen encoder
+    before = {k: v.clone() for part in ("encoder", "quantizer") for k, v in getattr(m, part).state_dict().items()}
+    mods = {n: s.module for n, s in specs.items()}
+    opts = {n: torch.optim.AdamW(mm.parameters(), lr=1e-2) for n, mm in mods.items()}
+    for step in range(3):
+        carry = {}
+        for phase in m.phases():
+            out = m.step(phase, mods, _batch(seed=step), step, carry)
+            assert all(torch.isfinite(v) for v in out.metrics.values())
+            out.loss.backward()
+            opts[phase].step()
+            opts[phase].zero_grad()
+            carry.update(out.aux)
+    after = {k: v for part in ("encoder", "quantizer") for k, v in getattr(m, part).state_dict().items()}
+    assert all(torch.equal(before[k], after[k]) for k in before), "stage 2 changed a frozen stage-1 weight"
+    assert all(p.grad is None for part in (m.encoder, m.quantizer) for p in part.parameters())
+    state_ids = {id(p) for o in opts.values() for p in o.state}
+    assert state_ids and not frozen & state_ids, "no optimiser state for the frozen parts"
+    # the export: encoder + codebook of stage 1, the new decoder, as one tokenizer1d part
+    A.save_export(str(tmp_path / "s2"), m.artifacts(mods))
+    tok1, tok2 = A.load_tokenizer(str(tmp_path / "s1")), A.load_tokenizer(str(tmp_path / "s2"))
+    x = _batch(seed=5)["image"]
+    assert torch.equal(tok2.encode(x), tok1.encode(x)) and torch.equal(tok2.codebook, tok1.codebook)
+    mods["gen"].eval()
+    torch.testing.assert_close(tok2.reconstruct(x), mods["gen"](m.encode(x).quantized).image)
+    assert tok2.decode(tok2.encode(x)).shape == x.shape and tok2.num_tokens(RES) == m.tok_cfg.seq_len
+    rows = m.sample_images(mods, _batch(2), seed=0)
+    assert rows["reconstruction"].shape == (2, 3, RES, RES)
+
+
+def test_stage2_decoder_overrides_and_paper_buffers(tmp_path):
+    _stage1_export(tmp_path, steps=0)
+    cfg = AliTokStage2Config(stage1_export=str(tmp_path), lpips=0.0, decoder_overrides={"num_buffer_tokens": 8, "dec_depth": 1})
+    m = AliTokStage2(cfg, DataSpec(resolution=RES, num_classes=3))
+    dec = m.modules()["gen"].module
+    assert dec.buffer_tokens.shape[0] == 8 and len(dec.vit.blocks) == 1
+
+
+def test_config_errors_name_the_key(tmp_path):
+    data = DataSpec(resolution=RES, num_classes=3)
+    with pytest.raises(ValueError, match="num_prefix_tokens must be in"):
+        _stage1(tokenizer_overrides={"num_prefix_tokens": 9})
+    with pytest.raises(ValueError, match="quantizer.reinit_after_steps"):
+        _stage1(tokenizer_overrides={"quantizer": {"cluster_decay": 0.0, "reinit_after_steps": 5}})
+    with pytest.raises(ValueError, match="method.tokenizer="):
+        _stage1(tokenizer="nope")
+    with pytest.raises(ValueError, match="lpips_net.vgg_path"):
+        AliTokStage1(AliTokStage1Config(tokenizer="debug-tiny-causal"), data)
+    with pytest.raises(ValueError, match="method.stage1_export"):
+        AliTokStage2.check(AliTokStage2Config(stage1_export=str(tmp_path / "none"), lpips=0.0), data)
+    _stage1_export(tmp_path / "s1", steps=0)
+    with pytest.raises(ValueError, match="data.resolution=64"):
+        AliTokStage2.check(AliTokStage2Config(stage1_export=str(tmp_path / "s1"), lpips=0.0), dataclasses.replace(data, resolution=64))
+    with pytest.raises(ValueError, match="method.decoder_overrides.enc_width"):
+        AliTokStage2.check(AliTokStage2Config(stage1_export=str(tmp_path / "s1"), lpips=0.0,
+                                              decoder_overrides={"enc_width": 32}), data)
+    with pytest.raises(ValueError, match="method.stage1_part"):
+        AliTokStage2.check(AliTokStage2Config(stage1_export=str(tmp_path / "s1"), stage1_part="ar", lpips=0.0), data)
+
+
+@pytest.mark.gpu
+def test_cuda_bf16_stage1_step_with_probe():
+    torch.manual_seed(0)
+    m = _stage1(lpips=0.0, gan_start_step=0, probe="debug-tiny").to(torch.device("cuda"))
+    mods = {n: mod.cuda() for n, mod in _mods(m).items()}
+    b = {k: v.cuda() for k, v in _batch().items()}
+    carry = {}
+    for phase in m.phases():
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            out = m.step(phase, mods, b, 0, carry)
+        assert torch.isfinite(out.loss), phase
+        out.loss.backward()
+        carry.update(out.aux)
+    q = mods["gen"].tokenizer.quantizer
+    assert q.code_offset.dtype == torch.float32 and q.code_offset.abs().sum() > 0
