@@ -10,6 +10,7 @@ import os
 from pathlib import Path
 
 import pytest
+from ar_fixtures import free_port
 import torch
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -61,7 +62,9 @@ def setup(tmp_path_factory):
     os.environ.update(RAY_TRAIN_HEALTH_CHECK_INTERVAL_S="0.25", RAY_TRAIN_ENABLE_PREEMPTION_WATCHER="0",
                       RAY_TRAIN_ENABLE_STATE_ACTOR_RECONCILIATION="0")  # a faster V2 controller for short runs
     env = {"PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]), "DS_ACCELERATOR": "cpu"}
-    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=True, runtime_env={"env_vars": env})
+    # own dashboard: Ray Train's placement-group cleaner asks it whether the controller lives; without
+    # one it asks 127.0.0.1:8265, which may be another Ray on a shared machine (see ar_fixtures.ray_local)
+    ray.init(num_cpus=4, include_dashboard=True, dashboard_port=free_port(), runtime_env={"env_vars": env}, log_to_driver=True)
     yield root, train, val, export
     ray.shutdown()
 

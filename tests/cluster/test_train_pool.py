@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from ar_fixtures import free_port
 import torch
 from PIL import Image
 from safetensors.torch import load_file
@@ -40,7 +41,9 @@ def ray_cluster(s3_server, tmp_path_factory):
     }
     if ray.is_initialized():  # another module's cluster lacks our env vars
         ray.shutdown()
-    ray.init(num_cpus=4, include_dashboard=False, runtime_env={"env_vars": env}, log_to_driver=True)
+    # own dashboard: Ray Train's placement-group cleaner asks it whether the controller lives; without
+    # one it asks 127.0.0.1:8265, which may be another Ray on a shared machine (see ar_fixtures.ray_local)
+    ray.init(num_cpus=4, include_dashboard=True, dashboard_port=free_port(), runtime_env={"env_vars": env}, log_to_driver=True)
     yield s3_server
     ray.shutdown()
 
