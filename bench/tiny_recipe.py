@@ -16,12 +16,7 @@ A variant named `preset` (no overrides) always runs first, so every row has its 
 from __future__ import annotations
 
 import argparse
-import copy
-import glob
-import io
-import os
 import sys
-import tarfile
 import time
 from pathlib import Path
 
@@ -30,42 +25,37 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from cluster.engine import param_groups  # noqa: E402 (the engine's AdamW groups: decay on matrices only)
 from system.config.experiments import EOSTokExperiment  # noqa: E402
 from system.config.load import load_config  # noqa: E402
 from system.data.embedded import ensure_embedded_dataset  # noqa: E402
+from system.data.shards import IMAGE_FIELDS, iter_tar_samples, read_index  # noqa: E402
+from system.data.storage import join  # noqa: E402
 from system.data.transforms import preprocess, to_tensor  # noqa: E402
 from system.eval.recon_metrics import ssim  # noqa: E402
 from system.methods.base import DataSpec  # noqa: E402
-from system.methods.eostok import EOSTok, batch_psnr, code_histogram, usage_and_perplexity  # noqa: E402
-from system.train_utils import lr_factor, save_image_grid, seed_everything  # noqa: E402
+from system.methods.eostok import EOSTok  # noqa: E402
+from system.methods.tokenizer_training import batch_psnr, code_histogram, usage_and_perplexity  # noqa: E402
+from system.train_utils import EMA, lr_factor, save_image_grid, seed_everything  # noqa: E402
 
 PRESET = Path(__file__).resolve().parents[1] / "configs/experiments/eostok_tiny.yaml"
 
 
 def load_split(url: str, split: str, resolution: int) -> tuple[list[bytes], torch.Tensor]:
+    """Every (image bytes, label) of a shard set, in index and tar order (the shard format's own
+    index and tar iterator; the whole split fits in memory here)."""
     ensure_embedded_dataset(url, split=split)
     data, labels = [], []
-    for tar_path in sorted(glob.glob(os.path.join(url, "*.tar"))):
-        with tarfile.open(tar_path) as tar:
-            fields: dict[str, dict[str, bytes]] = {}
-            for m in tar.getmembers():
-                k, _, ext = m.name.partition(".")
-                fields.setdefault(k, {})[ext] = tar.extractfile(m).read()
-        for k in sorted(fields):
-            f = fields[k]
-            data.append(next(f[e] for e in ("jpg", "jpeg", "png", "webp") if e in f))
-            labels.append(int(f["cls"]))
+    for shard in read_index(url)["shards"]:
+        with open(join(url, shard["name"]), "rb") as f:
+            for _, fields in iter_tar_samples(f, shard["name"]):
+                data.append(next(fields[e] for e in IMAGE_FIELDS if e in fields))
+                labels.append(int(fields["cls"]))
     return data, torch.tensor(labels)
 
 
 def decoded(data: list[bytes], resolution: int, flip: bool) -> torch.Tensor:
     return to_tensor([preprocess(d, resolution, flip) for d in data])
-
-
-def param_groups(module: torch.nn.Module, weight_decay: float) -> list[dict]:
-    decay = [p for p in module.parameters() if p.requires_grad and p.dim() >= 2]
-    rest = [p for p in module.parameters() if p.requires_grad and p.dim() < 2]
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": rest, "weight_decay": 0.0}]
 
 
 @torch.no_grad()
@@ -104,8 +94,9 @@ def run_variant(name: str, overrides: list[str], steps: int, seed: int, out_dir:
         s = specs[n]
         m.train()
         opts[n] = torch.optim.AdamW(param_groups(m, o.weight_decay), lr=s.lr or o.lr, betas=s.betas or o.betas, eps=o.eps)
-    ema = copy.deepcopy(mods["gen"]).eval()
+    live = dict(mods["gen"].named_parameters())
     decay = exp.method.ema_decay
+    ema = EMA(live, decay)
     g = torch.Generator().manual_seed(seed)
     k = method.tok_cfg.quantizer.num_codes
     t0, acc, curve = time.perf_counter(), float("nan"), []
@@ -128,21 +119,22 @@ def run_variant(name: str, overrides: list[str], steps: int, seed: int, out_dir:
             carry.update(out.aux)
             if phase == "gen":
                 acc = float(out.metrics["ar_acc"])
-        with torch.no_grad():
-            d = min(decay, (1 + step) / (10 + step)) if decay > 0 else 0.0
-            for pe, p in zip(ema.parameters(), mods["gen"].parameters()):
-                pe.lerp_(p.detach(), 1 - d)
+        n = step + 1  # updates done; the rank loop's EMA warm-up
+        ema.update(live, min(decay, (1 + n) / (10 + n)))
         if (step + 1) % max(steps // 6, 1) == 0:
             curve.append(round(evaluate(mods["gen"].tokenizer, val_x, k)["psnr"], 2))
     elapsed = time.perf_counter() - t0
     raw = evaluate(mods["gen"].tokenizer, val_x, k)
-    ema_m = evaluate(ema.tokenizer, val_x, k)
+    ema.swap(live)  # the EMA weights in place, for its metrics and the grid
+    ema_m = evaluate(mods["gen"].tokenizer, val_x, k)
     if out_dir is not None:
-        method_ema = {"gen": ema}
         n = 8
         pick = torch.arange(0, len(val_x), len(val_x) // n)[:n]
-        imgs = method.sample_images(method_ema, {"image": val_x[pick], "label": torch.arange(n) % 8}, seed=0)
+        mods["gen"].eval()
+        imgs = method.sample_images(mods, {"image": val_x[pick], "label": torch.arange(n) % 8}, seed=0)
+        mods["gen"].train()
         save_image_grid(imgs, out_dir / f"{name}.png", title=f"{name}: val PSNR {ema_m['psnr']:.2f} dB (EMA)")
+    ema.swap(live)
     return {"variant": name, "steps": steps, "steps/s": steps / elapsed, "val_psnr": raw["psnr"],
             "val_psnr_ema": ema_m["psnr"], "val_ssim_ema": ema_m["ssim"], "usage_ema": ema_m["usage"],
             "ar_acc": acc, "curve": curve}

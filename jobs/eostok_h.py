@@ -43,7 +43,7 @@ def main(argv: list[str]) -> int:
     summary = {"run": result.run_url, "step": result.step, "checkpoint": result.checkpoint_url,
                "export": result.export_url, "metrics": m}
     if cfg.data.val_url and result.export_url:
-        from system.methods.eostok import val_psnr_report
+        from system.methods.tokenizer_training import val_psnr_report
 
         summary["val_psnr_db"] = psnr = val_psnr_report(cfg, result.export_url)
         rows.append(("val PSNR (dB)", f"untrained {psnr['untrained']:.2f} -> trained {psnr['trained']:.2f} "

@@ -49,8 +49,8 @@ from system.models.artifacts import Artifact
 from system.models.gpt import GPT, GPTConfig
 from system.models.registry import gpt_config
 from system.models.tokenizer1d import Tokenizer1D, Tokenizer1DConfig, tokenizer_config
-from system.methods.tokenizer_training import (  # noqa: F401  (batch_psnr & co. re-exported)
-    PatchGANPhases, batch_psnr, check_lpips_weights, code_histogram, usage_and_perplexity, val_psnr_report)
+from system.methods.tokenizer_training import (
+    PatchGANPhases, batch_psnr, check_lpips_weights, code_histogram, usage_and_perplexity)
 
 
 def straight_through_onehot(logits: Tensor) -> Tensor:
