@@ -273,3 +273,26 @@ def run_training(exp: Experiment, job: Optional[TrainJob] = None, *, extra_cpus:
         export_url=store.url("export") if exp.checkpoint.export else None,
         ray_result=result,
     )
+
+
+def report_tokenizer_run(exp: Experiment, result: RunResult, keys: tuple[str, ...], title: str,
+                         summary_extra: Optional[dict] = None, others: Optional[dict[str, str]] = None) -> None:
+    """A tokenizer job's end: the final table (metrics `keys`, validation PSNR of the export next to
+    an untrained tokenizer and the exports in `others`, the run's paths) and `<run>/result.json`."""
+    from cluster.console import table
+    from system.data.storage import write_bytes_atomic
+
+    m, run, export = result.metrics, result.run_url, result.export_url
+    rows = [(k, m[k]) for k in keys if k in m]
+    summary = {**(summary_extra or {}), "run": run, "step": result.step, "checkpoint": result.checkpoint_url,
+               "export": export, "metrics": m}
+    if exp.data.val_url and export:
+        from system.methods.tokenizer_training import val_psnr_report
+
+        summary["val_psnr_db"] = psnr = val_psnr_report(exp, export, others)
+        rows.append(("val PSNR (dB)", f"untrained {psnr['untrained']:.2f} -> trained {psnr['trained']:.2f} (EMA "
+                                      f"{psnr['trained_ema']:.2f})" + "".join(f"; {k} {psnr[k]:.2f}" for k in others or {})))
+    rows += [("checkpoint", result.checkpoint_url), ("export", export), ("sample grid", f"{run}/samples/step_{result.step:08d}.png"),
+             ("curves", f"{run}/curves.png"), ("metrics", f"{run}/metrics.jsonl"), ("logs", f"{run}/logs/")]
+    write_bytes_atomic(f"{run}/result.json", json.dumps(summary, indent=1, default=str).encode(), exp.data.storage)
+    print(table(title, rows))

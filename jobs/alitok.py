@@ -13,7 +13,6 @@ samples. Re-running with the same run_name resumes from the newest committed che
 """
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 
@@ -33,9 +32,8 @@ def check(exp) -> None:
 
 
 def main(argv: list[str]) -> int:
-    from cluster.console import say, table
-    from cluster.train_pool import job_config, run_job, run_training
-    from system.data.storage import write_bytes_atomic
+    from cluster.console import say
+    from cluster.train_pool import job_config, report_tokenizer_run, run_job, run_training
 
     stage = peek(argv, "stage", 1)
     stage = stage if stage in SCHEMAS else 1  # any other value: the schema names the error
@@ -44,21 +42,10 @@ def main(argv: list[str]) -> int:
     if cfg.data.embedded:
         say(f"[{cfg.run_name}] stage {cfg.stage}; data: the embedded real photos at {cfg.data.url}")
     result = run_job(lambda: run_training(cfg))
-    m, run, export = result.metrics, result.run_url, result.export_url
-    rows = [(k, m[k]) for k in ("step", "loss", "psnr", "prefix_psnr", "codebook_usage", "probe/acc", "images_per_s") if k in m]
-    summary = {"stage": cfg.stage, "run": run, "step": result.step, "checkpoint": result.checkpoint_url,
-               "export": export, "metrics": m}
-    if cfg.data.val_url and export:
-        from system.methods.tokenizer_training import val_psnr_report
-
-        others = {"stage1": cfg.method.stage1_export} if cfg.stage == 2 else {}
-        summary["val_psnr_db"] = psnr = val_psnr_report(cfg, export, others)
-        rows.append(("val PSNR (dB)", f"untrained {psnr['untrained']:.2f} -> trained {psnr['trained']:.2f} (EMA "
-                                      f"{psnr['trained_ema']:.2f})" + (f"; stage 1 {psnr['stage1']:.2f}" if others else "")))
-    rows += [("checkpoint", result.checkpoint_url), ("export", export), ("sample grid", f"{run}/samples/step_{result.step:08d}.png"),
-             ("curves", f"{run}/curves.png"), ("metrics", f"{run}/metrics.jsonl"), ("logs", f"{run}/logs/")]
-    write_bytes_atomic(f"{run}/result.json", json.dumps(summary, indent=1, default=str).encode(), cfg.data.storage)
-    print(table(f"[{cfg.run_name}] stage {cfg.stage} done", rows))
+    run, export = result.run_url, result.export_url
+    keys = ("step", "loss", "psnr", "prefix_psnr", "codebook_usage", "probe/acc", "images_per_s")
+    others = {"stage1": cfg.method.stage1_export} if cfg.stage == 2 else {}
+    report_tokenizer_run(cfg, result, keys, f"[{cfg.run_name}] stage {cfg.stage} done", {"stage": cfg.stage}, others)
     if export and cfg.stage == 1:
         print(f"stage 2:     python jobs/alitok.py stage=2 method.stage1_export={export} data.url={cfg.data.url}")
     if export:
