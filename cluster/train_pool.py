@@ -275,6 +275,23 @@ def run_training(exp: Experiment, job: Optional[TrainJob] = None, *, extra_cpus:
     )
 
 
+def train_or_finished(exp: Experiment, job: Optional[TrainJob] = None) -> RunResult:
+    """`run_training`, or for a run already at `train.max_steps` with its export (a job killed
+    after training, before its report) the RunResult of what is there (no metrics)."""
+    try:
+        return run_training(exp, job)
+    except RunFinished as e:
+        from cluster.checkpoint import CheckpointStore
+        from cluster.loop import run_url
+
+        say(str(e).split(":")[0] + ": using its checkpoint and export")
+        exp = resolve_paths(exp)
+        store = CheckpointStore(run_url(exp), exp.data.storage)
+        ref = store.latest_complete()
+        return RunResult(run_url=store.run_url, step=ref.step, metrics={}, checkpoint_url=ref.url,
+                         export_url=store.url("export"))
+
+
 def report_tokenizer_run(exp: Experiment, result: RunResult, keys: tuple[str, ...], title: str,
                          summary_extra: Optional[dict] = None, others: Optional[dict[str, str]] = None) -> None:
     """A tokenizer job's end: the final table (metrics `keys`, validation PSNR of the export next to

@@ -24,7 +24,7 @@ _SECRET = re.compile(r"^(key|secret|token|password|passwd|credentials?|(\w+_)?(a
                      r"secret_key|secret_access_key|session_token|auth_token|password))$", re.I)
 _OUTPUT_FIELDS = ("storage_path", "out")  # where a job writes: must outlive a `ray job submit` working dir
 _URL_FIELDS = ("url", "val_url", "storage_path", "src", "out", "export_url", "samples", "reference", "shards",
-               "inception_path", "val_labels", "tokenizer_export", "stage1_export")
+               "inception_path", "val_labels", "tokenizer_export", "stage1_export", "images", "val_images")
 
 
 class ConfigError(ValueError):
@@ -188,12 +188,22 @@ def load_config(
     files, overrides = parse_argv(argv)
     try:
         cfg = OmegaConf.structured(schema)
-        for path in [*(CONFIG_DIR / d if not Path(d).is_absolute() else Path(d) for d in defaults), *files]:
+        for path in [*(config_path(d) for d in defaults), *files]:
             cfg = OmegaConf.merge(cfg, _load_yaml(path))
         if overrides:
             cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(overrides))
     except OmegaConfBaseException as e:
         raise _explain(schema, e) from None
+    return finish_config(schema, cfg)
+
+
+def config_path(name: str | Path) -> Path:
+    """A config file: absolute, or relative to configs/."""
+    return Path(name) if Path(name).is_absolute() else CONFIG_DIR / name
+
+
+def finish_config(schema: type[T], cfg: DictConfig) -> T:
+    """A merged OmegaConf tree -> the typed, checked config (missing values, ranges, URLs)."""
     missing = sorted(OmegaConf.missing_keys(cfg))
     if missing:
         raise ConfigError(

@@ -30,6 +30,17 @@ class LPIPSConfig:
 
 
 @dataclass
+class ConvNeXtNetConfig:
+    """The frozen ConvNeXt of AliTok's ConvNeXt-S perceptual term (system/losses/convnext_perceptual.py)."""
+
+    # local weights: torchvision's convnext_small-0c510722.pth (the official ones), a transformers state dict
+    # (.pt/.safetensors) or a save_pretrained folder (e.g. facebook/convnext-small-224)
+    path: Optional[str] = None
+    random_init: bool = False  # allowed only when no path is given (demo/tests)
+    size: Literal["small", "debug"] = "small"  # debug: a tiny random net for tests
+
+
+@dataclass
 class ModelConfig:
     """Sizes come from registries with exact names; `*_overrides` change single fields."""
 
@@ -87,15 +98,19 @@ class EOSTokConfig:
 @dataclass
 class AliTokLossConfig:
     """The reconstruction objective both AliTok tokenizer stages share (../shared/seeds/alitok.txt,
-    ../shared/REFERENCE.md "AliTok"): MSE + LPIPS + the quantizer's terms + a PatchGAN (hinge, LeCam)
-    from `gan_start_step`. A weight of 0 switches a term off."""
+    ../shared/REFERENCE.md "AliTok"): MSE + LPIPS (+ ConvNeXt-S) + the quantizer's terms + a PatchGAN
+    (hinge, LeCam) from `gan_start_step`. A weight of 0 switches a term off."""
 
     l2: float = field(default=1.0, metadata=ok(">= 0"))
-    lpips: float = field(default=1.0, metadata=ok(">= 0"))  # official: LPIPS 1.0 early, then a ConvNeXt-S perceptual loss (not built here)
+    # official (1d-tokenizer PerceptualLoss "lpips-convnext_s-1.0-0.1" x perceptual_weight 1.1): 1.0 x LPIPS + 0.1 x
+    # ConvNeXt-S, the MSE of the ImageNet logits of prediction and target at 224 px
+    lpips: float = field(default=1.0, metadata=ok(">= 0"))  # official 1.0
+    convnext: float = field(default=0.0, metadata=ok(">= 0"))  # ConvNeXt-S term (official 0.1; needs convnext_net.path)
     gan: float = field(default=0.1, metadata=ok(">= 0"))  # the paper's lambda (official code: 0.1 x discriminator_weight 0.05)
     gan_start_step: int = field(default=0, metadata=ok(">= 0"))  # official: GAN only in the last ~100k steps of each stage
     lecam: float = field(default=0.05, metadata=ok(">= 0"))  # LeCam on the discriminator (official code: 0)
     lpips_net: LPIPSConfig = field(default_factory=LPIPSConfig)
+    convnext_net: ConvNeXtNetConfig = field(default_factory=ConvNeXtNetConfig)
     ema_decay: float = field(default=0.0, metadata=ok("in [0, 1)"))  # EMA of the trained tokenizer part (exported as tokenizer_ema); 0: none (official)
     disc_lr: float = field(default=1e-4, metadata=ok("> 0"))  # the discriminator's own AdamW (official: the generator's lr)
     disc_betas: tuple[float, float] = (0.9, 0.999)  # official: AdamW defaults
@@ -114,6 +129,9 @@ class AliTokStage1Config(AliTokLossConfig):
     # row, and its first patches when there are more prefix tokens than a row) x aux x num_prefix_tokens / num_patches
     # (official: x10 x 17/256) + lpips x LPIPS of the full image with that row (other rows detached) x aux
     aux: float = field(default=10.0, metadata=ok(">= 0"))  # prefix aux loss weight (official 10)
+    # False: a bidirectional decoder in stage 1, the paper's ablation baseline (A) (set aux=0 and
+    # tokenizer_overrides.num_prefix_tokens=0 with it, as (A) has neither)
+    decoder_causal: bool = True
     # AR-predictability probe: a small AR model (module "probe", phase "probe") trained on the current codes,
     # detached; it logs its next-token accuracy (probe/acc: the paper's "AR training accuracy", online)
     probe: Optional[str] = None  # GPT preset of the probe (e.g. debug-tiny; sequence/vocab/classes follow the tokenizer); None: off

@@ -26,10 +26,12 @@ _SHIFT = (-0.030, -0.088, -0.188)
 _SCALE = (0.458, 0.448, 0.450)
 
 
-def _load_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+def load_state_dict_file(path: str | Path, what: str = "LPIPS") -> dict[str, torch.Tensor]:
+    """A state dict from a local .pth/.pt (a bare one or under "state_dict") or .safetensors file;
+    `what` names the network in the error for a missing file."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"LPIPS weight file not found: {path} (expected a local .pth/.safetensors file)")
+        raise FileNotFoundError(f"{what} weight file not found: {path} (expected a local .pth/.safetensors file)")
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
 
@@ -128,7 +130,7 @@ class LPIPS(nn.Module):
 
     def load_vgg(self, path: str | Path) -> None:
         """Load torchvision VGG16 weights (``features.*`` keys; ``classifier.*`` ignored)."""
-        sd = _load_state_dict(path)
+        sd = load_state_dict_file(path)
         feats = {k: v for k, v in sd.items() if k.startswith("features.")}
         if not feats:
             raise KeyError(f"{path}: no 'features.*' keys; expected a torchvision vgg16 state dict")
@@ -136,7 +138,7 @@ class LPIPS(nn.Module):
 
     def load_heads(self, path: str | Path) -> None:
         """Load LPIPS v0.1 linear heads (``lin{i}.model.1.weight``, shapes (1,C,1,1))."""
-        sd = _load_state_dict(path)
+        sd = load_state_dict_file(path)
         self.heads.load_state_dict({k: v for k, v in sd.items() if k.startswith("lin")}, strict=True)
 
     def train(self, mode: bool = True) -> "LPIPS":

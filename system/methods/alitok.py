@@ -4,7 +4,10 @@ Stage 1, method `alitok_stage1` (module "gen" = `AliTokStage1Model`, plus "disc"
 images -> bidirectional ViT encoder over [patches; prefix queries; latent queries] -> VQ (4096 x
 32, commitment 0.25) -> causal decoder (patch i sees the prefix latents and latents <= i; the
 prefix head decodes the prefix tokens to the first patch row) ->
-    l2 MSE + lpips LPIPS + quantizer terms + aux (prefix) + gan hinge (PatchGAN, LeCam).
+    l2 MSE + lpips LPIPS (+ convnext ConvNeXt-S logits) + quantizer terms + aux (prefix) + gan hinge
+    (PatchGAN, LeCam).
+`method.decoder_causal=false` (with aux 0 and no prefix tokens) is the paper's ablation baseline
+(A): the same stage with a bidirectional decoder (bench/alitok_ablation.py).
 The codebook follows the official clustering re-initialisation inside the training forward: the
 step's global code counts (an all-reduce of each rank's histogram) and each code's nearest feature
 over all ranks (an all-gather of each rank's nearest one) give every rank the same update
@@ -34,7 +37,9 @@ jobs/pretokenize.py read; the AR model trains on the stage-1 codes, which both e
 Where we differ from the paper or the official code (REFERENCE.md):
 - decoder: ours has one mask token per patch attending causally (system/models/tokenizer1d.py);
   the official one is a plain causal transformer whose output at latent i is patch i.
-- perceptual loss: LPIPS only (the official code moves to a ConvNeXt-S perceptual loss later).
+- perceptual loss: LPIPS, plus the official ConvNeXt-S term (MSE of ImageNet logits at 224 px,
+  system/losses/convnext_perceptual.py) when `convnext` > 0 (official 0.1; default 0: it needs local
+  weights); the prefix aux loss keeps LPIPS only.
 - GAN: weight 0.1 (paper; official effective 0.1 x 0.05) with LeCam 0.05 (official 0); both
   phases step every step (the official code alternates G and D steps once the GAN is on).
 - stage 2 drops the prefix latents from the decoder input (paper); the official code keeps them.
@@ -49,12 +54,13 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from system.config import AliTokStage1Config, AliTokStage2Config, override_dataclass
+from system.losses.convnext_perceptual import ConvNeXtPerceptual
 from system.losses.lpips import LPIPS
 from system.losses.recon import ntp_loss
 from system.methods.base import Collective, DataSpec, ModuleSpec, StepOutput
 from system.methods.registry import register
 from system.methods.tokenizer_training import (
-    PatchGANPhases, batch_psnr, check_lpips_weights, code_histogram, usage_and_perplexity)
+    PatchGANPhases, batch_psnr, check_convnext_weights, check_lpips_weights, code_histogram, usage_and_perplexity)
 from system.models.artifacts import Artifact, load_part, model_part, tokenizer1d_config
 from system.models.gpt import GPT, GPTConfig
 from system.models.quantizers import build_quantizer
@@ -97,10 +103,11 @@ class AliTokStage(PatchGANPhases):
         super().__init__(cfg, data)
         self.gan_image_size = self.tok_cfg.image_size
         self.lpips = LPIPS(cfg.lpips_net.vgg_path, cfg.lpips_net.lin_path) if cfg.lpips > 0 else None
+        self.convnext = ConvNeXtPerceptual(cfg.convnext_net.path, cfg.convnext_net.size) if cfg.convnext > 0 else None
 
     def frozen_parts(self) -> list[nn.Module]:
         """The method's own frozen modules (moved by `to`)."""
-        return [m for m in (self.lpips,) if m is not None]
+        return [m for m in (self.lpips, self.convnext) if m is not None]
 
     def to(self, device: torch.device) -> "AliTokStage":
         for m in self.frozen_parts():
@@ -113,6 +120,8 @@ class AliTokStage(PatchGANPhases):
             terms["l2"] = c.l2 * F.mse_loss(recon, x)
         if c.lpips > 0:
             terms["lpips"] = c.lpips * self.lpips(recon, x).mean()
+        if c.convnext > 0:
+            terms["convnext"] = c.convnext * self.convnext(recon, x)
         return terms
 
     def finish(self, terms: dict[str, Tensor], recon: Tensor, x: Tensor, disc: Optional[nn.Module], step: int,
@@ -164,8 +173,8 @@ class AliTokStage1Model(nn.Module):
 
 
 def stage1_tokenizer_config(cfg: AliTokStage1Config, resolution: int) -> Tokenizer1DConfig:
-    """The preset + overrides at the data's resolution, with a causal decoder."""
-    fixed = dict(image_size=resolution, decoder_causal=True, attn_backend=cfg.attn_backend,
+    """The preset + overrides at the data's resolution, with a causal decoder (`method.decoder_causal`)."""
+    fixed = dict(image_size=resolution, decoder_causal=cfg.decoder_causal, attn_backend=cfg.attn_backend,
                  grad_checkpointing=cfg.grad_checkpointing)
     try:  # one replace: the preset's prefix count may only fit together with the overrides at this resolution
         return override_dataclass(tokenizer_config(cfg.tokenizer), {**cfg.tokenizer_overrides, **fixed},
@@ -198,11 +207,15 @@ def check_stage1(cfg: AliTokStage1Config, data: DataSpec) -> Tokenizer1DConfig:
                          "features per rank; AliTok uses the clustering rule (quantizer.cluster_decay=0.99, "
                          "reinit_after_steps=0), which every rank applies identically")
     p, g = tok.num_prefix_tokens, tok.grid
+    if cfg.aux > 0 and not cfg.decoder_causal:
+        raise ValueError("method.aux decodes the first patch row from the prefix tokens with the causal decoder; "
+                         "with method.decoder_causal=false set method.aux=0")
     if cfg.aux > 0 and not g <= p <= 2 * g:
         raise ValueError(f"method.aux={cfg.aux} decodes the first patch row ({g} patches at data.resolution="
                          f"{data.resolution}) from the prefix tokens: num_prefix_tokens must be in [{g}, {2 * g}], got "
                          f"{p} (set method.tokenizer_overrides.num_prefix_tokens, or method.aux=0)")
     check_lpips_weights(cfg.lpips_net, cfg.lpips > 0, "method.lpips=0")
+    check_convnext_weights(cfg.convnext_net, cfg.convnext > 0, "method.convnext=0")
     if cfg.probe is not None:
         probe_config(cfg, tok, data.num_classes)
     return tok
@@ -326,6 +339,7 @@ def check_stage2(cfg: AliTokStage2Config, data: DataSpec) -> tuple[Tokenizer1DCo
         raise ValueError(f"data.resolution={data.resolution}: the stage-1 tokenizer at method.stage1_export works at "
                          f"{s1.image_size} px; set data.resolution={s1.image_size}")
     check_lpips_weights(cfg.lpips_net, cfg.lpips > 0, "method.lpips=0")
+    check_convnext_weights(cfg.convnext_net, cfg.convnext > 0, "method.convnext=0")
     return s1, stage2_tokenizer_config(cfg, s1)
 
 

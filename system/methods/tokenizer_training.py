@@ -1,6 +1,6 @@
 """Pieces shared by the methods that train image tokenizers by reconstruction (EOSTok, the AliTok
 stages): the PatchGAN phase pair, code-usage metrics over all ranks, PSNR of a batch, and the
-LPIPS weight check.
+LPIPS and ConvNeXt weight checks.
 
 `PatchGANPhases` gives a method a "gen" module and, when `cfg.gan > 0`, a "disc" module (PatchGAN
 with hinge losses and LeCam, switched on at `cfg.gan_start_step`) with its own AdamW
@@ -99,6 +99,15 @@ def check_lpips_weights(lpips_net: Any, used: bool, switch_off: str) -> None:
     if used and not (lpips_net.vgg_path or lpips_net.random_init):
         raise ValueError("LPIPS needs weights: set method.lpips_net.vgg_path and lin_path "
                          f"(or method.lpips_net.random_init=true for a demo), or {switch_off}")
+
+
+def check_convnext_weights(convnext_net: Any, used: bool, switch_off: str) -> None:
+    """ValueError unless a ConvNeXt perceptual network that is used has weights (or is a declared
+    random-weight demo); `switch_off`: the setting that turns its term off (e.g. "method.convnext=0")."""
+    if used and not (convnext_net.path or convnext_net.random_init):
+        raise ValueError("the ConvNeXt-S perceptual term needs weights: set method.convnext_net.path (torchvision's "
+                         "convnext_small-0c510722.pth or a save_pretrained folder of facebook/convnext-small-224), or "
+                         f"method.convnext_net.random_init=true for a demo, or {switch_off}")
 
 
 def val_psnr_report(cfg: Any, export_url: str, others: Optional[dict[str, str]] = None) -> dict[str, float]:

@@ -95,13 +95,14 @@ class SelfAttention(nn.Module):
         resid_dropout: float = 0.0,
         backend: str = "auto",
         norm_eps: float = 1e-5,
+        proj_bias: bool = False,
     ):
         super().__init__()
         if dim % n_heads:
             raise ValueError(f"dim {dim} is not divisible by n_heads {n_heads}")
         self.dim, self.n_heads, self.head_dim = dim, n_heads, dim // n_heads
         self.wqkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
-        self.wo = nn.Linear(dim, dim, bias=False)
+        self.wo = nn.Linear(dim, dim, bias=proj_bias)
         self.q_norm = RMSNorm(self.head_dim, norm_eps) if qk_norm else None
         self.k_norm = RMSNorm(self.head_dim, norm_eps) if qk_norm else None
         self.attn_dropout = attn_dropout
@@ -154,6 +155,7 @@ class TransformerBlock(nn.Module):
         mlp_hidden: int | None = None,
         qk_norm: bool = False,
         qkv_bias: bool = False,
+        proj_bias: bool = False,
         attn_dropout: float = 0.0,
         resid_dropout: float = 0.0,
         ffn_dropout: float = 0.0,
@@ -164,7 +166,8 @@ class TransformerBlock(nn.Module):
     ):
         super().__init__()
         self.attention_norm = RMSNorm(dim, norm_eps)
-        self.attention = SelfAttention(dim, n_heads, qk_norm, qkv_bias, attn_dropout, resid_dropout, backend, norm_eps)
+        self.attention = SelfAttention(dim, n_heads, qk_norm, qkv_bias, attn_dropout, resid_dropout, backend, norm_eps,
+                                       proj_bias)
         self.ffn_norm = RMSNorm(dim, norm_eps)
         self.feed_forward = SwiGLU(dim, mlp_hidden, ffn_dropout)
         self.adaln = self.adaln_table = None

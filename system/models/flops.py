@@ -54,10 +54,11 @@ def gpt_matmul_params(cfg: GPTConfig) -> int:
     """Parameters of a GPT used in a matrix product per token: blocks and head (embedding tables are
     look-ups; the AdaLN modulation runs once per sequence, not per token)."""
     d, h, layers = cfg.dim, cfg.mlp_hidden, cfg.n_layer
-    attn = 4 * d * d + (3 * d if cfg.qkv_bias else 0)
+    attn = 4 * d * d + (3 * d if cfg.qkv_bias else 0) + (d if cfg.proj_bias else 0)
     mlp = 3 * d * h
     per_layer = attn + mlp
-    head = d * (2 * cfg.n_bits if cfg.head == "bitwise" else cfg.vocab_size)
+    n_out = 2 * cfg.n_bits if cfg.head == "bitwise" else cfg.vocab_size
+    head = d * n_out + (n_out if cfg.output_bias else 0)
     proj = (cfg.code_dim or 0) * d
     bits_in = cfg.n_bits * d if cfg.head == "bitwise" else 0  # the bitwise input embedding is a linear map
     return layers * per_layer + head + proj + bits_in

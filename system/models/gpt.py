@@ -49,6 +49,8 @@ class GPTConfig:
     ffn_dropout: float = 0.1
     qk_norm: bool = False
     qkv_bias: bool = False
+    proj_bias: bool = False  # bias of each attention output projection (AliTok's code)
+    output_bias: bool = False  # bias of the output layer (AliTok's code)
     rope: str = "2d"  # "1d" | "2d" | "mixed" | "none"
     rope_base: float = 10000.0
     rope_cls: str = "zeros"  # LlamaGen zeroes the class token's q/k; "identity" leaves them unrotated
@@ -143,8 +145,8 @@ class GPT(nn.Module):
         self.layers = nn.ModuleList(
             TransformerBlock(
                 d, cfg.n_head, mlp_hidden=cfg.mlp_hidden, qk_norm=cfg.qk_norm, qkv_bias=cfg.qkv_bias,
-                attn_dropout=cfg.attn_dropout, resid_dropout=cfg.resid_dropout, ffn_dropout=cfg.ffn_dropout,
-                norm_eps=cfg.norm_eps, backend=cfg.attn_backend, adaln_shared=cfg.adaln,
+                proj_bias=cfg.proj_bias, attn_dropout=cfg.attn_dropout, resid_dropout=cfg.resid_dropout,
+                ffn_dropout=cfg.ffn_dropout, norm_eps=cfg.norm_eps, backend=cfg.attn_backend, adaln_shared=cfg.adaln,
             )
             for _ in range(cfg.n_layer)
         )
@@ -152,7 +154,7 @@ class GPT(nn.Module):
         self.final_adaln = nn.Sequential(nn.SiLU(), nn.Linear(d, 2 * d)) if cfg.adaln else None
         self.norm = RMSNorm(d, cfg.norm_eps)
         n_out = 2 * cfg.n_bits if cfg.head == "bitwise" else cfg.vocab_size
-        self.output = nn.Linear(d, n_out, bias=False)
+        self.output = nn.Linear(d, n_out, bias=cfg.output_bias)
         rope = build_rope(cfg.rope, cfg.head_dim, cfg.cls_token_num, cfg.prefix_tokens, cfg.rope_grid, cfg.rope_base, cfg.rope_cls)
         self.register_buffer("rope", rope, persistent=False)  # (n_cls + seq_len, hd/2, 2)
         self._caches: list[KVCache] | None = None

@@ -14,7 +14,10 @@ from system.models.gpt import GPTConfig
 
 _LLAMAGEN = dict(vocab_size=16384, rope="2d")
 # AliTok: the paper uses 16 prefix tokens; the released code 17 (pass prefix_tokens=17 to match it).
-_ALITOK = dict(vocab_size=4096, rope="mixed", prefix_tokens=16, qk_norm=True, qkv_bias=True)
+# As the released AR code: attention dropout 0.1, biases on qkv, on each attention output projection
+# and on the output layer (the paper does not list them).
+_ALITOK = dict(vocab_size=4096, rope="mixed", prefix_tokens=16, qk_norm=True, qkv_bias=True, proj_bias=True,
+               output_bias=True, attn_dropout=0.1)
 # EOSTok has no official code. 12/768/12, 24/1024/16, 32/1280/20 with a plain SwiGLU hidden of
 # int(8d/3) (no rounding up to a multiple of 256) gives 92.0M / 311.4M / 641.0M, within 1.1% of
 # the published 93M / 312M / 644M; with LlamaGen's rounding L and H would be 318M (+1.9%) and

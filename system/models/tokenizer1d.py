@@ -27,7 +27,8 @@ latents). Without them every bit of image content must cross two attention hops 
 latent queries, latents -> mask tokens) whose routing is learned from a symmetric start; a small
 ViT stays for thousands of steps at the plateau where the latents carry only the mean colour
 (about PCA-3 quality). The shortcuts give content an O(1) linear path from the first step and
-leave the attention to refine it. Bidirectional decoders only (a dense mix breaks causality).
+leave the attention to refine it. With a causal decoder B is masked as the attention is: mask
+token i mixes only the prefix and the latents patch i may see (``causal_decoder_mask``).
 Switch stages with ``dataclasses.replace(cfg, decoder_causal=False)``.
 """
 from __future__ import annotations
@@ -88,9 +89,6 @@ class Tokenizer1DConfig:
             )
         if self.attn_backend not in BACKENDS:
             raise ValueError(f"attn_backend {self.attn_backend!r} unknown; expected one of {BACKENDS}")
-        if self.token_mix and self.decoder_causal:
-            raise ValueError("token_mix needs a bidirectional decoder (decoder_causal=False): a dense mix of the "
-                             "latents into every patch would break the causal decoder's ordering")
 
     @property
     def grid(self) -> int:
@@ -229,8 +227,6 @@ class Decoder1D(nn.Module):
         self.latent_pos = _param(1, self.n_in, w)
         self.mask_token = _param(1, 1, w)
         self.patch_pos = _param(1, cfg.num_patches, w)
-        # token_mix: mask token i += sum_j patch_mix[i, j] * embed(z_j) (variance-preserving init)
-        self.patch_mix = nn.Parameter(torch.randn(cfg.num_patches, self.n_in) / self.n_in**0.5) if cfg.token_mix else None
         n_buf = 0 if cfg.decoder_causal else cfg.num_buffer_tokens
         self.buffer_tokens = _param(n_buf, w) if n_buf else None
         self.vit = _ViT(w, cfg.dec_depth, cfg.dec_heads, cfg.mlp_ratio, cfg.attn_backend, cfg.grad_checkpointing)
@@ -238,6 +234,11 @@ class Decoder1D(nn.Module):
         self.prefix_head = nn.Linear(w, pix) if cfg.decoder_causal and cfg.num_prefix_tokens else None
         mask = causal_decoder_mask(cfg.num_prefix_tokens, cfg.num_latent_tokens, cfg.num_patches) if cfg.decoder_causal else None
         self.register_buffer("attn_mask", mask, persistent=False)
+        # token_mix: mask token i += sum_j patch_mix[i, j] * embed(z_j) over the latents patch i may see
+        # (all, or the causal mask's; variance-preserving init)
+        seen = torch.ones(cfg.num_patches, self.n_in) if mask is None else mask[-cfg.num_patches:, : self.n_in].float()
+        self.register_buffer("mix_mask", seen if cfg.token_mix and mask is not None else None, persistent=False)
+        self.patch_mix = nn.Parameter(torch.randn(seen.shape) * seen / seen.sum(1, keepdim=True).sqrt()) if cfg.token_mix else None
 
     def _unpatchify(self, x: Tensor, rows: int) -> Tensor:
         """(B, rows*grid, 3*p*p) -> (B, 3, rows*p, grid*p)."""
@@ -259,7 +260,8 @@ class Decoder1D(nn.Module):
         lat = emb + self.latent_pos  # (B, n_in, W)
         patches = (self.mask_token + self.patch_pos).expand(b, -1, -1).to(lat.dtype)  # (B, N, W)
         if self.patch_mix is not None:
-            patches = patches + torch.einsum("nl,blw->bnw", self.patch_mix.to(emb.dtype), emb)
+            mix = self.patch_mix if self.mix_mask is None else self.patch_mix * self.mix_mask
+            patches = patches + torch.einsum("nl,blw->bnw", mix.to(emb.dtype), emb)
         parts = [lat, patches]
         if self.buffer_tokens is not None:
             parts.insert(0, self.buffer_tokens.unsqueeze(0).expand(b, -1, -1).to(lat.dtype))

@@ -10,7 +10,7 @@ import threading
 import pytest
 import torch
 
-from system.config import AliTokStage1Config, AliTokStage2Config, LPIPSConfig
+from system.config import AliTokStage1Config, AliTokStage2Config, ConvNeXtNetConfig, LPIPSConfig
 from system.methods.alitok import AliTokStage1, AliTokStage2
 from system.methods.base import Collective, DataSpec
 from system.models import artifacts as A
@@ -60,6 +60,22 @@ def test_stage1_every_term_finite_and_gradients_reach_every_part():
     d.loss.backward()
     assert _grad_norm(disc) > 0 and m.phases() == ["gen", "disc"]
     assert _mods(_stage1(gan=0.0)).keys() == {"gen"} and _stage1(gan=0.0).phases() == ["gen"]
+
+
+def test_stage1_convnext_term_is_finite_and_frozen():
+    """The official ConvNeXt-S perceptual term (tiny random net here): a finite `loss/convnext`, its
+    gradient reaches the tokenizer, the network stays frozen and `frozen_parts` holds it."""
+    pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    with pytest.warns(UserWarning, match="RANDOM"):
+        m = _stage1(lpips=0.0, gan=0.0, convnext=0.1, convnext_net=ConvNeXtNetConfig(random_init=True, size="debug"))
+    assert m.convnext in m.frozen_parts()
+    mods = _mods(m)
+    out = m.step("gen", mods, _batch(), 0, {})
+    assert torch.isfinite(out.metrics["loss/convnext"]) and out.metrics["loss/convnext"] > 0
+    out.loss.backward()
+    assert _grad_norm(mods["gen"].tokenizer.decoder.to_pixels) > 0
+    assert all(not p.requires_grad and p.grad is None for p in m.convnext.parameters())
 
 
 def test_aux_loss_reaches_only_the_prefix_path():
@@ -287,6 +303,25 @@ def test_stage2_decoder_overrides_and_paper_buffers(tmp_path):
     assert dec.buffer_tokens.shape[0] == 8 and len(dec.vit.blocks) == 1
 
 
+def test_bidirectional_stage1_is_the_ablation_baseline():
+    """method.decoder_causal=false: stage 1 with a bidirectional decoder and no prefix (the paper's
+    baseline (A)): every patch depends on every latent; its codes feed the same probe."""
+    torch.manual_seed(0)
+    m = _stage1(decoder_causal=False, aux=0.0, tokenizer_overrides={"num_prefix_tokens": 0}, probe="debug-tiny", gan=0.0)
+    assert not m.tok_cfg.decoder_causal and m.tok_cfg.num_prefix_tokens == 0
+    mods = _mods(m)
+    out = m.step("gen", mods, _batch(), 1, {})
+    assert not any(k.startswith("loss/aux") for k in out.metrics) and "prefix_psnr" not in out.metrics
+    assert out.aux["codes"].shape == (4, 16)
+    assert torch.isfinite(m.step("probe", mods, _batch(), 1, out.aux).loss)
+    tok = mods["gen"].tokenizer
+    zq = tok.quantizer(tok.encoder(_batch()["image"])[0]).quantized.detach().requires_grad_(True)
+    tok.decode_full(zq).image[:, :, :8, :8].sum().backward()  # the first patch
+    assert (zq.grad[0].abs().sum(-1) > 0).all()  # sees the last latent too
+    with pytest.raises(ValueError, match="method.decoder_causal=false set method.aux=0"):
+        _stage1(decoder_causal=False, tokenizer_overrides={"num_prefix_tokens": 0})
+
+
 def test_config_errors_name_the_key(tmp_path):
     data = DataSpec(resolution=RES, num_classes=3)
     with pytest.raises(ValueError, match="num_prefix_tokens must be in"):
@@ -297,6 +332,8 @@ def test_config_errors_name_the_key(tmp_path):
         _stage1(tokenizer="nope")
     with pytest.raises(ValueError, match="lpips_net.vgg_path"):
         AliTokStage1(AliTokStage1Config(tokenizer="debug-tiny-causal"), data)
+    with pytest.raises(ValueError, match="method.convnext_net.path"):
+        AliTokStage1(AliTokStage1Config(tokenizer="debug-tiny-causal", lpips=0.0, convnext=0.1), data)
     with pytest.raises(ValueError, match="method.stage1_export"):
         AliTokStage2.check(AliTokStage2Config(stage1_export=str(tmp_path / "none"), lpips=0.0), data)
     _stage1_export(tmp_path / "s1", steps=0)

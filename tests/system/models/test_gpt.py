@@ -135,6 +135,17 @@ def test_alitok_prefix_layout_runs():
     assert m(torch.randint(0, 64, (1, 20)), torch.tensor([0])).shape == (1, 20, 64)
 
 
+def test_alitok_presets_follow_the_released_code():
+    cfg = gpt_config("alitok-l")
+    assert (cfg.attn_dropout, cfg.qkv_bias, cfg.proj_bias, cfg.output_bias) == (0.1, True, True, True)
+    m = _model(proj_bias=True, output_bias=True, attn_dropout=0.1)
+    assert m.output.bias.shape == (64,) and m.layers[0].attention.wo.bias.shape == (64,)
+    m.train()
+    m(torch.randint(0, 64, (2, 16)), torch.tensor([0, 1])).sum().backward()
+    assert m.output.bias.grad.abs().sum() > 0 and m.layers[1].attention.wo.bias.grad.abs().sum() > 0
+    assert _model().output.bias is None  # LlamaGen's layout has none (its checkpoints load exactly)
+
+
 def test_rope_table_stays_float32_under_cast():
     m = _model().to(torch.bfloat16)
     assert m.rope.dtype == torch.float32 and m.output.weight.dtype == torch.bfloat16

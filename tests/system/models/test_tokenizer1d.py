@@ -79,13 +79,15 @@ def test_causal_mask_definition():
     assert m2[2:, :2].sum(-1).tolist() == [1, 1, 2, 2]
 
 
-@pytest.mark.parametrize("num_latent", [16, 8])
-def test_causal_decoder_patch_depends_only_on_prefix_and_earlier_latents(num_latent):
+@pytest.mark.parametrize("num_latent,token_mix", [(16, False), (8, False), (16, True)])
+def test_causal_decoder_patch_depends_only_on_prefix_and_earlier_latents(num_latent, token_mix):
     """d(patch i pixels) / d(latent j) == 0 exactly for every image latent j >= ceil((i+1) L / N),
     != 0 for the latent patch i is paired with; the prefix row depends only on prefix latents."""
     torch.manual_seed(0)
-    cfg = dataclasses.replace(tokenizer_config("debug-tiny-causal"), num_latent_tokens=num_latent)
+    cfg = dataclasses.replace(tokenizer_config("debug-tiny-causal"), num_latent_tokens=num_latent, token_mix=token_mix)
     model = Tokenizer1D(cfg).eval()
+    if token_mix:  # make the masked entries non-zero: the mask, not the init, must keep causality
+        torch.nn.init.normal_(model.decoder.patch_mix)
     P, L, N, g, p = cfg.num_prefix_tokens, num_latent, cfg.num_patches, cfg.grid, cfg.patch_size
     zq = torch.randn(1, P + L, cfg.latent_dim, requires_grad=True)
     out = model.decode_full(zq, hidden_layer=0)
@@ -195,5 +197,6 @@ def test_token_mix_shortcuts_are_built_only_when_asked_and_carry_content():
     img = _images()
     F.mse_loss(mixed(img).image, img).backward()
     assert mixed.encoder.latent_mix.grad.abs().sum() > 0 and mixed.decoder.patch_mix.grad.abs().sum() > 0
-    with pytest.raises(ValueError, match="token_mix needs a bidirectional decoder"):
-        dataclasses.replace(tokenizer_config("debug-tiny-causal"), token_mix=True)
+    causal = Tokenizer1D(dataclasses.replace(tokenizer_config("debug-tiny-causal"), token_mix=True))
+    assert causal.decoder.mix_mask.shape == causal.decoder.patch_mix.shape  # the causal mask's patch rows
+    assert causal.decoder.patch_mix[causal.decoder.mix_mask == 0].eq(0).all()

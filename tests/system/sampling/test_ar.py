@@ -31,7 +31,11 @@ def test_cached_equals_uncached_greedy(cfg_scale, schedule):
 
 
 def test_cached_equals_uncached_sampled_mixed_rope_prefix():
-    m = _model(rope="mixed", prefix_tokens=4, qk_norm=True, qkv_bias=True)
+    # AliTok's AR layout and options: prefix tokens, mixed RoPE, QK-norm, biases, attention dropout (off in eval)
+    m = _model(rope="mixed", prefix_tokens=4, qk_norm=True, qkv_bias=True, proj_bias=True, output_bias=True,
+               attn_dropout=0.1)
+    torch.nn.init.normal_(m.output.bias, std=0.5)
+    torch.nn.init.normal_(m.layers[0].attention.wo.bias, std=0.5)
     labels = torch.tensor([1, 2])
     kw = dict(cfg_scale=2.0, schedule="linear", temperature=1.0, top_k=20, top_p=0.9, seed=5)
     fast = generate(m, labels, **kw)
