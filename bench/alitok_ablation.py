@@ -7,7 +7,7 @@ validation PSNR and code usage. Each variant is one jobs/alitok_xl.py pipeline r
 (configs/experiments/alitok_ablation.yaml on top of alitok_tiny.yaml): both in about 6 minutes on 2
 cores.
 
-    python bench/alitok_ablation.py [--steps 1000] [--ar-steps 600] [--storage runs] [--seed 0]
+    python bench/alitok_ablation.py [--steps 1000] [--ar-steps 600] [--storage runs] [--seed 0] [--codebook 256]
 """
 from __future__ import annotations
 
@@ -27,6 +27,8 @@ def run_variant(name: str, causal: bool, args: argparse.Namespace) -> dict:
            "--config", "configs/experiments/alitok_ablation.yaml", f"run_name={name}", f"storage_path={args.storage}",
            f"stage1.method.decoder_causal={str(causal).lower()}", f"stage1.train.max_steps={args.steps}",
            f"ar.train.max_steps={args.ar_steps}", f"stage1.seed={args.seed}", f"ar.seed={args.seed}"]
+    if args.codebook:
+        cmd.append(f"stage1.method.tokenizer_overrides.quantizer.codebook_size={args.codebook}")
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "WANDB_MODE": os.environ.get("WANDB_MODE", "offline")}
     print("$", " ".join(cmd[1:]), flush=True)
     subprocess.run(cmd, cwd=REPO, env=env, check=True)
@@ -45,15 +47,18 @@ def main() -> int:
     p.add_argument("--ar-steps", type=int, default=600, help="AR steps on each tokenizer's codes")
     p.add_argument("--storage", default="runs")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--codebook", type=int, default=0, help="VQ codebook size (0: the tiny preset's 64)")
     args = p.parse_args()
-    res = {v: run_variant(f"alitok-abl-{v}-s{args.seed}", v == "causal", args) for v in ("bidirectional", "causal")}
+    tag = f"s{args.seed}" + (f"-k{args.codebook}" if args.codebook else "")
+    res = {v: run_variant(f"alitok-abl-{v}-{tag}", v == "causal", args) for v in ("bidirectional", "causal")}
     keys = list(res["causal"])
-    print(f"\nAliTok ablation, tiny scale ({args.steps} tokenizer + {args.ar_steps} AR steps, seed {args.seed})")
+    print(f"\nAliTok ablation, tiny scale ({args.steps} tokenizer + {args.ar_steps} AR steps, seed {args.seed}, "
+          f"codebook {args.codebook or 64})")
     print(f"{'':32s}{'bidirectional (A)':>20s}{'causal (B)':>14s}")
     for k in keys:
         a, b = res["bidirectional"][k], res["causal"][k]
         print(f"{k:32s}{a:20.4f}{b:14.4f}" if a is not None and b is not None else f"{k:32s}{a!s:>20s}{b!s:>14s}")
-    (Path(args.storage) / f"alitok_ablation_s{args.seed}.json").write_text(json.dumps(res, indent=1))
+    (Path(args.storage) / f"alitok_ablation_{tag}.json").write_text(json.dumps(res, indent=1))
     return 0
 
 

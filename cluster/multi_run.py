@@ -69,9 +69,13 @@ def expand_runs(schema: type, argv: Sequence[str], defaults: Sequence[str], base
 
 
 def _resources(exps: dict[str, Experiment], use_gpu: bool) -> tuple[float, float, str]:
-    cpus = sum(e.cluster.num_workers * e.cluster.cpus_per_worker for e in exps.values())
+    from cluster.runtime import rank_cpus
+    from cluster.train_pool import data_workers
+
+    per_rank = {n: rank_cpus(e.cluster, data_workers(e)) for n, e in exps.items()}  # what each pool reserves
+    cpus = sum(e.cluster.num_workers * per_rank[n] for n, e in exps.items())
     gpus = sum(e.cluster.num_workers * e.cluster.gpus_per_worker for e in exps.values()) if use_gpu else 0.0
-    each = ", ".join(f"{n}: {e.cluster.num_workers} x {e.cluster.cpus_per_worker:g} CPU" for n, e in exps.items())
+    each = ", ".join(f"{n}: {e.cluster.num_workers} x {per_rank[n]:g} CPU" for n, e in exps.items())
     return cpus, gpus, each
 
 

@@ -1,18 +1,25 @@
 """Rank-0 reporting: progress bar (step, loss, images/s), wandb (offline unless configured) and
 the run's metric records (`<run>/metrics.jsonl`, rewritten at each checkpoint commit so it never
-holds steps a resumed run has rolled back)."""
+holds steps a resumed run has rolled back).
+
+wandb's run folder lives in the run (`<run>/wandb/`): for a local run wandb writes there; for a run
+on object storage wandb writes to a local folder of rank 0's process (`<tempdir>/wandb-<run_name>-*`,
+lost with that node or pod; removed after the last upload) which `sync_wandb_dir` uploads to
+`<run>/wandb/` at each checkpoint commit (`RunLogger.flush`) and at the end (`RunLogger.close`).
+`wandb sync <run>/wandb/offline-run-*` (after copying it down) publishes an offline run."""
 from __future__ import annotations
 
 import json
 import logging
 import os
 import re
+import shutil
 import sys
 import tempfile
 import time
 from typing import Any
 
-from system.config import Experiment, redacted_dict
+from system.config import Experiment, StorageConfig, redacted_dict
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +59,34 @@ class Progress:
             self.bar = None
 
 
+def sync_wandb_dir(local_dir: str, run_url: str, storage: StorageConfig | None = None,
+                   uploaded: dict[str, tuple[int, int]] | None = None) -> int:
+    """Upload wandb's folder `local_dir` (the `wandb/` folder holding `offline-run-*`, `run-*`) to
+    `<run_url>/wandb/`: every file (symlinks skipped) new or changed since `uploaded` (relative path
+    -> (size, mtime_ns), updated in place). Returns the number of files uploaded."""
+    from system.data.storage import filesystem, join
+
+    uploaded = {} if uploaded is None else uploaded
+    if not os.path.isdir(local_dir):
+        return 0
+    fs, root = filesystem(join(run_url, "wandb"), storage)
+    n = 0
+    for folder, dirs, files in os.walk(local_dir):
+        dirs[:] = sorted(d for d in dirs if not os.path.islink(os.path.join(folder, d)))
+        for name in sorted(files):
+            src = os.path.join(folder, name)
+            if os.path.islink(src):
+                continue
+            st = os.stat(src)
+            rel = os.path.relpath(src, local_dir).replace(os.sep, "/")
+            if uploaded.get(rel) == (st.st_size, st.st_mtime_ns):
+                continue
+            fs.put_file(src, f"{root.rstrip('/')}/{rel}")
+            uploaded[rel] = (st.st_size, st.st_mtime_ns)
+            n += 1
+    return n
+
+
 def wandb_id(run_name: str) -> str:
     """A stable wandb run id for a run name (so a resubmitted run continues the same wandb run)."""
     return re.sub(r"[^A-Za-z0-9_-]", "-", run_name)[:64]
@@ -65,6 +100,9 @@ class RunLogger:
         self.cfg, self.store, self.enabled = cfg, store, enabled
         self.records: list[dict] = []
         self.wandb: Any = None
+        self.wandb_dir: str | None = None  # wandb's local folder when it must be uploaded to <run>/wandb
+        self._uploaded: dict[str, tuple[int, int]] = {}
+        self._tmp_dir: str | None = None  # wandb's local folder of a run on object storage (removed at close)
         self.progress = Progress(cfg.train.max_steps, start_step, cfg.run_name, enabled and cfg.logging.progress)
         if not enabled:
             return
@@ -74,8 +112,11 @@ class RunLogger:
 
     def _init_wandb(self) -> None:
         cfg = self.cfg
-        wdir = self.store.root if self.store.local else os.path.join(tempfile.gettempdir(), "wandb", cfg.run_name)
+        # object storage: a folder of this process only (another run of the same name on this node
+        # must not be uploaded into this run)
+        wdir = self.store.root if self.store.local else tempfile.mkdtemp(prefix=f"wandb-{wandb_id(cfg.run_name)}-")
         os.makedirs(wdir, exist_ok=True)
+        self._tmp_dir = None if self.store.local else wdir
         try:
             import wandb
 
@@ -90,6 +131,8 @@ class RunLogger:
                 config=redacted_dict(cfg),
                 settings=wandb.Settings(console="off", x_disable_stats=True),
             )
+            if not self.store.local and cfg.logging.wandb_mode == "offline":
+                self.wandb_dir = os.path.join(wdir, "wandb")
         except Exception as e:  # noqa: BLE001 - logging must not kill a training run
             log.warning("wandb.init failed (%s: %s); continuing without wandb", type(e).__name__, e)
             self.wandb = None
@@ -109,9 +152,23 @@ class RunLogger:
             print(f"[{self.cfg.run_name}] step {step} " + " ".join(f"{k}={v:.4g}" for k, v in sorted(metrics.items())), flush=True)
 
     def flush(self) -> None:
-        """Write metrics.jsonl (rank 0; called at checkpoint commits and at the end)."""
+        """Write metrics.jsonl and upload wandb's offline run (rank 0; called at checkpoint commits)."""
         if self.enabled:
             self.store.write_bytes("metrics.jsonl", "".join(json.dumps(r) + "\n" for r in self.records).encode())
+            self.sync_wandb()
+
+    def sync_wandb(self) -> bool:
+        """Upload wandb's offline run folder to `<run>/wandb/` (object storage; files changed since the
+        last upload). A failure is logged, not raised (metrics.jsonl is the run's record): False."""
+        if not self.enabled or self.wandb_dir is None:
+            return True
+        try:
+            sync_wandb_dir(self.wandb_dir, self.store.run_url, self.store.storage, self._uploaded)
+            return True
+        except Exception as e:  # noqa: BLE001 - logging must not kill a training run
+            log.warning("uploading wandb's run folder %s to %s/wandb failed (%s: %s)", self.wandb_dir, self.store.run_url,
+                        type(e).__name__, e)
+            return False
 
     def curves(self, keys: list[str]) -> None:
         """Write `<run>/curves.png` (rank 0): one panel per metric of `keys` from the records so far."""
@@ -137,3 +194,6 @@ class RunLogger:
         if self.wandb is not None:
             self.wandb.finish()
             self.wandb = None
+        if self.sync_wandb() and self._tmp_dir is not None:  # the finished run, complete: the local copy can go
+            shutil.rmtree(self._tmp_dir, ignore_errors=True)
+            self._tmp_dir = self.wandb_dir = None

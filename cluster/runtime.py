@@ -28,7 +28,9 @@ def init_ray(cluster: ClusterConfig, runtime_env: Optional[dict] = None, verbose
     env_vars.setdefault("PYTHONPATH", os.pathsep.join(p for p in (REPO_ROOT, os.environ.get("PYTHONPATH")) if p))
     env["env_vars"] = env_vars
     # the dashboard serves Ray's state API, which Ray Train's placement-group cleaner polls
-    ray.init(num_cpus=cluster.local_num_cpus, runtime_env=env, log_to_driver=verbose, configure_logging=verbose)
+    # address="local": a new Ray of this job's own, never a `ray start` cluster that happens to run on this machine
+    ray.init(address="local", num_cpus=cluster.local_num_cpus, runtime_env=env, log_to_driver=verbose,
+             configure_logging=verbose)
 
 
 def resolve_use_gpu(cluster: ClusterConfig) -> bool:
@@ -45,17 +47,31 @@ def resolve_use_gpu(cluster: ClusterConfig) -> bool:
     return ray.cluster_resources().get("GPU", 0) > 0
 
 
-def check_resources(cluster: ClusterConfig, use_gpu: bool, extra_cpus: float = 0.0, extra_gpus: float = 0.0) -> None:
-    """Fail early (before any actor starts) when the pool, plus `extra_*` for other actors of the
-    job (e.g. VAπ's rollout pool), cannot fit into the cluster."""
+def rank_cpus(cluster: ClusterConfig, data_workers: int = 0) -> float:
+    """CPUs Ray reserves for one training rank: what it uses, its process plus its `data_workers`
+    DataLoader processes (`data.num_workers`), or `cluster.cpus_per_worker` when that is more."""
+    return max(float(cluster.cpus_per_worker), float(data_workers + 1))
+
+
+def _per_rank(cluster: ClusterConfig, data_workers: int) -> str:
+    cpus = rank_cpus(cluster, data_workers)
+    if cpus > cluster.cpus_per_worker:
+        return f"{cpus:g} CPUs per rank (data.num_workers={data_workers} DataLoader processes + 1)"
+    return f"cluster.cpus_per_worker={cluster.cpus_per_worker:g}"
+
+
+def check_resources(cluster: ClusterConfig, use_gpu: bool, extra_cpus: float = 0.0, extra_gpus: float = 0.0,
+                    data_workers: int = 0) -> None:
+    """Fail early (before any actor starts) when the pool (`rank_cpus` per rank), plus `extra_*` for
+    other actors of the job (e.g. VAπ's rollout pool), cannot fit into the cluster."""
     res = ray.cluster_resources()
-    need_cpu = cluster.num_workers * cluster.cpus_per_worker + extra_cpus
+    need_cpu = cluster.num_workers * rank_cpus(cluster, data_workers) + extra_cpus
     others = f" + {extra_cpus:g} for the job's other actors" if extra_cpus else ""
     if res.get("CPU", 0) < need_cpu:
         raise ConfigError(
             f"the job needs {need_cpu:g} CPUs (cluster.num_workers={cluster.num_workers} x "
-            f"cluster.cpus_per_worker={cluster.cpus_per_worker:g}{others}) but the Ray cluster has {res.get('CPU', 0):g}; "
-            "lower cluster.num_workers or cluster.cpus_per_worker (or raise cluster.local_num_cpus)"
+            f"{_per_rank(cluster, data_workers)}{others}) but the Ray cluster has {res.get('CPU', 0):g}; "
+            "lower cluster.num_workers, cluster.cpus_per_worker or data.num_workers (or raise cluster.local_num_cpus)"
         )
     need_gpu = (cluster.num_workers * cluster.gpus_per_worker if use_gpu else 0) + extra_gpus
     if need_gpu and res.get("GPU", 0) < need_gpu:
@@ -66,17 +82,45 @@ def check_resources(cluster: ClusterConfig, use_gpu: bool, extra_cpus: float = 0
         )
 
 
-def check_local_resources(cluster: ClusterConfig, extra_cpus: float = 0.0) -> None:
-    """Before starting a local Ray: the pool (plus other actors) must fit in the CPUs it will have."""
+def check_local_resources(cluster: ClusterConfig, extra_cpus: float = 0.0, data_workers: int = 0) -> None:
+    """Before starting a local Ray: the pool (`rank_cpus` per rank, plus other actors) must fit in
+    the CPUs it will have."""
     have = cluster.local_num_cpus or os.cpu_count() or 1
-    need = cluster.num_workers * cluster.cpus_per_worker + extra_cpus
+    per_rank = rank_cpus(cluster, data_workers)
+    need = cluster.num_workers * per_rank + extra_cpus
     if need > have:
         key = "cluster.local_num_cpus" if cluster.local_num_cpus else "this machine's CPU count"
         raise ConfigError(
             f"config key 'cluster.num_workers' = {cluster.num_workers}: the pool needs {need:g} CPUs "
-            f"(cluster.num_workers x cluster.cpus_per_worker={cluster.cpus_per_worker:g}"
+            f"(cluster.num_workers x {_per_rank(cluster, data_workers)}"
             f"{f' + {extra_cpus:g} for other actors' if extra_cpus else ''}) but the local Ray gets {have} ({key}); "
-            f"use cluster.num_workers <= {int((have - extra_cpus) // cluster.cpus_per_worker)} or join a cluster (cluster.address)")
+            f"use cluster.num_workers <= {int(max(have - extra_cpus, 0) // per_rank)}"
+            f"{' or fewer data.num_workers' if per_rank > cluster.cpus_per_worker else ''}, or join a cluster (cluster.address)")
+
+
+def worker_nodes() -> tuple[str, set[str]]:
+    """(this process's node id, ids of the alive nodes that can host a training worker: with CPUs or GPUs)."""
+    here = ray.get_runtime_context().get_node_id()
+    hosts = {n["NodeID"] for n in ray.nodes()
+             if n.get("Alive") and (n.get("Resources", {}).get("CPU", 0) > 0 or n.get("Resources", {}).get("GPU", 0) > 0)}
+    return here, hosts
+
+
+def check_storage_shared(storage_path: str, shared: bool, here: str, hosts: set[str]) -> None:
+    """A local `checkpoint.storage_path` is one folder for the whole run only when every rank runs on
+    the driver's node (`here`), or when it is declared the same folder on every node (`shared`)."""
+    from system.data.storage import protocol
+
+    if protocol(storage_path) != "file" or shared or hosts == {here}:
+        return
+    where = (f"{len(hosts - {here})} node(s) besides the driver's" if here in hosts
+             else "nodes other than the driver's, which has no CPUs or GPUs for them")
+    raise ConfigError(
+        f"config key 'checkpoint.storage_path' = {storage_path!r} is a local folder, but the Ray cluster's workers run on "
+        f"{where}: each "
+        "rank would write its checkpoint shards to its own disk, and the driver would not see them. Use object storage "
+        "(checkpoint.storage_path=s3://bucket/prefix), or a folder mounted on every node (NFS, a shared PVC) and declare "
+        "it with checkpoint.shared=true")
 
 
 STALE_LOCK_S = 300  # a torch extension build takes well under this on CPU

@@ -5,7 +5,14 @@ rank loop `cluster.loop.train_loop` via `run_training`, for every method) on
 the newest complete checkpoint in our store, so resubmitting the same `run_name` continues too.
 
 Ray Train V2 keeps metrics only when reported with a checkpoint, and `report` is a barrier: the
-workers report once per commit, rank 0 with a tiny Ray checkpoint that points at ours.
+workers report once per commit, rank 0 with a tiny Ray checkpoint that points at ours. Ray Train's
+own storage is the run's storage (`<run>/ray_train`, for object storage through our retrying
+filesystem): rank 0 may run on any node (on KubeRay the head has no CPUs), and nothing the run needs
+lives on the head's disk. A local `checkpoint.storage_path` on a multi-node cluster must be declared
+the same folder on every node (`checkpoint.shared`), else the run stops at start-up.
+
+Each rank reserves `runtime.rank_cpus` CPUs: `cluster.cpus_per_worker`, or its process plus its
+`data.num_workers` DataLoader processes when that is more.
 """
 from __future__ import annotations
 
@@ -23,9 +30,10 @@ from ray.train.torch import TorchConfig, TorchTrainer
 
 from cluster.job import ImageShards, SourceFactory, TrainJob
 from cluster.console import say
-from cluster.runtime import check_extension_locks, check_local_resources, check_resources, init_ray, resolve_use_gpu
+from cluster.runtime import (check_extension_locks, check_local_resources, check_resources, check_storage_shared, init_ray,
+                             rank_cpus, resolve_use_gpu, worker_nodes)
 from system.config import ConfigError, Experiment, to_yaml
-from system.data.storage import protocol
+from system.data.storage import assume_reachable, filesystem, join, protocol
 
 POINTER_FILE = "checkpoint_pointer.json"
 
@@ -72,6 +80,8 @@ def _train_fn(config: dict[str, Any]) -> None:  # Ray Train's train_loop_config
     import torch
 
     use_gpu = config["use_gpu"]
+    # the driver has listed the run on this storage: an outage from the first request on is waited out
+    assume_reachable(config["exp"].data.storage)
     if not use_gpu:
         os.environ["DS_ACCELERATOR"] = "cpu"
         # one intra-op thread per CPU Ray reserved for this worker: Ray sets OMP_NUM_THREADS only when the
@@ -158,12 +168,30 @@ def local_run_dir(exp: Experiment) -> Optional[str]:
     return os.path.join(sp.removeprefix("file://"), exp.run_name) if protocol(sp) == "file" else None
 
 
-def ray_storage_path(exp: Experiment) -> str:
-    """Where Ray Train keeps its own run state: beside the run for local storage, else ~/ray_results."""
+def ray_storage(exp: Experiment) -> tuple[str, Any]:
+    """(storage_path, storage_filesystem) for Ray Train's own run state: `<run>/ray_train`, in the
+    run's own storage. Object storage: our retrying fsspec filesystem (`data.storage`) as a pyarrow
+    filesystem, so every node reaches it as the run does (and waits out an outage like the run)."""
     sp = exp.checkpoint.storage_path
     if protocol(sp) == "file":
-        return os.path.join(sp.removeprefix("file://"), exp.run_name, "ray_train")
-    return os.path.abspath(os.path.expanduser(os.environ.get("RAY_RESULTS_DIR", "~/ray_results")))
+        return os.path.join(sp.removeprefix("file://"), exp.run_name, "ray_train"), None
+    import pyarrow.fs
+
+    fs, path = filesystem(join(sp, exp.run_name, "ray_train"), exp.data.storage, assume_reachable=True)
+    return path, pyarrow.fs.PyFileSystem(pyarrow.fs.FSSpecHandler(fs))
+
+
+def worker_resources(exp: Experiment, use_gpu: bool) -> dict[str, float]:
+    """Ray resources of one training rank: `rank_cpus` CPUs (its process and its `data.num_workers`
+    DataLoader processes, at least `cluster.cpus_per_worker`) and `cluster.gpus_per_worker` GPUs."""
+    c = exp.cluster
+    cpus = rank_cpus(c, data_workers(exp))
+    return {"CPU": cpus, **({"GPU": c.gpus_per_worker} if use_gpu else {})}
+
+
+def data_workers(exp: Experiment) -> int:
+    """DataLoader processes of one rank (`data.num_workers`; 0 for a job without a data section)."""
+    return int(getattr(getattr(exp, "data", None), "num_workers", 0) or 0)
 
 
 def prepare_run(exp: Experiment, extra_cpus: float = 0.0, extra_gpus: float = 0.0) -> tuple[Experiment, Any, bool]:
@@ -196,12 +224,13 @@ def prepare_run(exp: Experiment, extra_cpus: float = 0.0, extra_gpus: float = 0.
             f"train.max_steps; to start a new run, set another run_name (e.g. run_name={exp.run_name}-2)")
     started_here = not ray.is_initialized() and not (c.address or os.environ.get("RAY_ADDRESS"))
     if started_here:
-        check_local_resources(c, extra_cpus)
+        check_local_resources(c, extra_cpus, data_workers=data_workers(exp))
         check_extension_locks()
     init_ray(c, verbose=exp.logging.verbose)
+    check_storage_shared(exp.checkpoint.storage_path, exp.checkpoint.shared, *worker_nodes())
     use_gpu = resolve_use_gpu(c)
     if started_here:
-        check_resources(c, use_gpu, extra_cpus=extra_cpus, extra_gpus=extra_gpus)
+        check_resources(c, use_gpu, extra_cpus=extra_cpus, extra_gpus=extra_gpus, data_workers=data_workers(exp))
     store.write_bytes("config.yaml", to_yaml(exp).encode())
     say(f"[{exp.run_name}] {c.num_workers} {'GPU' if use_gpu else 'CPU'} worker(s), DeepSpeed ZeRO-{exp.deepspeed.zero_stage}, "
         f"{exp.train.max_steps} steps; run: {store.run_url}" + (f" (logs: {os.path.dirname(log_file)}/)" if log_file else ""))
@@ -215,7 +244,8 @@ def run_pool(exp: Experiment, use_gpu: bool, worker_fn: Callable[..., Any], work
     from cluster.console import ConsoleProgress, ProgressBoard, run_with_progress
 
     c = exp.cluster
-    resources = {"CPU": c.cpus_per_worker, **({"GPU": c.gpus_per_worker} if use_gpu else {})}
+    resources = worker_resources(exp, use_gpu)
+    storage_path, storage_fs = ray_storage(exp)
     board = ray.remote(num_cpus=0)(ProgressBoard).remote()
     trainer = TorchTrainer(
         _train_fn,
@@ -227,7 +257,8 @@ def run_pool(exp: Experiment, use_gpu: bool, worker_fn: Callable[..., Any], work
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
         run_config=RunConfig(
             name=exp.run_name,
-            storage_path=ray_storage_path(exp),
+            storage_path=storage_path,
+            storage_filesystem=storage_fs,
             failure_config=FailureConfig(max_failures=c.max_failures, controller_failure_limit=c.startup_retries),
             checkpoint_config=CheckpointConfig(num_to_keep=max(exp.checkpoint.keep_last, 1)),
         ),

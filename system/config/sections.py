@@ -27,6 +27,11 @@ class StorageConfig:
     anon: bool = False
     max_attempts: int = field(default=5, metadata=ok(">= 1"))  # botocore retry attempts for transient S3 errors
     retry_mode: Literal["standard", "adaptive", "legacy"] = "standard"
+    # then each request is retried with exponential back-off (+ jitter) for up to this many seconds
+    # before its error counts (an outage of the endpoint, 5xx, throttling); 0: no retry beyond botocore's.
+    # Keep it below the process-group timeout (30 min): the other ranks wait for this one meanwhile
+    retry_budget_s: float = field(default=600.0, metadata=ok(">= 0"))
+    retry_max_delay_s: float = field(default=30.0, metadata=ok("> 0"))  # cap of one back-off wait
 
 
 @dataclass
@@ -97,6 +102,9 @@ class ClusterConfig:
 @dataclass
 class CheckpointConfig:
     storage_path: str = "runs"  # local folder or s3://bucket/prefix; runs live in <storage_path>/<run_name>
+    # a local storage_path is the same folder on every node (NFS, a shared PVC): required for a local
+    # storage_path when the Ray cluster has more than one node (else each rank writes to its own disk)
+    shared: bool = False
     every_steps: int = field(default=1000, metadata=ok(">= 1"))
     keep_last: int = field(default=3, metadata=ok(">= 1"))
     resume: bool = True  # continue from the newest complete checkpoint of the same run name

@@ -1,13 +1,27 @@
 """fsspec access to shard storage (a local folder or s3://bucket/prefix) with clear errors.
 
-Transient S3 errors are retried by botocore (`StorageConfig.max_attempts` / `retry_mode`), not by
-a loop here. A missing object raises `FileNotFoundError` naming its full URL; an endpoint that
-cannot be reached or refuses our credentials raises `StorageError` naming the URL and endpoint.
+Transient S3 errors are retried twice over: first by botocore (`StorageConfig.max_attempts` /
+`retry_mode`, seconds), then, for every request of the project (all of it goes through
+`filesystem()`: small files, checkpoints, shards, Ray Train's storage), with exponential back-off
+and jitter for up to `StorageConfig.retry_budget_s` (minutes) before the error counts: an endpoint
+that refuses or drops connections, times out, answers 5xx or throttles. A missing object, a denied
+request or bad credentials are never retried. An endpoint this process has never reached fails at
+once (a wrong `endpoint_url` is a configuration error, said in one line), unless the process was
+told that it works (`assume_reachable`: the training workers, after the driver listed the run).
+
+A missing object raises `FileNotFoundError` naming its full URL; an endpoint that cannot be reached
+(or stays unreachable for the whole budget) or refuses our credentials raises `StorageError`
+naming the URL and endpoint. Local folders are used as they are (no retry).
 """
 from __future__ import annotations
 
+import asyncio
+import errno
 import json
+import logging
 import os
+import random
+import time
 import uuid
 from typing import Any
 
@@ -15,6 +29,7 @@ import fsspec
 
 from system.config.sections import StorageConfig
 
+log = logging.getLogger(__name__)
 
 class StorageError(RuntimeError):
     """Object storage cannot be used: unreachable endpoint, bad or missing credentials."""
@@ -56,10 +71,177 @@ def storage_options(url: str, storage: StorageConfig | None = None) -> dict[str,
     return opts
 
 
-def filesystem(url: str, storage: StorageConfig | None = None) -> tuple[fsspec.AbstractFileSystem, str]:
-    """(filesystem, path inside it) for `url`."""
+def filesystem(url: str, storage: StorageConfig | None = None, *,
+               assume_reachable: bool = False) -> tuple[fsspec.AbstractFileSystem, str]:
+    """(filesystem, path inside it) for `url`. For object storage, a `RetryingS3FileSystem`: every
+    request retried over `storage.retry_budget_s` (see the module doc); `assume_reachable`: retry
+    from the first request on (the endpoint is known to work; the object travels to other processes
+    with this setting, e.g. Ray Train's storage)."""
+    if protocol(url) in ("s3", "s3a"):
+        st = storage or StorageConfig()
+        cls = retrying_s3_class()
+        fs = cls(**storage_options(url, st), retry_budget_s=float(st.retry_budget_s),
+                 retry_max_delay_s=float(st.retry_max_delay_s), endpoint_key=endpoint_key(st),
+                 assume_reachable=assume_reachable)
+        return fs, cls._strip_protocol(url)
     fs, path = fsspec.core.url_to_fs(url, **storage_options(url, storage))
     return fs, path
+
+
+# ---------------------------------------------------------------------------- retrying object storage
+REACHED_ENV = "TOKENIZER_AR_STORAGE_REACHED"  # endpoints known to work, inherited by child processes
+_reached: set[str] = set()
+# names (anywhere in an error's class hierarchy) of errors raised before any HTTP answer
+_CONNECTION_ERRORS = {
+    "EndpointConnectionError", "ConnectTimeoutError", "ReadTimeoutError", "ConnectionClosedError",
+    "ProxyConnectionError", "HTTPClientError", "ResponseStreamingError", "IncompleteReadError",
+    "ClientConnectorError", "ClientConnectionError", "ServerDisconnectedError", "ClientPayloadError",
+    "ClientOSError", "ServerTimeoutError", "FSTimeoutError", "ResponseParserError", "IncompleteRead",
+}
+# S3 error codes worth waiting for (throttling and server-side trouble)
+_TRANSIENT_CODES = {
+    "SlowDown", "Throttling", "ThrottlingException", "RequestLimitExceeded", "TooManyRequestsException",
+    "RequestThrottled", "RequestTimeout", "RequestTimeoutException", "InternalError", "ServiceUnavailable",
+    "OperationAborted", "BandwidthLimitExceeded", "PriorRequestNotComplete", "EC2ThrottledException",
+}
+_TRANSIENT_ERRNOS = {errno.ECONNREFUSED, errno.ECONNRESET, errno.ECONNABORTED, errno.ETIMEDOUT, errno.EPIPE,
+                     errno.EHOSTUNREACH, errno.ENETUNREACH, errno.ENETDOWN, errno.EBUSY,
+                     getattr(errno, "EREMOTEIO", errno.EIO)}
+_NEVER = (FileNotFoundError, PermissionError, FileExistsError, IsADirectoryError, NotADirectoryError)
+
+
+def endpoint_key(storage: StorageConfig | None) -> str:
+    """The name under which an endpoint is remembered as reachable."""
+    st = storage or StorageConfig()
+    return st.endpoint_url or f"aws:{st.region or ''}"
+
+
+def assume_reachable(storage: StorageConfig | None) -> None:
+    """This process (and processes it starts, e.g. DataLoader workers) retries `storage`'s endpoint
+    from the first request on: another process has already used it (the driver, before a pool)."""
+    key = endpoint_key(storage)
+    _reached.add(key)
+    known = os.environ.get(REACHED_ENV, "").split()
+    if key not in known:
+        os.environ[REACHED_ENV] = " ".join([*known, key])
+
+
+def _is_reached(key: str) -> bool:
+    return key in _reached or key in os.environ.get(REACHED_ENV, "").split()
+
+
+def _chain(err: BaseException) -> list[BaseException]:
+    out, e = [], err
+    while e is not None and e not in out and len(out) < 8:
+        out.append(e)
+        e = e.__cause__ or e.__context__
+    return out
+
+
+def _response(e: BaseException) -> dict | None:
+    r = getattr(e, "response", None)
+    return r if isinstance(r, dict) and ("Error" in r or "ResponseMetadata" in r) else None
+
+
+def answered(err: BaseException) -> bool:
+    """Whether the endpoint sent an HTTP answer (any status) before `err`."""
+    return any(_response(e) is not None for e in _chain(err))
+
+
+def is_transient(err: BaseException) -> bool:
+    """Whether waiting may help: connection refused/reset/closed, timeouts, HTTP 5xx or 429, S3
+    throttling codes. Never a missing object, a denied request or missing/bad credentials."""
+    for e in _chain(err):
+        if isinstance(e, _NEVER):
+            return False
+        names = {c.__name__ for c in type(e).__mro__}
+        if any("Credential" in n for n in names):
+            return False
+        r = _response(e)
+        if r is not None:
+            code = str(r.get("Error", {}).get("Code", ""))
+            status = int(r.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0)
+            return code in _TRANSIENT_CODES or status >= 500 or status == 429
+        if names & _CONNECTION_ERRORS or isinstance(e, (ConnectionError, TimeoutError, asyncio.TimeoutError)):
+            return True
+        if isinstance(e, OSError) and e.errno in _TRANSIENT_ERRNOS:
+            return True
+    return False
+
+
+def backoff_s(attempt: int, max_delay_s: float, base_s: float = 0.5) -> float:
+    """Wait before retry `attempt` (0, 1, ...): exponential, capped, with jitter in its upper half."""
+    d = min(max_delay_s, base_s * 2 ** min(attempt, 30))
+    return d / 2 + random.uniform(0, d / 2)
+
+
+async def retry_transient(call, *, budget_s: float, max_delay_s: float, key: str, what: str = "request",
+                          trusted: bool = False) -> Any:
+    """`await call()`, retried on transient errors (`is_transient`) with `backoff_s` waits for up to
+    `budget_s` seconds in all; an endpoint not yet known to work (`key`) is not retried."""
+    start, attempt, said = time.monotonic(), 0, -1e9
+    while True:
+        try:
+            out = await call()
+        except Exception as e:  # noqa: BLE001 - re-raised unless transient
+            if answered(e):
+                _reached.add(key)
+            if budget_s <= 0 or not is_transient(e) or not (trusted or _is_reached(key)):
+                raise
+            elapsed = time.monotonic() - start
+            wait = min(backoff_s(attempt, max_delay_s), budget_s - elapsed)
+            if wait <= 0:
+                log.error("storage %s: %s failed for %.0f s (storage.retry_budget_s=%g): %s: %s", key, what, elapsed,
+                          budget_s, type(e).__name__, e)
+                raise
+            if elapsed - said >= 30 or attempt == 0:
+                said = elapsed
+                log.warning("storage %s: %s failed (%s: %s); retrying for up to %.0f s more", key, what,
+                            type(e).__name__, e, budget_s - elapsed)
+            await asyncio.sleep(wait)
+            attempt += 1
+            continue
+        _reached.add(key)
+        return out
+
+
+_RETRYING_S3: Any = None
+
+
+def retrying_s3_class() -> type:
+    """`s3fs.S3FileSystem` whose every request (`_call_s3`: objects, listings, uploads, ranged reads
+    of open files) goes through `retry_transient`. Built on first use (s3fs is imported only for
+    object storage); importable as `system.data.storage.RetryingS3FileSystem`, so instances pickle."""
+    global _RETRYING_S3
+    if _RETRYING_S3 is None:
+        import s3fs
+        from fsspec.asyn import sync_wrapper
+
+        class RetryingS3FileSystem(s3fs.S3FileSystem):
+            def __init__(self, *args, retry_budget_s: float = 0.0, retry_max_delay_s: float = 30.0,
+                         endpoint_key: str = "", assume_reachable: bool = False, **kwargs):
+                super().__init__(*args, **kwargs)
+                self.retry_budget_s, self.retry_max_delay_s = retry_budget_s, retry_max_delay_s
+                self.endpoint_key, self.assume_reachable = endpoint_key, assume_reachable
+
+            async def _call_s3(self, method, *akwarglist, **kwargs):
+                parent = super()._call_s3
+                return await retry_transient(lambda: parent(method, *akwarglist, **kwargs), budget_s=self.retry_budget_s,
+                                             max_delay_s=self.retry_max_delay_s, key=self.endpoint_key,
+                                             what=f"{method} {kwargs.get('Bucket', '')}/{kwargs.get('Key', kwargs.get('Prefix', ''))}",
+                                             trusted=self.assume_reachable)
+
+            call_s3 = sync_wrapper(_call_s3)  # s3fs's file objects call this one
+
+        RetryingS3FileSystem.__module__, RetryingS3FileSystem.__qualname__ = __name__, "RetryingS3FileSystem"
+        _RETRYING_S3 = RetryingS3FileSystem
+    return _RETRYING_S3
+
+
+def __getattr__(name: str) -> Any:  # PEP 562: `RetryingS3FileSystem` without importing s3fs at import time
+    if name == "RetryingS3FileSystem":
+        return retrying_s3_class()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def endpoint_of(url: str, storage: StorageConfig | None) -> str:

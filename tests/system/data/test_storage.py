@@ -1,3 +1,6 @@
+import time
+import uuid
+
 import pytest
 import s3fs
 
@@ -72,3 +75,147 @@ def test_credential_errors_are_named():
         e = storage_error("s3://b/imagenet/train/index.json", st, err)
         assert isinstance(e, StorageError)
         assert "s3://b/imagenet/train/index.json" in str(e) and "http://minio:9000" in str(e) and "credentials" in str(e)
+
+
+# ---------------------------------------------------------------------------- retry over a budget
+class _Server:
+    """moto's S3 server on a fixed port, stoppable and restartable (objects survive: they live in
+    this process)."""
+
+    def __init__(self):
+        import socket
+
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = s.getsockname()[1]
+        self.url, self.server = f"http://127.0.0.1:{self.port}", None
+
+    def start(self):
+        from moto.server import ThreadedMotoServer
+
+        self.server = ThreadedMotoServer(ip_address="127.0.0.1", port=self.port, verbose=False)
+        self.server.start()
+        return self
+
+    def stop(self):
+        if self.server is not None:
+            self.server.stop()
+            self.server = None
+
+    def restart_after(self, seconds: float):
+        import threading
+
+        t = threading.Timer(seconds, self.start)
+        t.start()
+        return t
+
+
+@pytest.fixture
+def endpoint(s3_server, monkeypatch):
+    """A restartable S3 endpoint with a bucket; this process's memory of reachable endpoints is reset."""
+    import system.data.storage as storage
+
+    monkeypatch.setattr(storage, "_reached", set())
+    monkeypatch.delenv(storage.REACHED_ENV, raising=False)
+    srv = _Server().start()
+    srv.bucket = f"outage-{uuid.uuid4().hex[:8]}"  # moto's objects outlive a server: one bucket per test
+    s3fs.S3FileSystem(client_kwargs={"endpoint_url": srv.url}, skip_instance_cache=True).mkdir(srv.bucket)
+    yield srv
+    srv.stop()
+
+
+def _client_error(code: str, status: int):
+    from botocore.exceptions import ClientError
+
+    return ClientError({"Error": {"Code": code, "Message": code}, "ResponseMetadata": {"HTTPStatusCode": status}}, "GetObject")
+
+
+def test_transient_errors_are_told_apart():
+    import errno
+
+    from botocore.exceptions import EndpointConnectionError, NoCredentialsError, ReadTimeoutError
+    from s3fs.errors import translate_boto_error
+
+    from system.data.storage import is_transient
+
+    transient = [EndpointConnectionError(endpoint_url="http://h"), ReadTimeoutError(endpoint_url="http://h"),
+                 ConnectionRefusedError(), ConnectionResetError(), TimeoutError(), _client_error("SlowDown", 503),
+                 _client_error("InternalError", 500), _client_error("Whatever", 502), _client_error("TooManyRequests", 429),
+                 translate_boto_error(_client_error("ServiceUnavailable", 503)), OSError(errno.ECONNRESET, "reset")]
+    never = [FileNotFoundError("x"), PermissionError("x"), NoCredentialsError(), _client_error("NoSuchKey", 404),
+             _client_error("AccessDenied", 403), translate_boto_error(_client_error("NoSuchKey", 404)),
+             translate_boto_error(_client_error("InvalidRange", 416)), ValueError("bad"), OSError(errno.EINVAL, "bad")]
+    assert [is_transient(e) for e in transient] == [True] * len(transient)
+    assert [is_transient(e) for e in never] == [False] * len(never)
+
+
+def test_backoff_grows_with_jitter_up_to_the_cap():
+    from system.data.storage import backoff_s
+
+    for attempt, d in [(0, 0.5), (1, 1.0), (3, 4.0), (10, 30.0), (100, 30.0)]:
+        waits = [backoff_s(attempt, 30.0) for _ in range(50)]
+        assert all(d / 2 <= w <= d for w in waits) and len(set(waits)) > 1
+
+
+def test_outage_longer_than_botocore_retries_needs_the_budget(endpoint):
+    """botocore left one attempt ("today's limit": the first refused connection): an outage of a few
+    seconds fails a read and a write without the budget, and with it both complete, nothing lost."""
+    url = f"s3://{endpoint.bucket}/run/f.bin"
+    off = StorageConfig(endpoint_url=endpoint.url, max_attempts=1, retry_budget_s=0)
+    on = StorageConfig(endpoint_url=endpoint.url, max_attempts=1, retry_budget_s=60, retry_max_delay_s=1)
+    write_bytes_atomic(url, b"before", on)  # the endpoint has answered: outages are retried from now on
+    endpoint.stop()
+    with pytest.raises(StorageError, match=url):
+        read_bytes(url, off)
+    with pytest.raises(StorageError, match=f"s3://{endpoint.bucket}/run/g.bin"):
+        write_bytes_atomic(f"s3://{endpoint.bucket}/run/g.bin", b"x", off)
+    t = endpoint.restart_after(3.0)
+    t0 = time.monotonic()
+    assert read_bytes(url, on) == b"before"  # waits the outage out
+    assert time.monotonic() - t0 >= 2.5
+    t.join()
+    endpoint.stop()
+    t = endpoint.restart_after(3.0)
+    write_bytes_atomic(f"s3://{endpoint.bucket}/run/g.bin", b"during", on)
+    t.join()
+    fs, _ = filesystem(url, off)
+    fs.invalidate_cache()
+    assert read_bytes(f"s3://{endpoint.bucket}/run/g.bin", off) == b"during" and read_bytes(url, off) == b"before"
+    assert sorted(fs.ls(f"{endpoint.bucket}/run")) == [f"{endpoint.bucket}/run/f.bin", f"{endpoint.bucket}/run/g.bin"]
+
+
+def test_budget_is_a_bound_and_errors_are_not_retried(endpoint):
+    st = StorageConfig(endpoint_url=endpoint.url, max_attempts=1, retry_budget_s=2, retry_max_delay_s=0.5)
+    write_bytes_atomic(f"s3://{endpoint.bucket}/a", b"a", st)
+    t0 = time.monotonic()
+    with pytest.raises(FileNotFoundError, match=f"s3://{endpoint.bucket}/missing"):  # not retried
+        read_bytes(f"s3://{endpoint.bucket}/missing", st)
+    assert time.monotonic() - t0 < 1.5
+    endpoint.stop()
+    t0 = time.monotonic()
+    with pytest.raises(StorageError, match=f"s3://{endpoint.bucket}/a"):
+        read_bytes(f"s3://{endpoint.bucket}/a", st)
+    assert 1.5 <= time.monotonic() - t0 < 6  # the budget, then the error
+
+
+def test_never_reached_endpoint_fails_at_once_unless_assumed_reachable(endpoint):
+    """A wrong endpoint_url is said at once (no budget spent); a process told that the endpoint works
+    (a training worker after the driver's checks) waits for it from the first request on."""
+    from system.data.storage import assume_reachable
+
+    st = StorageConfig(endpoint_url=endpoint.url, max_attempts=1, retry_budget_s=60, retry_max_delay_s=1)
+    endpoint.stop()
+    t0 = time.monotonic()
+    with pytest.raises(StorageError):
+        read_bytes(f"s3://{endpoint.bucket}/x", st)
+    assert time.monotonic() - t0 < 5
+    t = endpoint.restart_after(2.0)
+    fs, path = filesystem(f"s3://{endpoint.bucket}/x", st, assume_reachable=True)  # e.g. Ray Train's storage filesystem
+    assert not fs.exists(path)
+    t.join()
+    endpoint.stop()
+    assume_reachable(st)  # this process and its children
+    t = endpoint.restart_after(2.0)
+    with pytest.raises(FileNotFoundError):
+        read_bytes(f"s3://{endpoint.bucket}/x", st)  # reached after the outage: a real answer
+    t.join()
