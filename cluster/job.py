@@ -21,6 +21,9 @@ class WorkerContext:
     report: Callable[[dict, Optional[str]], None] = field(default=lambda metrics, url: None)
     # progress(event): rank 0's small events for the driver's console (start, step, checkpoint)
     progress: Callable[[dict], None] = field(default=lambda event: None)
+    # preempted(): whether the pool announced that a node of this run is about to be taken (Ray:
+    # `ray.train.get_preemption_info() is not None`); the loop calls it once per step on every rank
+    preempted: Callable[[], bool] = field(default=lambda: False)
 
 
 @dataclass
@@ -41,23 +44,37 @@ class SourceContext:
 SourceFactory = Callable[[Experiment, SourceContext], BatchSource]
 
 
-class ImageShards:
-    """The default batch source: this rank's `ShardReader` over `data.url` (picklable factory)."""
+class _ShardFactory:
+    """A picklable batch-source factory: this rank's reader (`reader`, a `ShardSource` class) over
+    `data.url`; `validation`: its share of `data.val_url` (None without one)."""
+
+    reader_name = ""
+
+    def _reader(self):
+        from system.data import reader
+
+        return getattr(reader, self.reader_name)
 
     def __call__(self, exp: Experiment, ctx: SourceContext) -> BatchSource:
-        from system.data.reader import ShardReader
+        return self._reader().from_config(exp.data, rank=ctx.rank, world_size=ctx.world_size, seed=exp.seed,
+                                          pin_memory=ctx.device.type == "cuda")
 
-        return ShardReader.from_config(exp.data, rank=ctx.rank, world_size=ctx.world_size, seed=exp.seed)
+    def validation(self, exp: Experiment, ctx: SourceContext) -> Optional[BatchSource]:
+        if not exp.data.val_url:
+            return None
+        return self._reader().from_config(exp.data, rank=ctx.rank, world_size=ctx.world_size, seed=exp.seed, val=True)
 
 
-class TokenShards:
-    """Pre-tokenized batches: this rank's `TokenShardReader` over `data.url` (a `TokenDataConfig`;
-    picklable factory)."""
+class ImageShards(_ShardFactory):
+    """The default batch source: `ShardReader` over image shards (`DataConfig`)."""
 
-    def __call__(self, exp: Experiment, ctx: SourceContext) -> BatchSource:
-        from system.data.reader import TokenShardReader
+    reader_name = "ShardReader"
 
-        return TokenShardReader.from_config(exp.data, rank=ctx.rank, world_size=ctx.world_size, seed=exp.seed)
+
+class TokenShards(_ShardFactory):
+    """Pre-tokenized batches: `TokenShardReader` over token shards (`TokenDataConfig`)."""
+
+    reader_name = "TokenShardReader"
 
 
 @dataclass

@@ -1,15 +1,24 @@
 """The ONE rank loop: any registered `Method` (system/methods/base.py) under DeepSpeed, fed by any
 `BatchSource`, with LR schedule, EMA, metrics, checkpoints, fault injection, export and sample
 grids. Runs inside a Ray Train worker (train_pool.py) or in any process with torch.distributed
-initialised (tests, world size 1). Nothing here knows a method or a data kind by name."""
+initialised (tests, world size 1). Nothing here knows a method or a data kind by name.
+
+Preemption: SIGTERM on any rank (a spot node's notice reaching the process; the handler is
+installed where Python allows it, i.e. when the loop runs on the main thread) or the pool's
+preemption notice (`WorkerContext.preempted`, e.g. Ray Train's `get_preemption_info`) is agreed
+on by all ranks at every step boundary (one all-reduce of two flags over a CPU group). After
+SIGTERM the ranks commit a checkpoint at that step and raise `Preempted`, so the restarted job
+resumes from it; after a notice they commit once and keep training until the node is taken."""
 from __future__ import annotations
 
 import contextlib
 import io
 import json
 import os
+import signal
+import threading
 import time
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
 import torch.distributed as dist
@@ -20,7 +29,8 @@ from cluster.job import SourceContext, TrainJob, WorkerContext
 from cluster.reporting import RunLogger
 from system.config import Experiment, FaultConfig, to_yaml
 from system.data.storage import join
-from system.methods.base import Collective, frozen
+from cluster.validation import validate_on_ranks
+from system.methods.base import Collective, Method, frozen
 from system.models.artifacts import write_export, write_model_json
 from system.train_utils import EMA, capture_rng_state, lr_factor, restore_rng_state, save_image_grid, seed_everything, set_deterministic
 
@@ -77,6 +87,58 @@ def agreed_resume_point(store: CheckpointStore, rank: int) -> Optional[Checkpoin
         dist.broadcast_object_list(box, src=0)
         ref = box[0]
     return ref
+
+
+class Preempted(RuntimeError):
+    """The rank loop stopped after committing checkpoint `step` because a rank got SIGTERM: run the
+    job again (Ray Train: a restart) to continue from it."""
+
+    def __init__(self, step: int, url: str):
+        super().__init__(f"stopped on SIGTERM after committing step {step} ({url}); run again to continue from it")
+        self.step, self.url = step, url
+
+
+def control_group() -> Any:
+    """Collective: a process group for small CPU flags (the default group when it runs gloo, else a
+    new gloo group, so a per-step flag costs no GPU synchronisation); None without torch.distributed."""
+    if not dist.is_initialized():
+        return None
+    return None if "gloo" in str(dist.get_backend()) else dist.new_group(backend="gloo")
+
+
+class StopWatch:
+    """Whether any rank must stop (SIGTERM) or the pool announced a preemption. Use as a context
+    (installs the SIGTERM handler on the main thread, restores the previous one on exit; a second
+    SIGTERM gets the previous handler, so an impatient sender still terminates the process).
+    `poll()` is collective: every rank calls it once per step."""
+
+    def __init__(self, world_size: int, preempted: Callable[[], bool] = lambda: False, group: Any = None):
+        self.world_size, self.preempted, self.group = world_size, preempted, group
+        self.signalled = False
+        self._previous: Any = None
+        self._installed = False
+
+    def _on_sigterm(self, signum, frame) -> None:
+        self.signalled = True
+        signal.signal(signal.SIGTERM, self._previous if self._previous is not None else signal.SIG_DFL)
+
+    def __enter__(self) -> "StopWatch":
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGTERM, self._on_sigterm)
+            self._installed = True
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._installed and signal.getsignal(signal.SIGTERM) == self._on_sigterm:
+            signal.signal(signal.SIGTERM, self._previous if self._previous is not None else signal.SIG_DFL)
+        self._installed = False
+
+    def poll(self) -> tuple[bool, bool]:
+        """Collective: (some rank got SIGTERM, some rank sees a preemption notice)."""
+        flags = torch.tensor([float(self.signalled), float(bool(self.preempted()))])
+        if dist.is_initialized() and self.world_size > 1:
+            dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=self.group)
+        return bool(flags[0] > 0), bool(flags[1] > 0)
 
 
 def maybe_crash(fault: FaultConfig, store: CheckpointStore, rank: int, step: int) -> None:
@@ -163,14 +225,28 @@ class RankLoop:
         seed_everything(exp.seed + 7919 * (ctx.rank + 1))  # per-rank stream for dropout, noise, sampling
         self.state = TrainState(step=0, emas=self.emas, ema_partitioned=self.strategy.zero_stage == 3, method=self.method,
                                 modules=self.mods)
-        self.source = job.source(exp, SourceContext(
+        self.sctx = SourceContext(
             rank=ctx.rank, world_size=ctx.world_size, device=ctx.device, seed=exp.seed, max_steps=exp.train.max_steps,
             collective=self.method.collective, module_state=lambda n: self.strategy.gathered_state_dict(self.engines[n]),
-            step=lambda: self.state.step))
+            step=lambda: self.state.step)
+        self.source = job.source(exp, self.sctx)
         self.state.reader = self.source
+        self.watch = StopWatch(ctx.world_size, getattr(ctx, "preempted", lambda: False), control_group())
+        self.notice_before = False  # a preemption notice is answered by one checkpoint when it appears
 
     # ------------------------------------------------------------------ session
     def run(self) -> dict:
+        with self.watch:
+            try:
+                return self._run()
+            except Preempted as e:
+                if self.rank0:
+                    print(f"[{self.exp.run_name}] {e}", flush=True)
+                self.logger.close()
+                self.source.close()
+                raise
+
+    def _run(self) -> dict:
         exp, ctx, state = self.exp, self.ctx, self.state
         ref = agreed_resume_point(self.store, ctx.rank)
         if ref is not None:
@@ -188,6 +264,8 @@ class RankLoop:
         self.logger = RunLogger(exp, self.store, start_step=start, enabled=self.rank0)
         self.committed = ref.step if ref is not None else None
         self.last: dict[str, float] = {}
+        if ref is None:
+            self.validate("val_start")  # the untrained baseline
         t_start = time.perf_counter()
         it = iter(self.source)
         batch = self.train(it)
@@ -253,11 +331,49 @@ class RankLoop:
                 t_log, since_log = time.perf_counter(), 0
             if exp.train.sample_every and state.step % exp.train.sample_every == 0:
                 self.write_samples(batch)
-            if state.step % exp.checkpoint.every_steps == 0 or state.step == exp.train.max_steps:
+            if state.step == exp.train.max_steps or (exp.train.val_every and state.step % exp.train.val_every == 0):
+                self.validate()
+                if state.step == exp.train.max_steps and self.emas:
+                    self.validate("val_ema", ema=True)
+            stop, notice = self.watch.poll()
+            fresh, self.notice_before = notice and not self.notice_before, notice
+            if stop or fresh or state.step % exp.checkpoint.every_steps == 0 or state.step == exp.train.max_steps:
                 self.commit()
+            if stop:
+                raise Preempted(state.step, self.store.ckpt_url(state.step))
         return batch
 
     # ------------------------------------------------------------------ outputs
+    def validate(self, prefix: str = "val", ema: bool = False) -> dict[str, float]:
+        """Collective: the method's validation on this rank's share of the validation split
+        (cluster/validation.py), logged as `<prefix>/<metric>` at the current step and reported with
+        the next commit; with `ema` on the EMA weights. {} when the method or the data has none."""
+        factory = getattr(self.job.source, "validation", None)
+        if factory is None or type(self.method).validate is Method.validate:
+            return {}
+        source = factory(self.exp, self.sctx)
+        if source is None:
+            return {}
+        swapped = [(self.emas[n], self.engines[n]) for n in self.emas] if ema else []
+        for e_ma, e in swapped:
+            e_ma.swap(self.strategy.local_params(e))
+        try:
+            with self.strategy.autocast(self.engines[self.phases[0]]):
+                metrics = validate_on_ranks(
+                    self.method, self.mods, source.one_epoch(), world_size=self.ctx.world_size,
+                    batch_size=self.job.micro_batch_size, max_images=self.exp.train.val_max_images,
+                    device=self.ctx.device, to_device=to_device)
+        finally:
+            for e_ma, e in swapped:
+                e_ma.swap(self.strategy.local_params(e))
+            source.close()
+        if not metrics:
+            return {}
+        out = {f"{prefix}/{k}": v for k, v in metrics.items()}
+        self.logger.log(self.state.step, out)
+        self.last.update(out)
+        return out
+
     def commit(self) -> None:
         commit_checkpoint(self.store, self.strategy, self.engines, self.state, rank=self.ctx.rank,
                           world_size=self.ctx.world_size, barrier=barrier, run_name=self.exp.run_name,

@@ -74,6 +74,21 @@ def _ray_report(rank: int) -> Callable[[dict, Optional[str]], None]:
     return report
 
 
+def _preemption_poll(every: int = 10) -> Callable[[], bool]:
+    """`WorkerContext.preempted` under Ray Train: whether a node of the run is about to be preempted
+    (`ray.train.get_preemption_info`, a barrier over the workers: asked on every `every`-th call, the
+    same calls on every rank since the loop polls once per step; the last answer in between)."""
+    calls, last = [0], [False]
+
+    def poll() -> bool:
+        if calls[0] % every == 0:
+            last[0] = ray.train.get_preemption_info() is not None
+        calls[0] += 1
+        return last[0]
+
+    return poll
+
+
 def _train_fn(config: dict[str, Any]) -> None:  # Ray Train's train_loop_config
     """Ray Train worker entry: environment first (DeepSpeed reads DS_ACCELERATOR at import), then
     `worker_fn(exp, WorkerContext, **worker_kwargs)`."""
@@ -103,7 +118,8 @@ def _train_fn(config: dict[str, Any]) -> None:  # Ray Train's train_loop_config
         redirect_worker_output(local_run_dir(exp), rank)
     board = config.get("board")
     progress = (lambda e: board.push.remote(e)) if board is not None and rank == 0 else (lambda e: None)
-    wctx = WorkerContext(rank=rank, world_size=world, device=device, report=_ray_report(rank), progress=progress)
+    wctx = WorkerContext(rank=rank, world_size=world, device=device, report=_ray_report(rank), progress=progress,
+                         preempted=_preemption_poll())
     config["worker_fn"](exp, wctx, **config["worker_kwargs"])
 
 
@@ -323,10 +339,26 @@ def train_or_finished(exp: Experiment, job: Optional[TrainJob] = None) -> RunRes
                          export_url=store.url("export"))
 
 
+def val_history(run: str, storage: Any) -> dict[str, float]:
+    """The last value of every validation metric (`val*/...`) in `<run>/metrics.jsonl` (all
+    sessions of the run: the untrained baseline `val_start/*` is logged by the first)."""
+    from system.data.storage import exists, read_bytes
+
+    url = f"{run.rstrip('/')}/metrics.jsonl"
+    out: dict[str, float] = {}
+    if not exists(url, storage):
+        return out
+    for line in read_bytes(url, storage).decode().splitlines():
+        row = json.loads(line) if line.strip() else {}
+        out.update({k: v for k, v in row.items() if k.startswith("val") and "/" in k})
+    return out
+
+
 def report_tokenizer_run(exp: Experiment, result: RunResult, keys: tuple[str, ...], title: str,
                          summary_extra: Optional[dict] = None, others: Optional[dict[str, str]] = None) -> None:
-    """A tokenizer job's end: the final table (metrics `keys`, validation PSNR of the export next to
-    an untrained tokenizer and the exports in `others`, the run's paths) and `<run>/result.json`."""
+    """A tokenizer job's end: the final table (metrics `keys`; the validation the workers ran:
+    PSNR untrained -> trained (EMA), next to the runs whose exports `others` names; the run's paths)
+    and `<run>/result.json`."""
     from cluster.console import table
     from system.data.storage import write_bytes_atomic
 
@@ -334,12 +366,20 @@ def report_tokenizer_run(exp: Experiment, result: RunResult, keys: tuple[str, ..
     rows = [(k, m[k]) for k in keys if k in m]
     summary = {**(summary_extra or {}), "run": run, "step": result.step, "checkpoint": result.checkpoint_url,
                "export": export, "metrics": m}
-    if exp.data.val_url and export:
-        from system.methods.tokenizer_training import val_psnr_report
-
-        summary["val_psnr_db"] = psnr = val_psnr_report(exp, export, others)
-        rows.append(("val PSNR (dB)", f"untrained {psnr['untrained']:.2f} -> trained {psnr['trained']:.2f} (EMA "
-                                      f"{psnr['trained_ema']:.2f})" + "".join(f"; {k} {psnr[k]:.2f}" for k in others or {})))
+    val = val_history(run, exp.data.storage)
+    if "val/psnr" in val:
+        summary["validation"] = val
+        psnr = {"untrained": val.get("val_start/psnr"), "trained": val["val/psnr"], "trained_ema": val.get("val_ema/psnr")}
+        for name, url in (others or {}).items():  # another run's export: that run's own final validation
+            theirs = val_history(url.rstrip("/").rsplit("/", 1)[0], exp.data.storage)
+            psnr[name] = theirs.get("val_ema/psnr", theirs.get("val/psnr"))
+        summary["val_psnr_db"] = psnr = {k: v for k, v in psnr.items() if v is not None}
+        fmt = lambda k: f"{psnr[k]:.2f}" if k in psnr else "-"  # noqa: E731
+        rows.append(("val PSNR (dB)", f"untrained {fmt('untrained')} -> trained {fmt('trained')} (EMA "
+                                      f"{fmt('trained_ema')})" + "".join(f"; {k} {fmt(k)}" for k in others or {})))
+        rows.append(("val codebook usage", f"{val.get('val/codebook_usage', 0):.3f} of the codes over "
+                                           f"{val.get('val/images', 0):.0f} images (perplexity "
+                                           f"{val.get('val/codebook_perplexity', 0):.1f})"))
     rows += [("checkpoint", result.checkpoint_url), ("export", export), ("sample grid", f"{run}/samples/step_{result.step:08d}.png"),
              ("curves", f"{run}/curves.png"), ("metrics", f"{run}/metrics.jsonl"), ("logs", f"{run}/logs/")]
     write_bytes_atomic(f"{run}/result.json", json.dumps(summary, indent=1, default=str).encode(), exp.data.storage)

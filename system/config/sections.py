@@ -137,3 +137,7 @@ class TrainConfig:
     sample_every: int = field(default=0, metadata=ok(">= 0"))  # 0: only at the end (methods that draw sample grids)
     sample_grid: int = field(default=8, metadata=ok(">= 0"))  # images per row of the PNG grid
     compile: bool = False  # torch.compile every trained module
+    # validation on the workers over data.val_url, sharded over ranks (methods with a `validate`): at the
+    # start of a fresh run (the untrained baseline), every val_every steps and at the end (raw and EMA weights)
+    val_every: int = field(default=0, metadata=ok(">= 0"))  # 0: at the start and the end only
+    val_max_images: int = field(default=1000, metadata=ok(">= 0"))  # images per validation over all ranks; 0: the whole split

@@ -2,7 +2,7 @@
 
 Layout under `<out>/<split>/`: `<split>-000000.tar` ... each holding `<key>.jpg` + `<key>.cls`
 (key unique in the set, `<wnid>_<stem>`), a marker `<name>.done.json` written after its tar is
-complete, and `index.json` written last, listing only shards whose marker exists:
+complete (count, sha256, the byte offset of every sample for ranged reads), and `index.json` written last, listing only shards whose marker exists:
 {"version": 1, "split", "shards": [{"name", "count"}], "num_samples", "classes": {wnid: idx}}.
 """
 from __future__ import annotations
@@ -226,24 +226,28 @@ def write_tar(
     stats: dict | None = None,
 ) -> dict:
     """Write the samples (key, {ext: bytes}) as tar `<split_url>/<name>` (atomically), then its
-    marker {name, count, bytes, sha256, fingerprint, **stats}; returns the marker. `stats` may be
-    filled while `samples` is consumed."""
+    marker {name, count, bytes, sha256, fingerprint, **stats, offsets}; returns the marker.
+    `offsets`: the byte offset of each sample's first member, then the end of the last sample
+    (count + 1 numbers), so a reader can fetch a range of samples with one ranged read. `stats`
+    may be filled while `samples` is consumed."""
     tar_url = join(split_url, name)
-    count = 0
+    count, offsets = 0, []
     try:
         with open_atomic_write(tar_url, storage) as raw:
             out = _HashingWriter(raw)
             with tarfile.open(fileobj=out, mode="w|", format=tarfile.USTAR_FORMAT) as tar:
                 for key, fields in samples:
+                    offsets.append(tar.offset)
                     for ext, data in fields.items():
                         _add(tar, f"{key}.{ext}", data)
                     count += 1
+                offsets.append(tar.offset)
     except (FileNotFoundError, ValueError):
         raise
     except Exception as e:  # noqa: BLE001
         raise storage_error(tar_url, storage, e) from e
     marker = {"name": name, "count": count, "bytes": out.size, "sha256": out.sha.hexdigest(), "fingerprint": fingerprint,
-              **(stats or {})}
+              **(stats or {}), "offsets": offsets}
     write_bytes_atomic(join(split_url, name + MARKER_SUFFIX), json.dumps(marker).encode(), storage)
     return marker
 

@@ -109,18 +109,3 @@ class ReconMeter:
         out = {k: v / self.n for k, v in self.sums.items() if k != "lpips" or self.lpips_model is not None}
         out["num_images"] = float(self.n)
         return out
-
-
-@torch.no_grad()
-def mean_psnr(reconstruct, batches) -> float:
-    """Mean per-image PSNR (dB) of `reconstruct(images)` against `images` over batches of
-    {"image": (B,3,H,W) in [-1, 1]} (e.g. a tokenizer's encode+decode on a validation reader)."""
-    total, n = 0.0, 0
-    for batch in batches:
-        x = batch["image"]
-        y = reconstruct(x).clamp(-1, 1)
-        total += float(psnr((x + 1) / 2, (y + 1) / 2).sum())
-        n += x.shape[0]
-    if n == 0:
-        raise ValueError("mean_psnr: no images in the batches")
-    return total / n

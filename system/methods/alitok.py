@@ -286,6 +286,10 @@ class AliTokStage1(AliTokStage):
         result.aux["codes"] = out.codes.detach()
         return result
 
+    def reconstruct(self, mods: dict[str, nn.Module], x: Tensor) -> tuple[Tensor, Tensor, int]:
+        out = mods["gen"](x)  # no collective: no codebook change
+        return out.recon, out.codes, self.tok_cfg.quantizer.codebook_size
+
     @torch.no_grad()
     def sample_images(self, mods: dict[str, nn.Module], batch: dict, seed: int) -> dict[str, Tensor]:
         x = batch["image"]
@@ -385,10 +389,14 @@ class AliTokStage2(AliTokStage):
         counts = self.collective.all_reduce(code_histogram(quant.codes, self.tok_cfg.quantizer.codebook_size))
         return self.finish(self.reconstruction_terms(recon, x), recon, x, disc, step, counts, {})
 
+    def reconstruct(self, mods: dict[str, nn.Module], x: Tensor) -> tuple[Tensor, Tensor, int]:
+        quant = self.encode(x)
+        return mods["gen"](quant.quantized).image, quant.codes, self.tok_cfg.quantizer.codebook_size
+
     @torch.no_grad()
     def sample_images(self, mods: dict[str, nn.Module], batch: dict, seed: int) -> dict[str, Tensor]:
         x = batch["image"]
-        return {"original": x, "reconstruction": mods["gen"](self.encode(x).quantized).image.clamp(-1, 1)}
+        return {"original": x, "reconstruction": self.reconstruct(mods, x)[0].clamp(-1, 1)}
 
     def artifacts(self, mods: dict[str, nn.Module]) -> dict[str, Artifact]:
         parts = {"encoder": self.encoder, "quantizer": self.quantizer, "decoder": mods["gen"]}

@@ -134,6 +134,17 @@ class Method:
         """Named image rows in [-1, 1] for a PNG grid ({}: the method draws none)."""
         return {}
 
+    def validate(self, mods: dict[str, nn.Module], batch: Any) -> dict[str, Tensor]:
+        """Sums of one validation batch ({}: the method has none), e.g. {"count", "psnr_sum",
+        "code_hist" (K,)}: the loop adds them over its batches and all ranks (same keys and shapes on
+        every rank; no collectives here) and hands the totals to `val_metrics`. Runs in eval mode
+        under no_grad, on every rank in lockstep (same number of batches)."""
+        return {}
+
+    def val_metrics(self, totals: dict[str, Tensor]) -> dict[str, float]:
+        """Metrics of the whole validation sample from the summed `validate` outputs."""
+        return {}
+
     def sample_batch(self, batch: Any, n: int) -> Any:
         """The first `n` examples of `batch` for `sample_images` (None: no grid from this batch)."""
         if isinstance(batch, dict):

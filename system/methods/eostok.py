@@ -295,14 +295,18 @@ class EOSTok(PatchGANPhases):
         return StepOutput(loss, metrics, {"recon": out.recon.detach()})
 
     # --------------------------------------------------------------- outputs
+    def reconstruct(self, mods: dict[str, nn.Module], x: Tensor) -> tuple[Tensor, Tensor, int]:
+        gen = mods["gen"]
+        quant, _ = gen.encode(x, self.teacher(x) if gen.substitute is not None else None)
+        return gen.tokenizer.decode(quant.quantized), quant.codes, self.tok_cfg.quantizer.num_codes
+
     @torch.no_grad()
     def sample_images(self, mods: dict[str, nn.Module], batch: dict, seed: int) -> dict[str, Tensor]:
         from system.sampling.ar import generate
 
         gen = mods["gen"]
         x, y = batch["image"], batch["label"]
-        quant, _ = gen.encode(x, self.teacher(x) if gen.substitute is not None else None)
-        recon = gen.tokenizer.decode(quant.quantized)
+        recon = self.reconstruct(mods, x)[0]
         codebook = gen.tokenizer.codebook if gen.ar.code_proj is not None else None  # the table training read
         codes = generate(gen.ar, y, cfg_scale=self.cfg.sample_cfg_scale, temperature=self.cfg.sample_temperature,
                          seed=seed, codebook=codebook)

@@ -58,6 +58,24 @@ class PatchGANPhases(Method):
         """The "gen" phase (`disc`: the frozen discriminator or None); its aux holds "recon"."""
         raise NotImplementedError
 
+    def reconstruct(self, mods: dict[str, nn.Module], x: Tensor) -> tuple[Tensor, Tensor, int]:
+        """Validation: (reconstruction of `x`, its codes, codebook size), no codebook change."""
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def validate(self, mods: dict[str, nn.Module], batch: dict) -> dict[str, Tensor]:
+        x = batch["image"]
+        recon, codes, k = self.reconstruct(mods, x)
+        p = psnr(recon.detach().float().clamp(-1, 1), x.float(), data_range=2.0).clamp_max(100.0)
+        return {"count": x.new_tensor(float(len(x))), "psnr_sum": p.sum(), "code_hist": code_histogram(codes, k)}
+
+    def val_metrics(self, totals: dict[str, Tensor]) -> dict[str, float]:
+        """Mean per-image PSNR (dB, [-1, 1] scale) and codebook usage/perplexity over the whole
+        validation sample of every rank."""
+        usage, ppl = usage_and_perplexity(totals["code_hist"])
+        return {"psnr": float(totals["psnr_sum"] / totals["count"].clamp_min(1)), "images": float(totals["count"]),
+                "codebook_usage": float(usage), "codebook_perplexity": float(ppl)}
+
     @staticmethod
     def gan_generator_term(disc: Optional[nn.Module], recon: Tensor, step: int) -> Optional[Tensor]:
         """The generator's hinge term against the frozen discriminator (weighted by `cfg.gan`; 0 before
@@ -108,28 +126,3 @@ def check_convnext_weights(convnext_net: Any, used: bool, switch_off: str) -> No
         raise ValueError("the ConvNeXt-S perceptual term needs weights: set method.convnext_net.path (torchvision's "
                          "convnext_small-0c510722.pth or a save_pretrained folder of facebook/convnext-small-224), or "
                          f"method.convnext_net.random_init=true for a demo, or {switch_off}")
-
-
-def val_psnr_report(cfg: Any, export_url: str, others: Optional[dict[str, str]] = None) -> dict[str, float]:
-    """Validation reconstruction PSNR (dB) of an exported tokenizer1d (raw and EMA weights) next to
-    an untrained tokenizer of the same config and the exports in `others` (name -> export URL): the
-    demo's evidence that training did something. `cfg`: the job's experiment (its data section)."""
-    from system.data.reader import ShardReader
-    from system.eval.recon_metrics import mean_psnr
-    from system.models.artifacts import load_tokenizer
-    from system.models.tokenizer1d import Tokenizer1D
-
-    def val_batches():
-        return ShardReader.from_config(cfg.data, rank=0, world_size=1, seed=cfg.seed, val=True).one_epoch()
-
-    report = {}
-    for name, url, ema in (("trained", export_url, False), ("trained_ema", export_url, True),
-                           *((n, u, True) for n, u in (others or {}).items())):
-        tok = load_tokenizer(url, cfg.data.storage, ema=ema)
-        report[name] = mean_psnr(tok.reconstruct, val_batches())
-        if name == "trained":
-            tok_cfg = tok.model.cfg
-    torch.manual_seed(cfg.seed)
-    untrained = Tokenizer1D(tok_cfg).eval()
-    report["untrained"] = mean_psnr(lambda x: untrained(x).image, val_batches())
-    return report

@@ -25,6 +25,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from s3_restartable import RestartableS3
 from PIL import Image
 
 from ar_fixtures import free_port
@@ -34,25 +35,6 @@ BUCKET = "multinode"
 N_SAMPLES = 8
 
 pytestmark = pytest.mark.slow
-
-
-class RestartableS3:
-    """moto's server on a fixed port; its objects live in this process, so they survive a restart."""
-
-    def __init__(self):
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.server = None
-
-    def start(self) -> None:
-        from moto.server import ThreadedMotoServer
-
-        self.server = ThreadedMotoServer(ip_address="127.0.0.1", port=self.port, verbose=False)
-        self.server.start()
-
-    def stop(self) -> None:
-        self.server.stop()
-        self.server = None
 
 
 @pytest.fixture(scope="module")

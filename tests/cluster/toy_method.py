@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 from typing import Optional
 
 import torch
@@ -56,6 +57,8 @@ class ToyConfig:
     gan_weight: float = 0.1
     ema_decay: float = 0.9
     key_log: Optional[str] = None  # folder: each rank appends the sample keys of each step
+    sigterm_at_step: Optional[int] = None  # test hook: rank `sigterm_rank` sends itself SIGTERM in this step
+    sigterm_rank: int = 0
 
 
 @dataclass
@@ -90,6 +93,8 @@ class ToyMethod(Method):
             loss = F.relu(1 - real).mean() + F.relu(1 + fake).mean()
             return StepOutput(loss=loss, metrics={"real_logit": real.mean().detach()})
         x = batch["image"]
+        if step == self.cfg.sigterm_at_step and _rank() == self.cfg.sigterm_rank:
+            os.kill(os.getpid(), signal.SIGTERM)  # e.g. a spot node's notice, in the middle of a step
         if self.cfg.key_log:
             os.makedirs(self.cfg.key_log, exist_ok=True)
             with open(os.path.join(self.cfg.key_log, f"keys_rank{_rank()}.jsonl"), "a") as f:
@@ -204,3 +209,29 @@ class MemoryReaderFactory:
     def __call__(self, exp, ctx: SourceContext) -> MemoryReader:
         return MemoryReader(self.n, rank=ctx.rank, world_size=ctx.world_size, batch_size=exp.data.batch_size,
                             resolution=exp.data.resolution, seed=exp.seed)
+
+
+class GlobalMemoryReader(MemoryReader):
+    """`MemoryReader` dealt by samples with a world-size independent position (the contract of the
+    shard readers): each step the ranks together take the next `world_size * batch_size` positions
+    of the epoch's permutation, rank r the r-th batch of them; the state (epoch, positions consumed)
+    is the same on every rank and loads at any world size. An epoch ends when fewer positions than
+    one step's remain (they are dropped)."""
+
+    def __iter__(self):
+        while True:
+            order = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed * 1000 + self.epoch)).tolist()
+            if self.pos + self.world * self.bs > self.n:
+                self.epoch, self.pos = self.epoch + 1, 0
+                continue
+            idx = order[self.pos + self.rank * self.bs : self.pos + (self.rank + 1) * self.bs]
+            self.pos += self.world * self.bs
+            yield {"image": self.images[idx], "label": torch.zeros(len(idx), dtype=torch.long), "key": [f"s{i:05d}" for i in idx]}
+
+
+class GlobalMemoryReaderFactory(MemoryReaderFactory):
+    """Picklable factory of `GlobalMemoryReader`s."""
+
+    def __call__(self, exp, ctx: SourceContext) -> GlobalMemoryReader:
+        return GlobalMemoryReader(self.n, rank=ctx.rank, world_size=ctx.world_size, batch_size=exp.data.batch_size,
+                                  resolution=exp.data.resolution, seed=exp.seed)

@@ -51,6 +51,12 @@ def test_tiny_stage1_then_stage2(tmp_path):
     m = res1["metrics"]
     assert res1["stage"] == 1 and res1["step"] == 4 and 0 < m["codebook_usage"] <= 1 and "loss/aux_l2" in m
     assert "disc/gan/d_loss" in m and 0 <= m["probe/acc"] <= 1 and (run1 / "samples" / "step_00000004.png").is_file()
+    # validation ran on the 2 workers, each on its share of the val split: every image once, all codes counted
+    val = res1["validation"]
+    n_val = json.loads((data / "val" / "index.json").read_text())["num_samples"]
+    assert val["val_start/images"] == val["val/images"] == val["val_ema/images"] == n_val
+    assert 0 < val["val/codebook_usage"] <= 1 and val["val_start/psnr"] > 0
+    assert res1["val_psnr_db"]["untrained"] == val["val_start/psnr"] and res1["val_psnr_db"]["trained"] == val["val/psnr"]
 
     r2 = run_job("--config", TINY2, *common, f"method.stage1_export={exp1}")
     assert r2.returncode == 0, r2.stdout[-4000:] + r2.stderr[-4000:]

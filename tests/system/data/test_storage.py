@@ -2,6 +2,7 @@ import time
 import uuid
 
 import pytest
+from s3_restartable import RestartableS3
 import s3fs
 
 from system.config import StorageConfig
@@ -78,38 +79,6 @@ def test_credential_errors_are_named():
 
 
 # ---------------------------------------------------------------------------- retry over a budget
-class _Server:
-    """moto's S3 server on a fixed port, stoppable and restartable (objects survive: they live in
-    this process)."""
-
-    def __init__(self):
-        import socket
-
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            self.port = s.getsockname()[1]
-        self.url, self.server = f"http://127.0.0.1:{self.port}", None
-
-    def start(self):
-        from moto.server import ThreadedMotoServer
-
-        self.server = ThreadedMotoServer(ip_address="127.0.0.1", port=self.port, verbose=False)
-        self.server.start()
-        return self
-
-    def stop(self):
-        if self.server is not None:
-            self.server.stop()
-            self.server = None
-
-    def restart_after(self, seconds: float):
-        import threading
-
-        t = threading.Timer(seconds, self.start)
-        t.start()
-        return t
-
-
 @pytest.fixture
 def endpoint(s3_server, monkeypatch):
     """A restartable S3 endpoint with a bucket; this process's memory of reachable endpoints is reset."""
@@ -117,7 +86,7 @@ def endpoint(s3_server, monkeypatch):
 
     monkeypatch.setattr(storage, "_reached", set())
     monkeypatch.delenv(storage.REACHED_ENV, raising=False)
-    srv = _Server().start()
+    srv = RestartableS3().start()
     srv.bucket = f"outage-{uuid.uuid4().hex[:8]}"  # moto's objects outlive a server: one bucket per test
     s3fs.S3FileSystem(client_kwargs={"endpoint_url": srv.url}, skip_instance_cache=True).mkdir(srv.bucket)
     yield srv

@@ -322,6 +322,27 @@ def test_bidirectional_stage1_is_the_ablation_baseline():
         _stage1(decoder_causal=False, tokenizer_overrides={"num_prefix_tokens": 0})
 
 
+def test_validation_sums_add_up_over_batches():
+    """`validate` sums of two half batches give the metrics of the whole batch (what the loop relies
+    on when it adds them over batches and ranks)."""
+    from system.methods.tokenizer_training import batch_psnr
+
+    torch.manual_seed(0)
+    m = _stage1(gan=0.0)
+    mods = _mods(m)
+    for mod in mods.values():
+        mod.eval()
+    x = _batch(6)
+    halves = [m.validate(mods, {"image": x["image"][i:i + 3]}) for i in (0, 3)]
+    totals = {k: halves[0][k] + halves[1][k] for k in halves[0]}
+    whole = m.val_metrics(m.validate(mods, x))
+    assert m.val_metrics(totals) == pytest.approx(whole)
+    recon = mods["gen"](x["image"]).recon
+    assert whole["psnr"] == pytest.approx(float(batch_psnr(recon, x["image"])), rel=1e-5)
+    assert whole["images"] == 6 and float(totals["code_hist"].sum()) == 6 * (4 + 16)
+    assert 0 < whole["codebook_usage"] <= 1
+
+
 def test_config_errors_name_the_key(tmp_path):
     data = DataSpec(resolution=RES, num_classes=3)
     with pytest.raises(ValueError, match="num_prefix_tokens must be in"):
