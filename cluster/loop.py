@@ -354,18 +354,13 @@ class RankLoop:
         source = factory(self.exp, self.sctx)
         if source is None:
             return {}
-        swapped = [(self.emas[n], self.engines[n]) for n in self.emas] if ema else []
-        for e_ma, e in swapped:
-            e_ma.swap(self.strategy.local_params(e))
         try:
-            with self.strategy.autocast(self.engines[self.phases[0]]):
+            with self._weights(ema), self.strategy.autocast(self.engines[self.phases[0]]):
                 metrics = validate_on_ranks(
                     self.method, self.mods, source.one_epoch(), world_size=self.ctx.world_size,
                     batch_size=self.job.micro_batch_size, max_images=self.exp.train.val_max_images,
                     device=self.ctx.device, to_device=to_device)
         finally:
-            for e_ma, e in swapped:
-                e_ma.swap(self.strategy.local_params(e))
             source.close()
         if not metrics:
             return {}
@@ -387,6 +382,18 @@ class RankLoop:
                                "loss": self.last.get("loss")})
 
     @contextlib.contextmanager
+    def _weights(self, ema: bool):
+        """Inside: the modules hold their EMA weights when `ema` (swapped back on exit), else as they are."""
+        swapped = [(self.emas[n], self.engines[n]) for n in self.emas] if ema else []
+        for e_ma, e in swapped:
+            e_ma.swap(self.strategy.local_params(e))
+        try:
+            yield
+        finally:
+            for e_ma, e in swapped:
+                e_ma.swap(self.strategy.local_params(e))
+
+    @contextlib.contextmanager
     def _gathered(self):
         """Collective: every rank sees the full parameters of every module inside."""
         with contextlib.ExitStack() as stack:
@@ -398,17 +405,10 @@ class RankLoop:
         variants = [("", False)] + ([("_ema", True)] if self.emas else [])
         arts: dict = {}
         for suffix, use_ema in variants:
-            swapped = [(self.emas[n], self.engines[n]) for n in self.emas] if use_ema else []
-            for ema, e in swapped:
-                ema.swap(self.strategy.local_params(e))
-            try:
-                with self._gathered() as mods:
-                    arts = self.method.artifacts(mods) if self.rank0 else {}
-                    for a in arts.values():
-                        a.state_dict = {k: v.detach().cpu().clone().contiguous() for k, v in a.state_dict.items()}
-            finally:
-                for ema, e in swapped:
-                    ema.swap(self.strategy.local_params(e))
+            with self._weights(use_ema), self._gathered() as mods:
+                arts = self.method.artifacts(mods) if self.rank0 else {}
+                for a in arts.values():
+                    a.state_dict = {k: v.detach().cpu().clone().contiguous() for k, v in a.state_dict.items()}
             if self.rank0:
                 write_export(lambda rel, data: self.store.write_bytes(f"export/{rel}", data), arts, suffix,
                              metadata={"run_name": self.exp.run_name})

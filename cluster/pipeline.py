@@ -83,8 +83,7 @@ def tokenizer_step(name: str, exp: Experiment, keys: tuple[str, ...], title: str
         from cluster.train_pool import report_tokenizer_run, train_or_finished
 
         result = train_or_finished(exp)
-        report_tokenizer_run(exp, result, keys, title, {"step": name}, others)
-        out = read_json(join(result.run_url, "result.json"), exp.data.storage)
+        out = report_tokenizer_run(exp, result, keys, title, {"step": name}, others)
         return {"step": out["step"], "export": out["export"], **{k: out["metrics"].get(k) for k in keys},
                 **{f"val_psnr_{k}": v for k, v in (out.get("val_psnr_db") or {}).items()}}
 
@@ -97,14 +96,11 @@ def ar_step(exp: ARExperiment, keys: tuple[str, ...] = ("loss", "acc"), describe
 
     def run() -> dict:
         from cluster.job import TokenShards
-        from cluster.train_pool import resolve_job, train_or_finished
+        from cluster.train_pool import resolve_job, train_or_finished, write_run_result
 
         result = train_or_finished(exp, resolve_job(exp, source=TokenShards()))
         m = result.metrics
-        summary = {"run": result.run_url, "step": result.step, "checkpoint": result.checkpoint_url,
-                   "export": result.export_url, "metrics": m}
-        write_bytes_atomic(join(result.run_url, "result.json"), json.dumps(summary, indent=1, default=str).encode(),
-                           exp.data.storage)
+        write_run_result(result, exp.data.storage)
         say(table(f"[{exp.run_name}] AR done", [(k, m[k]) for k in keys if k in m] + [("export", result.export_url)]))
         return {"step": result.step, "export": result.export_url, **{k: m.get(k) for k in keys}}
 

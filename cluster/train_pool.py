@@ -354,18 +354,27 @@ def val_history(run: str, storage: Any) -> dict[str, float]:
     return out
 
 
+def write_run_result(result: RunResult, storage: Any, extra: Optional[dict] = None) -> dict:
+    """`<run>/result.json` (written last: the run's "done" marker for pipelines): where the run, its
+    checkpoint and export are, its last metrics, and `extra`; returns that summary."""
+    from system.data.storage import write_bytes_atomic
+
+    summary = {**(extra or {}), "run": result.run_url, "step": result.step, "checkpoint": result.checkpoint_url,
+               "export": result.export_url, "metrics": result.metrics}
+    write_bytes_atomic(f"{result.run_url}/result.json", json.dumps(summary, indent=1, default=str).encode(), storage)
+    return summary
+
+
 def report_tokenizer_run(exp: Experiment, result: RunResult, keys: tuple[str, ...], title: str,
-                         summary_extra: Optional[dict] = None, others: Optional[dict[str, str]] = None) -> None:
+                         summary_extra: Optional[dict] = None, others: Optional[dict[str, str]] = None) -> dict:
     """A tokenizer job's end: the final table (metrics `keys`; the validation the workers ran:
     PSNR untrained -> trained (EMA), next to the runs whose exports `others` names; the run's paths)
-    and `<run>/result.json`."""
+    and `<run>/result.json`; returns the summary written there."""
     from cluster.console import table
-    from system.data.storage import write_bytes_atomic
 
     m, run, export = result.metrics, result.run_url, result.export_url
     rows = [(k, m[k]) for k in keys if k in m]
-    summary = {**(summary_extra or {}), "run": run, "step": result.step, "checkpoint": result.checkpoint_url,
-               "export": export, "metrics": m}
+    summary = dict(summary_extra or {})
     val = val_history(run, exp.data.storage)
     if "val/psnr" in val:
         summary["validation"] = val
@@ -382,5 +391,6 @@ def report_tokenizer_run(exp: Experiment, result: RunResult, keys: tuple[str, ..
                                            f"{val.get('val/codebook_perplexity', 0):.1f})"))
     rows += [("checkpoint", result.checkpoint_url), ("export", export), ("sample grid", f"{run}/samples/step_{result.step:08d}.png"),
              ("curves", f"{run}/curves.png"), ("metrics", f"{run}/metrics.jsonl"), ("logs", f"{run}/logs/")]
-    write_bytes_atomic(f"{run}/result.json", json.dumps(summary, indent=1, default=str).encode(), exp.data.storage)
+    summary = write_run_result(result, exp.data.storage, summary)
     print(table(title, rows))
+    return summary

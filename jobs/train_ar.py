@@ -14,7 +14,6 @@ fails does not stop the others; the exit status is 1 when any failed, 2 for conf
 """
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 
@@ -41,18 +40,13 @@ def main(argv: list[str]) -> int:
     from cluster.console import say
     from cluster.job import TokenShards
     from cluster.multi_run import exit_status, expand_runs, outcome_table, run_side_by_side
-    from cluster.train_pool import resolve_job
-    from system.data.storage import write_bytes_atomic
+    from cluster.train_pool import resolve_job, write_run_result
 
     runs = expand_runs(schema, argv, defaults, base)
     outcomes = run_side_by_side(runs, lambda exp: resolve_job(exp, source=TokenShards()), group=base.run_name)
     for o in outcomes:
         if o.status == "done":
-            r = o.result
-            summary = {"run": r.run_url, "step": r.step, "checkpoint": r.checkpoint_url, "export": r.export_url,
-                       "metrics": r.metrics, "seconds": o.seconds}
-            write_bytes_atomic(f"{r.run_url}/result.json", json.dumps(summary, indent=1, default=str).encode(),
-                               runs[o.name].data.storage)
+            write_run_result(o.result, runs[o.name].data.storage, {"seconds": o.seconds})
     status = exit_status(outcomes)
     if status == 2:
         for o in outcomes:

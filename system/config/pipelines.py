@@ -10,7 +10,6 @@ error naming it (it would be silently replaced otherwise).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Optional, Sequence
 
 from omegaconf import DictConfig, OmegaConf
@@ -142,5 +141,5 @@ def pipeline_cli_config(schema: type, argv: Sequence[str], defaults: Sequence[st
     try:
         return exit_on_config_error(lambda: load_pipeline_config(schema, argv, defaults, section_defaults, wiring))
     except HelpRequested:
-        print(help_text(schema, [str(Path(d)) for d in defaults]))
+        print(help_text(schema, list(defaults)))
         raise SystemExit(0) from None

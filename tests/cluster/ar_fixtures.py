@@ -1,6 +1,6 @@
-"""Helpers for the AR pool tests (importable by Ray workers: tests/cluster is on their PYTHONPATH):
-a local Ray fixture, a token shard set written from arrays, and a token batch source that logs the
-keys of every batch the rank loop draws."""
+"""Helpers for the pool tests (importable by Ray workers: tests/cluster is on their PYTHONPATH):
+a local Ray fixture, a small image shard set, a token shard set written from arrays, and a token
+batch source that logs the keys of every batch the rank loop draws."""
 from __future__ import annotations
 
 import json
@@ -44,6 +44,28 @@ def ray_local():
              log_to_driver=False)
     yield
     ray.shutdown()
+
+
+def write_image_shards(url: str, n: int, side: int = 20, quality: int = 75, storage=None) -> str:
+    """`n` random side x side JPEGs (classes a/b alternating) in two shards + index under `url`, as
+    jobs/make_shards.py writes them; returns the train split's URL."""
+    import io
+
+    from PIL import Image
+
+    from system.data import plan_shards, write_index, write_shard
+
+    items = []
+    for i in range(n):
+        buf = io.BytesIO()
+        Image.fromarray(np.random.default_rng(i).integers(0, 256, (side, side, 3), dtype=np.uint8)).save(
+            buf, format="JPEG", quality=quality)
+        items.append((buf.getvalue(), f"img{i:03d}", i % 2))
+    plans = plan_shards(items, "train", shard_size=n // 2)
+    for p in plans:
+        write_shard(p, url, storage)
+    write_index(plans, url, {"a": 0, "b": 1}, storage)
+    return f"{url}/train"
 
 
 def write_tokens(url: str, n: int = 32, seed: int = 0) -> str:

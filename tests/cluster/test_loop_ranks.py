@@ -59,23 +59,9 @@ def _sessions(run: Path) -> list[dict]:
 
 def _shard_set(root: Path, n: int) -> str:
     """`n` small JPEGs in two shards (as jobs/make_shards.py writes them)."""
-    import io
+    from ar_fixtures import write_image_shards
 
-    import numpy as np
-    from PIL import Image
-
-    from system.data import plan_shards, write_index, write_shard
-
-    items = []
-    for i in range(n):
-        buf = io.BytesIO()
-        Image.fromarray(np.random.default_rng(i).integers(0, 256, (12, 12, 3), dtype=np.uint8)).save(buf, format="JPEG")
-        items.append((buf.getvalue(), f"img{i:03d}", i % 2))
-    plans = plan_shards(items, "train", shard_size=n // 2)
-    for p in plans:
-        write_shard(p, str(root))
-    write_index(plans, str(root), {"a": 0, "b": 1})
-    return str(root / "train")
+    return write_image_shards(str(root), n, side=12)
 
 
 @pytest.mark.parametrize("source", ["global", "shards"])

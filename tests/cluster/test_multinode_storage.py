@@ -12,7 +12,6 @@ one with an empty tmpfs over the head-local folder: like a separate pod, it cann
 files (on the old code: "Unable to set up cluster storage" at the first commit)."""
 from __future__ import annotations
 
-import io
 import json
 import os
 import shutil
@@ -23,12 +22,10 @@ import threading
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 from s3_restartable import RestartableS3
-from PIL import Image
 
-from ar_fixtures import free_port
+from ar_fixtures import free_port, write_image_shards
 
 ROOT = Path(__file__).resolve().parents[2]
 BUCKET = "multinode"
@@ -144,20 +141,8 @@ def _s3fs(s3):
 def shards(s3) -> str:
     """A 2-shard image set on the S3 endpoint."""
     from system.config import StorageConfig
-    from system.data import plan_shards, write_index, write_shard
 
-    st = StorageConfig(endpoint_url=s3.url)
-    items = []
-    for i in range(N_SAMPLES):
-        buf = io.BytesIO()
-        Image.fromarray(np.random.default_rng(i).integers(0, 256, (20, 20, 3), dtype=np.uint8)).save(buf, format="JPEG")
-        items.append((buf.getvalue(), f"img{i:03d}", i % 2))
-    url = f"s3://{BUCKET}/shards"
-    plans = plan_shards(items, "train", shard_size=N_SAMPLES // 2)
-    for p in plans:
-        write_shard(p, url, st)
-    write_index(plans, url, {"a": 0, "b": 1}, st)
-    return f"{url}/train"
+    return write_image_shards(f"s3://{BUCKET}/shards", N_SAMPLES, storage=StorageConfig(endpoint_url=s3.url))
 
 
 def make_cfg(s3, name: str, storage: str, shards: str, *overrides: str):

@@ -2,7 +2,6 @@
 crash + resume == uninterrupted (bit for bit), data seen exactly once, resubmission, S3 storage."""
 from __future__ import annotations
 
-import io
 import json
 import os
 from collections import Counter
@@ -11,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from ar_fixtures import free_port
+from ar_fixtures import free_port, write_image_shards
 import torch
 from PIL import Image
 from safetensors.torch import load_file
@@ -50,20 +49,7 @@ def ray_cluster(s3_server, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory) -> str:
-    from system.data import plan_shards, write_index, write_shard
-
-    root = tmp_path_factory.mktemp("shards")
-    items = []
-    for i in range(N_SAMPLES):
-        buf = io.BytesIO()
-        arr = np.random.default_rng(i).integers(0, 256, (20, 20, 3), dtype=np.uint8)
-        Image.fromarray(arr).save(buf, format="JPEG", quality=90)
-        items.append((buf.getvalue(), f"img{i:03d}", i % 2))
-    plans = plan_shards(items, "train", shard_size=N_SAMPLES // 2)
-    for p in plans:
-        write_shard(p, str(root))
-    write_index(plans, str(root), {"a": 0, "b": 1})
-    return str(root / "train")
+    return write_image_shards(str(tmp_path_factory.mktemp("shards")), N_SAMPLES, quality=90)
 
 
 def make_cfg(name: str, storage: str, shards: str, *overrides: str):
