@@ -57,6 +57,18 @@ def run_pipeline(title: str, steps: Sequence[Step], root: str, storage: Optional
     return state
 
 
+def run_pipeline_job(cfg: Any, make_steps: Callable[[str], list[Step]], keys: dict[str, Sequence[str]]) -> int:
+    """A pipeline job's run (after its config checks): the steps of `make_steps(root)` under
+    <cfg.storage_path>/<cfg.run_name> (each starts or joins Ray itself), the resolved config saved
+    there, the final table of `keys`; a config error inside a step exits 2."""
+    from system.config import exit_on_config_error, to_yaml
+
+    root = f"{cfg.storage_path.rstrip('/')}/{cfg.run_name}"
+    state = exit_on_config_error(lambda: run_pipeline(cfg.run_name, make_steps(root), root, cfg.storage, to_yaml(cfg)))
+    print(state_table(f"[{cfg.run_name}] pipeline done: {root}", state, keys))
+    return 0
+
+
 def state_table(title: str, state: dict, keys: dict[str, Sequence[str]]) -> str:
     """The final table: each step's status, time and the summary values named in `keys[step]`."""
     rows = []

@@ -19,7 +19,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo, also under `ray job submit`
 
-from system.config import exit_on_config_error, to_yaml  # noqa: E402
+from system.config import exit_on_config_error  # noqa: E402
 from system.config.pipelines import (  # noqa: E402
     ALITOK_SECTION_DEFAULTS, AliTokPipelineConfig, alitok_folders, alitok_wiring, pipeline_cli_config)
 
@@ -54,17 +54,14 @@ def steps(cfg: AliTokPipelineConfig, root: str) -> list:
 
 def main(argv: list[str]) -> int:
     cfg = pipeline_cli_config(AliTokPipelineConfig, argv, DEFAULTS, ALITOK_SECTION_DEFAULTS, alitok_wiring)
-    from cluster.pipeline import run_pipeline, state_table
+    from cluster.pipeline import run_pipeline_job
     from cluster.train_pool import resolve_job
     from system.data.embedded import ensure_embedded_data
 
     exit_on_config_error(lambda: ensure_embedded_data(cfg.stage1.data))
     if "stage1" in cfg.steps:
         exit_on_config_error(lambda: resolve_job(cfg.stage1))  # the first step's checks, before Ray
-    root = f"{cfg.storage_path.rstrip('/')}/{cfg.run_name}"  # each step starts (or joins) Ray itself
-    state = exit_on_config_error(lambda: run_pipeline(cfg.run_name, steps(cfg, root), root, cfg.storage, to_yaml(cfg)))
-    print(state_table(f"[{cfg.run_name}] pipeline done: {root}", state, KEYS))
-    return 0
+    return run_pipeline_job(cfg, lambda root: steps(cfg, root), KEYS)
 
 
 if __name__ == "__main__":

@@ -6,7 +6,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Literal, Optional
 
-from system.config.methods import AliTokStage1Config, AliTokStage2Config, ARConfig, EOSTokConfig, MaskedARConfig, VapiConfig
+from system.config.methods import (
+    AliTokStage1Config, AliTokStage2Config, ARConfig, EOSTokConfig, LatentVAETrainConfig, MaskedARConfig, SemTokStage1Config,
+    SemTokStage2Config, VapiConfig)
 from system.config.ranges import ok
 from system.config.sections import *  # noqa: F401,F403 (the infra sections)
 
@@ -48,6 +50,28 @@ class AliTokStage2Experiment(Experiment):
 
     stage: Literal[1, 2] = 2  # 2: bidirectional-decoder stage (method.*: AliTokStage2Config); 1: AliTokStage1Config
     method: AliTokStage2Config = field(default_factory=AliTokStage2Config)
+
+
+@dataclass
+class LatentVAEExperiment(Experiment):
+    """jobs/semtok.py step vae: a small SD3.5-shaped VAE fitted to the images (the demo's stand-in
+    for the pretrained SD3.5 VAE)."""
+
+    method: LatentVAETrainConfig = field(default_factory=LatentVAETrainConfig)
+
+
+@dataclass
+class SemTokStage1Experiment(Experiment):
+    """jobs/semtok.py step stage1: SemTok generative pre-training (flow matching)."""
+
+    method: SemTokStage1Config = field(default_factory=SemTokStage1Config)
+
+
+@dataclass
+class SemTokStage2Experiment(Experiment):
+    """jobs/semtok.py step stage2: SemTok one-step refiner on the frozen stage I tokens."""
+
+    method: SemTokStage2Config = field(default_factory=SemTokStage2Config)
 
 
 @dataclass

@@ -41,6 +41,17 @@ class ConvNeXtNetConfig:
 
 
 @dataclass
+class ResNetNetConfig:
+    """The frozen ResNet-50 of SemTok stage II's ResNet logit perceptual term (system/losses/resnet_perceptual.py)."""
+
+    # local weights in transformers' layout: a save_pretrained folder (e.g. microsoft/resnet-50) or a
+    # .pt/.pth/.safetensors state dict (resnet.*, classifier.1.*); torchvision's resnet50 keys are not converted
+    path: Optional[str] = None
+    random_init: bool = False  # allowed only when no path is given (demo/tests)
+    size: Literal["50", "debug"] = "50"  # debug: a tiny random net for tests
+
+
+@dataclass
 class ModelConfig:
     """Sizes come from registries with exact names; `*_overrides` change single fields."""
 
@@ -151,6 +162,91 @@ class AliTokStage2Config(AliTokLossConfig):
     # decoder fields of the stage-2 tokenizer (dec_width, dec_depth, dec_heads, num_buffer_tokens); the rest
     # comes from the stage-1 tokenizer (buffer tokens: the preset's, 32 code / 64 paper)
     decoder_overrides: dict[str, Any] = field(default_factory=dict)  # e.g. {num_buffer_tokens: 64} (the paper's)
+
+
+@dataclass
+class LatentVAEConfig:
+    """The frozen image VAE of SemTok (system/models/vae.py): diffusers' AutoencoderKL with the SD3.5
+    VAE's config (f = 8, 16 channels, its scaling and shift factors). Weights from exactly one of:
+    `export` (a latent_vae run's export: the demo's own small VAE), `path` (a local save_pretrained
+    folder or a diffusers pipeline folder with vae/), `hub_name` (needs internet), `random_init` (tests)."""
+
+    export: Optional[str] = None  # a `latent_vae` run's export/ folder (part "vae")
+    path: Optional[str] = None  # e.g. a local copy of stabilityai/stable-diffusion-3.5-medium (its vae/ subfolder is used)
+    hub_name: Optional[str] = None  # e.g. stabilityai/stable-diffusion-3.5-medium
+    random_init: bool = False  # build the architecture with random weights (tests only)
+    tiny: bool = False  # with random_init: the small f = 8, 16-channel architecture of the demo
+    sample: bool = False  # encode with a posterior sample (True) or its mean (False)
+    scaling_factor: Optional[float] = None  # None: the checkpoint's (SD3.5: 1.5305)
+    shift_factor: Optional[float] = None  # None: the checkpoint's (SD3.5: 0.0609)
+
+
+@dataclass
+class LatentVAETrainConfig:
+    """`latent_vae`: fits a small SD3.5-shaped AutoencoderKL (f = 8, 16 latent channels) to the data,
+    for where no pretrained SD3.5 VAE can be had (the CPU demo, no downloads). The paper uses the
+    pretrained SD3.5 VAE: on a cluster set the SemTok stages' method.vae.path instead."""
+
+    tiny: bool = True  # the small architecture (False: the full SD3.5 VAE shape, trained from scratch)
+    l2: float = field(default=1.0, metadata=ok(">= 0"))
+    l1: float = field(default=0.0, metadata=ok(">= 0"))
+    kl: float = field(default=1.0e-6, metadata=ok(">= 0"))  # KL to N(0, I) of the posterior (SD VAEs: about 1e-6)
+    ema_decay: float = field(default=0.0, metadata=ok("in [0, 1)"))
+    stats_decay: float = field(default=0.99, metadata=ok("in [0, 1)"))  # EMA of the latents' mean / std -> the exported shift and scaling factors
+
+
+@dataclass
+class SemTokStage1Config:
+    """SemTok stage I, generative pre-training (../shared/seeds/semtok.txt Eq. 5-6): VAE latents ->
+    MMDiT encoder (2D stream + K learnable 1D tokens) -> BSQ -> MMDiT decoder trained by flow matching
+    (x_t = t eps + (1 - t) x, loss ||x - eps - D(x_t, q(z), t)||^2), jointly with the entropy term
+    (weight quant) and the semantic alignment to SigLIP (weight semantic: distillation of the 2D
+    stream + contrastive of the pooled quantized 1D tokens, negatives from every rank)."""
+
+    tokenizer: str = "semtok-18"  # preset (system/models/semtok.py): semtok-18, semtok-32, semtok-tiny
+    tokenizer_overrides: dict[str, Any] = field(default_factory=dict)  # e.g. {bits: 32, num_tokens: 128, encoder: {depth: 4}, decoder: {depth: 12}}
+    vae: LatentVAEConfig = field(default_factory=LatentVAEConfig)
+    # SD3.5's transformer (a local save_pretrained folder or a pipeline folder with transformer/) initialises the
+    # decoder (paper); every tensor of matching name and shape is copied (not the text projections). None: random
+    decoder_init: Optional[str] = None
+    teacher: Optional[TeacherConfig] = field(default_factory=lambda: TeacherConfig(kind="siglip"))  # None: no semantic term
+    quant: float = field(default=0.0025, metadata=ok(">= 0"))  # lambda_q: BSQ entropy loss E[H(q(z))] - H(E[q(z)]), the batch term over all ranks
+    commit: float = field(default=0.0, metadata=ok(">= 0"))  # BSQ commitment ||u - q(u)||^2 (not in the paper: 0)
+    bsq_inv_temperature: float = field(default=100.0, metadata=ok("> 0"))  # BSQ soft assignment of the entropy term
+    semantic: float = field(default=0.05, metadata=ok(">= 0"))  # lambda_s of L_sem = L_contra + L_distill
+    distill: float = field(default=1.0, metadata=ok(">= 0"))  # weight of L_distill inside L_sem
+    contrastive: float = field(default=1.0, metadata=ok(">= 0"))  # weight of L_contra inside L_sem
+    contrastive_temperature: float = field(default=0.07, metadata=ok("> 0"))  # logits v.u / T (the paper's t = 1/T, value not published)
+    proj_hidden: int = field(default=2048, metadata=ok(">= 1"))  # hidden width of the projections w_x, w_z
+    sample_steps: int = field(default=25, metadata=ok(">= 1"))  # Euler steps of the flow sampler (paper: 25) for validation, grids, the export
+    ema_decay: float = field(default=0.9999, metadata=ok("in [0, 1)"))  # paper 0.9999 (exported as tokenizer_ema)
+    grad_checkpointing: bool = False
+
+
+@dataclass
+class SemTokStage2Config:
+    """SemTok stage II, refinement-oriented fine-tuning (Eq. 7): the decoder's noise stream becomes
+    learnable mask latents and one decoder step (t = 1) gives the latents -> frozen VAE decoder ->
+    l2 MSE + LPIPS x lpips + ResNet logits x resnet + PatchGAN x gan (from gan_start_step). The
+    stage I encoder and quantizer are frozen helpers (the tokens, hence the AR's data, stay stage
+    I's); decoder initialised from stage I (its EMA when exported), mask latents from 0 (the mean
+    of the noise it replaces)."""
+
+    stage1_export: str = "runs/semtok-stage1/export"  # the stage I run's export/ folder (local or s3://)
+    stage1_part: str = "tokenizer"
+    stage1_ema: bool = True  # read the stage I EMA weights when the export has them
+    l2: float = field(default=1.0, metadata=ok(">= 0"))
+    lpips: float = field(default=0.1, metadata=ok(">= 0"))  # lambda_p x LPIPS (L_per = LPIPS + ResNet)
+    resnet: float = field(default=0.1, metadata=ok(">= 0"))  # lambda_p x ResNet-50 logit MSE
+    gan: float = field(default=0.1, metadata=ok(">= 0"))  # lambda_G
+    gan_start_step: int = field(default=20000, metadata=ok(">= 0"))  # paper: after 20k iterations
+    lecam: float = field(default=0.0, metadata=ok(">= 0"))
+    lpips_net: LPIPSConfig = field(default_factory=LPIPSConfig)
+    resnet_net: ResNetNetConfig = field(default_factory=ResNetNetConfig)
+    ema_decay: float = field(default=0.9999, metadata=ok("in [0, 1)"))
+    disc_lr: float = field(default=1e-4, metadata=ok("> 0"))  # paper: discriminator lr 1e-4
+    disc_betas: tuple[float, float] = (0.9, 0.999)
+    grad_checkpointing: bool = False
 
 
 @dataclass

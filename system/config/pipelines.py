@@ -1,4 +1,4 @@
-"""Config of a multi-step pipeline job (jobs/alitok_xl.py): one typed section per step, each the
+"""Config of a multi-step pipeline job (jobs/alitok_xl.py, jobs/semtok.py): one typed section per step, each the
 schema of the job that step is on its own, and the keys that chain the steps (run folders, the
 URLs one step hands the next) set by the pipeline.
 
@@ -16,7 +16,9 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from system.config.eval_schema import EvaluateConfig, SampleConfig
-from system.config.experiments import AliTokStage1Experiment, AliTokStage2Experiment, ARExperiment, PretokenizeConfig
+from system.config.experiments import (
+    AliTokStage1Experiment, AliTokStage2Experiment, ARExperiment, LatentVAEExperiment, MaskedARExperiment, PretokenizeConfig,
+    SemTokStage1Experiment, SemTokStage2Experiment)
 from system.config.load import (
     ConfigError, HelpRequested, _explain, _load_yaml, config_path, exit_on_config_error, finish_config, help_text,
     parse_argv)
@@ -69,24 +71,27 @@ def alitok_folders(root: str) -> dict[str, str]:
     return {name: _join(root, name) for name in ("stage1", "stage2", "tokens", "ar", "samples", "eval")}
 
 
-def alitok_wiring(cfg: DictConfig) -> dict[str, Any]:
-    """The chaining keys (dotted key -> value) of a merged pipeline tree."""
+def _steps(cfg: DictConfig, known: tuple[str, ...]) -> list[str]:
     steps = list(cfg.steps)
-    bad = [s for s in steps if s not in ALITOK_STEPS]
-    if bad or len(set(steps)) != len(steps) or steps != [s for s in ALITOK_STEPS if s in steps]:
-        raise ConfigError(f"config key 'steps' = {steps}: a subset of {list(ALITOK_STEPS)} in that order, each once")
-    root = _join(cfg.storage_path, cfg.run_name)
-    f = alitok_folders(root)
+    bad = [s for s in steps if s not in known]
+    if bad or len(set(steps)) != len(steps) or steps != [s for s in known if s in steps]:
+        raise ConfigError(f"config key 'steps' = {steps}: a subset of {list(known)} in that order, each once")
+    return steps
+
+
+def _chain(cfg: DictConfig, f: dict[str, str], root: str, steps: list[str], image_steps: tuple[str, ...],
+           tokenizer: str) -> dict[str, Any]:
+    """The chaining keys every tokenizer -> AR pipeline shares: each training section's run folder
+    and storage, the image shards of the tokenizer steps, pre-tokenize -> AR -> sample -> evaluate
+    with `tokenizer` (an export URL)."""
     storage = OmegaConf.to_container(cfg.storage)
-    tokenizer = _join(f["stage2" if "stage2" in steps else "stage1"], "export")
     ar_export = _join(f["ar"], "export")
     out: dict[str, Any] = {}
-    for s in ("stage1", "stage2", "ar"):
+    for s in (*image_steps, "ar"):
         out.update({f"{s}.run_name": s, f"{s}.checkpoint.storage_path": root, f"{s}.data.storage": storage})
-    for s in ("stage1", "stage2"):
+    for s in image_steps:
         out.update({f"{s}.data.url": cfg.images, f"{s}.data.val_url": cfg.val_images, f"{s}.data.embedded": cfg.embedded})
     out.update({
-        "stage2.method.stage1_export": _join(f["stage1"], "export"),
         "pretokenize.src": cfg.images, "pretokenize.out": f["tokens"], "pretokenize.export_url": tokenizer,
         "pretokenize.storage": storage,
         "ar.data.url": f["tokens"], "ar.method.tokenizer_export": tokenizer,
@@ -95,6 +100,73 @@ def alitok_wiring(cfg: DictConfig) -> dict[str, Any]:
         "evaluate.embedded": cfg.embedded, "evaluate.out": f["eval"], "evaluate.storage": storage,
         "evaluate.samples": _join(f["samples"], "samples.npz") if "sample" in steps else None,
     })
+    return out
+
+
+def alitok_wiring(cfg: DictConfig) -> dict[str, Any]:
+    """The chaining keys (dotted key -> value) of a merged pipeline tree."""
+    steps = _steps(cfg, ALITOK_STEPS)
+    root = _join(cfg.storage_path, cfg.run_name)
+    f = alitok_folders(root)
+    tokenizer = _join(f["stage2" if "stage2" in steps else "stage1"], "export")
+    out = _chain(cfg, f, root, steps, ("stage1", "stage2"), tokenizer)
+    out["stage2.method.stage1_export"] = _join(f["stage1"], "export")
+    return out
+
+
+# --------------------------------------------------------------------------- SemTok
+SEMTOK_STEPS = ("vae", "stage1", "stage2", "pretokenize", "ar", "sample", "evaluate")
+
+
+@dataclass
+class SemTokPipelineConfig:
+    """jobs/semtok.py: [vae ->] SemTok stage I -> stage II -> pre-tokenize -> masked AR -> sample ->
+    evaluate. Everything lands under <storage_path>/<run_name>/: vae/, stage1/, stage2/, tokens/,
+    ar/, samples/, eval/ and pipeline.json. The vae step (a small VAE fitted to the images) is only
+    for where SD3.5's VAE cannot be had (the CPU demo); with it, stage I reads that VAE."""
+
+    run_name: str = "semtok"
+    storage_path: str = "runs"  # local folder (shared by every node) or s3://bucket/prefix
+    images: str = "s3://bucket/imagenet/train"  # image shard set (jobs/make_shards.py)
+    val_images: Optional[str] = "s3://bucket/imagenet/val"  # held-out image shards: validation, FID reference
+    embedded: bool = False  # build the embedded real-photo shard sets at images / val_images when missing
+    storage: StorageConfig = field(default_factory=StorageConfig)
+    # the steps to run, in order; without stage2 the AR decodes with the stage I tokenizer (flow sampler)
+    steps: list[str] = field(default_factory=lambda: [s for s in SEMTOK_STEPS if s != "vae"])
+    section_configs: dict[str, list[str]] = field(default_factory=dict)  # more files per section, as AliTok's
+    vae: LatentVAEExperiment = field(default_factory=LatentVAEExperiment)  # the demo's VAE (method latent_vae)
+    stage1: SemTokStage1Experiment = field(default_factory=SemTokStage1Experiment)  # semtok_stage1
+    stage2: SemTokStage2Experiment = field(default_factory=SemTokStage2Experiment)  # semtok_stage2
+    pretokenize: PretokenizeConfig = field(default_factory=PretokenizeConfig)  # jobs/pretokenize.py
+    ar: MaskedARExperiment = field(default_factory=MaskedARExperiment)  # jobs/train_ar.py objective=masked_ar
+    sample: SampleConfig = field(default_factory=SampleConfig)  # jobs/sample.py
+    evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)  # jobs/evaluate.py
+
+
+SEMTOK_SECTION_DEFAULTS: dict[str, list[str]] = {
+    "vae": ["base.yaml", "data/imagenet.yaml", "experiments/semtok_vae.yaml"],
+    "stage1": ["base.yaml", "data/imagenet.yaml", "experiments/semtok_stage1.yaml"],
+    "stage2": ["base.yaml", "data/imagenet.yaml", "experiments/semtok_stage2.yaml"],
+    "ar": ["base.yaml", "experiments/ar_semtok.yaml"],
+    "sample": ["sample.yaml"],
+    "evaluate": ["evaluate.yaml"],
+}
+
+
+def semtok_folders(root: str) -> dict[str, str]:
+    return {name: _join(root, name) for name in ("vae", "stage1", "stage2", "tokens", "ar", "samples", "eval")}
+
+
+def semtok_wiring(cfg: DictConfig) -> dict[str, Any]:
+    steps = _steps(cfg, SEMTOK_STEPS)
+    root = _join(cfg.storage_path, cfg.run_name)
+    f = semtok_folders(root)
+    tokenizer = _join(f["stage2" if "stage2" in steps else "stage1"], "export")
+    out = _chain(cfg, f, root, steps, ("vae", "stage1", "stage2"), tokenizer)
+    out["stage2.method.stage1_export"] = _join(f["stage1"], "export")
+    if "vae" in steps:  # stage I reads the fitted VAE (and nothing else)
+        out.update({"stage1.method.vae.export": _join(f["vae"], "export"), "stage1.method.vae.path": None,
+                    "stage1.method.vae.hub_name": None, "stage1.method.vae.random_init": False})
     return out
 
 

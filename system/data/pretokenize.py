@@ -12,7 +12,7 @@ Storage per view (measured, tar headers included): each view is three tar member
 take <= 512 B (256 codes x uint16 = 512 B, exactly one block; 16 debug codes = 32 B, same 3072 B).
 Per source image: none 3 KiB, flip 6 KiB, ten-crop 30 KiB; ImageNet train (1.28 M images):
 3.9 GB / 7.9 GB / 39 GB (raw codes: 0.66 / 1.3 / 6.6 GB). Plus ~10 KiB per shard (tar end
-blocks and record padding, the marker). Beyond 65536 codes the dtype is int32 (1024 B per 256
+blocks and record padding, the marker). Beyond 65536 codes the dtype is int32 (int64 beyond 2^31) (1024 B per 256
 codes: the .tok member takes two blocks, 3584 B per view).
 """
 from __future__ import annotations

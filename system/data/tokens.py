@@ -39,10 +39,13 @@ AUGMENTATIONS: dict[str, int] = {"none": 1, "flip": 2, "ten-crop": 10}
 
 
 def token_dtype(vocab_size: int) -> np.dtype:
-    """The compact integer dtype for codes < vocab_size."""
+    """The compact integer dtype for codes < vocab_size: uint16 up to 2^16 codes, int32 up to 2^31,
+    int64 beyond (SemTok's 2^32 BSQ codebook)."""
     if vocab_size <= 0:
         raise ValueError(f"vocab_size must be > 0, got {vocab_size}")
-    return np.dtype("<u2") if vocab_size <= 1 << 16 else np.dtype("<i4")
+    if vocab_size <= 1 << 16:
+        return np.dtype("<u2")
+    return np.dtype("<i4") if vocab_size <= 1 << 31 else np.dtype("<i8")
 
 
 def token_key(source_key: str, aug: int) -> str:

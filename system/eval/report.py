@@ -19,7 +19,8 @@ from system.eval.inception import RANDOM_WEIGHTS_LABEL
 RANDOM_LPIPS_LABEL = "random-weight LPIPS (not a real LPIPS)"
 REAL_LPIPS_LABEL = "LPIPS v0.1 (VGG16)"
 GENERATION_KEYS = ("fid", "inception_score", "inception_score_std", "precision", "recall", "density", "coverage")
-RECON_KEYS = ("rfid", "psnr", "ssim", "lpips", "codebook_usage", "codebook_perplexity", "ar_next_token_accuracy")
+RECON_KEYS = ("rfid", "psnr", "ssim", "lpips", "bits_per_pixel", "codebook_usage", "codebook_perplexity",
+              "ar_next_token_accuracy", "ar_masked_token_accuracy")
 
 
 def _clean(v: Any) -> Any:

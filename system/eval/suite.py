@@ -9,6 +9,7 @@ codebook usage/perplexity of the codes, and the AR model's next-token accuracy o
 from __future__ import annotations
 
 import io
+import math
 import time
 from dataclasses import dataclass
 from typing import Iterator, Optional
@@ -159,6 +160,7 @@ class Evaluator:
                 raise ValueError(f"the tokenizer of {cfg.export_url} takes any image size and the export has no AR "
                                  "model to fix one; evaluate an export with an 'ar' part")
             res = tok.image_size_for(gen.seq_len)
+        masked = gen is not None and bool(getattr(gen.ar.cfg, "bidirectional", False))
         meter = ReconMeter(lpips, data_range=1.0)
         orig_feats, rec_feats, codes, correct, counted = [], [], [], 0.0, 0
         cached = self._shard_feats.get(res)
@@ -173,7 +175,7 @@ class Evaluator:
             rec_feats.append(self.features(rec)[0])
             codes.append(batch_codes.cpu())
             if gen is not None and bool((labels < gen.num_classes).all()):
-                correct += next_token_accuracy(gen(batch_codes, labels), batch_codes) * labels.numel()
+                correct += held_out_accuracy(gen, batch_codes, labels) * labels.numel()
                 counted += labels.numel()
         originals = cached if cached is not None else np.concatenate(orig_feats)
         recons = np.concatenate(rec_feats)
@@ -185,8 +187,31 @@ class Evaluator:
             **{k_: v for k_, v in meter.compute().items() if k_ != "num_images"},
             "codebook_size": k, "codebook_usage": codebook_usage(all_codes, k),
             "codebook_perplexity": codebook_perplexity(all_codes, k),
-            "ar_next_token_accuracy": correct / counted if counted else None,
+            "bits_per_pixel": math.log2(k) * all_codes.shape[1] / res**2,  # log2|C| K / (H W)
+            ("ar_masked_token_accuracy" if masked else "ar_next_token_accuracy"): correct / counted if counted else None,
         }
+
+
+HELD_OUT_MASK_RATIO = 0.85  # a masked model's held-out accuracy: this fraction of each sequence masked (seeded)
+
+
+def held_out_accuracy(gen, codes: torch.Tensor, labels: torch.Tensor) -> float:
+    """The AR model's token accuracy on held-out codes: next-token prediction with teacher forcing,
+    or for a masked (bidirectional) model the masked positions of a seeded random mask of
+    HELD_OUT_MASK_RATIO of each sequence (bitwise heads: a token counts when all its bits do)."""
+    if not getattr(gen.ar.cfg, "bidirectional", False):
+        return next_token_accuracy(gen(codes, labels), codes)
+    g = torch.Generator(device="cpu").manual_seed(0)
+    b, n = codes.shape
+    order = torch.rand(b, n, generator=g).argsort(-1).argsort(-1).to(codes.device)
+    mask = order < max(1, round(HELD_OUT_MASK_RATIO * n))
+    logits = gen.ar(codes, labels, token_mask=mask)
+    pred = logits.argmax(-1)
+    if pred.dim() == 3:  # bitwise head: (B, L, n_bits) bits -> indices
+        from system.models.gpt import bits_to_index
+
+        pred = bits_to_index(pred)
+    return float((pred == codes)[mask].double().mean())
 
 
 def run_evaluation(cfg: EvaluateConfig, device: str | torch.device | None = None) -> dict:

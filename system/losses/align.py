@@ -7,8 +7,8 @@
 - ``DecoderAlignLoss`` (REPA-style, EOSTok decoder): same on a decoder layer's mask-token states.
 - ``SemanticDistillLoss`` (SemTok 2D branch): MSE between projected patch tokens and teacher features.
 - ``SemanticContrastiveLoss`` (SemTok 1D branch): InfoNCE between pooled projected 1D tokens and
-  pooled teacher features over the batch. Negatives come from the local batch only (no
-  cross-rank gather in this library).
+  pooled teacher features over the batch; with `gather` (the method's all-gather over ranks) the
+  negatives are the teacher features of the global batch.
 Each loss owns its projector. Teacher features are treated as constants (detached).
 When the student and teacher patch grids differ, the projected student grid is resized
 (bilinear) to the teacher's grid so the targets are never resampled.
@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.nn as nn
@@ -164,7 +165,13 @@ class ContrastiveConfig:
 
 class SemanticContrastiveLoss(nn.Module):
     """SemTok 1D-branch InfoNCE: v = norm(mean_k w_z(z_k)), u = norm(mean_n x_sig[n]);
-    L = -mean_i log softmax_j(v_i . u_j / T)[i]. Returns (loss, top-1 retrieval accuracy)."""
+    L = -mean_i log softmax_j(v_i . u_j / T)[i]. Returns (loss, top-1 retrieval accuracy).
+
+    Across ranks, `gather` (every rank's tensor concatenated in rank order, e.g.
+    Collective.all_gather) and `rank` give each local v_i the u of the whole global batch as
+    negatives, its own at rank * B + i; the mean of the ranks' losses (and of their gradients, as
+    data-parallel training averages them) equals the loss on the concatenated batch, as u carries
+    no gradient."""
 
     def __init__(self, cfg: ContrastiveConfig) -> None:
         super().__init__()
@@ -177,14 +184,18 @@ class SemanticContrastiveLoss(nn.Module):
         self,
         tokens: torch.Tensor,  # (B, K, token_dim) quantized 1D tokens
         teacher: torch.Tensor,  # (B, M, teacher_dim) teacher patch features
+        gather: Callable[[torch.Tensor], torch.Tensor] | None = None,
+        rank: int = 0,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         if tokens.shape[0] != teacher.shape[0]:
             raise ValueError(f"SemanticContrastiveLoss: batch {tokens.shape[0]} != teacher batch {teacher.shape[0]}")
         v, u = _common_float(self.proj(tokens), teacher.detach())
         v = F.normalize(v.mean(dim=1), dim=-1, eps=1e-6)  # (B, D)
         u = F.normalize(u.mean(dim=1), dim=-1, eps=1e-6)  # (B, D)
-        logits = v @ u.t() / self.cfg.temperature  # (B, B)
-        labels = torch.arange(logits.shape[0], device=logits.device)
+        if gather is not None:
+            u = gather(u.contiguous())  # (W B, D): the global batch's, rank-major
+        logits = v @ u.t() / self.cfg.temperature  # (B, W B)
+        labels = rank * v.shape[0] + torch.arange(v.shape[0], device=logits.device)
         loss = F.cross_entropy(logits, labels)
         with torch.no_grad():
             acc = (logits.argmax(dim=-1) == labels).float().mean()

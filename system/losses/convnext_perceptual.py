@@ -83,6 +83,21 @@ def torchvision_to_transformers(sd: dict[str, Tensor]) -> dict[str, Tensor]:
     return out
 
 
+def classifier_from_folder(cls: type, path: Path, cfg, fields: tuple[str, ...], what: str) -> nn.Module:
+    """A transformers image classifier `cls` from a save_pretrained folder, float32; ValueError unless
+    its config's `fields` equal `cfg`'s and no weight is missing or mismatched."""
+    model, info = cls.from_pretrained(str(path), local_files_only=True, output_loading_info=True)
+    bad = list(info.get("missing_keys", [])) + list(info.get("mismatched_keys", []))
+
+    def shape(c) -> tuple:
+        return tuple(list(v) if isinstance(v, (list, tuple)) else v for v in (getattr(c, f) for f in fields))
+
+    if bad or shape(model.config) != shape(cfg):
+        raise ValueError(f"{what.split('-')[0]} weights {path}: not a {what} classifier ({', '.join(fields)} = "
+                         f"{shape(model.config)}; missing/mismatched keys {bad[:5]})")
+    return model.float()
+
+
 def build_convnext(weights_path: Optional[str], size: str = "small") -> nn.Module:
     """ConvNextForImageClassification of `size`, with the weights at `weights_path` (module doc)
     or random ones (None)."""
@@ -93,14 +108,8 @@ def build_convnext(weights_path: Optional[str], size: str = "small") -> nn.Modul
         return ConvNextForImageClassification(cfg)
     path = Path(weights_path)
     if path.is_dir():
-        model, info = ConvNextForImageClassification.from_pretrained(str(path), local_files_only=True,
-                                                                     output_loading_info=True)
-        bad = list(info.get("missing_keys", [])) + list(info.get("mismatched_keys", []))
-        got = (list(model.config.depths), list(model.config.hidden_sizes), model.config.num_labels)
-        if bad or got != (list(cfg.depths), list(cfg.hidden_sizes), cfg.num_labels):
-            raise ValueError(f"ConvNeXt weights {path}: not a ConvNeXt-{size} classifier (depths, hidden_sizes, "
-                             f"num_labels = {got}; missing/mismatched keys {bad[:5]})")
-        return model.float()
+        return classifier_from_folder(ConvNextForImageClassification, path, cfg, ("depths", "hidden_sizes", "num_labels"),
+                                      f"ConvNeXt-{size}")
     sd = load_state_dict_file(path, what="ConvNeXt")
     if any(k.startswith("features.") for k in sd):
         sd = torchvision_to_transformers(sd)
@@ -109,25 +118,26 @@ def build_convnext(weights_path: Optional[str], size: str = "small") -> nn.Modul
     return model
 
 
-class ConvNeXtPerceptual(nn.Module):
-    """Frozen ConvNeXt logit distance (module doc). ``forward(pred, target)`` takes two (B,3,H,W)
-    images in [-1, 1] and returns the scalar mean squared difference of their logits."""
+class LogitPerceptual(nn.Module):
+    """A frozen ImageNet classifier's logit distance, shared by ``ConvNeXtPerceptual`` and
+    ``ResNetPerceptual`` (system/losses/resnet_perceptual.py): ``forward(pred, target)`` takes two
+    (B,3,H,W) images in [-1, 1], maps them to [0, 1], resizes them to ``image_size`` (bilinear,
+    antialiased, align_corners False), normalises them with the ImageNet mean/std and returns the
+    scalar mean over (B, classes) of (logits(pred) - logits(target))^2. The target's logits are
+    computed without a graph; gradients flow to the prediction only. ``net`` maps
+    ``pixel_values`` to an output with ``.logits`` (a transformers image classifier)."""
 
-    def __init__(self, weights_path: Optional[str] = None, size: str = "small", image_size: int = 224) -> None:
+    def __init__(self, net: nn.Module, pretrained: bool, image_size: int = 224) -> None:
         super().__init__()
         self.image_size = image_size
         self.register_buffer("mean", torch.tensor(_IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(_IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
-        self.net = build_convnext(weights_path, size)
-        self.pretrained: bool = weights_path is not None
-        if not self.pretrained:
-            warnings.warn(f"ConvNeXt-{size} perceptual loss built with RANDOM weights: values are not a perceptual "
-                          "loss. Pass a local path to ImageNet weights (torchvision's convnext_small-0c510722.pth "
-                          "or a save_pretrained folder of facebook/convnext-small-224).", stacklevel=2)
+        self.net = net
+        self.pretrained: bool = pretrained
         self.requires_grad_(False)
         self.eval()
 
-    def train(self, mode: bool = True) -> "ConvNeXtPerceptual":
+    def train(self, mode: bool = True) -> "LogitPerceptual":
         return super().train(False)  # always eval: frozen loss network
 
     def logits(self, images: Tensor) -> Tensor:  # (B,3,H,W) in [-1,1] -> (B, num_labels) float32
@@ -135,13 +145,25 @@ class ConvNeXtPerceptual(nn.Module):
         s = self.image_size
         x = F.interpolate(x, size=(s, s), mode="bilinear", align_corners=False, antialias=True)
         x = (x - self.mean) / self.std
-        dtype = self.net.classifier.weight.dtype
+        dtype = next(self.net.parameters()).dtype
         return self.net(pixel_values=x.to(dtype)).logits.float()
 
     def forward(self, pred: Tensor, target: Tensor) -> Tensor:  # (B,3,H,W) x2 -> ()
         if pred.shape != target.shape or pred.dim() != 4 or pred.shape[1] != 3:
-            raise ValueError(f"ConvNeXtPerceptual expects two (B,3,H,W) images in [-1,1]; got {tuple(pred.shape)} "
-                             f"and {tuple(target.shape)}")
+            raise ValueError(f"{type(self).__name__} expects two (B,3,H,W) images in [-1,1]; got "
+                             f"{tuple(pred.shape)} and {tuple(target.shape)}")
         with torch.no_grad():  # the target is data: no graph (half the activation memory)
             ref = self.logits(target)
         return F.mse_loss(self.logits(pred), ref)
+
+
+class ConvNeXtPerceptual(LogitPerceptual):
+    """Frozen ConvNeXt logit distance (module doc; the computation is ``LogitPerceptual``'s)."""
+
+    def __init__(self, weights_path: Optional[str] = None, size: str = "small", image_size: int = 224) -> None:
+        super().__init__(build_convnext(weights_path, size), pretrained=weights_path is not None,
+                         image_size=image_size)
+        if not self.pretrained:
+            warnings.warn(f"ConvNeXt-{size} perceptual loss built with RANDOM weights: values are not a perceptual "
+                          "loss. Pass a local path to ImageNet weights (torchvision's convnext_small-0c510722.pth "
+                          "or a save_pretrained folder of facebook/convnext-small-224).", stacklevel=2)

@@ -35,6 +35,7 @@ def _builtin() -> None:
     import system.methods.alitok  # noqa: F401
     import system.methods.ar  # noqa: F401
     import system.methods.eostok  # noqa: F401
+    import system.methods.semtok  # noqa: F401
     import system.methods.vapi  # noqa: F401
 
 

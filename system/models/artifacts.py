@@ -14,7 +14,8 @@ A kind names how a part is rebuilt: `register_tokenizer(kind, builder)` /
 `register_generator(kind, builder)`. Tokenizers are frozen adapters (`Tokenizer`: encode, decode,
 reconstruct, codebook); generators wrap a trainable AR model plus, when it embeds codes through
 it, the tokenizer's codebook (`Generator`: teacher-forced logits, `sample`). Registered here:
-tokenizers "tokenizer1d" (ours: EOSTok, AliTok) and "llamagen-vq" (LlamaGen's VQ-16/VQ-8);
+tokenizers "tokenizer1d" (ours: EOSTok, AliTok), "semtok" (SemTok: VAE + MMDiT) and "llamagen-vq"
+(LlamaGen's VQ-16/VQ-8);
 generator "gpt" (ours and LlamaGen's c2i GPT after its state-dict adapter). LlamaGen's public
 checkpoints load directly with `load_llamagen`.
 """
@@ -309,6 +310,49 @@ class VQFrozen(FrozenTokenizer):
         return side * self.model.cfg.downsample
 
 
+class SemTokFrozen(FrozenTokenizer):
+    """SemTok (kind "semtok"; system/models/semtok.py): VAE + MMDiT encoder + BSQ + MMDiT decoder.
+    No codebook: its AR model (bitwise head) embeds codes through their bits. Decoding in flow mode
+    (a stage I export) draws noise: `decode` is then stochastic; a stage II export decodes in one step."""
+
+    kind = "semtok"
+
+    def artifact(self) -> "Artifact":
+        return Artifact(self.kind, semtok_part_config(self.model.cfg, self.model.vae.config_dict()),
+                        dict(self.model.state_dict()))
+
+    @property
+    def vocab_size(self) -> int:
+        return self.model.cfg.vocab_size
+
+    @property
+    def image_size(self) -> int:
+        return self.model.cfg.image_size
+
+    @torch.no_grad()
+    def encode(self, images: Tensor) -> Tensor:
+        return self.model.encode(images)  # (B, K)
+
+    @torch.no_grad()
+    def decode(self, codes: Tensor) -> Tensor:
+        return self.model.decode_codes(codes)  # (B, 3, H, W)
+
+    @torch.no_grad()
+    def reconstruct(self, images: Tensor) -> Tensor:
+        return self.model(images)
+
+    def num_tokens(self, resolution: int) -> int:
+        if resolution != self.image_size:
+            raise ValueError(f"this SemTok tokenizer works at {self.image_size} px, not {resolution}; "
+                             f"set data.resolution={self.image_size}")
+        return self.model.cfg.num_tokens
+
+    def image_size_for(self, num_tokens: int) -> int:
+        if num_tokens != self.model.cfg.num_tokens:
+            raise ValueError(f"this SemTok tokenizer gives {self.model.cfg.num_tokens} codes per image, not {num_tokens}")
+        return self.image_size
+
+
 _FROZEN_ADAPTERS: dict[type, type[FrozenTokenizer]] = {Tokenizer1D: Tokenizer1DFrozen, VQModel: VQFrozen}
 
 
@@ -451,6 +495,31 @@ def build_tokenizer1d(config: dict, state_dict: dict[str, Tensor]) -> Tokenizer1
     return model.eval()
 
 
+def semtok_config_from_dict(config: dict) -> tuple[Any, dict]:
+    """(SemTokConfig, the VAE's config dict) of a "semtok" part's model.json config."""
+    from system.models.semtok import SemTokConfig
+
+    d = dict(config)
+    vae = d.pop("vae")
+    return config_from_dict(SemTokConfig, d, "semtok"), vae
+
+
+def semtok_part_config(cfg: Any, vae_config: dict) -> dict:
+    """model.json config of a "semtok" part: the SemTokConfig's fields plus the VAE's config."""
+    return {**dataclasses.asdict(cfg), "vae": vae_config}
+
+
+def build_semtok(config: dict, state_dict: dict[str, Tensor]) -> SemTokFrozen:
+    """SemTok with its weights, frozen (diffusers is imported only here)."""
+    from system.models.semtok import SemTok
+    from system.models.vae import LatentVAE
+
+    cfg, vae_cfg = semtok_config_from_dict(config)
+    model = SemTok(cfg, LatentVAE.from_config_dict(vae_cfg))
+    model.load_state_dict(state_dict)
+    return SemTokFrozen(model.eval())
+
+
 def build_gpt(config: dict, state_dict: dict[str, Tensor]) -> GPT:
     """Our GPT with its weights (trainable, eval mode)."""
     model = GPT(config_from_dict(GPTConfig, config, "gpt"))
@@ -461,6 +530,7 @@ def build_gpt(config: dict, state_dict: dict[str, Tensor]) -> GPT:
 register_tokenizer("tokenizer1d", lambda config, sd: Tokenizer1DFrozen(build_tokenizer1d(config, sd)))
 register_tokenizer("llamagen-vq", lambda config, sd: VQFrozen(
     load_llamagen_vq(sd, config_from_dict(VQGANConfig, config, "llamagen-vq"))))
+register_tokenizer("semtok", build_semtok)
 register_generator("gpt", lambda config, sd, tok: GPTGenerator(
     build_gpt(config, sd), tok.codebook if tok is not None and config.get("code_dim") else None))
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass
-from typing import NamedTuple, Optional
+from typing import Callable, NamedTuple, Optional
 
 import torch
 import torch.nn as nn
@@ -349,8 +349,10 @@ class BSQuantizer(nn.Module):
         bits = codes_to_bits(codes, self.cfg.dim).float()
         return (2.0 * bits - 1.0) / math.sqrt(self.cfg.dim)
 
-    def forward(self, z: Tensor) -> QuantizerOutput:
-        """z (B, L, d) -> QuantizerOutput (probs None; K = 2**d is too large to materialise)."""
+    def forward(self, z: Tensor, batch_mean: Optional[Callable[[Tensor], Tensor]] = None) -> QuantizerOutput:
+        """z (B, L, d) -> QuantizerOutput (probs None; K = 2**d is too large to materialise).
+        `batch_mean` maps this batch's mean bit probabilities (d,) to the mean over the global batch
+        (all ranks) for the entropy term's codebook part; None: this batch alone."""
         d = self.cfg.dim
         _check_latents(z, d, "BSQuantizer")
         u = F.normalize(z.float(), dim=-1)
@@ -360,7 +362,7 @@ class BSQuantizer(nn.Module):
         if self.cfg.entropy_weight > 0:
             p = torch.sigmoid(4.0 * self.cfg.bsq_inv_temperature * u / math.sqrt(d)).reshape(-1, d)
             losses["entropy"] = self.cfg.entropy_weight * _bitwise_entropy_loss(
-                p, self.cfg.sample_entropy_weight, self.cfg.batch_entropy_weight
+                p, self.cfg.sample_entropy_weight, self.cfg.batch_entropy_weight, batch_mean
             )
         quantized = (u + (q - u).detach()).to(z.dtype)
         return QuantizerOutput(codes=bits_to_codes(bits), quantized=quantized, latents=u.to(z.dtype), losses=losses)
@@ -371,11 +373,14 @@ def _binary_entropy(p: Tensor, eps: float = 1e-6) -> Tensor:
     return -(p * p.log() + (1 - p) * (1 - p).log())
 
 
-def _bitwise_entropy_loss(p: Tensor, sample_weight: float, batch_weight: float) -> Tensor:
+def _bitwise_entropy_loss(p: Tensor, sample_weight: float, batch_weight: float,
+                          batch_mean: Optional[Callable[[Tensor], Tensor]] = None) -> Tensor:
     """Factorised E[H(q(z))] - H(E[q(z)]) with per-bit probabilities p (N, d):
-    per-sample entropy = sum_i H(p_i); codebook entropy ~ sum_i H(mean_n p_ni)."""
+    per-sample entropy = sum_i H(p_i); codebook entropy ~ sum_i H(mean_n p_ni), the mean taken by
+    `batch_mean` (over every rank) when given."""
     sample = _binary_entropy(p).sum(-1).mean()
-    batch = _binary_entropy(p.mean(0)).sum()
+    mean = p.mean(0) if batch_mean is None else batch_mean(p.mean(0))
+    batch = _binary_entropy(mean).sum()
     return sample_weight * sample - batch_weight * batch
 
 

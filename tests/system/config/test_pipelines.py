@@ -6,7 +6,8 @@ import pytest
 
 from system.config import ConfigError
 from system.config.pipelines import (
-    ALITOK_SECTION_DEFAULTS, AliTokPipelineConfig, alitok_wiring, load_pipeline_config)
+    ALITOK_SECTION_DEFAULTS, SEMTOK_SECTION_DEFAULTS, AliTokPipelineConfig, SemTokPipelineConfig, alitok_wiring,
+    load_pipeline_config, semtok_wiring)
 
 
 def _load(*argv: str, defaults=("experiments/alitok_xl.yaml",)) -> AliTokPipelineConfig:
@@ -54,3 +55,45 @@ def test_tiny_preset_reads_the_stage_presets():
 def test_config_errors_name_the_key(argv, match):
     with pytest.raises(ConfigError, match=match):
         _load(*argv)
+
+
+# --------------------------------------------------------------------------- SemTok
+def _semtok(*argv: str) -> SemTokPipelineConfig:
+    return load_pipeline_config(SemTokPipelineConfig, list(argv), [], SEMTOK_SECTION_DEFAULTS, semtok_wiring)
+
+
+def test_semtok_paper_defaults_and_chaining(tmp_path):
+    cfg = _semtok(f"storage_path={tmp_path}", "run_name=s")
+    root = f"{tmp_path}/s"
+    assert cfg.steps == ["stage1", "stage2", "pretokenize", "ar", "sample", "evaluate"]  # no vae step: SD3.5's VAE
+    m1 = cfg.stage1.method
+    assert (m1.tokenizer, m1.quant, m1.semantic, m1.sample_steps) == ("semtok-18", 0.0025, 0.05, 25)
+    assert m1.vae.hub_name == "stabilityai/stable-diffusion-3.5-medium" and m1.teacher.kind == "siglip"
+    assert (cfg.stage1.optim.lr, cfg.stage1.optim.weight_decay, cfg.stage1.train.max_steps) == (5e-5, 1e-3, 200000)
+    assert cfg.stage1.data.batch_size * cfg.stage1.cluster.num_workers == 256
+    m2 = cfg.stage2.method
+    assert (m2.lpips, m2.resnet, m2.gan, m2.gan_start_step) == (0.1, 0.1, 0.1, 20000)
+    assert cfg.stage2.data.batch_size * cfg.stage2.cluster.num_workers == 64 and cfg.stage2.train.max_steps == 100000
+    assert m2.stage1_export == f"{root}/stage1/export"
+    assert cfg.pretokenize.export_url == cfg.ar.method.tokenizer_export == f"{root}/stage2/export"
+    assert cfg.ar.objective == "masked_ar" and cfg.ar.method.model == "semtok-ar-l" and cfg.ar.data.url == f"{root}/tokens"
+    assert (cfg.ar.method.mask_min, cfg.ar.method.label_smoothing, cfg.ar.method.sample_top_p) == (0.7, 0.01, 0.75)
+    assert cfg.evaluate.export_url == f"{root}/ar/export"
+
+
+def test_semtok_tiny_fits_its_own_vae_first():
+    cfg = _semtok("--config", "configs/experiments/semtok_tiny.yaml")
+    assert cfg.steps[0] == "vae" and cfg.vae.method.tiny and cfg.vae.run_name == "vae"
+    v = cfg.stage1.method.vae
+    assert v.export.endswith("semtok-tiny/vae/export") and v.hub_name is None and v.path is None
+    assert cfg.stage1.method.tokenizer == "semtok-tiny" and cfg.stage1.data.resolution == 64
+
+
+@pytest.mark.parametrize("argv,match", [
+    (["stage1.method.vae.export=/x", "steps=[vae,stage1]"], "'stage1.method.vae.export' is set by the pipeline"),
+    (["steps=[stage1,vae]"], "config key 'steps'"),
+    (["stage1.method.nope=1"], "stage1.method.nope"),
+])
+def test_semtok_config_errors_name_the_key(argv, match):
+    with pytest.raises(ConfigError, match=match):
+        _semtok(*argv)

@@ -52,7 +52,8 @@ def test_dtype_selection_and_range():
     assert token_dtype(1 << 16) == np.dtype("<u2") and token_dtype((1 << 16) + 1) == np.dtype("<i4")
     with pytest.raises(ValueError, match="vocab_size"):
         token_dtype(0)
-    for vocab, dtype in ((1 << 16, np.uint16), (100_000, np.int32)):
+    assert token_dtype(1 << 31) == np.dtype("<i4") and token_dtype(1 << 32) == np.dtype("<i8")  # SemTok's 2^32 codes
+    for vocab, dtype in ((1 << 16, np.uint16), (100_000, np.int32), (1 << 32, np.int64)):
         c = np.array([0, vocab - 1, 7])
         f = encode_token_sample(c, 3, 1, token_dtype(vocab))
         assert len(f["tok"]) == 3 * np.dtype(dtype).itemsize

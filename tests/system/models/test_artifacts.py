@@ -134,7 +134,7 @@ def test_llamagen_checkpoints_load_and_sample(tmp_path):
 def test_unknown_kind_and_registry_errors(tmp_path):
     tok, ar = _ours()
     A.save_export(str(tmp_path), {"tokenizer": A.Artifact("semtok-nope", {}, {}), "ar": A.Artifact.of("gpt", ar)})
-    known = r"registered tokenizer kinds: \['llamagen-vq', 'tokenizer1d'\]"
+    known = r"registered tokenizer kinds: \['llamagen-vq', 'semtok', 'tokenizer1d'\]"
     with pytest.raises(ValueError, match=rf"tokenizer kind 'semtok-nope', which is not registered; {known}"):
         A.load_tokenizer(str(tmp_path))
     with pytest.raises(ValueError, match=r"GPTConfig.code_dim=16\): pass the tokenizer's codebook"):
@@ -161,7 +161,7 @@ def test_a_registered_kind_plugs_in(tmp_path, monkeypatch):
     vq, ar = _llamagen()
     A.save_export(str(tmp_path), {"tokenizer": A.Artifact.of("vq-renamed", vq), "ar": A.Artifact.of("gpt", ar)})
     tok, gen = A.load_pair(str(tmp_path))
-    assert A.tokenizer_kinds() == ["llamagen-vq", "tokenizer1d", "vq-renamed"] and A.generator_kinds() == ["gpt"]
+    assert A.tokenizer_kinds() == ["llamagen-vq", "semtok", "tokenizer1d", "vq-renamed"] and A.generator_kinds() == ["gpt"]
     assert tok.decode(gen.sample(torch.tensor([1]), seed=0)).shape == (1, 3, 32, 32)
 
 
