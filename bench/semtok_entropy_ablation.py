@@ -63,6 +63,7 @@ def main() -> int:
     p.add_argument("--storage", default="runs")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quant", type=float, default=0.0025, help="the entropy loss weight of the 'on' variant (paper 0.0025)")
+    p.add_argument("--group", type=int, default=1, help="method.entropy_group of the 'on' variant (1: per-bit factorised)")
     p.add_argument("--vae", default=None, help="a latent_vae export to reuse (default: fit one under semtok-abl-vae)")
     args = p.parse_args()
     storage = Path(args.storage).absolute()
@@ -72,19 +73,21 @@ def main() -> int:
         vae = str(storage / "semtok-abl-vae" / "vae" / "export")
     res = {}
     for name, quant in (("off", 0.0), ("on", args.quant)):
-        run_name = f"semtok-abl-{name}-s{args.seed}-n{args.steps}"
+        group = args.group if quant > 0 else 1
+        run_name = f"semtok-abl-q{quant:g}" + (f"-g{group}" if group > 1 else "") + f"-s{args.seed}-n{args.steps}"
         run(args, f"run_name={run_name}", "steps=[stage1]", f"stage1.method.vae.export={vae}", "stage1.method.vae.hub_name=null",
-            f"stage1.method.quant={quant}", f"stage1.train.max_steps={args.steps}", f"stage1.seed={args.seed}",
+            f"stage1.method.quant={quant}", f"stage1.method.entropy_group={group}", f"stage1.train.max_steps={args.steps}", f"stage1.seed={args.seed}",
             "stage1.train.val_max_images=0")
         root = storage / run_name / "stage1"
         val = json.loads((root / "result.json").read_text()).get("validation", {})
         res[name] = {**code_statistics(str(root / "export")), "val PSNR (flow, dB)": val.get("val_ema/psnr", val.get("val/psnr"))}
-    print(f"\nSemTok BSQ entropy loss off vs on ({args.quant}), tiny scale, {args.steps} stage I steps, seed {args.seed}")
+    print(f"\nSemTok BSQ entropy loss off vs on ({args.quant}, entropy_group {args.group}), tiny scale, {args.steps} stage I "
+          f"steps, seed {args.seed}")
     print(f"{'':28s}{'off':>14s}{'on':>14s}")
     for k in res["on"]:
         a, b = res["off"][k], res["on"][k]
         print(f"{k:28s}{a:14.4f}{b:14.4f}" if a is not None and b is not None else f"{k:28s}{a!s:>14s}{b!s:>14s}")
-    (storage / f"semtok_entropy_ablation_s{args.seed}.json").write_text(json.dumps(res, indent=1))
+    (storage / f"semtok_entropy_ablation_q{args.quant:g}_g{args.group}_s{args.seed}.json").write_text(json.dumps(res, indent=1))
     return 0
 
 

@@ -16,7 +16,9 @@ from dataclasses import dataclass
 from typing import Any, Callable, Optional, Sequence
 
 from cluster.console import say, table
-from system.config import ARExperiment, EvaluateConfig, Experiment, PretokenizeConfig, SampleConfig, StorageConfig
+from system.config import (
+    ARExperiment, EvaluateConfig, Experiment, LatentCacheConfig, PretokenizeConfig, SampleConfig, StorageConfig)
+from system.config.pipelines import AliTokPipelineConfig, SemTokPipelineConfig
 from system.data.storage import exists, join, read_json, write_bytes_atomic
 
 
@@ -57,7 +59,7 @@ def run_pipeline(title: str, steps: Sequence[Step], root: str, storage: Optional
     return state
 
 
-def run_pipeline_job(cfg: Any, make_steps: Callable[[str], list[Step]], keys: dict[str, Sequence[str]]) -> int:
+def run_pipeline_job(cfg: AliTokPipelineConfig | SemTokPipelineConfig, make_steps: Callable[[str], list[Step]], keys: dict[str, Sequence[str]]) -> int:
     """A pipeline job's run (after its config checks): the steps of `make_steps(root)` under
     <cfg.storage_path>/<cfg.run_name> (each starts or joins Ray itself), the resolved config saved
     there, the final table of `keys`; a config error inside a step exits 2."""
@@ -133,6 +135,20 @@ def pretokenize_step(cfg: PretokenizeConfig, describe: str = "") -> Step:
         return {"views": s["index"]["num_samples"], "bytes": s["bytes"], "out": cfg.out}
 
     return Step("pretokenize", join(cfg.out, "index.json"), run, describe)
+
+
+def latents_step(cfg: LatentCacheConfig, describe: str = "") -> Step:
+    """Image shards -> latent shards (the frozen VAE's latents of every view) on a map pool; the
+    latent index (written last) is the marker."""
+
+    def run() -> dict:
+        from cluster.latent_pool import cache_latents, summary_rows
+
+        s = cache_latents(cfg)
+        say(table(f"latent cache: done -> {cfg.out}", summary_rows(cfg, s)))
+        return {k: s[k] for k in ("views", "bytes", "bytes_per_view", "out")}
+
+    return Step("latents", join(cfg.out, "index.json"), run, describe)
 
 
 def sample_step(cfg: SampleConfig, describe: str = "") -> Step:

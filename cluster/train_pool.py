@@ -386,9 +386,10 @@ def report_tokenizer_run(exp: Experiment, result: RunResult, keys: tuple[str, ..
         fmt = lambda k: f"{psnr[k]:.2f}" if k in psnr else "-"  # noqa: E731
         rows.append(("val PSNR (dB)", f"untrained {fmt('untrained')} -> trained {fmt('trained')} (EMA "
                                       f"{fmt('trained_ema')})" + "".join(f"; {k} {fmt(k)}" for k in others or {})))
-        rows.append(("val codebook usage", f"{val.get('val/codebook_usage', 0):.3f} of the codes over "
-                                           f"{val.get('val/images', 0):.0f} images (perplexity "
-                                           f"{val.get('val/codebook_perplexity', 0):.1f})"))
+        if "val/codebook_usage" in val:  # a tokenizer with codes (not the VAE of jobs/semtok.py)
+            rows.append(("val codebook usage", f"{val['val/codebook_usage']:.3f} of the codes over "
+                                               f"{val.get('val/images', 0):.0f} images (perplexity "
+                                               f"{val.get('val/codebook_perplexity', 0):.1f})"))
     rows += [("checkpoint", result.checkpoint_url), ("export", export), ("sample grid", f"{run}/samples/step_{result.step:08d}.png"),
              ("curves", f"{run}/curves.png"), ("metrics", f"{run}/metrics.jsonl"), ("logs", f"{run}/logs/")]
     summary = write_run_result(result, exp.data.storage, summary)

@@ -7,8 +7,8 @@ from dataclasses import dataclass, field
 from typing import Any, Literal, Optional
 
 from system.config.methods import (
-    AliTokStage1Config, AliTokStage2Config, ARConfig, EOSTokConfig, LatentVAETrainConfig, MaskedARConfig, SemTokStage1Config,
-    SemTokStage2Config, VapiConfig)
+    AliTokStage1Config, AliTokStage2Config, ARConfig, EOSTokConfig, LatentVAEConfig, LatentVAETrainConfig, MaskedARConfig,
+    SemTokStage1Config, SemTokStage2Config, VapiConfig)
 from system.config.ranges import ok
 from system.config.sections import *  # noqa: F401,F403 (the infra sections)
 
@@ -145,5 +145,24 @@ class PretokenizeConfig:
     shard_size: int = field(default=0, metadata=ok(">= 0"))  # source images per token shard; 0: one token shard per image shard
     num_actors: int = field(default=0, metadata=ok(">= 0"))  # tokenizer actors; 0: as many as the cluster fits
     storage: StorageConfig = field(default_factory=StorageConfig)  # src, out and export_url storage
+    # cluster.device: where actors encode; cluster.cpus/gpus_per_worker: per actor; cluster.max_failures: actor deaths tolerated
+    cluster: ClusterConfig = field(default_factory=lambda: ClusterConfig(num_workers=1, max_failures=3))
+
+
+@dataclass
+class LatentCacheConfig:
+    """cluster/latent_pool.py (a SemTok pipeline step): image shards -> latent shards, each view's
+    pixels with its frozen-VAE latents (system/data/latents.py), so training reads the latents
+    instead of running the VAE every step (point data.url at `out`; data.resolution = resolution)."""
+
+    src: str = MISSING  # image shard set (a folder or s3://bucket/prefix holding index.json), e.g. <shards>/train
+    out: str = MISSING  # latent shard set to write (gets index.json + one latent shard per image shard)
+    vae: LatentVAEConfig = field(default_factory=LatentVAEConfig)  # the frozen VAE: the one training decodes with
+    augment: Literal["none", "flip"] = "flip"  # views per image: 1 (the centre crop), 2 (it and its mirror)
+    resolution: int = field(default=MISSING, metadata=ok(">= 8"))  # pixels encoded (a multiple of 8); = the training's data.resolution
+    batch_size: int = field(default=64, metadata=ok(">= 1"))  # views per VAE forward pass
+    shard_size: int = field(default=0, metadata=ok(">= 0"))  # source images per latent shard; 0: one latent shard per image shard
+    num_actors: int = field(default=0, metadata=ok(">= 0"))  # VAE actors; 0: as many as the cluster fits
+    storage: StorageConfig = field(default_factory=StorageConfig)  # src, out and vae.export storage
     # cluster.device: where actors encode; cluster.cpus/gpus_per_worker: per actor; cluster.max_failures: actor deaths tolerated
     cluster: ClusterConfig = field(default_factory=lambda: ClusterConfig(num_workers=1, max_failures=3))

@@ -213,6 +213,10 @@ class SemTokStage1Config:
     quant: float = field(default=0.0025, metadata=ok(">= 0"))  # lambda_q: BSQ entropy loss E[H(q(z))] - H(E[q(z)]), the batch term over all ranks
     commit: float = field(default=0.0, metadata=ok(">= 0"))  # BSQ commitment ||u - q(u)||^2 (not in the paper: 0)
     bsq_inv_temperature: float = field(default=100.0, metadata=ok("> 0"))  # BSQ soft assignment of the entropy term
+    # bits per group of the entropy term's codebook part: g > 1 = the exact entropy of each group's 2^g sub-codes (BSQ's
+    # grouping: 18 bits = 2 x 512 sub-codes); 1 = the per-bit factorisation, blind to bits that flip together (it
+    # collapsed the tiny demo's codes to 145 distinct at quant 0.05; README "SemTok" has the ablation)
+    entropy_group: int = field(default=9, metadata=ok(">= 1"))
     semantic: float = field(default=0.05, metadata=ok(">= 0"))  # lambda_s of L_sem = L_contra + L_distill
     distill: float = field(default=1.0, metadata=ok(">= 0"))  # weight of L_distill inside L_sem
     contrastive: float = field(default=1.0, metadata=ok(">= 0"))  # weight of L_contra inside L_sem

@@ -17,8 +17,8 @@ from omegaconf.errors import OmegaConfBaseException
 
 from system.config.eval_schema import EvaluateConfig, SampleConfig
 from system.config.experiments import (
-    AliTokStage1Experiment, AliTokStage2Experiment, ARExperiment, LatentVAEExperiment, MaskedARExperiment, PretokenizeConfig,
-    SemTokStage1Experiment, SemTokStage2Experiment)
+    AliTokStage1Experiment, AliTokStage2Experiment, ARExperiment, LatentCacheConfig, LatentVAEExperiment, MaskedARExperiment,
+    PretokenizeConfig, SemTokStage1Experiment, SemTokStage2Experiment)
 from system.config.load import (
     ConfigError, HelpRequested, _explain, _load_yaml, config_path, exit_on_config_error, finish_config, help_text,
     parse_argv)
@@ -115,15 +115,18 @@ def alitok_wiring(cfg: DictConfig) -> dict[str, Any]:
 
 
 # --------------------------------------------------------------------------- SemTok
-SEMTOK_STEPS = ("vae", "stage1", "stage2", "pretokenize", "ar", "sample", "evaluate")
+SEMTOK_STEPS = ("vae", "latents", "stage1", "stage2", "pretokenize", "ar", "sample", "evaluate")
+SEMTOK_OPTIONAL = ("vae", "latents")  # not run unless listed in `steps`
 
 
 @dataclass
 class SemTokPipelineConfig:
-    """jobs/semtok.py: [vae ->] SemTok stage I -> stage II -> pre-tokenize -> masked AR -> sample ->
-    evaluate. Everything lands under <storage_path>/<run_name>/: vae/, stage1/, stage2/, tokens/,
-    ar/, samples/, eval/ and pipeline.json. The vae step (a small VAE fitted to the images) is only
-    for where SD3.5's VAE cannot be had (the CPU demo); with it, stage I reads that VAE."""
+    """jobs/semtok.py: [vae ->] [latents ->] SemTok stage I -> stage II -> pre-tokenize -> masked AR ->
+    sample -> evaluate. Everything lands under <storage_path>/<run_name>/: vae/, latents/, stage1/,
+    stage2/, tokens/, ar/, samples/, eval/ and pipeline.json. The vae step (a small VAE fitted to the
+    images) is only for where SD3.5's VAE cannot be had (the CPU demo); with it, stage I reads that
+    VAE. The latents step caches every view's VAE latents (a map pool) and both stages train on that
+    cache instead of running the VAE every step."""
 
     run_name: str = "semtok"
     storage_path: str = "runs"  # local folder (shared by every node) or s3://bucket/prefix
@@ -132,9 +135,10 @@ class SemTokPipelineConfig:
     embedded: bool = False  # build the embedded real-photo shard sets at images / val_images when missing
     storage: StorageConfig = field(default_factory=StorageConfig)
     # the steps to run, in order; without stage2 the AR decodes with the stage I tokenizer (flow sampler)
-    steps: list[str] = field(default_factory=lambda: [s for s in SEMTOK_STEPS if s != "vae"])
+    steps: list[str] = field(default_factory=lambda: [s for s in SEMTOK_STEPS if s not in SEMTOK_OPTIONAL])
     section_configs: dict[str, list[str]] = field(default_factory=dict)  # more files per section, as AliTok's
     vae: LatentVAEExperiment = field(default_factory=LatentVAEExperiment)  # the demo's VAE (method latent_vae)
+    latents: LatentCacheConfig = field(default_factory=LatentCacheConfig)  # the latent cache (cluster/latent_pool.py)
     stage1: SemTokStage1Experiment = field(default_factory=SemTokStage1Experiment)  # semtok_stage1
     stage2: SemTokStage2Experiment = field(default_factory=SemTokStage2Experiment)  # semtok_stage2
     pretokenize: PretokenizeConfig = field(default_factory=PretokenizeConfig)  # jobs/pretokenize.py
@@ -154,7 +158,7 @@ SEMTOK_SECTION_DEFAULTS: dict[str, list[str]] = {
 
 
 def semtok_folders(root: str) -> dict[str, str]:
-    return {name: _join(root, name) for name in ("vae", "stage1", "stage2", "tokens", "ar", "samples", "eval")}
+    return {name: _join(root, name) for name in ("vae", "latents", "stage1", "stage2", "tokens", "ar", "samples", "eval")}
 
 
 def semtok_wiring(cfg: DictConfig) -> dict[str, Any]:
@@ -164,9 +168,15 @@ def semtok_wiring(cfg: DictConfig) -> dict[str, Any]:
     tokenizer = _join(f["stage2" if "stage2" in steps else "stage1"], "export")
     out = _chain(cfg, f, root, steps, ("vae", "stage1", "stage2"), tokenizer)
     out["stage2.method.stage1_export"] = _join(f["stage1"], "export")
+    vae = OmegaConf.to_container(cfg.stage1.method.vae)
     if "vae" in steps:  # stage I reads the fitted VAE (and nothing else)
-        out.update({"stage1.method.vae.export": _join(f["vae"], "export"), "stage1.method.vae.path": None,
-                    "stage1.method.vae.hub_name": None, "stage1.method.vae.random_init": False})
+        vae.update(export=_join(f["vae"], "export"), path=None, hub_name=None, random_init=False)
+        out.update({f"stage1.method.vae.{k}": vae[k] for k in ("export", "path", "hub_name", "random_init")})
+    out.update({f"latents.vae.{k}": v for k, v in vae.items()})  # the cache of stage I's VAE
+    out.update({"latents.src": cfg.images, "latents.out": f["latents"], "latents.resolution": cfg.stage1.data.resolution,
+                "latents.storage": OmegaConf.to_container(cfg.storage)})
+    if "latents" in steps:  # both stages train on the cache
+        out.update({"stage1.data.url": f["latents"], "stage2.data.url": f["latents"]})
     return out
 
 

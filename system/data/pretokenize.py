@@ -2,6 +2,10 @@
 shard of the codes of every augmented view (format: system/data/tokens.py). cluster/map_pool.py
 runs `ShardTokenizer` in actors; jobs/pretokenize.py plans, runs and writes the index.
 
+The latent cache is the same work with SemTok's frozen VAE for the encoder: `ShardLatentEncoder`
+writes latent shards (each view's pixels + its latents; format and storage: system/data/latents.py),
+run by cluster/latent_pool.py. Both share `ShardEncoder` (read, view, batch, encode, write).
+
 Resumable: a token shard's marker carries a fingerprint of (input shard sha256 from its marker,
 sample range, tokenizer weights + config, augment, resolution); a re-run skips shards whose marker
 matches and rewrites the others atomically, so each (source key, view) is in the output once.
@@ -17,6 +21,7 @@ codes: the .tok member takes two blocks, 3584 B per view).
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import io
 import json
@@ -27,10 +32,12 @@ from typing import Any, Iterator, Optional
 import numpy as np
 import torch
 
+from system.config.methods import LatentVAEConfig
 from system.config.sections import StorageConfig
 from system.data.shards import IMAGE_FIELDS, MARKER_SUFFIX, iter_tar_samples, read_index
 from system.data.storage import filesystem, join, read_bytes, storage_error
-from system.data.tokens import TokenSample, TokenShardPlan, check_augment, write_token_shard
+from system.data.latents import check_latent_augment, write_latent_shard
+from system.data.tokens import TokenShardPlan, check_augment, write_token_shard
 from system.data.transforms import augment_views, to_tensor
 
 log = logging.getLogger(__name__)
@@ -72,9 +79,11 @@ def source_ids(src_url: str, index: dict, storage: StorageConfig | None = None) 
 
 
 def plan_token_shards(src_url: str, tokenizer: dict, augment: str, resolution: int, shard_size: int = 0,
-                      storage: StorageConfig | None = None) -> tuple[dict, list[TokenShardPlan]]:
+                      storage: StorageConfig | None = None,
+                      plan_cls: type[TokenShardPlan] = TokenShardPlan) -> tuple[dict, list[TokenShardPlan]]:
     """(source index, plans): one token shard per image shard, or per `shard_size` of its images.
-    Token shards are written into the output folder itself (it gets index.json)."""
+    Token shards are written into the output folder itself (it gets index.json). `tokenizer`: the
+    encoder's info ({"fingerprint", ...}); `plan_cls`: LatentShardPlan plans latent shards."""
     check_augment(augment)
     index = read_index(src_url, storage)
     ids = source_ids(src_url, index, storage)
@@ -86,27 +95,35 @@ def plan_token_shards(src_url: str, tokenizer: dict, augment: str, resolution: i
         stem = s["name"][: -len(".tar")] if s["name"].endswith(".tar") else s["name"]
         for k, start in enumerate(range(0, count, size)):
             name = s["name"] if parts == 1 else f"{stem}-p{k:03d}.tar"
-            plans.append(TokenShardPlan(index.get("split", "train"), name, source=join(src_url, s["name"]),
-                                        source_id=ids[s["name"]], count=min(size, count - start), start=start,
-                                        tokenizer=tokenizer["fingerprint"], augment=augment, resolution=resolution,
-                                        folder=""))
+            plans.append(plan_cls(index.get("split", "train"), name, source=join(src_url, s["name"]),
+                                  source_id=ids[s["name"]], count=min(size, count - start), start=start,
+                                  tokenizer=tokenizer["fingerprint"], augment=augment, resolution=resolution, folder=""))
     return index, plans
 
 
-class ShardTokenizer:
-    """Encodes token shards: built once (tokenizer loaded on `device`), then called per plan;
-    returns the shard's marker (an existing matching marker is returned as is)."""
+EncodedView = tuple[str, int, int, np.ndarray, np.ndarray]  # (source key, label, view id, pixels (R,R,3), encoding)
 
-    def __init__(self, export_url: str, out_url: str, *, augment: str, resolution: int, batch_size: int = 64,
-                 device: str = "cpu", part: str = "tokenizer", storage: StorageConfig | None = None):
-        from system.models.artifacts import load_tokenizer
 
+class ShardEncoder:
+    """The per-shard work of an encoder over image shards (base of `ShardTokenizer` and
+    `ShardLatentEncoder`): called per plan, it reads the plan's slice of its input shard, makes every
+    view of every readable image, runs `encode` on batches of `batch_size` views and hands the
+    results to `write` (which writes the output shard, then its marker). Returns the shard's marker
+    (an existing matching marker is returned as is)."""
+
+    def __init__(self, out_url: str, *, augment: str, resolution: int, batch_size: int, device: str,
+                 storage: StorageConfig | None):
         self.out_url, self.augment, self.resolution = out_url, augment, resolution
         self.batch_size, self.storage, self.device = batch_size, storage, torch.device(device)
         self.views = check_augment(augment)
-        self.tokenizer = load_tokenizer(export_url, storage, device=self.device, part=part)
-        self.seq_len = self.tokenizer.num_tokens(resolution)  # ValueError: resolution does not fit
-        self.vocab_size = int(self.tokenizer.vocab_size)
+
+    def encode(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, 3, R, R) in [-1, 1] on `device` -> (B, ...) encodings."""
+        raise NotImplementedError
+
+    def write(self, plan: TokenShardPlan, views: Iterator[EncodedView], stats: dict) -> dict:
+        """Write `plan`'s shard from its encoded views (in order); returns the marker."""
+        raise NotImplementedError
 
     def __call__(self, plan: TokenShardPlan) -> dict:
         done = plan.done(self.out_url, self.storage)
@@ -114,7 +131,7 @@ class ShardTokenizer:
             return done
         stats: dict[str, Any] = {"skipped": 0}
         samples = self._source_samples(plan, stats)
-        return write_token_shard(plan, self.out_url, self._encode(samples, stats), self.vocab_size, self.storage, stats)
+        return self.write(plan, self._encode(samples, stats), stats)
 
     def _source_samples(self, plan: TokenShardPlan, stats: dict) -> list[tuple[str, dict]]:
         """The plan's slice of its input shard, checked against the content id it was planned with."""
@@ -131,8 +148,8 @@ class ShardTokenizer:
             n += 1
         return out
 
-    def _encode(self, samples: list[tuple[str, dict]], stats: dict) -> Iterator[TokenSample]:
-        """(source key, codes, label, view) for every view of every readable sample, in order."""
+    def _encode(self, samples: list[tuple[str, dict]], stats: dict) -> Iterator[EncodedView]:
+        """Every view of every readable sample, in order, with its encoding."""
         pending: list[tuple[str, int, np.ndarray]] = []
         for key, fields in samples:
             img = next((fields[f] for f in IMAGE_FIELDS if f in fields), None)
@@ -149,15 +166,89 @@ class ShardTokenizer:
                 pending = []
         yield from self._flush(pending)
 
-    def _flush(self, pending: list[tuple[str, int, np.ndarray]]) -> Iterator[TokenSample]:
+    def _flush(self, pending: list[tuple[str, int, np.ndarray]]) -> Iterator[EncodedView]:
         if not pending:
             return
         views = np.concatenate([v for _, _, v in pending])
-        codes = torch.cat([self.tokenizer.encode(to_tensor(views[i : i + self.batch_size]).to(self.device)).cpu()
-                           for i in range(0, len(views), self.batch_size)]).numpy()
+        out = torch.cat([self.encode(to_tensor(views[i : i + self.batch_size]).to(self.device)).cpu()
+                         for i in range(0, len(views), self.batch_size)]).numpy()
         for j, (key, label, _) in enumerate(pending):
             for aug in range(self.views):
-                yield key, codes[j * self.views + aug], label, aug
+                yield key, label, aug, views[j * self.views + aug], out[j * self.views + aug]
+
+
+class ShardTokenizer(ShardEncoder):
+    """Encodes token shards: built once (tokenizer loaded on `device`), then called per plan;
+    returns the shard's marker (an existing matching marker is returned as is)."""
+
+    def __init__(self, export_url: str, out_url: str, *, augment: str, resolution: int, batch_size: int = 64,
+                 device: str = "cpu", part: str = "tokenizer", storage: StorageConfig | None = None):
+        from system.models.artifacts import load_tokenizer
+
+        super().__init__(out_url, augment=augment, resolution=resolution, batch_size=batch_size, device=device,
+                         storage=storage)
+        self.tokenizer = load_tokenizer(export_url, storage, device=self.device, part=part)
+        self.seq_len = self.tokenizer.num_tokens(resolution)  # ValueError: resolution does not fit
+        self.vocab_size = int(self.tokenizer.vocab_size)
+
+    def encode(self, images: torch.Tensor) -> torch.Tensor:
+        return self.tokenizer.encode(images)
+
+    def write(self, plan: TokenShardPlan, views: Iterator[EncodedView], stats: dict) -> dict:
+        samples = ((key, codes, label, aug) for key, label, aug, _, codes in views)
+        return write_token_shard(plan, self.out_url, samples, self.vocab_size, self.storage, stats)
+
+
+def latent_vae(cfg: LatentVAEConfig, storage: StorageConfig | None = None) -> tuple[Any, dict]:
+    """(the frozen `LatentVAE` of `cfg` on the CPU, its info {"fingerprint", "config", "source"}) for
+    a latent cache. `random_init` weights are drawn from seed 0, so every actor builds the same VAE."""
+    from system.models.vae import build_latent_vae
+
+    if cfg.random_init:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            vae = build_latent_vae(cfg, storage)
+    else:
+        vae = build_latent_vae(cfg, storage)
+    source = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg) if getattr(cfg, f.name) not in (None, False)}
+    return vae, {"fingerprint": vae.fingerprint(), "config": vae.config_dict(), "source": source}
+
+
+def latent_shape(vae: Any, resolution: int) -> tuple[int, int]:
+    """(channels, size) of the latents of a resolution x resolution view; ValueError naming what fits."""
+    f = vae.downsample
+    if resolution < f or resolution % f:
+        raise ValueError(f"resolution {resolution} is not a positive multiple of the VAE's downsampling factor {f} "
+                         f"(e.g. {max(f, resolution // f * f)})")
+    return vae.latent_channels, resolution // f
+
+
+class ShardLatentEncoder(ShardEncoder):
+    """Encodes latent shards (system/data/latents.py): built once (the frozen VAE of `vae` on
+    `device`), then called per plan; returns the shard's marker (an existing matching one as is).
+    Refuses a plan made for another VAE (its fingerprint differs from this worker's)."""
+
+    def __init__(self, vae: LatentVAEConfig, out_url: str, *, augment: str, resolution: int, batch_size: int = 64,
+                 device: str = "cpu", storage: StorageConfig | None = None):
+        check_latent_augment(augment)
+        super().__init__(out_url, augment=augment, resolution=resolution, batch_size=batch_size, device=device,
+                         storage=storage)
+        self.vae, self.info = latent_vae(vae, storage)
+        self.channels, self.size = latent_shape(self.vae, resolution)
+        self.vae.to(self.device)
+
+    def encode(self, images: torch.Tensor) -> torch.Tensor:
+        return self.vae.encode(images)
+
+    def write(self, plan: TokenShardPlan, views: Iterator[EncodedView], stats: dict) -> dict:
+        samples = ((key, pixels, lat, label, aug) for key, label, aug, pixels, lat in views)
+        return write_latent_shard(plan, self.out_url, samples, self.storage, stats)
+
+    def __call__(self, plan: TokenShardPlan) -> dict:
+        if plan.tokenizer != self.info["fingerprint"]:
+            raise ValueError(f"{plan.name} was planned for VAE {plan.tokenizer} but this worker built VAE "
+                             f"{self.info['fingerprint']} (its weights changed since planning?); re-run")
+        return super().__call__(plan)
 
 
 def resolve_resolution(tokenizer, resolution: Optional[int]) -> int:

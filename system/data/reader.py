@@ -55,7 +55,8 @@ shard's marker (`<shard>.done.json`, written by shards.write_tar); without them 
 not start a shard is read by streaming the tar from its start. `pin_memory=True` pins batches
 (pass it when the batches go to a CUDA device; ignored, with a warning, where CUDA is absent).
 
-`ShardReader` yields {"image", "label", "key"}; `TokenShardReader` yields {"codes", "label", "key"}.
+`ShardReader` yields {"image", "label", "key"} (a latent cache: also "latents"); `TokenShardReader`
+yields {"codes", "label", "key"}.
 """
 from __future__ import annotations
 
@@ -76,6 +77,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from system.config import DataConfig, StorageConfig, TokenDataConfig
 from system.data.embedded import ensure_embedded_dataset
+from system.data.latents import decode_latent_sample, latent_complete, latent_meta
 from system.data.shards import IMAGE_FIELDS, image_complete, iter_tar_samples, read_index, read_marker
 from system.data.source import BatchSource
 from system.data.storage import StorageError, filesystem, join, storage_error
@@ -278,20 +280,25 @@ class Plan:
 
 # ---------------------------------------------------------------------------- codecs
 class SampleCodec:
-    """What a reader does with one sample's tar members: `decode` -> (array, label) (raises on a
-    corrupt sample, which is then skipped and counted); `collate` stacks arrays into the batch
-    entry named `field`. Picklable (it travels to dataloader workers)."""
+    """What a reader does with one sample's tar members: `decode` -> (value, label) (raises on a
+    corrupt sample, which is then skipped and counted); `batch_fields` turns a batch's values into
+    its entries {name: tensor} (by default `collate` stacks arrays into the one entry named
+    `field`; a codec that fills several entries overrides `batch_fields`). Picklable (it travels to
+    dataloader workers)."""
 
-    field = "sample"
+    field = "sample"  # the batch entry (and the name of a sample in warnings)
 
     def complete(self, fields: dict[str, bytes]) -> bool:
         raise NotImplementedError
 
-    def decode(self, key: str, fields: dict[str, bytes], epoch: int) -> tuple[np.ndarray, int]:
+    def decode(self, key: str, fields: dict[str, bytes], epoch: int) -> tuple[Any, int]:
         raise NotImplementedError
 
     def collate(self, arrays: list[np.ndarray]) -> torch.Tensor:
         raise NotImplementedError
+
+    def batch_fields(self, values: list[Any]) -> dict[str, torch.Tensor]:
+        return {self.field: self.collate(values)}
 
 
 @dataclass(frozen=True)
@@ -333,6 +340,29 @@ class TokenCodec(SampleCodec):
 
     def collate(self, arrays: list[np.ndarray]) -> torch.Tensor:
         return torch.from_numpy(np.stack(arrays))
+
+
+@dataclass(frozen=True)
+class LatentCodec(SampleCodec):
+    """A latent-cache sample (system/data/latents.py) -> (view pixels uint8 (R, R, 3), latents
+    float16 (C, h, w)); batches get "image" (float (B, 3, R, R) in [-1, 1], exactly the pixels the
+    VAE encoded: no flip on top, the cache's views are the augmentation) and "latents" (float32)."""
+
+    resolution: int
+    channels: int
+    size: int
+    field = "latent sample"
+
+    def complete(self, fields: dict[str, bytes]) -> bool:
+        return latent_complete(fields)
+
+    def decode(self, key: str, fields: dict[str, bytes], epoch: int) -> tuple[tuple[np.ndarray, np.ndarray], int]:
+        pixels, latents, label, _ = decode_latent_sample(fields, self.channels, self.size, self.resolution)
+        return (pixels, latents), label
+
+    def batch_fields(self, values: list[tuple[np.ndarray, np.ndarray]]) -> dict[str, torch.Tensor]:
+        return {"image": to_tensor([p for p, _ in values]),
+                "latents": torch.from_numpy(np.stack([z for _, z in values])).float()}
 
 
 # ---------------------------------------------------------------------------- reading
@@ -558,7 +588,7 @@ class _SlotReader:
         c = self.spec.chunks[int(self.run_chunk[run])]
         return samples[c.start + int(self.ids[i] - c.first) - lo]
 
-    def decoded(self, i: int) -> Optional[tuple[np.ndarray, int, str]]:
+    def decoded(self, i: int) -> Optional[tuple[Any, int, str]]:
         """(array, label, key) of slot index i, None when it cannot be read or decoded."""
         if self.good.get(i) is False:
             return None
@@ -567,7 +597,7 @@ class _SlotReader:
         self.good[i] = out is not None
         return out
 
-    def substitute(self, i: int) -> tuple[np.ndarray, int, str]:
+    def substitute(self, i: int) -> tuple[Any, int, str]:
         n = len(self.ids)
         if not self.dead:
             d = max(1, n // 2)
@@ -581,7 +611,7 @@ class _SlotReader:
         return self.fallback()
 
 
-def _decode(spec: _Spec, raw: Optional[tuple[str, dict]], url: str, epoch: int) -> Optional[tuple[np.ndarray, int, str]]:
+def _decode(spec: _Spec, raw: Optional[tuple[str, dict]], url: str, epoch: int) -> Optional[tuple[Any, int, str]]:
     if raw is None:
         return None
     key, fields = raw
@@ -662,7 +692,7 @@ class _RankBatches(IterableDataset):
                         items.append(out)
                 batch: dict[str, Any] = {"_g": j + g_shift, "_epoch": epoch, "_j": j, "_bad": bad}
                 if items:
-                    batch.update({sp.codec.field: sp.codec.collate([x[0] for x in items]),
+                    batch.update({**sp.codec.batch_fields([x[0] for x in items]),
                                   "label": torch.tensor([x[1] for x in items], dtype=torch.long),
                                   "key": [x[2] for x in items]})
                 else:
@@ -675,7 +705,7 @@ class _RankBatches(IterableDataset):
 
 # ---------------------------------------------------------------------------- the source
 class ShardSource(BatchSource):
-    """Infinite iterable of one rank's batches {<codec.field>: (B, ...), "label": long (B,),
+    """Infinite iterable of one rank's batches {<codec's entries>: (B, ...), "label": long (B,),
     "key": list[str]} from a shard set; `codec(index)` says how samples decode. Partition,
     remainder, unreadable data and position: see the module docstring. `epoch` is the epoch of
     the last batch handed out; `skipped` the distinct unreadable samples met by this rank."""
@@ -862,12 +892,38 @@ def _config_url(data: DataConfig | TokenDataConfig, val: bool) -> str:
 
 class ShardReader(ShardSource):
     """Batches {"image": float (B, 3, R, R) in [-1, 1], "label": long (B,), "key": list[str]} of
-    an image shard set (center crop to `resolution`, seeded per-sample flips)."""
+    an image shard set (center crop to `resolution`, seeded per-sample flips).
+
+    A latent cache (an index with a `latents` section, cluster/latent_pool.py) is read with
+    `LatentCodec`: batches also hold "latents" float (B, C, h, w), and "image" is exactly the view
+    they encode; `resolution` must be the cache's, and `random_flip` is not applied (the cache's
+    views, e.g. augment="flip", are the augmentation). `latent_meta`: the index's `latents`
+    section (None for image shards)."""
 
     def __init__(self, url: str, *, resolution: int, seed: int = 0, random_flip: bool = True, **kwargs: Any):
         if resolution <= 0:
             raise ValueError(f"need resolution > 0, got {resolution}")
-        super().__init__(url, lambda index: ImageCodec(resolution, random_flip, seed), seed=seed, **kwargs)
+        self.resolution, self.random_flip = resolution, random_flip
+        self.latent_meta: Optional[dict[str, Any]] = None
+        super().__init__(url, self._codec, seed=seed, **kwargs)
+
+    def _codec(self, index: dict) -> SampleCodec:
+        if "latents" not in index:
+            return ImageCodec(self.resolution, self.random_flip, self.seed)
+        where = join(self.url, "index.json")
+        meta = self.latent_meta = dict(latent_meta(index, where))
+        if int(meta["resolution"]) != self.resolution:
+            raise ValueError(f"data.resolution = {self.resolution}, but the latent cache {self.url} holds views encoded at "
+                             f"{meta['resolution']} px ({where}: latents.resolution): set data.resolution="
+                             f"{meta['resolution']}, or cache the latents again at resolution={self.resolution}")
+        if self.random_flip and meta.get("augment") == "flip":
+            log.info("data.random_flip is not applied to the latent cache %s: its views (each image and its mirror) "
+                     "are the augmentation", self.url)
+        elif self.random_flip:
+            _warn_once(f"latflip:{self.url}", "data.random_flip is not applied to the latent cache %s: its views (augment "
+                       "%r) are fixed; cache the latents with augment=flip to train on mirrored views too", self.url,
+                       meta.get("augment"))
+        return LatentCodec(self.resolution, int(meta["channels"]), int(meta["size"]))
 
     @classmethod
     def from_config(cls, data: DataConfig, *, rank: int, world_size: int, seed: int, val: bool = False,

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass
-from typing import Any, Iterable, Iterator, Optional
+from typing import Any, ClassVar, Iterable, Iterator, Optional
 
 import numpy as np
 
@@ -105,7 +105,10 @@ def check_augment(augment: str) -> int:
 class TokenShardPlan:
     """One token shard: the codes of every view of one input (image) shard. Its fingerprint
     covers the input's content id, the tokenizer's fingerprint and the augmentation, so a
-    re-run rewrites a shard only when one of them changed."""
+    re-run rewrites a shard only when one of them changed. Other per-view encodings of image
+    shards (latent shards: system/data/latents.py) subclass it with their own `FORMAT`."""
+
+    FORMAT: ClassVar[str] = "tokens-v1"  # first part of the fingerprint: the kind of shard and its version
 
     split: str
     name: str
@@ -113,7 +116,7 @@ class TokenShardPlan:
     source_id: str = ""  # the input's content id (its marker's sha256, else name/size/count)
     count: int = 0  # input samples it encodes: [start, start + count) in the input's tar order
     start: int = 0
-    tokenizer: str = ""  # the tokenizer's fingerprint
+    tokenizer: str = ""  # the encoder's fingerprint (the tokenizer's; the VAE's for latent shards)
     augment: str = "none"
     resolution: int = 0  # the pixel size images are encoded at (0: not from images)
     folder: Optional[str] = None  # under the output URL; None: the split name
@@ -122,7 +125,7 @@ class TokenShardPlan:
         return join(out_url, self.split if self.folder is None else self.folder)
 
     def fingerprint(self) -> str:
-        text = (f"tokens-v1|{self.name}|{self.source_id}|{self.start}+{self.count}|{self.tokenizer}|{self.augment}|"
+        text = (f"{self.FORMAT}|{self.name}|{self.source_id}|{self.start}+{self.count}|{self.tokenizer}|{self.augment}|"
                 f"{self.resolution}")
         return hashlib.sha256(text.encode()).hexdigest()[:16]
 
@@ -134,32 +137,46 @@ class TokenShardPlan:
 TokenSample = tuple[str, np.ndarray, int, int]  # (source key, codes (L,), label, aug)
 
 
+def write_view_shard(plan: TokenShardPlan, out_url: str, samples: Iterable[tuple[str, int, dict[str, bytes]]],
+                     storage: StorageConfig | None = None, stats: dict | None = None) -> dict:
+    """Write one shard of per-view samples (tar, then its marker) from (source key, aug, tar
+    members) triples, each keyed `token_key(source key, aug)`; returns the marker (with `stats`,
+    which may be filled while `samples` is consumed). ValueError on a repeated (key, aug) or an
+    aug outside the plan's augmentation."""
+    views = check_augment(plan.augment)
+    seen: set[str] = set()
+
+    def members() -> Iterator[tuple[str, dict[str, bytes]]]:
+        for src_key, aug, fields in samples:
+            key = token_key(src_key, aug)
+            if key in seen:
+                raise ValueError(f"shard {plan.name}: sample {key!r} written twice")
+            if not 0 <= aug < views:
+                raise ValueError(f"shard {plan.name}: aug {aug} outside [0, {views}) for augment {plan.augment!r}")
+            seen.add(key)
+            yield key, fields
+
+    return write_tar(plan.split_url(out_url), plan.name, plan.fingerprint(), members(), storage, stats)
+
+
 def write_token_shard(plan: TokenShardPlan, out_url: str, samples: Iterable[TokenSample], vocab_size: int,
                       storage: StorageConfig | None = None, stats: dict | None = None) -> dict:
     """Write one token shard (tar, then its marker) from (source key, codes, label, aug) samples;
     returns the marker (with `stats`, which may be filled while `samples` is consumed). ValueError
     on a repeated (key, aug) or codes >= vocab_size."""
     dtype = token_dtype(vocab_size)
-    views = check_augment(plan.augment)
-    seen: set[str] = set()
     stats = stats if stats is not None else {}
-    stats.update(views=views, seq_len=0)
+    stats.update(views=check_augment(plan.augment), seq_len=0)
 
-    def members() -> Iterator[tuple[str, dict[str, bytes]]]:
+    def members() -> Iterator[tuple[str, int, dict[str, bytes]]]:
         for src_key, codes, label, aug in samples:
-            key = token_key(src_key, aug)
-            if key in seen:
-                raise ValueError(f"token shard {plan.name}: sample {key!r} written twice")
-            if not 0 <= aug < views:
-                raise ValueError(f"token shard {plan.name}: aug {aug} outside [0, {views}) for augment {plan.augment!r}")
             codes = np.asarray(codes)
             if codes.size and codes.max() >= vocab_size:
                 raise ValueError(f"token shard {plan.name}: code {int(codes.max())} >= vocab_size {vocab_size}")
-            seen.add(key)
             stats["seq_len"] = int(codes.shape[-1])
-            yield key, encode_token_sample(codes, label, aug, dtype)
+            yield src_key, aug, encode_token_sample(codes, label, aug, dtype)
 
-    return write_tar(plan.split_url(out_url), plan.name, plan.fingerprint(), members(), storage, stats)
+    return write_view_shard(plan, out_url, members(), storage, stats)
 
 
 def write_token_index(plans: list[TokenShardPlan], out_url: str, classes: dict[str, int], meta: dict[str, Any],

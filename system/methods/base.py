@@ -42,6 +42,7 @@ class DataSpec:
     num_classes: int = 0
     storage: Any = None  # StorageConfig for the data's (and a method's input exports') object store
     tokens: Optional[dict] = None  # token shards: the index's `tokens` section (seq_len, vocab_size, dtype, tokenizer)
+    latents: Optional[dict] = None  # latent shards (cluster/latent_pool.py): the index's `latents` section (vae, resolution, ...)
 
 
 @dataclass

@@ -108,10 +108,11 @@ class Stage1Model(nn.Module):
     """Stage I's trained module: encoder + BSQ + flow decoder + semantic projections w_x, w_z."""
 
     def __init__(self, cfg: SemTokConfig, quant: float, commit: float, teacher_dim: int = 0, proj_hidden: int = 2048,
-                 contrastive_temperature: float = 0.07, distill: bool = True, contrastive: bool = True):
+                 contrastive_temperature: float = 0.07, distill: bool = True, contrastive: bool = True,
+                 entropy_group: int = 1):
         super().__init__()
         self.cfg = cfg
-        self.encoder = SemTokEncoder(cfg, cfg.quantizer_config(entropy_weight=quant, commit_weight=commit))
+        self.encoder = SemTokEncoder(cfg, cfg.quantizer_config(quant, commit, entropy_group))
         self.decoder = FlowDecoder(cfg)
         w = cfg.encoder.width
         self.distill = SemanticDistillLoss(AlignConfig(w, teacher_dim, proj_hidden, depth=2)) if teacher_dim and distill else None
@@ -135,10 +136,31 @@ class Stage1Model(nn.Module):
 
 
 class SemTokStage(Method):
-    """What both SemTok stages share: the frozen VAE, validation, the export."""
+    """What both SemTok stages share: the frozen VAE, cached latents, validation, the export."""
 
     sc: SemTokConfig  # set by the stage before this __init__
     vae: nn.Module
+
+    @classmethod
+    def resolve_data(cls, exp: Any) -> DataSpec:
+        """The image data, with the `latents` section when data.url is a latent shard set."""
+        from system.data.shards import read_index
+
+        index = read_index(exp.data.url, exp.data.storage)
+        return DataSpec(exp.data.resolution, len(index["classes"]), exp.data.storage, latents=index.get("latents"))
+
+    def check_cached_latents(self) -> None:
+        """ConfigError unless cached latents (data.url a latent shard set) come from this stage's VAE."""
+        meta = self.data.latents
+        if meta is None:
+            return
+        if meta["resolution"] != self.data.resolution:
+            raise ConfigError(f"config key 'data.resolution' = {self.data.resolution}: the latent shard set at data.url "
+                              f"was made at {meta['resolution']} px")
+        if meta["vae"]["fingerprint"] != self.vae.fingerprint():
+            raise ConfigError(f"config key 'data.url': its cached latents come from another VAE ({meta['vae']['source']}, "
+                              f"fingerprint {meta['vae']['fingerprint']}) than this stage's ({self.vae.fingerprint()}): "
+                              "re-cache them with this VAE or point data.url at the image shards")
 
     def to(self, device: torch.device) -> "SemTokStage":
         for m in self.frozen_parts():
@@ -151,6 +173,12 @@ class SemTokStage(Method):
     @torch.no_grad()
     def latents(self, x: Tensor) -> Tensor:
         return self.vae.encode(x).to(x.dtype)
+
+    def batch_latents(self, batch: dict) -> Tensor:
+        """The batch's VAE latents: cached ones (data.url a latent shard set, cluster/latent_pool.py)
+        or the VAE's encoding of its images."""
+        x = batch["image"]
+        return batch["latents"].to(x.dtype) if "latents" in batch else self.latents(x)
 
     def decode_tokens(self, mods: dict[str, nn.Module], quantized: Tensor, seed: int = 0) -> Tensor:
         """Quantized tokens -> images with the stage's decoder (seeded noise in flow mode)."""
@@ -219,6 +247,7 @@ class SemTokStage1(SemTokStage):
         super().__init__(cfg, data)
         check_stage1(cfg, data)
         self.vae = build_vae(cfg.vae, data.storage)
+        self.check_cached_latents()
         self.sc = stage1_semtok_config(cfg, data.resolution, self.vae.latent_channels, self.vae.downsample)
         from system.losses.teachers import Teacher
 
@@ -234,7 +263,8 @@ class SemTokStage1(SemTokStage):
     def modules(self) -> dict[str, ModuleSpec]:
         c = self.cfg
         model = Stage1Model(self.sc, c.quant, c.commit, self.teacher.dim if self.teacher is not None else 0,
-                            c.proj_hidden, c.contrastive_temperature, distill=c.distill > 0, contrastive=c.contrastive > 0)
+                            c.proj_hidden, c.contrastive_temperature, distill=c.distill > 0, contrastive=c.contrastive > 0,
+                            entropy_group=c.entropy_group)
         if c.decoder_init:
             model.decoder.mmdit.load_pretrained(c.decoder_init)
         return {"gen": ModuleSpec(model, ema_decay=c.ema_decay)}
@@ -248,7 +278,7 @@ class SemTokStage1(SemTokStage):
     def step(self, phase: str, mods: dict[str, nn.Module], batch: dict, step: int, carry: dict) -> StepOutput:
         c, x = self.cfg, batch["image"]
         teacher = self.teacher(x) if self.teacher is not None else None
-        out: Stage1Forward = mods["gen"](self.latents(x), teacher, self.collective)
+        out: Stage1Forward = mods["gen"](self.batch_latents(batch), teacher, self.collective)
         terms = {"diff": out.diff, **{f"quant_{k}": v for k, v in out.quant_losses.items() if k != "commit" or c.commit > 0}}
         if out.distill is not None:
             terms["distill"] = c.semantic * c.distill * out.distill
@@ -324,6 +354,7 @@ class SemTokStage2(PatchGANPhases, SemTokStage):
         sd = load_part(cfg.stage1_export, cfg.stage1_part, data.storage, ema=cfg.stage1_ema)
         self.stage1_decoder = _under(sd, "decoder.")
         self.vae = LatentVAE.from_config_dict(vae_cfg, _under(sd, "vae."))
+        self.check_cached_latents()
         self.encoder = SemTokEncoder(s1)
         self.encoder.load_state_dict(_under(sd, "encoder."))
         self.encoder.requires_grad_(False).eval()
@@ -363,7 +394,8 @@ class SemTokStage2(PatchGANPhases, SemTokStage):
 
     def generator_step(self, gen: nn.Module, disc: Optional[nn.Module], batch: dict, step: int) -> StepOutput:
         c, x = self.cfg, batch["image"]
-        q = self.encode({}, x).quant.quantized
+        with torch.no_grad():
+            q = self.encoder(self.batch_latents(batch)).quant.quantized
         recon = self.vae.decode(gen.refine(q)).to(x.dtype)
         terms = {}
         if c.l2 > 0:

@@ -46,6 +46,10 @@ class QuantizerConfig:
     sample_entropy_weight: float = 1.0
     batch_entropy_weight: float = 1.0
     bsq_inv_temperature: float = 100.0  # BSQ: per-bit p(+) = sigmoid(4 * tau * u_i / sqrt(d))
+    # BSQ: bits per group of the entropy term's codebook part. 1: the per-bit factorisation sum_i H(E[p_i])
+    # (blind to bits that flip together); g > 1: the exact entropy of each group's 2^g sub-codes
+    # (BSQ's grouping; bits assumed independent only across groups)
+    entropy_group: int = 1
     reinit_after_steps: int = 0  # VQ: re-initialise codes unused for this many steps (0 = off)
     # VQ: AliTok's official "clustering" re-initialisation (0 = off; official 0.99): an EMA of each
     # code's usage with this decay, and every step code k moves to its nearest feature by a factor
@@ -65,6 +69,8 @@ class QuantizerConfig:
             raise ValueError(f"reinit_after_steps must be >= 0 (0 = off), got {self.reinit_after_steps}")
         if not 0.0 <= self.cluster_decay < 1.0:
             raise ValueError(f"cluster_decay must be in [0, 1) (0 = off), got {self.cluster_decay}")
+        if not 1 <= self.entropy_group <= 16:
+            raise ValueError(f"entropy_group must be in [1, 16] (2^g sub-codes per group), got {self.entropy_group}")
         if self.reinit_after_steps > 0 and self.cluster_decay > 0:
             raise ValueError("choose one codebook re-initialisation: reinit_after_steps (dead codes) or cluster_decay "
                              "(AliTok's clustering); set the other to 0")
@@ -362,7 +368,7 @@ class BSQuantizer(nn.Module):
         if self.cfg.entropy_weight > 0:
             p = torch.sigmoid(4.0 * self.cfg.bsq_inv_temperature * u / math.sqrt(d)).reshape(-1, d)
             losses["entropy"] = self.cfg.entropy_weight * _bitwise_entropy_loss(
-                p, self.cfg.sample_entropy_weight, self.cfg.batch_entropy_weight, batch_mean
+                p, self.cfg.sample_entropy_weight, self.cfg.batch_entropy_weight, batch_mean, self.cfg.entropy_group
             )
         quantized = (u + (q - u).detach()).to(z.dtype)
         return QuantizerOutput(codes=bits_to_codes(bits), quantized=quantized, latents=u.to(z.dtype), losses=losses)
@@ -373,15 +379,36 @@ def _binary_entropy(p: Tensor, eps: float = 1e-6) -> Tensor:
     return -(p * p.log() + (1 - p) * (1 - p).log())
 
 
+def _group_code_probs(p: Tensor) -> Tensor:
+    """Per-bit probabilities p (N, g) -> the probabilities (N, 2^g) of the group's 2^g sub-codes
+    (bits independent within a sample; sub-code c has bit i = (c >> i) & 1)."""
+    g = p.shape[-1]
+    bits = ((torch.arange(2**g, device=p.device)[:, None] >> torch.arange(g, device=p.device)) & 1).to(p.dtype)  # (2^g, g)
+    logp, log1p = p.clamp_min(1e-6).log(), (1 - p).clamp_min(1e-6).log()
+    return torch.exp(logp @ bits.t() + log1p @ (1 - bits).t())
+
+
 def _bitwise_entropy_loss(p: Tensor, sample_weight: float, batch_weight: float,
-                          batch_mean: Optional[Callable[[Tensor], Tensor]] = None) -> Tensor:
-    """Factorised E[H(q(z))] - H(E[q(z)]) with per-bit probabilities p (N, d):
-    per-sample entropy = sum_i H(p_i); codebook entropy ~ sum_i H(mean_n p_ni), the mean taken by
-    `batch_mean` (over every rank) when given."""
+                          batch_mean: Optional[Callable[[Tensor], Tensor]] = None, group: int = 1) -> Tensor:
+    """E[H(q(z))] - H(E[q(z)]) with per-bit probabilities p (N, d): per-sample entropy =
+    sum_i H(p_i) (exact for independent bits); codebook entropy ~ the sum over groups of `group`
+    bits of the entropy of the group's mean sub-code distribution (group 1: sum_i H(mean_n p_ni)),
+    the means taken by `batch_mean` (over every rank) when given."""
     sample = _binary_entropy(p).sum(-1).mean()
-    mean = p.mean(0) if batch_mean is None else batch_mean(p.mean(0))
-    batch = _binary_entropy(mean).sum()
+    probs = p if group == 1 else batch_code_probs(p, group)  # (N, d) bits or (N, sum_k 2^g_k) sub-codes
+    mean = probs.mean(0) if batch_mean is None else batch_mean(probs.mean(0))  # one reduction over ranks
+    if group == 1:
+        batch = _binary_entropy(mean).sum()
+    else:  # the groups' distributions side by side: the sum of their entropies
+        m = mean.clamp_min(1e-12)
+        batch = -(m * m.log()).sum()
     return sample_weight * sample - batch_weight * batch
+
+
+def batch_code_probs(p: Tensor, group: int) -> Tensor:
+    """Per-bit probabilities p (N, d) -> each group of `group` bits' sub-code probabilities, side by
+    side (N, sum_k 2^g_k) (the last group may be smaller)."""
+    return torch.cat([_group_code_probs(c) for c in p.split(group, dim=-1)], dim=-1)
 
 
 def build_quantizer(cfg: QuantizerConfig) -> nn.Module:

@@ -68,9 +68,9 @@ class SemTokConfig:
         """log2|C| x K / (H W): the paper's compression ratio."""
         return self.bits * self.num_tokens / self.image_size**2
 
-    def quantizer_config(self, entropy_weight: float = 0.0, commit_weight: float = 0.0) -> QuantizerConfig:
+    def quantizer_config(self, entropy_weight: float = 0.0, commit_weight: float = 0.0, entropy_group: int = 1) -> QuantizerConfig:
         return QuantizerConfig(type="bsq", dim=self.bits, entropy_weight=entropy_weight, commit_weight=commit_weight,
-                               bsq_inv_temperature=self.bsq_inv_temperature)
+                               bsq_inv_temperature=self.bsq_inv_temperature, entropy_group=entropy_group)
 
 
 def resolve_semtok_config(cfg: SemTokConfig) -> SemTokConfig:

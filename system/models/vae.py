@@ -24,6 +24,7 @@ A run exports ``config_dict()`` plus the state dict; ``LatentVAE.from_config_dic
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 from pathlib import Path
 from typing import Any, Optional
@@ -201,6 +202,16 @@ class LatentVAE(nn.Module):
         """The AutoencoderKL config as a plain JSON-able dict (no private ``_*`` keys), with the factors
         in use (overrides included)."""
         return autoencoder_config_dict(self.vae, self._scaling_factor, self._shift_factor)
+
+    def fingerprint(self) -> str:
+        """A hash of ``config_dict()`` and every weight and buffer (bytes, dtype, shape): equal for two
+        VAEs that encode and decode alike, e.g. a latent cache's and a training run's (16 hex digits)."""
+        h = hashlib.sha256(json.dumps(self.config_dict(), sort_keys=True).encode())
+        for name, t in sorted(self.vae.state_dict().items()):
+            t = t.detach().cpu().contiguous()
+            h.update(f"{name}:{t.dtype}:{tuple(t.shape)};".encode())
+            h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+        return h.hexdigest()[:16]
 
     def _check(self, x: Tensor, channels: int, what: str) -> None:
         if x.dim() != 4 or x.shape[1] != channels:

@@ -1,6 +1,7 @@
 """jobs/semtok.py end to end on the tiny preset (a subprocess of the real entry point, local Ray,
-CPU): vae -> stage I -> stage II -> pre-tokenize -> masked AR -> sample -> evaluate, each step's
-output in place; a re-run skips every done step. Config errors exit 2 before Ray."""
+CPU): vae -> latent cache -> stage I -> stage II (both on the cached latents) -> pre-tokenize ->
+masked AR -> sample -> evaluate, each step's output in place; a re-run skips every done step.
+Config errors exit 2 before Ray."""
 from __future__ import annotations
 
 import functools
@@ -32,7 +33,8 @@ def test_config_errors_exit_2_before_ray(args, message, tmp_path):
 def test_tiny_pipeline_and_resume(tmp_path):
     data = tmp_path / "data"
     args = ["--config", TINY, f"storage_path={tmp_path / 'runs'}", f"images={data}/train", f"val_images={data}/val",
-            "vae.train.max_steps=4", "vae.checkpoint.every_steps=2",
+            "steps=[vae,latents,stage1,stage2,pretokenize,ar,sample,evaluate]", "latents.num_actors=1",
+            "latents.cluster.device=cpu", "vae.train.max_steps=4", "vae.checkpoint.every_steps=2",
             "stage1.train.max_steps=4", "stage1.checkpoint.every_steps=2", "stage1.train.val_max_images=8",
             "stage2.train.max_steps=4", "stage2.checkpoint.every_steps=2", "stage2.train.val_max_images=8",
             "stage2.method.gan=0.1", "stage2.method.gan_start_step=2",
@@ -43,10 +45,14 @@ def test_tiny_pipeline_and_resume(tmp_path):
     assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-4000:]
     root = tmp_path / "runs" / "semtok-tiny"
     state = json.loads((root / "pipeline.json").read_text())["steps"]
-    assert list(state) == ["vae", "stage1", "stage2", "pretokenize", "ar", "sample", "evaluate"]
+    assert list(state) == ["vae", "latents", "stage1", "stage2", "pretokenize", "ar", "sample", "evaluate"]
     assert all(e["status"] == "done" and e["seconds"] > 0 for e in state.values()), state
     for step in ("vae", "stage1", "stage2"):
         assert json.loads((root / step / "result.json").read_text())["step"] == 4
+    latents = json.loads((root / "latents" / "index.json").read_text())
+    assert latents["num_samples"] == 2 * 512 and latents["latents"]["channels"] == 16  # every photo and its mirror
+    for step in ("stage1", "stage2"):  # both stages trained on the cache
+        assert f"  url: {root}/latents\n" in (root / step / "config.yaml").read_text()
     part = json.loads((root / "stage2" / "export" / "model.json").read_text())["tokenizer"]
     assert part["kind"] == "semtok" and part["config"]["decode_mode"] == "refiner"
     assert part["config"]["vae"]["latent_channels"] == 16
@@ -62,4 +68,4 @@ def test_tiny_pipeline_and_resume(tmp_path):
 
     r = run_job(*args, timeout=600)  # all done: every step skipped
     assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-4000:]
-    assert r.stderr.count("done before") == 7, r.stderr[-3000:]
+    assert r.stderr.count("done before") == 8, r.stderr[-3000:]

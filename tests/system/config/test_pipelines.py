@@ -89,7 +89,21 @@ def test_semtok_tiny_fits_its_own_vae_first():
     assert cfg.stage1.method.tokenizer == "semtok-tiny" and cfg.stage1.data.resolution == 64
 
 
+def test_semtok_latent_cache_feeds_both_stages_with_stage1s_vae(tmp_path):
+    cfg = _semtok("--config", "configs/experiments/semtok_tiny.yaml", f"storage_path={tmp_path}",
+                  "steps=[vae,latents,stage1,stage2]")
+    root = f"{tmp_path}/semtok-tiny"
+    assert cfg.latents.src == cfg.images and cfg.latents.out == f"{root}/latents" and cfg.latents.resolution == 64
+    assert cfg.stage1.data.url == cfg.stage2.data.url == f"{root}/latents"
+    assert cfg.stage1.data.val_url == cfg.val_images  # validation encodes held-out images itself
+    assert cfg.latents.vae == cfg.stage1.method.vae and cfg.latents.vae.export == f"{root}/vae/export"
+    paper = _semtok(f"storage_path={tmp_path}", "steps=[latents,stage1]")
+    assert paper.latents.vae.hub_name == paper.stage1.method.vae.hub_name == "stabilityai/stable-diffusion-3.5-medium"
+    assert paper.latents.resolution == 256
+
+
 @pytest.mark.parametrize("argv,match", [
+    (["steps=[latents,stage1]", "latents.vae.path=/x"], "'latents.vae.path' is set by the pipeline"),
     (["stage1.method.vae.export=/x", "steps=[vae,stage1]"], "'stage1.method.vae.export' is set by the pipeline"),
     (["steps=[stage1,vae]"], "config key 'steps'"),
     (["stage1.method.nope=1"], "stage1.method.nope"),

@@ -13,7 +13,7 @@ from system.losses.align import ContrastiveConfig, SemanticContrastiveLoss
 from system.methods.base import Collective, DataSpec
 from system.methods.semtok import LatentVAEMethod, SemTokStage1, SemTokStage2, global_mean
 from system.models.artifacts import load_tokenizer, model_part, save_export
-from system.models.quantizers import BSQuantizer, QuantizerConfig
+from system.models.quantizers import BSQuantizer, QuantizerConfig, batch_code_probs
 from system.models.semtok import flow_matching_loss
 
 RES = 32  # 32 px -> 4 x 4 latents -> 2 x 2 patches
@@ -102,6 +102,21 @@ def _bit_probs(z: torch.Tensor, tau: float) -> torch.Tensor:
     return torch.sigmoid(4 * tau * u / z.shape[-1] ** 0.5).reshape(-1, z.shape[-1])
 
 
+def test_grouped_entropy_sees_bits_that_flip_together():
+    """Every bit 50/50 over the batch, but all bits equal in each token (2 codes in use): the per-bit
+    factorisation calls that maximal codebook entropy; the grouped term sees 2 sub-codes per group."""
+    z = torch.tensor([[1.0] * 6, [-1.0] * 6] * 4)[None]  # (1, 8, 6)
+    loss = {g: BSQuantizer(QuantizerConfig(type="bsq", dim=6, entropy_weight=1.0, commit_weight=0.0, entropy_group=g,
+                                           sample_entropy_weight=0.0, bsq_inv_temperature=50.0))(z).losses["entropy"]
+            for g in (1, 3, 6)}
+    ln2 = torch.log(torch.tensor(2.0))
+    torch.testing.assert_close(loss[1], -6 * ln2, atol=1e-3, rtol=0)  # 6 bits x H(0.5)
+    torch.testing.assert_close(loss[3], -2 * ln2, atol=1e-3, rtol=0)  # 2 groups x ln 2 (2 sub-codes each)
+    torch.testing.assert_close(loss[6], -ln2, atol=1e-3, rtol=0)  # one group: the true 2-code entropy
+    probs = batch_code_probs(torch.tensor([[0.9, 0.2, 0.5]]), 2)  # groups (0.9, 0.2) and (0.5)
+    torch.testing.assert_close(probs, torch.tensor([[0.08, 0.72, 0.02, 0.18, 0.5, 0.5]]))
+
+
 def test_entropy_loss_sign_and_gradient():
     q = BSQuantizer(QuantizerConfig(type="bsq", dim=4, entropy_weight=1.0, commit_weight=0.0, bsq_inv_temperature=5.0))
     # collapsed codes (every token the same bits) have a higher loss than diverse ones
@@ -118,8 +133,10 @@ def test_entropy_loss_sign_and_gradient():
     assert (p - 0.5).abs().mean() < (_bit_probs(z.detach(), 5.0).mean(0) - 0.5).abs().mean()
 
 
-def test_entropy_batch_term_over_ranks_equals_the_concatenated_batch():
-    cfg = QuantizerConfig(type="bsq", dim=6, entropy_weight=1.0, commit_weight=0.0, bsq_inv_temperature=3.0)
+@pytest.mark.parametrize("group", [1, 4])
+def test_entropy_batch_term_over_ranks_equals_the_concatenated_batch(group):
+    cfg = QuantizerConfig(type="bsq", dim=6, entropy_weight=1.0, commit_weight=0.0, bsq_inv_temperature=3.0,
+                          entropy_group=group)
     q = BSQuantizer(cfg)
     g = torch.Generator().manual_seed(1)
     zs = [torch.randn(3, 5, 6, generator=g).requires_grad_() for _ in range(2)]
@@ -128,7 +145,8 @@ def test_entropy_batch_term_over_ranks_equals_the_concatenated_batch():
     want = [z.grad.clone() for z in zs]
     for z in zs:
         z.grad = None
-    means = [_bit_probs(z.detach(), 3.0).mean(0) for z in zs]
+    probs = [_bit_probs(z.detach(), 3.0) for z in zs]
+    means = [(p if group == 1 else batch_code_probs(p, group)).mean(0) for p in probs]  # what each rank reduces
     losses = []
     for r, z in enumerate(zs):
         col = FakeRank(r, means)
@@ -286,3 +304,25 @@ def test_stage2_config_errors_name_the_key(stage1_export, tmp_path):
     bad.resnet_net = ResNetNetConfig()
     with pytest.raises(ConfigError, match="method.resnet_net.path"):
         SemTokStage2.check(bad, DataSpec(resolution=RES))
+
+
+# --------------------------------------------------------------------------- cached latents
+def test_cached_latents_replace_the_vae_and_must_come_from_it():
+    torch.manual_seed(0)  # the random VAE: the same weights at each construction
+    m = SemTokStage1(stage1_cfg(semantic=0.0), DataSpec(resolution=RES, num_classes=2))
+    mods = built(m)
+    x = images()
+    lat = m.vae.encode(x)
+    losses = []
+    for batch in ({"image": x}, {"image": x, "latents": lat}, {"image": x, "latents": lat + 1.0}):
+        torch.manual_seed(3)  # same t and noise
+        losses.append(float(m.step("gen", mods, batch, 0, {}).metrics["loss/diff"]))
+    assert losses[0] == losses[1] != losses[2]  # the cached latents are what the stage trains on
+    meta = {"resolution": RES, "vae": {"fingerprint": m.vae.fingerprint(), "source": "test"}}
+    torch.manual_seed(0)
+    SemTokStage1(stage1_cfg(semantic=0.0), DataSpec(resolution=RES, num_classes=2, latents=meta))  # its own VAE: fine
+    other = {**meta, "vae": {"fingerprint": "0123456789abcdef", "source": "another VAE"}}
+    with pytest.raises(ConfigError, match="'data.url': its cached latents come from another VAE"):
+        SemTokStage1(stage1_cfg(semantic=0.0), DataSpec(resolution=RES, num_classes=2, latents=other))
+    with pytest.raises(ConfigError, match="'data.resolution' = 32: the latent shard set"):
+        SemTokStage1(stage1_cfg(semantic=0.0), DataSpec(resolution=RES, num_classes=2, latents={**meta, "resolution": 64}))
