@@ -152,7 +152,7 @@ SEMTOK_SECTION_DEFAULTS: dict[str, list[str]] = {
     "stage1": ["base.yaml", "data/imagenet.yaml", "experiments/semtok_stage1.yaml"],
     "stage2": ["base.yaml", "data/imagenet.yaml", "experiments/semtok_stage2.yaml"],
     "ar": ["base.yaml", "experiments/ar_semtok.yaml"],
-    "sample": ["sample.yaml"],
+    "sample": ["sample.yaml", "experiments/semtok_sample.yaml"],
     "evaluate": ["evaluate.yaml"],
 }
 

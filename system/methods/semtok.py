@@ -8,7 +8,7 @@ w_x, w_z of the semantic terms; the VAE and SigLIP are frozen helpers of the met
          + quant x (E[H(q(z))] - H(E[q(z)]))       the batch mean over every rank (Eq. 4)
          + semantic x (distill x ||x_sig - w_x(E_2D)||^2 + contrastive x InfoNCE(w_z(q), x_sig))
            the InfoNCE negatives are the teacher features of every rank's batch (Eq. 2)
-`semtok_stage2` (module "gen" = `FlowDecoder` in refiner mode: decoder + mask latents, plus "disc"
+`semtok_stage2` (module "gen" = `FlowDecoder` in refiner mode: decoder + `MaskLatents`, plus "disc"
 when gan > 0): encoder and BSQ loaded from the stage I export and frozen (method helpers: the
 tokens, and so the AR's data, stay stage I's); decoder initialised from stage I, mask latents from
 0; latents = m + D(m, q, 1) -> frozen VAE decoder -> l2 MSE + lpips LPIPS + resnet ResNet-logit
@@ -336,6 +336,11 @@ def check_stage2(cfg: SemTokStage2Config, data: DataSpec) -> tuple[SemTokConfig,
     return sc, vae
 
 
+def full_precision(x: Tensor) -> torch.autocast:
+    """Autocast off on x's device (frozen parts that must reproduce the fp32 codes)."""
+    return torch.autocast(device_type=x.device.type, enabled=False)
+
+
 def _under(sd: dict[str, Tensor], prefix: str) -> dict[str, Tensor]:
     return {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
 
@@ -351,8 +356,7 @@ class SemTokStage2(PatchGANPhases, SemTokStage):
         self.sc = dataclasses.replace(s1, decode_mode="refiner")
         self.sc = dataclasses.replace(self.sc, decoder=dataclasses.replace(s1.decoder, grad_checkpointing=cfg.grad_checkpointing))
         self.gan_image_size = s1.image_size
-        sd = load_part(cfg.stage1_export, cfg.stage1_part, data.storage, ema=cfg.stage1_ema)
-        self.stage1_decoder = _under(sd, "decoder.")
+        sd = load_part(cfg.stage1_export, cfg.stage1_part, data.storage, ema=cfg.stage1_ema)  # decoder: read in new_refiner
         self.vae = LatentVAE.from_config_dict(vae_cfg, _under(sd, "vae."))
         self.check_cached_latents()
         self.encoder = SemTokEncoder(s1)
@@ -374,8 +378,10 @@ class SemTokStage2(PatchGANPhases, SemTokStage):
     def new_refiner(self) -> FlowDecoder:
         """The stage II decoder: stage I's weights, mask latents 0 (the noise mean)."""
         dec = FlowDecoder(self.sc)
-        missing, unexpected = dec.load_state_dict(self.stage1_decoder, strict=False)
-        if unexpected or missing != ["mask_latents"]:
+        c = self.cfg
+        sd = _under(load_part(c.stage1_export, c.stage1_part, self.data.storage, ema=c.stage1_ema), "decoder.")
+        missing, unexpected = dec.load_state_dict(sd, strict=False)
+        if unexpected or missing != ["mask.latents"]:
             raise ValueError(f"stage I decoder does not fit the stage II one: missing {missing}, unexpected {unexpected}")
         return dec
 
@@ -386,7 +392,7 @@ class SemTokStage2(PatchGANPhases, SemTokStage):
         return ["loss", "loss/l2|loss/lpips|loss/resnet", "psnr", "disc_loss"]
 
     def encode(self, mods: dict[str, nn.Module], x: Tensor) -> EncodeOutput:
-        with torch.no_grad():
+        with torch.no_grad(), full_precision(x):  # the codes pre-tokenization writes (fp32)
             return self.encoder(self.latents(x))
 
     def decode_tokens(self, mods: dict[str, nn.Module], quantized: Tensor, seed: int = 0) -> Tensor:
@@ -394,8 +400,8 @@ class SemTokStage2(PatchGANPhases, SemTokStage):
 
     def generator_step(self, gen: nn.Module, disc: Optional[nn.Module], batch: dict, step: int) -> StepOutput:
         c, x = self.cfg, batch["image"]
-        with torch.no_grad():
-            q = self.encoder(self.batch_latents(batch)).quant.quantized
+        with torch.no_grad(), full_precision(x):  # the frozen encoder as pre-tokenization runs it: the AR's codes
+            q = self.encoder(self.batch_latents(batch).float()).quant.quantized
         recon = self.vae.decode(gen.refine(q)).to(x.dtype)
         terms = {}
         if c.l2 > 0:

@@ -359,6 +359,10 @@ class BSQuantizer(nn.Module):
         """z (B, L, d) -> QuantizerOutput (probs None; K = 2**d is too large to materialise).
         `batch_mean` maps this batch's mean bit probabilities (d,) to the mean over the global batch
         (all ranks) for the entropy term's codebook part; None: this batch alone."""
+        with _fp32(z):  # the entropy term's sub-code products and logs in fp32 under autocast
+            return self._forward(z, batch_mean)
+
+    def _forward(self, z: Tensor, batch_mean: Optional[Callable[[Tensor], Tensor]]) -> QuantizerOutput:
         d = self.cfg.dim
         _check_latents(z, d, "BSQuantizer")
         u = F.normalize(z.float(), dim=-1)

@@ -8,7 +8,7 @@ The decoder (`FlowDecoder`) runs in one of two modes:
 - "flow" (stage I): D(x_t, q, t) predicts x - eps for x_t = t eps + (1 - t) x (rectified flow,
   Eq. 5); reconstruction integrates from noise with diffusers' FlowMatchEulerDiscreteScheduler over
   `sample_steps` Euler steps (paper: 25).
-- "refiner" (stage II): the noise stream is replaced by learnable mask latents m and one step at
+- "refiner" (stage II): the noise stream is replaced by learnable mask latents m (`MaskLatents`) and one step at
   t = 1 gives the latents x = m + D(m, q, 1) (the Euler step from t = 1 to 0 of the same
   parameterisation, so a stage I decoder with m = 0, the noise mean, starts at its one-step estimate).
 
@@ -103,17 +103,26 @@ def semtok_config(name: str) -> SemTokConfig:
 
 
 # --------------------------------------------------------------------------- parts
+class MaskLatents(nn.Module):
+    """Stage II's learnable mask latents m (1, C, h, w), initialised to 0 (the mean of the noise they
+    replace). A module of its own so ZeRO-3 gathers m in its forward."""
+
+    def __init__(self, channels: int, size: int):
+        super().__init__()
+        self.latents = nn.Parameter(torch.zeros(1, channels, size, size))
+
+    def forward(self, batch: int) -> Tensor:  # -> (B, C, h, w)
+        return self.latents.expand(batch, -1, -1, -1)
+
+
 class FlowDecoder(nn.Module):
-    """The MMDiT decoder with its two modes (module doc). `mask_latents` exists in refiner mode only."""
+    """The MMDiT decoder with its two modes (module doc). `mask` (MaskLatents) exists in refiner mode only."""
 
     def __init__(self, cfg: SemTokConfig):
         super().__init__()
         self.cfg = cfg
         self.mmdit = MMDiTDecoder(cfg.decoder)
-        if cfg.decode_mode == "refiner":  # 0: the mean of the noise it replaces
-            self.mask_latents = nn.Parameter(torch.zeros(1, cfg.latent_channels, cfg.latent_size, cfg.latent_size))
-        else:
-            self.register_parameter("mask_latents", None)
+        self.mask = MaskLatents(cfg.latent_channels, cfg.latent_size) if cfg.decode_mode == "refiner" else None
 
     def forward(self, x_t: Tensor, quantized: Tensor, t: Tensor) -> Tensor:
         """x_t (B, C, h, w), quantized tokens (B, K, bits), t (B,) in [0, 1] -> x - eps prediction (B, C, h, w)."""
@@ -121,8 +130,8 @@ class FlowDecoder(nn.Module):
 
     def refine(self, quantized: Tensor) -> Tensor:
         """Refiner mode: quantized (B, K, bits) -> latents (B, C, h, w) in one step from the mask latents."""
-        m = self.mask_latents.expand(quantized.shape[0], -1, -1, -1).to(quantized.dtype)
-        t = torch.ones(quantized.shape[0], device=quantized.device, dtype=quantized.dtype)
+        m = self.mask(quantized.shape[0])
+        t = torch.ones(quantized.shape[0], device=quantized.device)
         return m + self.mmdit(m, quantized, t)
 
     @torch.no_grad()
@@ -135,10 +144,10 @@ class FlowDecoder(nn.Module):
         sched.set_timesteps(steps, device=quantized.device)
         shape = (quantized.shape[0], c.latent_channels, c.latent_size, c.latent_size)
         x = torch.randn(shape, generator=generator, device=quantized.device if generator is None else generator.device)
-        x = x.to(quantized.device, quantized.dtype)
+        x = x.to(quantized.device, torch.float32)  # the state and t stay fp32 (the decoder may run in bf16)
         for ts in sched.timesteps:
-            t = (ts / sched.config.num_train_timesteps).expand(x.shape[0]).to(x.dtype)
-            velocity = -self.mmdit(x, quantized, t)  # d x_t / d t = eps - x
+            t = (ts.float() / sched.config.num_train_timesteps).expand(x.shape[0])
+            velocity = -self.mmdit(x, quantized, t).float()  # d x_t / d t = eps - x
             x = sched.step(velocity, ts, x).prev_sample
         return x
 

@@ -68,7 +68,8 @@ def test_semtok_paper_defaults_and_chaining(tmp_path):
     assert cfg.steps == ["stage1", "stage2", "pretokenize", "ar", "sample", "evaluate"]  # no vae step: SD3.5's VAE
     m1 = cfg.stage1.method
     assert (m1.tokenizer, m1.quant, m1.semantic, m1.sample_steps) == ("semtok-18", 0.0025, 0.05, 25)
-    assert m1.vae.hub_name == "stabilityai/stable-diffusion-3.5-medium" and m1.teacher.kind == "siglip"
+    assert m1.vae.path is None and m1.vae.hub_name is None and m1.teacher.kind == "siglip"  # weights: the user's choice
+    assert (cfg.sample.cfg_scale, cfg.sample.top_p) == (6.0, 0.75)  # semtok_sample.yaml
     assert (cfg.stage1.optim.lr, cfg.stage1.optim.weight_decay, cfg.stage1.train.max_steps) == (5e-5, 1e-3, 200000)
     assert cfg.stage1.data.batch_size * cfg.stage1.cluster.num_workers == 256
     m2 = cfg.stage2.method
@@ -97,8 +98,8 @@ def test_semtok_latent_cache_feeds_both_stages_with_stage1s_vae(tmp_path):
     assert cfg.stage1.data.url == cfg.stage2.data.url == f"{root}/latents"
     assert cfg.stage1.data.val_url == cfg.val_images  # validation encodes held-out images itself
     assert cfg.latents.vae == cfg.stage1.method.vae and cfg.latents.vae.export == f"{root}/vae/export"
-    paper = _semtok(f"storage_path={tmp_path}", "steps=[latents,stage1]")
-    assert paper.latents.vae.hub_name == paper.stage1.method.vae.hub_name == "stabilityai/stable-diffusion-3.5-medium"
+    paper = _semtok(f"storage_path={tmp_path}", "steps=[latents,stage1]", "stage1.method.vae.path=/models/sd3.5")
+    assert paper.latents.vae.path == paper.stage1.method.vae.path == "/models/sd3.5"
     assert paper.latents.resolution == 256
 
 

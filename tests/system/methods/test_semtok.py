@@ -4,6 +4,8 @@ flow matching at t = 0 and 1, the stage II freezing / initialisation rules, the 
 VAE method, config errors."""
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -94,6 +96,28 @@ def test_flow_matching_loss_at_t0_and_t1():
     torch.testing.assert_close(loss1, ((x - eps - 0.5) ** 2).mean())
     # the exact target: a decoder predicting x - eps has zero loss at any t
     assert flow_matching_loss(lambda xt, qq, t: x - eps, x, q, t=torch.rand(2), noise=eps) == 0
+
+
+def test_flow_sampler_integrates_from_noise_to_the_prediction():
+    """With D = c everywhere (x - eps = c), Euler from t = 1 (noise eps) to 0 must land on eps + c,
+    in fp32 whatever the decoder's dtype."""
+    from system.models.semtok import FlowDecoder, semtok_config
+
+    cfg = dataclasses.replace(semtok_config("semtok-tiny"), latent_channels=4, image_size=16)
+    dec = FlowDecoder(cfg)
+    c = 0.37
+
+    class Constant(torch.nn.Module):
+        def forward(self, x, q, t):
+            assert x.dtype == t.dtype == torch.float32  # the state and time stay fp32
+            return torch.full_like(x, c, dtype=torch.bfloat16)
+
+    dec.mmdit = Constant()
+    q = torch.zeros(2, cfg.num_tokens, cfg.bits)
+    eps = torch.randn(2, 4, 2, 2, generator=torch.Generator().manual_seed(5))
+    out = dec.sample(q, steps=7, generator=torch.Generator().manual_seed(5))
+    assert out.dtype == torch.float32
+    torch.testing.assert_close(out, eps + torch.tensor(c, dtype=torch.bfloat16).float(), atol=1e-5, rtol=0)
 
 
 # --------------------------------------------------------------------------- cross-rank terms
@@ -216,9 +240,10 @@ def test_stage2_freezing_and_initialisation_rules(stage1_export):
     gen = mods2["gen"]
     assert set(mods2) == {"gen", "disc"} and m2.phases() == ["gen", "disc"]
     # initialisation: stage I's decoder, mask latents 0 (the noise mean), refiner mode
-    assert m2.sc.decode_mode == "refiner" and torch.equal(gen.mask_latents, torch.zeros_like(gen.mask_latents))
+    m = gen.mask.latents
+    assert m2.sc.decode_mode == "refiner" and m.shape == (1, 16, 4, 4) and torch.equal(m, torch.zeros_like(m))
     s1 = mods1["gen"].decoder.state_dict()
-    assert all(torch.equal(v, s1[k]) for k, v in gen.state_dict().items() if k != "mask_latents")
+    assert all(torch.equal(v, s1[k]) for k, v in gen.state_dict().items() if k != "mask.latents")
     # freezing: the encoder is the method's (stage I's weights, no gradients), the VAE too
     assert all(not p.requires_grad for p in m2.encoder.parameters()) and all(not p.requires_grad for p in m2.vae.parameters())
     enc1 = mods1["gen"].encoder.state_dict()
@@ -231,7 +256,7 @@ def test_stage2_freezing_and_initialisation_rules(stage1_export):
     out = m2.step("gen", mods2, {"image": x}, 0, {})
     assert {"loss/l2", "loss/gan_g"} <= set(out.metrics)
     out.loss.backward()
-    assert gen.mask_latents.grad.abs().sum() > 0 and all(p.grad is not None for p in gen.parameters())
+    assert gen.mask.latents.grad.abs().sum() > 0 and all(p.grad is not None for p in gen.parameters())
     assert all(p.grad is None for p in m2.encoder.parameters())
     d = m2.step("disc", mods2, {"image": x}, 0, {"recon": out.aux["recon"]})
     assert torch.isfinite(d.loss)
@@ -326,3 +351,12 @@ def test_cached_latents_replace_the_vae_and_must_come_from_it():
         SemTokStage1(stage1_cfg(semantic=0.0), DataSpec(resolution=RES, num_classes=2, latents=other))
     with pytest.raises(ConfigError, match="'data.resolution' = 32: the latent shard set"):
         SemTokStage1(stage1_cfg(semantic=0.0), DataSpec(resolution=RES, num_classes=2, latents={**meta, "resolution": 64}))
+
+
+def test_bsq_entropy_is_fp32_under_bf16_autocast():
+    q = BSQuantizer(QuantizerConfig(type="bsq", dim=18, entropy_weight=1.0, entropy_group=9))
+    z = torch.randn(2, 8, 18, generator=torch.Generator().manual_seed(0))
+    ref = q(z).losses["entropy"]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = q(z).losses["entropy"]
+    assert got.dtype == torch.float32 and torch.equal(got, ref)
