@@ -40,8 +40,8 @@ def code_statistics(export: str) -> dict:
     from system.config import EvaluateConfig
     from system.eval.suite import shard_batches
     from system.models.artifacts import load_tokenizer
-    from system.models.quantizers import codes_to_bits
-    from system.models.semtok import bit_usage, code_perplexity
+    from system.models.quantizers import codebook_perplexity, codes_to_bits
+    from system.models.semtok import bit_usage
 
     tok = load_tokenizer(export)
     codes = []
@@ -52,8 +52,8 @@ def code_statistics(export: str) -> dict:
     bits = tok.model.cfg.bits
     means = codes_to_bits(codes.reshape(-1), bits).float().mean(0)
     p = means.clamp(1e-6, 1 - 1e-6)
-    return {"images": len(codes), "tokens": codes.numel(), "bit usage [0.1, 0.9]": bit_usage(means),
-            "code perplexity": code_perplexity(codes), "distinct codes": float(torch.unique(codes).numel()),
+    return {"images": len(codes), "tokens": codes.numel(), "bit usage [0.1, 0.9]": float(bit_usage(means)),
+            "code perplexity": codebook_perplexity(codes, 2**bits), "distinct codes": float(torch.unique(codes).numel()),
             "mean bit entropy (bits)": float((-(p * p.log2() + (1 - p) * (1 - p).log2())).mean())}
 
 

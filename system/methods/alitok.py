@@ -106,13 +106,7 @@ class AliTokStage(PatchGANPhases):
         self.convnext = ConvNeXtPerceptual(cfg.convnext_net.path, cfg.convnext_net.size) if cfg.convnext > 0 else None
 
     def frozen_parts(self) -> list[nn.Module]:
-        """The method's own frozen modules (moved by `to`)."""
         return [m for m in (self.lpips, self.convnext) if m is not None]
-
-    def to(self, device: torch.device) -> "AliTokStage":
-        for m in self.frozen_parts():
-            m.to(device)
-        return self
 
     def reconstruction_terms(self, recon: Tensor, x: Tensor) -> dict[str, Tensor]:
         c, terms = self.cfg, {}

@@ -9,7 +9,7 @@ what it exports (`artifacts`). The loop owns engines (DeepSpeed ZeRO), the LR sc
 metrics, checkpoints, fault injection and export; a method never sees them. Cross-rank needs
 (global codebook usage, contrastive negatives, per-rank buffers reduced) go through the
 `Collective` the loop hands the method (`self.collective`), so system/ never imports
-torch.distributed. Frozen helpers (teachers, LPIPS) belong to the method itself (`to(device)`).
+torch.distributed. Frozen helpers (teachers, LPIPS) belong to the method itself (`frozen_parts`, moved by `to(device)`).
 
     for phase in method.phases():                       # e.g. ["gen", "disc"], ["policy"]
         with frozen(every other module), autocast:
@@ -127,8 +127,14 @@ class Method:
         """Raise ValueError (naming the config key) for a config this method cannot run, before
         any resource is allocated."""
 
+    def frozen_parts(self) -> list[nn.Module]:
+        """The method's own frozen modules (teachers, LPIPS, VAEs, references): what `to` moves."""
+        return []
+
     def to(self, device: torch.device) -> "Method":
-        """Move the method's frozen helpers (teachers, LPIPS, references) to `device`."""
+        """Move the method's frozen helpers (`frozen_parts`) to `device`."""
+        for m in self.frozen_parts():
+            m.to(device)
         return self
 
     def sample_images(self, mods: dict[str, nn.Module], batch: Any, seed: int) -> dict[str, Tensor]:

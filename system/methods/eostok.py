@@ -226,11 +226,8 @@ class EOSTok(PatchGANPhases):
     def check(cls, cfg: EOSTokConfig, data: DataSpec) -> None:
         check_config(cfg, data)
 
-    def to(self, device: torch.device) -> "EOSTok":
-        for m in (self.teacher, self.lpips):
-            if m is not None:
-                m.to(device)
-        return self
+    def frozen_parts(self) -> list[nn.Module]:
+        return [m for m in (self.teacher, self.lpips) if m is not None]
 
     # ------------------------------------------------------------------ modules
     def build_generator(self) -> EOSTokModel:

@@ -38,10 +38,12 @@ from system.config import (
 from system.losses.align import AlignConfig, ContrastiveConfig, SemanticContrastiveLoss, SemanticDistillLoss
 from system.methods.base import Collective, DataSpec, Method, ModuleSpec, StepOutput
 from system.methods.registry import register
-from system.methods.tokenizer_training import PatchGANPhases, batch_psnr, check_lpips_weights, usage_and_perplexity
+from system.methods.tokenizer_training import (
+    PatchGANPhases, batch_psnr, check_lpips_weights, code_histogram, usage_and_perplexity)
 from system.models.artifacts import Artifact, load_part, model_part, semtok_config_from_dict, semtok_part_config
 from system.models.semtok import (
-    EncodeOutput, FlowDecoder, SemTokConfig, SemTokEncoder, flow_matching_loss, resolve_semtok_config, semtok_config)
+    EncodeOutput, FlowDecoder, SemTokConfig, SemTokEncoder, bit_usage, flow_matching_loss, resolve_semtok_config,
+    semtok_config)
 
 HIST_BITS = 20  # validation code histograms fold codes to their low 20 bits (exact for up to 20-bit codebooks)
 
@@ -157,15 +159,11 @@ class SemTokStage(Method):
         if meta["resolution"] != self.data.resolution:
             raise ConfigError(f"config key 'data.resolution' = {self.data.resolution}: the latent shard set at data.url "
                               f"was made at {meta['resolution']} px")
-        if meta["vae"]["fingerprint"] != self.vae.fingerprint():
+        mine = self.vae.fingerprint()
+        if meta["vae"]["fingerprint"] != mine:
             raise ConfigError(f"config key 'data.url': its cached latents come from another VAE ({meta['vae']['source']}, "
-                              f"fingerprint {meta['vae']['fingerprint']}) than this stage's ({self.vae.fingerprint()}): "
+                              f"fingerprint {meta['vae']['fingerprint']}) than this stage's ({mine}): "
                               "re-cache them with this VAE or point data.url at the image shards")
-
-    def to(self, device: torch.device) -> "SemTokStage":
-        for m in self.frozen_parts():
-            m.to(device)
-        return self
 
     def frozen_parts(self) -> list[nn.Module]:
         return [self.vae]
@@ -200,7 +198,7 @@ class SemTokStage(Method):
         p = psnr(recon.float().clamp(-1, 1), x.float(), data_range=2.0).clamp_max(100.0)
         fold = min(self.sc.bits, HIST_BITS)
         folded = quant.codes.reshape(-1) & ((1 << fold) - 1)
-        hist = torch.zeros(1 << fold, device=x.device).index_add_(0, folded, torch.ones(folded.numel(), device=x.device))
+        hist = code_histogram(folded, 1 << fold)
         return {"count": x.new_tensor(float(len(x))), "psnr_sum": p.sum(), "tokens": x.new_tensor(float(folded.numel())),
                 "bit_ones": codes_to_bits(quant.codes.reshape(-1), self.sc.bits).float().sum(0), "code_hist": hist}
 
@@ -210,7 +208,7 @@ class SemTokStage(Method):
         usage, ppl = usage_and_perplexity(totals["code_hist"])
         means = totals["bit_ones"] / totals["tokens"].clamp_min(1)
         return {"psnr": float(totals["psnr_sum"] / totals["count"].clamp_min(1)), "images": float(totals["count"]),
-                "bit_usage": float(((means >= 0.1) & (means <= 0.9)).float().mean()),
+                "bit_usage": float(bit_usage(means)),
                 "codebook_usage": float(usage), "codebook_perplexity": float(ppl)}
 
     @torch.no_grad()
@@ -291,7 +289,7 @@ class SemTokStage1(SemTokStage):
             ones = self.collective.all_reduce(codes_to_bits(out.codes.reshape(-1), self.sc.bits).float().mean(0))
             means = ones / self.collective.world_size
             metrics = {f"loss/{k}": v.detach() for k, v in terms.items()}
-            metrics.update({"loss/total": loss.detach(), "bit_usage": ((means >= 0.1) & (means <= 0.9)).float().mean()})
+            metrics.update({"loss/total": loss.detach(), "bit_usage": bit_usage(means)})
             if out.contrastive_acc is not None:
                 metrics["contrastive_acc"] = out.contrastive_acc
         return StepOutput(loss, metrics)

@@ -16,7 +16,7 @@ from typing import Optional
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 
 from system.losses.lpips import LPIPS
 from system.config import VapiConfig
@@ -256,10 +256,8 @@ class VapiMethod(Method):
         self.tokenizer = tok
         return policy, tok
 
-    def to(self, device: torch.device) -> "VapiMethod":
-        if self.reference is not None:
-            self.reference.to(device)
-        return self
+    def frozen_parts(self) -> list[nn.Module]:
+        return [self.reference] if self.reference is not None else []
 
     def modules(self) -> dict[str, ModuleSpec]:
         return {"policy": ModuleSpec(self._load()[0])}

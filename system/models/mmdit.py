@@ -119,6 +119,20 @@ def _rotate(x: Tensor, rope: Optional[RopeTable], name: str) -> Tensor:
 
 
 # --------------------------------------------------------------------------- attention processor
+def _heads(x: Tensor, heads: int, projs: tuple, norms: tuple, rope: Optional[RopeTable], name: str
+           ) -> tuple[Tensor, Tensor, Tensor]:
+    """One stream's q, k, v (B, H, L, D) from x (B, L, C): the projections, q/k-norm where present,
+    then the stream's rotation of q and k."""
+    b = x.shape[0]
+    q, k, v = (p(x).view(b, -1, heads, p.out_features // heads).transpose(1, 2) for p in projs)
+    norm_q, norm_k = norms
+    if norm_q is not None:
+        q = norm_q(q)
+    if norm_k is not None:
+        k = norm_k(k)
+    return _rotate(q, rope, name), _rotate(k, rope, name), v
+
+
 class JointRoPEAttnProcessor:
     """diffusers' JointAttnProcessor2_0 with RoPE: 2D tables on the image stream's q/k, 1D tables on
     the token (context) stream's q/k, applied after qk-norm and before the joint attention."""
@@ -139,26 +153,12 @@ class JointRoPEAttnProcessor:
         if attention_mask is not None:
             raise NotImplementedError("JointRoPEAttnProcessor does not support attention masks")
         b, n = hidden_states.shape[:2]
-
-        q, k, v = attn.to_q(hidden_states), attn.to_k(hidden_states), attn.to_v(hidden_states)  # (B, N, H*D)
-        head_dim = k.shape[-1] // attn.heads
-        q, k, v = (x.view(b, -1, attn.heads, head_dim).transpose(1, 2) for x in (q, k, v))  # (B, H, N, D)
-        if attn.norm_q is not None:
-            q = attn.norm_q(q)
-        if attn.norm_k is not None:
-            k = attn.norm_k(k)
-        q, k = _rotate(q, image_rope, "image_rope"), _rotate(k, image_rope, "image_rope")
-
+        q, k, v = _heads(hidden_states, attn.heads, (attn.to_q, attn.to_k, attn.to_v), (attn.norm_q, attn.norm_k),
+                         image_rope, "image_rope")  # (B, H, N, D)
+        head_dim = k.shape[-1]
         if encoder_hidden_states is not None:
-            cq = attn.add_q_proj(encoder_hidden_states)  # (B, K, H*D)
-            ck = attn.add_k_proj(encoder_hidden_states)
-            cv = attn.add_v_proj(encoder_hidden_states)
-            cq, ck, cv = (x.view(b, -1, attn.heads, head_dim).transpose(1, 2) for x in (cq, ck, cv))  # (B, H, K, D)
-            if attn.norm_added_q is not None:
-                cq = attn.norm_added_q(cq)
-            if attn.norm_added_k is not None:
-                ck = attn.norm_added_k(ck)
-            cq, ck = _rotate(cq, token_rope, "token_rope"), _rotate(ck, token_rope, "token_rope")
+            cq, ck, cv = _heads(encoder_hidden_states, attn.heads, (attn.add_q_proj, attn.add_k_proj, attn.add_v_proj),
+                                (attn.norm_added_q, attn.norm_added_k), token_rope, "token_rope")  # (B, H, K, D)
             q, k, v = torch.cat([q, cq], dim=2), torch.cat([k, ck], dim=2), torch.cat([v, cv], dim=2)  # (B, H, N+K, D)
 
         out = F.scaled_dot_product_attention(q, k, v, dropout_p=0.0, is_causal=False)  # (B, H, L, D)

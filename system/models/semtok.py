@@ -224,22 +224,7 @@ class SemTok(nn.Module):
         return self.vae.decode(self.decoder.decode(quant.quantized, generator)).float()
 
 
-def bit_statistics(codes: Tensor, bits: int) -> Tensor:
-    """(bits,) how often each bit is 1 over `codes` (sums; divide by the count for means)."""
-    from system.models.quantizers import codes_to_bits
-
-    return codes_to_bits(codes.reshape(-1), bits).float().sum(0)
-
-
-def bit_usage(bit_means: Tensor, lo: float = 0.1, hi: float = 0.9) -> float:
+def bit_usage(bit_means: Tensor, lo: float = 0.1, hi: float = 0.9) -> Tensor:
     """Fraction of bits whose mean over the codes lies in [lo, hi] (a bit stuck near 0 or 1 carries
-    almost no information)."""
-    return float(((bit_means >= lo) & (bit_means <= hi)).float().mean())
-
-
-def code_perplexity(codes: Tensor) -> float:
-    """exp(entropy) of the empirical distribution of `codes` (any codebook size)."""
-    _, counts = torch.unique(codes.reshape(-1), return_counts=True)
-    p = counts.double() / counts.sum()
-    return float(torch.exp(-(p * p.log()).sum())) if counts.numel() else 0.0
-
+    almost no information); a 0-dim tensor on bit_means' device (no host sync)."""
+    return ((bit_means >= lo) & (bit_means <= hi)).float().mean()
