@@ -29,6 +29,7 @@ import torch  # noqa: E402
 from bench.overhead import bench_config_args, compare, distributed_windows, parse_args, plain_windows  # noqa: E402
 from system.config import ARConfig  # noqa: E402
 from system.data.source import BatchSource  # noqa: E402
+from system.data.sources import TokenShards, TokenSpec  # noqa: E402
 from system.methods.ar import ARMethod  # noqa: E402
 from system.methods.base import DataSpec  # noqa: E402
 
@@ -57,12 +58,23 @@ class RandomTokens(BatchSource):
         self.i = int(s["i"])
 
 
-class RandomTokensFactory:
+class RandomTokensFactory(TokenShards):
+    """The bench's data: random in-memory token sequences (nothing to check or validate)."""
+
     def __init__(self, seq_len: int, vocab: int):
         self.seq_len, self.vocab = seq_len, vocab
 
+    def check(self, exp) -> None:
+        pass
+
+    def resolve(self, exp) -> DataSpec:
+        return DataSpec(num_classes=CLASSES, tokens=TokenSpec(self.seq_len, self.vocab))
+
     def __call__(self, exp, ctx):
         return RandomTokens(exp.data.batch_size, self.seq_len, self.vocab, exp.seed + ctx.rank)
+
+    def validation(self, exp, ctx):
+        return None
 
 
 def method_args(a) -> tuple[ARConfig, list[str]]:
@@ -86,7 +98,7 @@ def plain_loop(a, threads: int, shards: str | None) -> list[float]:
     """Seconds per step of a single-process loop: `ARMethod.step` on the global batch, AdamW, clip."""
     torch.manual_seed(0)
     cfg, _ = method_args(a)
-    m = ARMethod(cfg, DataSpec(num_classes=CLASSES, tokens={"seq_len": a.seq_len, "vocab_size": a.vocab}))
+    m = ARMethod(cfg, DataSpec(num_classes=CLASSES, tokens=TokenSpec(a.seq_len, a.vocab)))
     model = m.modules()["ar"].module
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.05)
     if shards:
@@ -108,8 +120,8 @@ def plain_loop(a, threads: int, shards: str | None) -> list[float]:
 
 
 def distributed(a, shards: str | None) -> list[float]:
-    from cluster.job import TokenShards, TrainJob
-    from cluster.train_pool import resolve_job
+    from cluster.job import TrainJob
+    from cluster.training import resolve_job
     from system.config import ARExperiment, load_config
 
     def build(storage: str):
@@ -119,8 +131,8 @@ def distributed(a, shards: str | None) -> list[float]:
             f"data.batch_size={a.global_batch // a.workers}", "data.num_workers=0", "optim.lr=1e-4", "optim.min_lr=1e-4",
             "optim.schedule=constant", "optim.grad_clip=1.0", *margs])
         if shards:
-            return exp, resolve_job(exp, source=TokenShards())
-        data = DataSpec(num_classes=CLASSES, tokens={"seq_len": a.seq_len, "vocab_size": a.vocab})
+            return exp, resolve_job(exp)
+        data = DataSpec(num_classes=CLASSES, tokens=TokenSpec(a.seq_len, a.vocab))
         return exp, TrainJob(method=ARMethod, data=data, source=RandomTokensFactory(a.seq_len, a.vocab),
                              micro_batch_size=exp.data.batch_size)
 
@@ -139,7 +151,7 @@ def main() -> None:
     a = parse_args(__doc__, add)
     with tempfile.TemporaryDirectory() as d:
         shards = write_tokens(os.path.join(d, "tokens"), a) if a.data == "shards" else None
-        params = ARMethod(method_args(a)[0], DataSpec(num_classes=CLASSES, tokens={"seq_len": a.seq_len, "vocab_size": a.vocab}))
+        params = ARMethod(method_args(a)[0], DataSpec(num_classes=CLASSES, tokens=TokenSpec(a.seq_len, a.vocab)))
         res = compare(lambda t: plain_loop(a, t, shards), lambda: distributed(a, shards), workers=a.workers, zero=a.zero,
                       per_step=a.global_batch * a.seq_len, unit="tokens", steps=a.steps, warmup=a.warmup,
                       model=f"GPT {a.layers}x{a.dim} ({params.flops_per_token / 1e6:.1f} MFLOP/token), {a.seq_len} tokens of "

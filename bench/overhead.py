@@ -78,7 +78,7 @@ def distributed_windows(build: Callable[[str], tuple[Any, Any]], batch: int, war
     with `run_training`; one value per logged window after the first (warm-up)."""
     import ray
 
-    from cluster.train_pool import run_training
+    from cluster.training import run_training
 
     with tempfile.TemporaryDirectory() as d:
         exp, job = build(d)

@@ -27,6 +27,7 @@ from dataclasses import dataclass, field  # noqa: E402
 
 from system.config import Experiment  # noqa: E402
 from system.data.source import BatchSource  # noqa: E402
+from system.data.sources import ImageShards  # noqa: E402
 from system.methods.base import DataSpec, Method, ModuleSpec, StepOutput  # noqa: E402
 from system.methods.registry import register  # noqa: E402
 from system.models.artifacts import Artifact  # noqa: E402
@@ -65,10 +66,6 @@ class BenchExperiment(Experiment):
 
 class BenchMethod(Method):
     """Two phases (gen, disc) on the one contract; registered under "bench-gan"."""
-
-    @classmethod
-    def resolve_data(cls, exp) -> DataSpec:
-        return DataSpec(exp.data.resolution, 1)
 
     def modules(self) -> dict[str, ModuleSpec]:
         return {"gen": ModuleSpec(Gen(self.cfg.width)), "disc": ModuleSpec(Disc(self.cfg.width), betas=(0.5, 0.9))}
@@ -112,9 +109,20 @@ class RandomReader(BatchSource):
         self.i = int(s["i"])
 
 
-class ReaderFactory:
+class ReaderFactory(ImageShards):
+    """The bench's data: random in-memory images (nothing to check or validate)."""
+
+    def check(self, exp) -> None:
+        pass
+
+    def resolve(self, exp) -> DataSpec:
+        return DataSpec(exp.data.resolution, 1)
+
     def __call__(self, exp, ctx):
         return RandomReader(exp.data.batch_size, exp.data.resolution, exp.seed + ctx.rank)
+
+    def validation(self, exp, ctx):
+        return None
 
 
 def plain_loop(width: int, batch: int, res: int, steps: int, warmup: int, threads: int) -> list[float]:
@@ -151,7 +159,7 @@ def plain_loop(width: int, batch: int, res: int, steps: int, warmup: int, thread
 def distributed(width: int, batch: int, res: int, steps: int, warmup: int, workers: int, zero: int) -> list[float]:
     """Seconds per step through Ray Train + DeepSpeed, one value per logged `warmup`-step window after
     the warm-up (the loop logs every `warmup` steps)."""
-    from cluster.train_pool import resolve_job
+    from cluster.training import resolve_job
     from system.config.load import load_config
 
     def build(storage: str):

@@ -1,5 +1,4 @@
-"""What the driver hands every rank of a training pool (light: no DeepSpeed import), and the
-contexts the rank loop (cluster/loop.py) hands a batch-source factory."""
+"""What the driver hands every rank of a training pool (light: no DeepSpeed import)."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -7,9 +6,8 @@ from typing import Callable, Optional
 
 import torch
 
-from system.config import Experiment
-from system.data.source import BatchSource
-from system.methods.base import Collective, DataSpec, Method
+from system.data.sources import DataSpec, ImageShards, SourceFactory
+from system.methods.base import Method
 
 
 @dataclass
@@ -27,65 +25,13 @@ class WorkerContext:
 
 
 @dataclass
-class SourceContext:
-    """What a batch-source factory gets on each rank."""
-
-    rank: int
-    world_size: int
-    device: torch.device
-    seed: int
-    max_steps: int
-    collective: Collective
-    # collective: the full weights of a trained module as CPU tensors on rank 0 ({} elsewhere)
-    module_state: Callable[[str], dict]
-    step: Callable[[], int]  # the loop's current step (updates done so far)
-
-
-SourceFactory = Callable[[Experiment, SourceContext], BatchSource]
-
-
-class _ShardFactory:
-    """A picklable batch-source factory: this rank's reader (`reader`, a `ShardSource` class) over
-    `data.url`; `validation`: its share of `data.val_url` (None without one)."""
-
-    reader_name = ""
-
-    def _reader(self):
-        from system.data import reader
-
-        return getattr(reader, self.reader_name)
-
-    def __call__(self, exp: Experiment, ctx: SourceContext) -> BatchSource:
-        return self._reader().from_config(exp.data, rank=ctx.rank, world_size=ctx.world_size, seed=exp.seed,
-                                          pin_memory=ctx.device.type == "cuda")
-
-    def validation(self, exp: Experiment, ctx: SourceContext) -> Optional[BatchSource]:
-        if not exp.data.val_url:
-            return None
-        return self._reader().from_config(exp.data, rank=ctx.rank, world_size=ctx.world_size, seed=exp.seed, val=True)
-
-
-class ImageShards(_ShardFactory):
-    """The default batch source: `ShardReader` over image shards (`DataConfig`)."""
-
-    reader_name = "ShardReader"
-
-
-class TokenShards(_ShardFactory):
-    """Pre-tokenized batches: `TokenShardReader` over token shards (`TokenDataConfig`)."""
-
-    reader_name = "TokenShardReader"
-
-
-@dataclass
 class TrainJob:
     """What the driver resolved once for every rank: the method class, its data spec, the batch
-    source, the per-rank micro-batch (DeepSpeed's bookkeeping) and this submission's id."""
+    source (the method's registered one, or one bound to an actor pool), the per-rank micro-batch
+    (DeepSpeed's bookkeeping) and this submission's id."""
 
     method: type[Method]
     data: DataSpec
     source: SourceFactory = field(default_factory=ImageShards)
     micro_batch_size: int = 1
     submission: str = ""
-
-

@@ -25,11 +25,12 @@ import torch.distributed as dist
 
 from cluster.checkpoint import CheckpointRef, CheckpointStore, TrainState, commit_checkpoint, restore_checkpoint
 from cluster.engine import DeepSpeedStrategy
-from cluster.job import SourceContext, TrainJob, WorkerContext
+from cluster.job import TrainJob, WorkerContext
+from cluster.paths import run_url
 from cluster.reporting import RunLogger
 from system.config import Experiment, FaultConfig, to_yaml
-from system.data.storage import join
 from cluster.validation import validate_on_ranks
+from system.data.sources import SourceContext
 from system.methods.base import Collective, Method, frozen
 from system.models.artifacts import write_export, write_model_json
 from system.train_utils import EMA, capture_rng_state, lr_factor, restore_rng_state, save_image_grid, seed_everything, set_deterministic
@@ -57,10 +58,6 @@ class DistCollective(Collective):
         parts = [torch.empty_like(t) for _ in range(self.world_size)]
         dist.all_gather(parts, t.detach().contiguous())
         return torch.cat(parts)
-
-
-def run_url(exp: Experiment) -> str:
-    return join(exp.checkpoint.storage_path, exp.run_name)
 
 
 def barrier() -> None:
@@ -348,14 +345,15 @@ class RankLoop:
         """Collective: the method's validation on this rank's share of the validation split
         (cluster/validation.py), logged as `<prefix>/<metric>` at the current step and reported with
         the next commit; with `ema` on the EMA weights. {} when the method or the data has none."""
-        factory = getattr(self.job.source, "validation", None)
-        if factory is None or type(self.method).validate is Method.validate:
+        if type(self.method).validate is Method.validate:
             return {}
-        source = factory(self.exp, self.sctx)
+        source = self.job.source.validation(self.exp, self.sctx)
         if source is None:
             return {}
         try:
-            with self._weights(ema), self.strategy.autocast(self.engines[self.phases[0]]):
+            # ZeRO-3 partitions parameters outside each module's own forward (e.g. a codebook a
+            # tokenizer's encode reads): the ranks hold the full weights while they validate
+            with self._weights(ema), self._gathered_if_partitioned(), self.strategy.autocast(self.engines[self.phases[0]]):
                 metrics = validate_on_ranks(
                     self.method, self.mods, source.one_epoch(), world_size=self.ctx.world_size,
                     batch_size=self.job.micro_batch_size, max_images=self.exp.train.val_max_images,
@@ -392,6 +390,10 @@ class RankLoop:
         finally:
             for e_ma, e in swapped:
                 e_ma.swap(self.strategy.local_params(e))
+
+    def _gathered_if_partitioned(self):
+        """`_gathered()` under ZeRO-3 (collective), else nothing to do."""
+        return self._gathered() if self.strategy.zero_stage == 3 else contextlib.nullcontext()
 
     @contextlib.contextmanager
     def _gathered(self):

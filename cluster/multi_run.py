@@ -1,6 +1,6 @@
 """Several training runs side by side in one driver (e.g. AR sizes S and L on the same token shards):
 each run is its own Ray Train run (placement group, worker group, storage folder, wandb run) started
-from its own driver thread through `cluster.train_pool.run_training`; a run that fails (bad config,
+from its own driver thread through `cluster.training.run_training`; a run that fails (bad config,
 crash beyond `cluster.max_failures`) does not stop the others. Ray is joined or started once for
 all of them, with their summed resources checked first when it is started here.
 
@@ -38,7 +38,7 @@ class RunOutcome:
 
     name: str
     status: str  # "done" | "finished" (already at train.max_steps: nothing to do) | "failed"
-    result: Any = None  # cluster.train_pool.RunResult when it ran
+    result: Any = None  # cluster.training.RunResult when it ran
     error: Optional[str] = None  # one line
     config_error: bool = False  # the failure is a ConfigError (found before Ray started, or while preparing)
     seconds: float = 0.0
@@ -121,7 +121,9 @@ def run_side_by_side(runs: dict[str, Any], job_for: Callable[[Experiment], Train
     `job_for` (e.g. `resolve_job`) runs for every run before Ray starts: a run whose config it
     rejects fails alone. With more than one run, the per-run progress bars are off (checkpoint lines
     stay) and the driver's log is `<storage>/<group>/logs/driver.log` for local storage."""
-    from cluster.train_pool import RunFinished, local_run_dir, resolve_paths, run_training
+    from cluster.cli import RunFinished
+    from cluster.paths import local_run_dir, resolve_paths
+    from cluster.training import run_training
 
     outcomes: dict[str, RunOutcome] = {}
     ready: dict[str, tuple[Experiment, TrainJob]] = {}

@@ -91,13 +91,12 @@ def tokenizer_step(name: str, exp: Experiment, keys: tuple[str, ...], title: str
                    others: Optional[dict[str, str]] = None, describe: str = "") -> Step:
     """Train a tokenizer method (a Ray Train run); its report (val PSNR next to `others`' exports)
     and <run>/result.json, the marker."""
-    from cluster.loop import run_url
+    from cluster.paths import run_url
 
     def run() -> dict:
-        from cluster.train_pool import report_tokenizer_run, train_or_finished
+        from cluster.training import train
 
-        result = train_or_finished(exp)
-        out = report_tokenizer_run(exp, result, keys, title, {"step": name}, others)
+        out = train(exp, title=title, extra={"step": name}, finished_ok=True)
         return {"step": out["step"], "export": out["export"], **{k: out["metrics"].get(k) for k in keys},
                 **{f"val_psnr_{k}": v for k, v in (out.get("val_psnr_db") or {}).items()}}
 
@@ -106,13 +105,13 @@ def tokenizer_step(name: str, exp: Experiment, keys: tuple[str, ...], title: str
 
 def ar_step(exp: ARExperiment, keys: tuple[str, ...] = ("loss", "acc"), describe: str = "") -> Step:
     """Train an AR model on token shards (a Ray Train run); <run>/result.json is the marker."""
-    from cluster.loop import run_url
+    from cluster.paths import run_url
 
     def run() -> dict:
-        from cluster.job import TokenShards
-        from cluster.train_pool import resolve_job, train_or_finished, write_run_result
+        from cluster.results import write_run_result
+        from cluster.training import resolve_job, train_or_finished
 
-        result = train_or_finished(exp, resolve_job(exp, source=TokenShards()))
+        result = train_or_finished(exp, resolve_job(exp))
         m = result.metrics
         write_run_result(result, exp.data.storage)
         say(table(f"[{exp.run_name}] AR done", [(k, m[k]) for k in keys if k in m] + [("export", result.export_url)]))

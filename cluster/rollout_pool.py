@@ -38,9 +38,9 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 import torch.distributed as dist
 
-from cluster.job import SourceContext
 from system.config import VapiExperiment
 from system.data.source import BatchSource
+from system.data.sources import SourceContext
 from system.methods.grpo import group_advantages
 from system.methods.vapi import Rollouts, check_fit, heldout_reward, load_parts, rollout, rollout_config
 
@@ -400,7 +400,9 @@ def check_vapi_experiment(exp: VapiExperiment) -> None:
     from system.data.shards import check_shard_set
 
     check_shard_set(exp.data.url, "data.url", exp.data.storage)
-    VapiMethod.check(m, VapiMethod.resolve_data(exp))
+    from system.methods.vapi import VapiRollouts
+
+    VapiMethod.check(m, VapiRollouts().resolve(exp))
 
 
 def heldout_batch(exp: VapiExperiment) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
@@ -425,7 +427,8 @@ def run_vapi(exp: VapiExperiment, parts_fn: PartsFn = default_parts,
     import json
 
     from cluster.loop import train_loop
-    from cluster.train_pool import prepare_run, resolve_job, run_pool
+    from cluster.train_pool import run_pool
+    from cluster.training import prepare_run, resolve_job
 
     check_vapi_experiment(exp)
     m = exp.method

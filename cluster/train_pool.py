@@ -1,5 +1,5 @@
 """The Ray Train pool: `run_pool(exp, use_gpu, worker_fn, kwargs)` runs a worker function (the one
-rank loop `cluster.loop.train_loop` via `run_training`, for every method) on
+rank loop `cluster.loop.train_loop`, for every method: cluster/training.py) on
 `exp.cluster.num_workers` workers (GPU/NCCL or CPU/gloo) under a `TorchTrainer` whose
 `FailureConfig(max_failures)` restarts the pool after a lost worker; every (re)start resumes from
 the newest complete checkpoint in our store, so resubmitting the same `run_name` continues too.
@@ -8,8 +8,7 @@ Ray Train V2 keeps metrics only when reported with a checkpoint, and `report` is
 workers report once per commit, rank 0 with a tiny Ray checkpoint that points at ours. Ray Train's
 own storage is the run's storage (`<run>/ray_train`, for object storage through our retrying
 filesystem): rank 0 may run on any node (on KubeRay the head has no CPUs), and nothing the run needs
-lives on the head's disk. A local `checkpoint.storage_path` on a multi-node cluster must be declared
-the same folder on every node (`checkpoint.shared`), else the run stops at start-up.
+lives on the head's disk.
 
 Each rank reserves `runtime.rank_cpus` CPUs: `cluster.cpus_per_worker`, or its process plus its
 `data.num_workers` DataLoader processes when that is more.
@@ -19,8 +18,6 @@ from __future__ import annotations
 import json
 import os
 import tempfile
-import uuid
-from dataclasses import dataclass, replace
 from typing import Any, Callable, Optional
 
 import ray
@@ -28,36 +25,11 @@ import ray.train
 from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchConfig, TorchTrainer
 
-from cluster.job import ImageShards, SourceFactory, TrainJob
-from cluster.console import say
-from cluster.runtime import (check_extension_locks, check_local_resources, check_resources, check_storage_shared, init_ray,
-                             rank_cpus, resolve_use_gpu, worker_nodes)
-from system.config import ConfigError, Experiment, to_yaml
+from cluster.runtime import rank_cpus
+from system.config import Experiment
 from system.data.storage import assume_reachable, filesystem, join, protocol
 
 POINTER_FILE = "checkpoint_pointer.json"
-
-
-@dataclass
-class RunResult:
-    run_url: str
-    step: int
-    metrics: dict[str, Any]
-    checkpoint_url: Optional[str]
-    export_url: Optional[str]
-    ray_result: Any = None
-
-    def summary(self) -> dict[str, Any]:
-        """JSON-friendly view (without the Ray result object)."""
-        return {k: v for k, v in self.__dict__.items() if k != "ray_result"}
-
-
-def resolve_paths(exp: Experiment) -> Experiment:
-    """A copy of `exp` whose local storage path is absolute (workers may run in another folder)."""
-    sp = exp.checkpoint.storage_path
-    if protocol(sp) == "file" and not sp.startswith("file://"):
-        exp = replace(exp, checkpoint=replace(exp.checkpoint, storage_path=os.path.abspath(os.path.expanduser(sp))))
-    return exp
 
 
 def _ray_report(rank: int) -> Callable[[dict, Optional[str]], None]:
@@ -114,6 +86,7 @@ def _train_fn(config: dict[str, Any]) -> None:  # Ray Train's train_loop_config
     exp = config["exp"]
     if not exp.logging.verbose:  # the console shows the driver's bar; worker output goes to the run's logs
         from cluster.console import redirect_worker_output
+        from cluster.paths import local_run_dir
 
         redirect_worker_output(local_run_dir(exp), rank)
     board = config.get("board")
@@ -121,67 +94,6 @@ def _train_fn(config: dict[str, Any]) -> None:  # Ray Train's train_loop_config
     wctx = WorkerContext(rank=rank, world_size=world, device=device, report=_ray_report(rank), progress=progress,
                          preempted=_preemption_poll())
     config["worker_fn"](exp, wctx, **config["worker_kwargs"])
-
-
-class RunFinished(Exception):
-    """The run already reached `train.max_steps` and has its export: nothing to do (not an error)."""
-
-
-def job_config(schema: type, argv: list[str], defaults: list[str], check: Optional[Callable[[Any], None]] = None) -> Any:
-    """A training job's config from its command line: parse it (`--help`; exit 2 on a bad key or
-    value), build the embedded photo set when `data.embedded`, then `check(cfg)` (exit 2): all before
-    any Ray resource is touched."""
-    from system.config import cli_config, exit_on_config_error
-    from system.data.embedded import ensure_embedded_data
-
-    cfg = cli_config(schema, argv, defaults)
-    exit_on_config_error(lambda: ensure_embedded_data(cfg.data))
-    if check is not None:
-        exit_on_config_error(lambda: check(cfg))
-    return cfg
-
-
-def run_job(fn: Callable[[], Any]) -> Any:
-    """A job's run: a finished run says so and exits 0; a `ConfigError` found while starting (storage,
-    resources, an existing run) prints one line and exits 2 (`--debug`: the traceback)."""
-    from system.config import exit_on_config_error
-
-    try:
-        return exit_on_config_error(lambda: _only_config_errors(fn))
-    except RunFinished as e:
-        say(str(e))
-        raise SystemExit(0) from None
-
-
-def _only_config_errors(fn: Callable[[], Any]) -> Any:
-    try:
-        return fn()
-    except ConfigError:
-        raise
-    except ValueError as e:  # not a config problem: keep its traceback
-        raise RuntimeError(f"{type(e).__name__}: {e}") from e
-
-
-def check_writable(exp: Experiment) -> None:
-    """A local `checkpoint.storage_path` must be a folder this process can write (before Ray starts)."""
-    run_dir = local_run_dir(exp)
-    if run_dir is None:
-        return
-    try:
-        os.makedirs(run_dir, exist_ok=True)
-        probe = os.path.join(run_dir, f".write-probe-{os.getpid()}")
-        with open(probe, "wb") as f:
-            f.write(b"ok")
-        os.remove(probe)
-    except OSError as e:
-        raise ConfigError(f"config key 'checkpoint.storage_path' = {exp.checkpoint.storage_path!r}: cannot write the run "
-                          f"folder {run_dir} ({e.strerror or e}); choose a writable folder or s3://bucket/prefix") from None
-
-
-def local_run_dir(exp: Experiment) -> Optional[str]:
-    """The run's folder when its storage is local (None for object storage)."""
-    sp = exp.checkpoint.storage_path
-    return os.path.join(sp.removeprefix("file://"), exp.run_name) if protocol(sp) == "file" else None
 
 
 def ray_storage(exp: Experiment) -> tuple[str, Any]:
@@ -208,49 +120,6 @@ def worker_resources(exp: Experiment, use_gpu: bool) -> dict[str, float]:
 def data_workers(exp: Experiment) -> int:
     """DataLoader processes of one rank (`data.num_workers`; 0 for a job without a data section)."""
     return int(getattr(getattr(exp, "data", None), "num_workers", 0) or 0)
-
-
-def prepare_run(exp: Experiment, extra_cpus: float = 0.0, extra_gpus: float = 0.0) -> tuple[Experiment, Any, bool]:
-    """Before any actor starts: absolute local paths, refuse to overwrite a checkpointed run unless
-    `checkpoint.resume`, start/join Ray, check the pool (plus `extra_*` resources of other actors)
-    fits, save the resolved config. Returns (exp, store, use_gpu)."""
-    from cluster.checkpoint import CheckpointStore
-    from cluster.loop import run_url
-
-    from cluster.console import setup_driver_logging
-
-    exp = resolve_paths(exp)
-    c = exp.cluster
-    check_writable(exp)
-    log_file = setup_driver_logging(local_run_dir(exp), exp.logging.verbose)
-    store = CheckpointStore(run_url(exp), exp.data.storage)
-    try:
-        existing = store.latest_complete()  # before any resource is allocated
-    except Exception as e:  # noqa: BLE001 - an unreachable store is a config problem, said in one line
-        raise ConfigError(f"config key 'checkpoint.storage_path': cannot list the run's checkpoints at {store.run_url}: {e}") from None
-    if existing is not None and not exp.checkpoint.resume:
-        raise ConfigError(
-            f"run {exp.run_name!r} already has a checkpoint at step {existing.step} ({existing.url}); "
-            "set checkpoint.resume=true to continue it, or choose another run_name"
-        )
-    if existing is not None and existing.step >= exp.train.max_steps and (not exp.checkpoint.export or store.exists("export/model.json")):
-        raise RunFinished(
-            f"run {exp.run_name!r} is already at step {existing.step} >= train.max_steps={exp.train.max_steps}: nothing "
-            f"to train, and its export is left as it is ({store.url('export')}). To train it further, raise "
-            f"train.max_steps; to start a new run, set another run_name (e.g. run_name={exp.run_name}-2)")
-    started_here = not ray.is_initialized() and not (c.address or os.environ.get("RAY_ADDRESS"))
-    if started_here:
-        check_local_resources(c, extra_cpus, data_workers=data_workers(exp))
-        check_extension_locks()
-    init_ray(c, verbose=exp.logging.verbose)
-    check_storage_shared(exp.checkpoint.storage_path, exp.checkpoint.shared, *worker_nodes())
-    use_gpu = resolve_use_gpu(c)
-    if started_here:
-        check_resources(c, use_gpu, extra_cpus=extra_cpus, extra_gpus=extra_gpus, data_workers=data_workers(exp))
-    store.write_bytes("config.yaml", to_yaml(exp).encode())
-    say(f"[{exp.run_name}] {c.num_workers} {'GPU' if use_gpu else 'CPU'} worker(s), DeepSpeed ZeRO-{exp.deepspeed.zero_stage}, "
-        f"{exp.train.max_steps} steps; run: {store.run_url}" + (f" (logs: {os.path.dirname(log_file)}/)" if log_file else ""))
-    return exp, store, use_gpu
 
 
 def run_pool(exp: Experiment, use_gpu: bool, worker_fn: Callable[..., Any], worker_kwargs: dict) -> Any:
@@ -284,114 +153,3 @@ def run_pool(exp: Experiment, use_gpu: bool, worker_fn: Callable[..., Any], work
         return run_with_progress(trainer.fit, progress)
     finally:
         ray.kill(board)
-
-
-def resolve_job(exp: Experiment, source: Optional[SourceFactory] = None, micro_batch_size: Optional[int] = None) -> TrainJob:
-    """The method registered for `type(exp.method)`, its data spec and checks (before Ray starts)."""
-    from system.data.shards import check_shard_set
-    from system.methods import registry
-
-    if source is None or isinstance(source, ImageShards):  # the job reads image shards: they must be there
-        check_shard_set(exp.data.url, "data.url", exp.data.storage)
-        if exp.data.val_url:
-            check_shard_set(exp.data.val_url, "data.val_url", exp.data.storage)
-    method = registry.for_config(exp.method).method
-    data = method.resolve_data(exp)
-    method.check(exp.method, data)
-    return TrainJob(method=method, data=data, source=source or ImageShards(),
-                    micro_batch_size=micro_batch_size or exp.data.batch_size, submission=uuid.uuid4().hex)
-
-
-def run_training(exp: Experiment, job: Optional[TrainJob] = None, *, extra_cpus: float = 0.0, extra_gpus: float = 0.0) -> RunResult:
-    """Train `exp`'s method (`job`, default `resolve_job(exp)`) on a Ray Train pool with the one rank
-    loop (cluster/loop.py); returns where the run lives and its last metrics."""
-    job = job or resolve_job(exp)
-    exp, store, use_gpu = prepare_run(exp, extra_cpus, extra_gpus)
-    from cluster.loop import train_loop
-
-    result = run_pool(exp, use_gpu, train_loop, {"job": job})
-    ref = store.latest_complete()
-    metrics = dict(result.metrics or {})
-    return RunResult(
-        run_url=store.run_url,
-        step=ref.step if ref else int(metrics.get("step", 0)),
-        metrics=metrics,
-        checkpoint_url=ref.url if ref else None,
-        export_url=store.url("export") if exp.checkpoint.export else None,
-        ray_result=result,
-    )
-
-
-def train_or_finished(exp: Experiment, job: Optional[TrainJob] = None) -> RunResult:
-    """`run_training`, or for a run already at `train.max_steps` with its export (a job killed
-    after training, before its report) the RunResult of what is there (no metrics)."""
-    try:
-        return run_training(exp, job)
-    except RunFinished as e:
-        from cluster.checkpoint import CheckpointStore
-        from cluster.loop import run_url
-
-        say(str(e).split(":")[0] + ": using its checkpoint and export")
-        exp = resolve_paths(exp)
-        store = CheckpointStore(run_url(exp), exp.data.storage)
-        ref = store.latest_complete()
-        return RunResult(run_url=store.run_url, step=ref.step, metrics={}, checkpoint_url=ref.url,
-                         export_url=store.url("export"))
-
-
-def val_history(run: str, storage: Any) -> dict[str, float]:
-    """The last value of every validation metric (`val*/...`) in `<run>/metrics.jsonl` (all
-    sessions of the run: the untrained baseline `val_start/*` is logged by the first)."""
-    from system.data.storage import exists, read_bytes
-
-    url = f"{run.rstrip('/')}/metrics.jsonl"
-    out: dict[str, float] = {}
-    if not exists(url, storage):
-        return out
-    for line in read_bytes(url, storage).decode().splitlines():
-        row = json.loads(line) if line.strip() else {}
-        out.update({k: v for k, v in row.items() if k.startswith("val") and "/" in k})
-    return out
-
-
-def write_run_result(result: RunResult, storage: Any, extra: Optional[dict] = None) -> dict:
-    """`<run>/result.json` (written last: the run's "done" marker for pipelines): where the run, its
-    checkpoint and export are, its last metrics, and `extra`; returns that summary."""
-    from system.data.storage import write_bytes_atomic
-
-    summary = {**(extra or {}), "run": result.run_url, "step": result.step, "checkpoint": result.checkpoint_url,
-               "export": result.export_url, "metrics": result.metrics}
-    write_bytes_atomic(f"{result.run_url}/result.json", json.dumps(summary, indent=1, default=str).encode(), storage)
-    return summary
-
-
-def report_tokenizer_run(exp: Experiment, result: RunResult, keys: tuple[str, ...], title: str,
-                         summary_extra: Optional[dict] = None, others: Optional[dict[str, str]] = None) -> dict:
-    """A tokenizer job's end: the final table (metrics `keys`; the validation the workers ran:
-    PSNR untrained -> trained (EMA), next to the runs whose exports `others` names; the run's paths)
-    and `<run>/result.json`; returns the summary written there."""
-    from cluster.console import table
-
-    m, run, export = result.metrics, result.run_url, result.export_url
-    rows = [(k, m[k]) for k in keys if k in m]
-    summary = dict(summary_extra or {})
-    val = val_history(run, exp.data.storage)
-    if "val/psnr" in val:
-        summary["validation"] = val
-        psnr = {"untrained": val.get("val_start/psnr"), "trained": val["val/psnr"], "trained_ema": val.get("val_ema/psnr")}
-        for name, url in (others or {}).items():  # another run's export: that run's own final validation
-            theirs = val_history(url.rstrip("/").rsplit("/", 1)[0], exp.data.storage)
-            psnr[name] = theirs.get("val_ema/psnr", theirs.get("val/psnr"))
-        summary["val_psnr_db"] = psnr = {k: v for k, v in psnr.items() if v is not None}
-        fmt = lambda k: f"{psnr[k]:.2f}" if k in psnr else "-"  # noqa: E731
-        rows.append(("val PSNR (dB)", f"untrained {fmt('untrained')} -> trained {fmt('trained')} (EMA "
-                                      f"{fmt('trained_ema')})" + "".join(f"; {k} {fmt(k)}" for k in others or {})))
-        if "val/codebook_usage" in val:  # a tokenizer with codes (not the VAE of jobs/semtok.py)
-            rows.append(("val codebook usage", f"{val['val/codebook_usage']:.3f} of the codes over "
-                                               f"{val.get('val/images', 0):.0f} images (perplexity "
-                                               f"{val.get('val/codebook_perplexity', 0):.1f})"))
-    rows += [("checkpoint", result.checkpoint_url), ("export", export), ("sample grid", f"{run}/samples/step_{result.step:08d}.png"),
-             ("curves", f"{run}/curves.png"), ("metrics", f"{run}/metrics.jsonl"), ("logs", f"{run}/logs/")]
-    summary = write_run_result(result, exp.data.storage, summary)
-    print(table(title, rows))
-    return summary

@@ -24,28 +24,19 @@ SCHEMAS = {1: AliTokStage1Experiment, 2: AliTokStage2Experiment}
 DEFAULTS = {s: ["base.yaml", "data/imagenet.yaml", f"experiments/alitok_stage{s}.yaml"] for s in SCHEMAS}
 
 
-def check(exp) -> None:
-    """Config errors found before Ray starts (exit 2): the method's own checks against the data."""
-    from cluster.train_pool import resolve_job
-
-    resolve_job(exp)
-
-
 def main(argv: list[str]) -> int:
+    from cluster.cli import job_config, run_job
     from cluster.console import say
-    from cluster.train_pool import job_config, report_tokenizer_run, run_job, run_training
+    from cluster.training import train
 
     stage = peek(argv, "stage", 1)
     stage = stage if stage in SCHEMAS else 1  # any other value: the schema names the error
-    cfg = job_config(SCHEMAS[stage], argv, DEFAULTS[stage], check)  # exit 2 on a bad config, before Ray
+    cfg = job_config(SCHEMAS[stage], argv, DEFAULTS[stage])  # exit 2 on a bad config, before Ray
 
     if cfg.data.embedded:
         say(f"[{cfg.run_name}] stage {cfg.stage}; data: the embedded real photos at {cfg.data.url}")
-    result = run_job(lambda: run_training(cfg))
-    run, export = result.run_url, result.export_url
-    keys = ("step", "loss", "psnr", "prefix_psnr", "codebook_usage", "probe/acc", "images_per_s")
-    others = {"stage1": cfg.method.stage1_export} if cfg.stage == 2 else {}
-    report_tokenizer_run(cfg, result, keys, f"[{cfg.run_name}] stage {cfg.stage} done", {"stage": cfg.stage}, others)
+    out = run_job(lambda: train(cfg, title=f"[{cfg.run_name}] stage {cfg.stage} done", extra={"stage": cfg.stage}))
+    export = out["export"]
     if export and cfg.stage == 1:
         print(f"stage 2:     python jobs/alitok.py stage=2 method.stage1_export={export} data.url={cfg.data.url}")
     if export:

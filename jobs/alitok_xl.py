@@ -55,7 +55,7 @@ def steps(cfg: AliTokPipelineConfig, root: str) -> list:
 def main(argv: list[str]) -> int:
     cfg = pipeline_cli_config(AliTokPipelineConfig, argv, DEFAULTS, ALITOK_SECTION_DEFAULTS, alitok_wiring)
     from cluster.pipeline import run_pipeline_job
-    from cluster.train_pool import resolve_job
+    from cluster.training import resolve_job
     from system.data.embedded import ensure_embedded_data
 
     exit_on_config_error(lambda: ensure_embedded_data(cfg.stage1.data))

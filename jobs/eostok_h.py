@@ -21,28 +21,19 @@ from system.config import EOSTokExperiment  # noqa: E402
 DEFAULTS = ["base.yaml", "data/imagenet.yaml", "model/eostok_h.yaml", "experiments/eostok_h.yaml"]
 
 
-def check(exp: EOSTokExperiment) -> None:
-    """Config errors found before Ray starts (exit 2): the method's own checks against the data."""
-    from cluster.train_pool import resolve_job
-
-    resolve_job(exp)
-
-
 def main(argv: list[str]) -> int:
+    from cluster.cli import job_config, run_job
     from cluster.console import say
-    from cluster.train_pool import job_config, report_tokenizer_run, run_job, run_training
+    from cluster.training import train
 
-    cfg = job_config(EOSTokExperiment, argv, DEFAULTS, check)  # exit 2 on a bad config, before Ray
+    cfg = job_config(EOSTokExperiment, argv, DEFAULTS)  # exit 2 on a bad config, before Ray
 
     if cfg.data.embedded:
         say(f"[{cfg.run_name}] data: the embedded real photos at {cfg.data.url} (val: {cfg.data.val_url})")
-    result = run_job(lambda: run_training(cfg))
-    report_tokenizer_run(cfg, result, ("step", "loss", "psnr", "codebook_usage", "ar_acc", "images_per_s"),
-                         f"[{cfg.run_name}] done")
-    run = result.run_url
-    if result.export_url:
-        print(f"sample:   python jobs/sample.py export_url={result.export_url} num_per_class=8\n"
-              f"evaluate: python jobs/evaluate.py samples={run}/samples/samples.npz export_url={result.export_url}")
+    out = run_job(lambda: train(cfg))
+    if out["export"]:
+        print(f"sample:   python jobs/sample.py export_url={out['export']} num_per_class=8\n"
+              f"evaluate: python jobs/evaluate.py samples={out['run']}/samples/samples.npz export_url={out['export']}")
     return 0
 
 

@@ -63,7 +63,7 @@ def steps(cfg: SemTokPipelineConfig, root: str) -> list:
 def main(argv: list[str]) -> int:
     cfg = pipeline_cli_config(SemTokPipelineConfig, argv, DEFAULTS, SEMTOK_SECTION_DEFAULTS, semtok_wiring)
     from cluster.pipeline import run_pipeline_job
-    from cluster.train_pool import resolve_job
+    from cluster.training import resolve_job
     from system.data.embedded import ensure_embedded_data
 
     if cfg.embedded:  # the image shard sets every step reads (stage I's data.url may be the latent cache)

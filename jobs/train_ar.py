@@ -38,12 +38,12 @@ def main(argv: list[str]) -> int:
     schema, defaults = SCHEMAS[name], DEFAULTS[name]
     base = cli_config(schema, argv, defaults)  # exit 2 on a bad config, before Ray
     from cluster.console import say
-    from cluster.job import TokenShards
     from cluster.multi_run import exit_status, expand_runs, outcome_table, run_side_by_side
-    from cluster.train_pool import resolve_job, write_run_result
+    from cluster.results import write_run_result
+    from cluster.training import resolve_job
 
     runs = expand_runs(schema, argv, defaults, base)
-    outcomes = run_side_by_side(runs, lambda exp: resolve_job(exp, source=TokenShards()), group=base.run_name)
+    outcomes = run_side_by_side(runs, resolve_job, group=base.run_name)
     for o in outcomes:
         if o.status == "done":
             write_run_result(o.result, runs[o.name].data.storage, {"seconds": o.seconds})

@@ -35,7 +35,7 @@ def check(exp: VapiExperiment) -> None:
 
 def main(argv: list[str]) -> int:
     from cluster.rollout_pool import run_vapi
-    from cluster.train_pool import job_config, run_job
+    from cluster.cli import job_config, run_job
 
     cfg = job_config(VapiExperiment, argv, DEFAULTS, check)  # exit 2 on a bad config, before Ray
 

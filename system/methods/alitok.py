@@ -218,6 +218,8 @@ def check_stage1(cfg: AliTokStage1Config, data: DataSpec) -> Tokenizer1DConfig:
 class AliTokStage1(AliTokStage):
     """AliTok stage 1: the tokenizer with a causal decoder (see module doc)."""
 
+    report_keys = ("step", "loss", "psnr", "prefix_psnr", "codebook_usage", "probe/acc", "images_per_s")
+
     def __init__(self, cfg: AliTokStage1Config, data: DataSpec):
         self.tok_cfg = check_stage1(cfg, data)
         super().__init__(cfg, data)
@@ -343,6 +345,12 @@ def check_stage2(cfg: AliTokStage2Config, data: DataSpec) -> tuple[Tokenizer1DCo
 
 class AliTokStage2(AliTokStage):
     """AliTok stage 2: a new bidirectional decoder on the frozen stage-1 encoder (see module doc)."""
+
+    report_keys = ("step", "loss", "psnr", "codebook_usage", "images_per_s")
+
+    @classmethod
+    def compare_with(cls, cfg: AliTokStage2Config) -> dict[str, Optional[str]]:
+        return {"stage1": cfg.stage1_export}
 
     def __init__(self, cfg: AliTokStage2Config, data: DataSpec):
         s1, self.tok_cfg = check_stage2(cfg, data)

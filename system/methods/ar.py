@@ -22,6 +22,7 @@ import torch
 from torch import Tensor, nn
 
 from system.config import ARConfig, ConfigError, MaskedARConfig, override_dataclass
+from system.data.sources import TokenShards
 from system.losses.recon import ntp_loss
 from system.methods.base import DataSpec, Method, ModuleSpec, StepOutput
 from system.methods.registry import register
@@ -33,39 +34,12 @@ from system.models.registry import gpt_config
 DERIVED = ("vocab_size", "block_size", "num_classes", "n_bits", "bidirectional", "code_dim")  # set from the data / method
 
 
-def token_data(exp: Any) -> DataSpec:
-    """DataSpec of a token shard set (`exp.data`: TokenDataConfig): class count and the `tokens`
-    section of its index; ConfigError naming data.url / data.val_url when it is not one."""
-    from system.data.shards import read_index
-    from system.data.storage import StorageError
-    from system.data.tokens import token_meta
-
-    d = exp.data
-    out = None
-    for key, url in (("data.url", d.url), ("data.val_url", d.val_url)):
-        if not url:
-            continue
-        try:
-            index = read_index(url, d.storage)
-            meta = token_meta(index, url)
-        except (FileNotFoundError, StorageError, ValueError, OSError) as e:
-            raise ConfigError(f"config key '{key}' = {url!r}: {e}. Point it at a token shard set written by "
-                              "jobs/pretokenize.py (a folder or s3://bucket/prefix holding index.json)") from None
-        if out is None:
-            out = DataSpec(resolution=0, num_classes=len(index["classes"]), storage=d.storage, tokens=dict(meta))
-        elif (meta["seq_len"], meta["vocab_size"]) != (out.tokens["seq_len"], out.tokens["vocab_size"]):
-            raise ConfigError(f"config key 'data.val_url' = {url!r}: its tokens (seq_len {meta['seq_len']}, vocab "
-                              f"{meta['vocab_size']}) differ from data.url's ({out.tokens['seq_len']}, "
-                              f"{out.tokens['vocab_size']}): pre-tokenize both with the same tokenizer")
-    return out
-
-
 def build_gpt_config(cfg: ARConfig, data: DataSpec, masked: bool) -> GPTConfig:
     """The preset `method.model` with `method.overrides`, sized by the token index; ConfigError
     naming the key for anything that cannot work."""
     if not data.tokens:
         raise ConfigError("AR training needs token shards: data.url must be a token shard set (jobs/pretokenize.py)")
-    seq_len, vocab = int(data.tokens["seq_len"]), int(data.tokens["vocab_size"])
+    seq_len, vocab = data.tokens.seq_len, data.tokens.vocab_size
     try:
         base = gpt_config(cfg.model)
     except KeyError as e:
@@ -120,6 +94,7 @@ class ARMethod(Method):
     """Next-token AR training on token shards (module docstring)."""
 
     masked = False
+    report_keys = ("step", "loss", "acc", "tokens_per_s", "mfu")
 
     def __init__(self, cfg: ARConfig, data: DataSpec):
         super().__init__(cfg, data)
@@ -128,10 +103,6 @@ class ARMethod(Method):
         self.device = torch.device("cpu")
         self._peak: Optional[float] = None
         self._tokenizer: Any = None
-
-    @classmethod
-    def resolve_data(cls, exp: Any) -> DataSpec:
-        return token_data(exp)
 
     @classmethod
     def check(cls, cfg: ARConfig, data: DataSpec) -> None:
@@ -230,6 +201,7 @@ class MaskedARMethod(ARMethod):
     """SemTok-style masked AR on token shards (module docstring)."""
 
     masked = True
+    report_keys = ("step", "loss", "acc", "bit_acc", "tokens_per_s", "mfu")
 
     @classmethod
     def check(cls, cfg: MaskedARConfig, data: DataSpec) -> None:
@@ -255,5 +227,5 @@ class MaskedARMethod(ARMethod):
                                temperature=c.sample_temperature, top_k=c.sample_top_k, top_p=c.sample_top_p, seed=seed)
 
 
-register("ar", ARConfig, ARMethod)
-register("masked_ar", MaskedARConfig, MaskedARMethod)
+register("ar", ARConfig, ARMethod, source=TokenShards())
+register("masked_ar", MaskedARConfig, MaskedARMethod, source=TokenShards())

@@ -23,26 +23,16 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, ClassVar, Iterator, Optional
+from typing import TYPE_CHECKING, Any, Callable, ClassVar, Iterator, Optional
 
 import torch
 from torch import Tensor, nn
 
 from system.data.source import BatchSource  # noqa: F401  (re-exported: the contract's data side)
+from system.data.sources import DataSpec  # noqa: F401  (re-exported)
 
 if TYPE_CHECKING:
     from system.models.artifacts import Artifact
-
-
-@dataclass(frozen=True)
-class DataSpec:
-    """What a method may know about its data, resolved once by the driver (e.g. from the index)."""
-
-    resolution: int = 0  # image side in pixels (0: not an image source)
-    num_classes: int = 0
-    storage: Any = None  # StorageConfig for the data's (and a method's input exports') object store
-    tokens: Optional[dict] = None  # token shards: the index's `tokens` section (seq_len, vocab_size, dtype, tokenizer)
-    latents: Optional[dict] = None  # latent shards (cluster/latent_pool.py): the index's `latents` section (vae, resolution, ...)
 
 
 @dataclass
@@ -54,6 +44,15 @@ class ModuleSpec:
     betas: Optional[tuple[float, float]] = None
     weight_decay: Optional[float] = None
     ema_decay: float = 0.0  # > 0: the loop keeps an EMA of this module (exported as <part>_ema)
+
+
+@dataclass
+class RunReport:
+    """What a finished run says about itself (its method decides): the final table's rows and the
+    extra keys of `<run>/result.json` (a pipeline's step summary reads them)."""
+
+    rows: list[tuple[str, Any]] = field(default_factory=list)
+    summary: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -115,14 +114,6 @@ class Method:
 
     # ------------------------------------------------------------------ hooks with defaults
     @classmethod
-    def resolve_data(cls, exp: Any) -> DataSpec:
-        """The driver's one look at the data before any worker starts (an `Experiment` with an image
-        `data` section by default: its resolution and the class count of its shard index)."""
-        from system.data.shards import read_index
-
-        return DataSpec(exp.data.resolution, len(read_index(exp.data.url, exp.data.storage)["classes"]), exp.data.storage)
-
-    @classmethod
     def check(cls, cfg: Any, data: DataSpec) -> None:
         """Raise ValueError (naming the config key) for a config this method cannot run, before
         any resource is allocated."""
@@ -166,6 +157,19 @@ class Method:
     def curve_keys(self) -> list[str]:
         """Metric names drawn in the run's curves.png, one panel each ("a|b": two in one panel)."""
         return ["loss"]
+
+    # the last logged metrics a finished run shows (and keeps in its result.json), in this order
+    report_keys: ClassVar[tuple[str, ...]] = ("step", "loss", "images_per_s")
+
+    @classmethod
+    def report(cls, cfg: Any, metrics: dict[str, Any], val: dict[str, float], export_url: Optional[str],
+               val_of: Callable[[str], dict[str, float]]) -> RunReport:
+        """The finished run's report from its last metrics, the last value of each validation metric
+        (`val`: "val_start/psnr", "val/psnr", "val_ema/psnr", ...) and its export; `val_of(url)`
+        reads another run's (e.g. an input export's run) the same way."""
+        rows = [(k, metrics[k]) for k in cls.report_keys if k in metrics]
+        rows += [(k, v) for k, v in sorted(val.items())]
+        return RunReport(rows, {"validation": val} if val else {})
 
     def external_parameters(self, name: str, module: nn.Module) -> list[nn.Parameter]:
         """Parameters of `module` read outside its own forward (ZeRO-3 must register them)."""

@@ -214,6 +214,8 @@ class EOSTok(PatchGANPhases):
     """The EOSTok method: modules "gen" (tokenizer + AR + alignment heads, with an EMA) and
     "disc" (PatchGAN with LeCam, when method.gan > 0), phases gen then disc."""
 
+    report_keys = ("step", "loss", "psnr", "codebook_usage", "ar_acc", "images_per_s")
+
     def __init__(self, cfg: EOSTokConfig, data: DataSpec):
         check_config(cfg, data)
         super().__init__(cfg, data)

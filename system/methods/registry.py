@@ -1,10 +1,14 @@
-"""name -> (config type, method class). The training driver finds a job's method from the type of
-its `method` section; adding a method is a config dataclass, a file implementing
-`system.methods.base.Method`, and one `register` call (no edit under cluster/)."""
+"""name -> (config type, method class, data source). The training driver finds a job's method from
+the type of its `method` section, and the data it trains on from the method's entry (image shards
+by default, token shards, a latent cache, rollouts: system/data/sources.py). Adding a method is a
+config dataclass, a file implementing `system.methods.base.Method`, and one `register` call (no
+edit under cluster/)."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Optional
 
+from system.data.sources import ImageShards, SourceFactory
 from system.methods.base import Method
 
 
@@ -13,19 +17,24 @@ class Entry:
     name: str
     config: type
     method: type[Method]
+    source: SourceFactory = field(default_factory=ImageShards)  # what the method trains on
 
 
 _BY_NAME: dict[str, Entry] = {}
 
 
-def register(name: str, config: type, method: type[Method]) -> type[Method]:
-    """Register `method` (a `Method` subclass) for configs of type `config`; returns `method`."""
+def register(name: str, config: type, method: type[Method], source: Optional[SourceFactory] = None) -> type[Method]:
+    """Register `method` (a `Method` subclass) for configs of type `config`, trained on `source`
+    (default: image shards); returns `method`."""
     if not (isinstance(method, type) and issubclass(method, Method)):
         raise TypeError(f"{method!r} is not a system.methods.base.Method subclass")
+    source = source if source is not None else ImageShards()
+    if not isinstance(source, SourceFactory):
+        raise TypeError(f"source {source!r} of method {name!r} is not a system.data.sources.SourceFactory")
     old = _BY_NAME.get(name)
     if old is not None and (old.config, old.method) != (config, method):
         raise ValueError(f"method name {name!r} is already registered for {old.method.__qualname__}")
-    _BY_NAME[name] = Entry(name, config, method)
+    _BY_NAME[name] = Entry(name, config, method, source)
     method.Config = config
     return method
 

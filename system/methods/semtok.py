@@ -39,7 +39,7 @@ from system.losses.align import AlignConfig, ContrastiveConfig, SemanticContrast
 from system.methods.base import Collective, DataSpec, Method, ModuleSpec, StepOutput
 from system.methods.registry import register
 from system.methods.tokenizer_training import (
-    PatchGANPhases, batch_psnr, check_lpips_weights, code_histogram, usage_and_perplexity)
+    PatchGANPhases, ReconstructionReport, batch_psnr, check_lpips_weights, code_histogram, usage_and_perplexity)
 from system.models.artifacts import Artifact, load_part, model_part, semtok_config_from_dict, semtok_part_config
 from system.models.semtok import (
     EncodeOutput, FlowDecoder, SemTokConfig, SemTokEncoder, bit_usage, flow_matching_loss, resolve_semtok_config,
@@ -137,32 +137,24 @@ class Stage1Model(nn.Module):
         return Stage1Forward(diff, enc.quant.losses, distill, con, acc, enc.quant.codes)
 
 
-class SemTokStage(Method):
+class SemTokStage(ReconstructionReport):
     """What both SemTok stages share: the frozen VAE, cached latents, validation, the export."""
 
     sc: SemTokConfig  # set by the stage before this __init__
     vae: nn.Module
-
-    @classmethod
-    def resolve_data(cls, exp: Any) -> DataSpec:
-        """The image data, with the `latents` section when data.url is a latent shard set."""
-        from system.data.shards import read_index
-
-        index = read_index(exp.data.url, exp.data.storage)
-        return DataSpec(exp.data.resolution, len(index["classes"]), exp.data.storage, latents=index.get("latents"))
 
     def check_cached_latents(self) -> None:
         """ConfigError unless cached latents (data.url a latent shard set) come from this stage's VAE."""
         meta = self.data.latents
         if meta is None:
             return
-        if meta["resolution"] != self.data.resolution:
+        if meta.resolution != self.data.resolution:
             raise ConfigError(f"config key 'data.resolution' = {self.data.resolution}: the latent shard set at data.url "
-                              f"was made at {meta['resolution']} px")
+                              f"was made at {meta.resolution} px")
         mine = self.vae.fingerprint()
-        if meta["vae"]["fingerprint"] != mine:
-            raise ConfigError(f"config key 'data.url': its cached latents come from another VAE ({meta['vae']['source']}, "
-                              f"fingerprint {meta['vae']['fingerprint']}) than this stage's ({mine}): "
+        if meta.vae.get("fingerprint") != mine:
+            raise ConfigError(f"config key 'data.url': its cached latents come from another VAE ({meta.vae.get('source')}, "
+                              f"fingerprint {meta.vae.get('fingerprint')}) than this stage's ({mine}): "
                               "re-cache them with this VAE or point data.url at the image shards")
 
     def frozen_parts(self) -> list[nn.Module]:
@@ -240,6 +232,8 @@ def check_stage1(cfg: SemTokStage1Config, data: DataSpec) -> None:
 
 class SemTokStage1(SemTokStage):
     """SemTok stage I (module doc)."""
+
+    report_keys = ("step", "loss", "loss/diff", "bit_usage", "images_per_s")
 
     def __init__(self, cfg: SemTokStage1Config, data: DataSpec):
         super().__init__(cfg, data)
@@ -345,6 +339,12 @@ def _under(sd: dict[str, Tensor], prefix: str) -> dict[str, Tensor]:
 
 class SemTokStage2(PatchGANPhases, SemTokStage):
     """SemTok stage II (module doc)."""
+
+    report_keys = ("step", "loss", "psnr", "images_per_s")
+
+    @classmethod
+    def compare_with(cls, cfg: SemTokStage2Config) -> dict[str, Optional[str]]:
+        return {"stage1": cfg.stage1_export}
 
     def __init__(self, cfg: SemTokStage2Config, data: DataSpec):
         super().__init__(cfg, data)
@@ -458,8 +458,10 @@ class TrainableVAE(nn.Module):
         return 1.0 / std, mean
 
 
-class LatentVAEMethod(Method):
+class LatentVAEMethod(ReconstructionReport):
     """`latent_vae` (module doc)."""
+
+    report_keys = ("step", "loss", "psnr", "images_per_s")
 
     def modules(self) -> dict[str, ModuleSpec]:
         return {"gen": ModuleSpec(TrainableVAE(self.cfg.tiny, self.cfg.stats_decay), ema_decay=self.cfg.ema_decay)}

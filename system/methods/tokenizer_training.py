@@ -12,17 +12,32 @@ disc_betas (adaptive_gan_weight when present).
 """
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
 from torch import Tensor, nn
 
 from system.eval.recon_metrics import psnr
 from system.losses.gan import DiscriminatorConfig, GANLoss, GANLossConfig
-from system.methods.base import Method, ModuleSpec, StepOutput, frozen
+from system.methods.base import Method, ModuleSpec, RunReport, StepOutput, frozen
 
 
-class PatchGANPhases(Method):
+class ReconstructionReport(Method):
+    """A method whose run reports reconstruction validation (`tokenizer_report`): PSNR untrained ->
+    trained (EMA), next to the runs of the exports `compare_with` names."""
+
+    @classmethod
+    def compare_with(cls, cfg: Any) -> dict[str, Optional[str]]:
+        """{label: export URL} of input runs whose final validation the report shows beside this one's."""
+        return {}
+
+    @classmethod
+    def report(cls, cfg: Any, metrics: dict[str, Any], val: dict[str, float], export_url: Optional[str],
+               val_of: Callable[[str], dict[str, float]]) -> RunReport:
+        return tokenizer_report(cls.report_keys, metrics, val, cls.compare_with(cfg), val_of)
+
+
+class PatchGANPhases(ReconstructionReport):
     """A Method whose generator "gen" may be trained against a PatchGAN "disc" (see module doc).
     Subclasses set `gan_image_size` (the side of the images the discriminator sees)."""
 
@@ -92,6 +107,32 @@ class PatchGANPhases(Method):
         reconstructions of this step (`carry["recon"]`)."""
         loss, m = mods["disc"].discriminator_loss(batch["image"], carry["recon"], step)
         return StepOutput(loss, {k: v.detach() for k, v in m.items()})
+
+
+def tokenizer_report(keys: tuple[str, ...], metrics: dict[str, Any], val: dict[str, float],
+                     others: Optional[dict[str, Optional[str]]] = None,
+                     val_of: Optional[Callable[[str], dict[str, float]]] = None) -> RunReport:
+    """The report of a tokenizer run: the metrics `keys`, then the validation the workers ran (PSNR
+    untrained -> trained (EMA), next to the final validation of the runs whose exports `others`
+    names: {label: export URL}) and its codebook usage; `val_psnr_db` and `validation` in result.json."""
+    rows = [(k, metrics[k]) for k in keys if k in metrics]
+    summary: dict[str, Any] = {}
+    if "val/psnr" in val:
+        summary["validation"] = val
+        psnr = {"untrained": val.get("val_start/psnr"), "trained": val["val/psnr"], "trained_ema": val.get("val_ema/psnr")}
+        for name, url in (others or {}).items():  # another run's export: that run's own final validation
+            if url and val_of is not None:
+                theirs = val_of(url.rstrip("/").rsplit("/", 1)[0])
+                psnr[name] = theirs.get("val_ema/psnr", theirs.get("val/psnr"))
+        summary["val_psnr_db"] = psnr = {k: v for k, v in psnr.items() if v is not None}
+        fmt = lambda k: f"{psnr[k]:.2f}" if k in psnr else "-"  # noqa: E731
+        rows.append(("val PSNR (dB)", f"untrained {fmt('untrained')} -> trained {fmt('trained')} (EMA "
+                                      f"{fmt('trained_ema')})" + "".join(f"; {k} {fmt(k)}" for k in others or {})))
+        if "val/codebook_usage" in val:  # a tokenizer with codes (not a VAE)
+            rows.append(("val codebook usage", f"{val['val/codebook_usage']:.3f} of the codes over "
+                                               f"{val.get('val/images', 0):.0f} images (perplexity "
+                                               f"{val.get('val/codebook_perplexity', 0):.1f})"))
+    return RunReport(rows, summary)
 
 
 def code_histogram(codes: Tensor, k: int) -> Tensor:

@@ -20,6 +20,7 @@ from torch import Tensor, nn
 
 from system.losses.lpips import LPIPS
 from system.config import VapiConfig
+from system.data.sources import ActorFedSource
 from system.methods.base import DataSpec, Method, ModuleSpec, StepOutput
 from system.methods.grpo import GRPOConfig, grpo_loss
 from system.methods.registry import register
@@ -241,10 +242,6 @@ class VapiMethod(Method):
         self.reference = self._load()[0].eval().requires_grad_(False) if cfg.kl > 0 else None
 
     @classmethod
-    def resolve_data(cls, exp) -> DataSpec:
-        return DataSpec(resolution=exp.data.resolution, num_classes=0, storage=exp.data.storage)  # the policy knows its classes
-
-    @classmethod
     def check(cls, cfg: VapiConfig, data: DataSpec) -> None:
         check_config(cfg, data)
 
@@ -289,7 +286,20 @@ class VapiMethod(Method):
         return {"tokenizer": self.tokenizer.artifact(), "ar": mods["policy"].artifact()}
 
 
-register("vapi", VapiConfig, VapiMethod)
+class VapiRollouts(ActorFedSource):
+    """VAπ trains on rollouts: rank 0 reads `data.url`'s images, the rollout actors (policy copy,
+    frozen decoder, reward) turn each into a group of samples with rewards (cluster/rollout_pool.py)."""
+
+    def check(self, exp) -> None:
+        from system.data.sources import ImageShards
+
+        ImageShards().check(exp)
+
+    def resolve(self, exp) -> DataSpec:
+        return DataSpec(resolution=exp.data.resolution, num_classes=0, storage=exp.data.storage)  # the policy knows its classes
+
+
+register("vapi", VapiConfig, VapiMethod, source=VapiRollouts())
 
 
 def exported_policy_state(export_url: str, storage=None) -> dict[str, Tensor]:

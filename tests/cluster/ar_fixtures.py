@@ -9,7 +9,7 @@ import os
 import numpy as np
 import pytest
 
-from cluster.job import TokenShards
+from system.data.sources import TokenShards
 from system.data.source import BatchSource
 
 SEQ_LEN, VOCAB, CLASSES = 16, 64, 4
@@ -106,7 +106,7 @@ class KeyLog(BatchSource):
         self.inner.close()
 
 
-class KeyLoggingTokens:
+class KeyLoggingTokens(TokenShards):
     """Picklable batch-source factory: the job's token shards, keys logged under `folder`."""
 
     def __init__(self, folder: str):

@@ -18,7 +18,7 @@ pytestmark = pytest.mark.slow
 
 def train(tmp_path: Path, tokens: str, name: str, *over: str):
     from ar_fixtures import KeyLoggingTokens
-    from cluster.train_pool import resolve_job, run_training
+    from cluster.training import resolve_job, run_training
     from system.config import MaskedARExperiment, load_config
 
     exp = load_config(MaskedARExperiment, [

@@ -205,7 +205,7 @@ def test_s3_unreachable_endpoint_is_an_error(monkeypatch):
 def test_prepare_run_stops_on_an_unreachable_store(monkeypatch, tmp_path):
     """The driver refuses to start (no Ray, no step 0) when the run's checkpoints cannot be listed."""
     import cluster.console
-    from cluster.train_pool import prepare_run
+    from cluster.training import prepare_run
     from system.config import ConfigError
     from system.config.load import load_config
     from toy_method import ToyExperiment

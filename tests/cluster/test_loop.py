@@ -9,7 +9,7 @@ from safetensors.torch import load_file
 
 from cluster.job import TrainJob, WorkerContext
 from cluster.loop import train_loop
-from cluster.train_pool import resolve_job
+from cluster.training import resolve_job
 from system.config.load import load_config
 from toy_method import MemoryReaderFactory, ToyExperiment, ToyOneExperiment
 
@@ -72,14 +72,14 @@ def test_two_phase_metrics_are_named_per_phase(dist_world1, deterministic_flags,
 
 
 def test_phase_must_name_a_module(dist_world1, tmp_path):
-    from toy_method import ToyMethod
+    from toy_method import ToyImages, ToyMethod
 
     class Bad(ToyMethod):
         def phases(self):
             return ["generator"]
 
     exp = cfg_for(tmp_path, "bad")
-    job = TrainJob(method=Bad, data=ToyMethod.resolve_data(exp), source=MemoryReaderFactory(n=8), micro_batch_size=2)
+    job = TrainJob(method=Bad, data=ToyImages().resolve(exp), source=MemoryReaderFactory(n=8), micro_batch_size=2)
     with pytest.raises(ValueError, match=r"phases\(\) = \['generator'\] must name modules"):
         train_loop(exp, WorkerContext(0, 1, torch.device("cpu")), job)
 
@@ -94,7 +94,7 @@ def test_unknown_method_key_is_a_config_error(tmp_path):
 def test_driver_refuses_to_restart_an_existing_run(dist_world1, deterministic_flags, tmp_path):
     import ray
 
-    from cluster.train_pool import run_training
+    from cluster.training import run_training
 
     if ray.is_initialized():
         pytest.skip("needs a process without Ray to see that nothing was allocated")
@@ -110,7 +110,8 @@ def test_finished_run_says_so_and_leaves_the_export_alone(dist_world1, determini
     that it is past train.max_steps and how to start a new run; nothing is trained or rewritten."""
     import ray
 
-    from cluster.train_pool import RunFinished, prepare_run
+    from cluster.cli import RunFinished
+    from cluster.training import prepare_run
 
     if ray.is_initialized():
         pytest.skip("needs a process without Ray to see that nothing was allocated")

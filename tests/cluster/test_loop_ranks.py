@@ -29,14 +29,14 @@ def _cfg(storage: str, name: str, *over: str):
 def _loop_rank(rank: int, world: int, storage: str, name: str, over: tuple, source: str, n: int) -> dict:
     from cluster.job import TrainJob, WorkerContext
     from cluster.loop import Preempted, train_loop
-    from toy_method import GlobalMemoryReaderFactory, MemoryReaderFactory, ToyMethod
+    from toy_method import GlobalMemoryReaderFactory, MemoryReaderFactory, ToyImages, ToyMethod
 
-    from cluster.job import ImageShards
+    from system.data.sources import ImageShards
 
     exp = _cfg(storage, name, *over)
     factory = {"global": lambda: GlobalMemoryReaderFactory(n), "rank": lambda: MemoryReaderFactory(n),
                "shards": ImageShards}[source]()
-    job = TrainJob(method=ToyMethod, data=ToyMethod.resolve_data(exp), source=factory, micro_batch_size=exp.data.batch_size)
+    job = TrainJob(method=ToyMethod, data=ToyImages().resolve(exp), source=factory, micro_batch_size=exp.data.batch_size)
     reports: list[int] = []
     ctx = WorkerContext(rank, world, torch.device("cpu"), report=lambda m, url: reports.append(m["step"]))
     try:
@@ -118,12 +118,12 @@ def test_preemption_notice_commits_once_and_training_goes_on(dist_world1, tmp_pa
     the next step boundary, then training continues (the pool restarts the run if the node goes)."""
     from cluster.job import TrainJob, WorkerContext
     from cluster.loop import train_loop
-    from toy_method import MemoryReaderFactory, ToyMethod
+    from toy_method import MemoryReaderFactory, ToyImages, ToyMethod
 
     monkeypatch.setenv("CKPT_STAGE_DIR", str(tmp_path / "stage"))
     exp = _cfg(str(tmp_path), "notice", "deepspeed.zero_stage=2", "checkpoint.every_steps=100", "train.max_steps=5",
                "method.gan=false")
-    job = TrainJob(method=ToyMethod, data=ToyMethod.resolve_data(exp), source=MemoryReaderFactory(16), micro_batch_size=2)
+    job = TrainJob(method=ToyMethod, data=ToyImages().resolve(exp), source=MemoryReaderFactory(16), micro_batch_size=2)
     calls, reports = [], []
 
     def preempted() -> bool:

@@ -29,14 +29,13 @@ def argv(storage, tokens: str, *over: str) -> list[str]:
 
 
 def side_by_side(args: list[str]):
-    from cluster.job import TokenShards
     from cluster.multi_run import expand_runs, run_side_by_side
-    from cluster.train_pool import resolve_job
+    from cluster.training import resolve_job
     from system.config import ARExperiment, load_config
 
     base = load_config(ARExperiment, args)
     runs = expand_runs(ARExperiment, args, [], base)
-    return runs, run_side_by_side(runs, lambda e: resolve_job(e, source=TokenShards()), group=base.run_name)
+    return runs, run_side_by_side(runs, resolve_job, group=base.run_name)
 
 
 def test_expand_runs_names_sizes_and_errors(tmp_path):

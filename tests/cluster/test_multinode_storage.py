@@ -172,7 +172,7 @@ def _files(folder: Path) -> list[str]:
 def test_rank0_on_a_worker_node_commits_to_the_runs_storage(two_nodes, s3, shards):
     """Rank 0 on the second node commits (Ray Train's pointer checkpoint included) to S3; the head's
     disk holds nothing of the run; wandb's offline run is uploaded to `<run>/wandb/`."""
-    from cluster.train_pool import run_training
+    from cluster.training import run_training
 
     head_local, worker_node, _ = two_nodes
     cfg = make_cfg(s3, "on-worker", f"s3://{BUCKET}/exp", shards, "logging.wandb_mode=offline")
@@ -194,7 +194,7 @@ def test_rank0_on_a_worker_node_commits_to_the_runs_storage(two_nodes, s3, shard
 def test_local_storage_on_multinode_needs_shared(two_nodes, s3, shards, tmp_path):
     """A local `checkpoint.storage_path` on a multi-node cluster stops at start-up naming the keys,
     unless declared shared (an NFS / PVC mount on every node)."""
-    from cluster.train_pool import prepare_run
+    from cluster.training import prepare_run
     from system.config import ConfigError
 
     with pytest.raises(ConfigError, match=r"checkpoint\.storage_path.*checkpoint\.shared"):
@@ -207,7 +207,7 @@ def test_storage_outage_longer_than_botocore_retries(two_nodes, s3, shards):
     """Data and checkpoints on S3, botocore left one attempt (the old code fails at the first
     request of the outage), the endpoint down for OUTAGE_S during training: with
     `storage.retry_budget_s` the run waits it out, with no restart and nothing lost."""
-    from cluster.train_pool import run_training
+    from cluster.training import run_training
 
     outage_s, fs = 8.0, _s3fs(s3)
     run = f"{BUCKET}/exp/outage"

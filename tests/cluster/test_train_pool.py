@@ -66,7 +66,7 @@ def make_cfg(name: str, storage: str, shards: str, *overrides: str):
 
 
 def train(cfg, key_log=None):
-    from cluster.train_pool import run_training
+    from cluster.training import run_training
     if key_log:
         cfg = replace(cfg, method=replace(cfg.method, key_log=str(key_log)))
     return run_training(cfg)
@@ -205,7 +205,7 @@ def eostok_cfg(tmp_path, data: str, *over: str):
 def test_eostok_zero3_partitioned_train_export_reload(ray_cluster, tmp_path):
     """EOSTok itself under ZeRO-3 with every parameter partitioned (the codebook is read outside
     the quantizer's forward: registered as an external parameter), then reloaded without DeepSpeed."""
-    from cluster.train_pool import run_training
+    from cluster.training import run_training
     from system.data.embedded import ensure_embedded_dataset
     from system.models.artifacts import load_part, load_tokenizer, read_model_json
 
@@ -233,7 +233,7 @@ def test_eostok_crash_resume_with_every_term_is_bit_identical(ray_cluster, tmp_p
     killed at step 3 after the step-2 checkpoint -> the resumed run exports exactly the weights of
     an uninterrupted run. (Found from outside: LeCam's per-rank EMA buffers came back as rank 0's
     on every rank, because DeepSpeed saves buffers from rank 0 only; the loop now keeps them per rank.)"""
-    from cluster.train_pool import run_training
+    from cluster.training import run_training
     from system.data.embedded import ensure_embedded_dataset
     from system.models.artifacts import load_part
 

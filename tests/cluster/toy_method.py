@@ -15,9 +15,9 @@ from torch import nn
 
 from dataclasses import dataclass, field
 
-from cluster.job import SourceContext
 from system.config import Experiment
 from system.data.source import BatchSource
+from system.data.sources import ImageShards, SourceContext
 from system.methods.base import DataSpec, Method, ModuleSpec, StepOutput
 from system.methods.registry import register
 from system.models.artifacts import Artifact
@@ -74,10 +74,6 @@ class ToyMethod(Method):
         super().__init__(cfg, data)
         self.calls = 0
 
-    @classmethod
-    def resolve_data(cls, exp) -> DataSpec:
-        return DataSpec(resolution=exp.data.resolution, num_classes=1)
-
     def modules(self) -> dict[str, ModuleSpec]:
         out = {"gen": ModuleSpec(ToyGenerator(self.cfg.width), ema_decay=self.cfg.ema_decay)}
         if self.cfg.gan:
@@ -126,7 +122,14 @@ class ToyMethod(Method):
         self.calls = int(state["calls"])
 
 
-register("toy", ToyConfig, ToyMethod)
+class ToyImages(ImageShards):
+    """Image shards, one class whatever the index says (the toys are unconditional)."""
+
+    def resolve(self, exp) -> DataSpec:
+        return DataSpec(resolution=exp.data.resolution, num_classes=1)
+
+
+register("toy", ToyConfig, ToyMethod, source=ToyImages())
 
 
 @dataclass
@@ -145,10 +148,6 @@ class ToyOnePhase(Method):
     """One phase ("fit"): a tiny MLP predicting each image's mean colour from its pixels, with
     dropout (RNG restore matters) and no EMA, no sample grid (the defaults of the contract)."""
 
-    @classmethod
-    def resolve_data(cls, exp) -> DataSpec:
-        return DataSpec(resolution=exp.data.resolution, num_classes=1)
-
     def modules(self) -> dict[str, ModuleSpec]:
         r = self.data.resolution
         net = nn.Sequential(nn.Flatten(), nn.Linear(3 * r * r, self.cfg.hidden), nn.Dropout(0.2), nn.Linear(self.cfg.hidden, 3))
@@ -166,7 +165,7 @@ class ToyOnePhase(Method):
         return {"net": Artifact("toy-mlp", {"hidden": self.cfg.hidden}, mods["net"].state_dict())}
 
 
-register("toy1", ToyOneConfig, ToyOnePhase)
+register("toy1", ToyOneConfig, ToyOnePhase, source=ToyImages())
 
 
 class MemoryReader(BatchSource):
@@ -200,8 +199,15 @@ class MemoryReader(BatchSource):
         self.epoch, self.pos = int(state["epoch"]), int(state["pos"])
 
 
-class MemoryReaderFactory:
-    """Picklable batch-source factory: a `MemoryReader` of `n` images for each rank."""
+class MemoryReaderFactory(ToyImages):
+    """Picklable batch-source factory: a `MemoryReader` of `n` images for each rank (no data set to
+    check; no validation split)."""
+
+    def check(self, exp) -> None:
+        pass
+
+    def validation(self, exp, ctx: SourceContext) -> None:
+        return None
 
     def __init__(self, n: int = 64):
         self.n = n

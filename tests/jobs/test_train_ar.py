@@ -82,6 +82,7 @@ def test_masked_two_sizes_side_by_side(tokens, tmp_path):
 def test_recipes_size_their_presets_from_the_token_index(recipe, objective, seq_len, vocab, want):
     from cluster.multi_run import expand_runs
     from system.config import ARExperiment, MaskedARExperiment, load_config
+    from system.data.sources import TokenSpec
     from system.methods.base import DataSpec
     from system.methods.ar import build_gpt_config
 
@@ -89,7 +90,7 @@ def test_recipes_size_their_presets_from_the_token_index(recipe, objective, seq_
     argv = ["--config", str(REPO / "configs" / "experiments" / recipe), "data.url=/data/tokens", "method.tokenizer_export=null"]
     exp = load_config(schema, argv, ["base.yaml"])
     assert exp.objective == objective
-    data = DataSpec(num_classes=1000, tokens={"seq_len": seq_len, "vocab_size": vocab})
+    data = DataSpec(num_classes=1000, tokens=TokenSpec(seq_len=seq_len, vocab_size=vocab))
     for run in expand_runs(schema, argv, ["base.yaml"], exp).values():
         g = build_gpt_config(run.method, data, masked=objective == "masked_ar")
         assert g.seq_len == seq_len and g.vocab_size == vocab and g.num_classes == 1000

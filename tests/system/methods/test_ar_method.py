@@ -10,7 +10,8 @@ import torch
 
 from system.config import ARConfig, ConfigError, MaskedARConfig
 from system.methods import registry
-from system.methods.ar import ARMethod, MaskedARMethod, token_data
+from system.data.sources import TokenShards, TokenSpec
+from system.methods.ar import ARMethod, MaskedARMethod
 from system.methods.base import DataSpec
 
 L, V, C = 16, 64, 5  # debug-tiny: 16 tokens (4x4 grid), 64 codes; 5 classes
@@ -18,7 +19,7 @@ TINY = {"n_layer": 2, "dim": 64, "n_head": 4, "mlp_multiple_of": 32}  # a semtok
 
 
 def spec(seq_len: int = L, vocab: int = V) -> DataSpec:
-    return DataSpec(num_classes=C, tokens={"seq_len": seq_len, "vocab_size": vocab, "dtype": "<u2"})
+    return DataSpec(num_classes=C, tokens=TokenSpec(seq_len=seq_len, vocab_size=vocab))
 
 
 def batch(b: int = 4, seed: int = 0) -> dict:
@@ -187,11 +188,12 @@ def test_token_data_reads_the_index(tmp_path):
     codes = np.random.default_rng(0).integers(0, V, (12, L))
     write_token_set(str(tmp_path / "tok"), codes, np.arange(12) % 3, V, num_shards=2)
     exp = ARExperiment(run_name="x", data=TokenDataConfig(url=str(tmp_path / "tok")))
-    d = token_data(exp)
-    assert d.num_classes == 3 and d.tokens["seq_len"] == L and d.tokens["vocab_size"] == V
+    d = TokenShards().resolve(exp)
+    assert d.num_classes == 3 and d.tokens.seq_len == L and d.tokens.vocab_size == V
+    assert registry.get("ar").source.resolve(exp) == d  # the method declares its data through the registry
     exp.data.url = str(tmp_path / "missing")
     with pytest.raises(ConfigError, match="data.url"):
-        token_data(exp)
+        TokenShards().resolve(exp)
 
 
 def save_tiny_tokenizer(folder) -> str:

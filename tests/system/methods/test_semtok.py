@@ -12,6 +12,7 @@ import torch
 from system.config import (
     ConfigError, LatentVAEConfig, LatentVAETrainConfig, ResNetNetConfig, SemTokStage1Config, SemTokStage2Config, TeacherConfig)
 from system.losses.align import ContrastiveConfig, SemanticContrastiveLoss
+from system.data.sources import LatentSpec
 from system.methods.base import Collective, DataSpec
 from system.methods.semtok import LatentVAEMethod, SemTokStage1, SemTokStage2, global_mean
 from system.models.artifacts import load_tokenizer, model_part, save_export
@@ -343,14 +344,14 @@ def test_cached_latents_replace_the_vae_and_must_come_from_it():
         torch.manual_seed(3)  # same t and noise
         losses.append(float(m.step("gen", mods, batch, 0, {}).metrics["loss/diff"]))
     assert losses[0] == losses[1] != losses[2]  # the cached latents are what the stage trains on
-    meta = {"resolution": RES, "vae": {"fingerprint": m.vae.fingerprint(), "source": "test"}}
+    meta = LatentSpec(channels=16, size=RES // 8, resolution=RES, vae={"fingerprint": m.vae.fingerprint(), "source": "test"})
     torch.manual_seed(0)
     SemTokStage1(stage1_cfg(semantic=0.0), DataSpec(resolution=RES, num_classes=2, latents=meta))  # its own VAE: fine
-    other = {**meta, "vae": {"fingerprint": "0123456789abcdef", "source": "another VAE"}}
+    other = dataclasses.replace(meta, vae={"fingerprint": "0123456789abcdef", "source": "another VAE"})
     with pytest.raises(ConfigError, match="'data.url': its cached latents come from another VAE"):
         SemTokStage1(stage1_cfg(semantic=0.0), DataSpec(resolution=RES, num_classes=2, latents=other))
     with pytest.raises(ConfigError, match="'data.resolution' = 32: the latent shard set"):
-        SemTokStage1(stage1_cfg(semantic=0.0), DataSpec(resolution=RES, num_classes=2, latents={**meta, "resolution": 64}))
+        SemTokStage1(stage1_cfg(semantic=0.0), DataSpec(resolution=RES, num_classes=2, latents=dataclasses.replace(meta, resolution=64)))
 
 
 def test_bsq_entropy_is_fp32_under_bf16_autocast():

@@ -1,0 +1,201 @@
+"""What a method trains on, declared through the method registry (`register(..., source=...)`):
+a `SourceFactory` that checks and describes the data before any resource is taken (`check`,
+`resolve` -> `DataSpec`) and builds each rank's `BatchSource` (and, optionally, its share of a
+validation split) inside the rank loop.
+
+Built in: `ImageShards` (image shard sets, or a latent cache of them: system/data/latents.py),
+`TokenShards` (token shard sets written by pre-tokenization). Sources whose batches other workers
+make (VAπ's rollouts) subclass `ActorFedSource`: cluster/ binds them to an actor pool.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional, Protocol, runtime_checkable
+
+import torch
+
+from system.data.source import BatchSource
+
+
+@dataclass(frozen=True)
+class TokenSpec:
+    """A token shard set's codes (its index's `tokens` section)."""
+
+    seq_len: int  # codes per view (prefix tokens included)
+    vocab_size: int
+    dtype: str = "uint16"
+    augment: str = "none"
+    tokenizer: dict = field(default_factory=dict)  # {"kind", "fingerprint", ...} of the tokenizer that wrote them
+
+    @classmethod
+    def from_section(cls, meta: dict) -> "TokenSpec":
+        return cls(seq_len=int(meta["seq_len"]), vocab_size=int(meta["vocab_size"]), dtype=str(meta.get("dtype", "uint16")),
+                   augment=str(meta.get("augment", "none")), tokenizer=dict(meta.get("tokenizer") or {}))
+
+
+@dataclass(frozen=True)
+class LatentSpec:
+    """A latent cache's latents (its index's `latents` section)."""
+
+    channels: int
+    size: int  # latent side
+    resolution: int  # pixels encoded
+    augment: str = "flip"
+    vae: dict = field(default_factory=dict)  # {"fingerprint", "config", "source"} of the VAE that wrote them
+
+    @classmethod
+    def from_section(cls, meta: dict) -> "LatentSpec":
+        return cls(channels=int(meta["channels"]), size=int(meta["size"]), resolution=int(meta["resolution"]),
+                   augment=str(meta.get("augment", "flip")), vae=dict(meta.get("vae") or {}))
+
+
+@dataclass(frozen=True)
+class DataSpec:
+    """What a method may know about its data, resolved once by the driver (from the index), or by a
+    pipeline's wiring from the step before (a dry run reads no data)."""
+
+    resolution: int = 0  # image side in pixels (0: not an image source)
+    num_classes: int = 0
+    storage: Any = None  # StorageConfig for the data's (and a method's input exports') object store
+    tokens: Optional[TokenSpec] = None  # token shards
+    latents: Optional[LatentSpec] = None  # a latent cache (image shards with each view's VAE latents)
+
+
+@dataclass
+class SourceContext:
+    """What a batch-source factory gets on each rank (from the rank loop)."""
+
+    rank: int
+    world_size: int
+    device: torch.device
+    seed: int
+    max_steps: int
+    collective: Any  # system.methods.base.Collective
+    # collective: the full weights of a trained module as CPU tensors on rank 0 ({} elsewhere)
+    module_state: Callable[[str], dict]
+    step: Callable[[], int]  # the loop's current step (updates done so far)
+
+
+@runtime_checkable
+class SourceFactory(Protocol):
+    """How a method's data is checked, described and read. Picklable (it travels to every rank)."""
+
+    def check(self, exp: Any) -> None:
+        """ConfigError naming the key when the data cannot be read (before Ray starts)."""
+
+    def resolve(self, exp: Any) -> DataSpec:
+        """The driver's one look at the data (its index)."""
+
+    def __call__(self, exp: Any, ctx: SourceContext) -> BatchSource:
+        """This rank's training batches."""
+
+    def validation(self, exp: Any, ctx: SourceContext) -> Optional[BatchSource]:
+        """This rank's share of the validation split (None: the job has none)."""
+
+
+def _check_set(url: str, key: str, storage: Any, forbid: tuple[str, ...], need: Optional[str] = None) -> dict:
+    from system.config import ConfigError
+    from system.data.shards import check_shard_set
+
+    index = check_shard_set(url, key, storage)
+    for kind in forbid:
+        if kind in index:
+            raise ConfigError(f"config key '{key}' = {url!r} holds {kind[:-1]} shards; point it at "
+                              + ("a token shard set (jobs/pretokenize.py)" if need == "tokens" else "image shards"))
+    if need and need not in index:
+        raise ConfigError(f"config key '{key}' = {url!r} is not a token shard set (no tokens section in its index): "
+                          "write one with jobs/pretokenize.py")
+    return index
+
+
+class ImageShards:
+    """Image shard sets (`data`: DataConfig): `ShardReader` per rank; `data.url` may also be a latent
+    cache of an image shard set (its batches carry the cached "latents" too)."""
+
+    def check(self, exp: Any) -> None:
+        d = exp.data
+        _check_set(d.url, "data.url", d.storage, ("tokens",))
+        if d.val_url:
+            _check_set(d.val_url, "data.val_url", d.storage, ("tokens",))
+
+    def resolve(self, exp: Any) -> DataSpec:
+        from system.data.shards import read_index
+
+        index = read_index(exp.data.url, exp.data.storage)
+        latents = LatentSpec.from_section(index["latents"]) if isinstance(index.get("latents"), dict) else None
+        return DataSpec(exp.data.resolution, len(index["classes"]), exp.data.storage, latents=latents)
+
+    def _reader(self):
+        from system.data.reader import ShardReader
+
+        return ShardReader
+
+    def __call__(self, exp: Any, ctx: SourceContext) -> BatchSource:
+        return self._reader().from_config(exp.data, rank=ctx.rank, world_size=ctx.world_size, seed=exp.seed,
+                                          pin_memory=ctx.device.type == "cuda")
+
+    def validation(self, exp: Any, ctx: SourceContext) -> Optional[BatchSource]:
+        if not exp.data.val_url:
+            return None
+        return self._reader().from_config(exp.data, rank=ctx.rank, world_size=ctx.world_size, seed=exp.seed, val=True)
+
+
+class TokenShards(ImageShards):
+    """Token shard sets (`data`: TokenDataConfig) written by pre-tokenization: `TokenShardReader` per
+    rank; `resolve` reads the codes' description (`DataSpec.tokens`) from the index(es)."""
+
+    def check(self, exp: Any) -> None:
+        self.resolve(exp)
+
+    def resolve(self, exp: Any) -> DataSpec:
+        from system.config import ConfigError
+        from system.data.shards import read_index
+        from system.data.storage import StorageError
+        from system.data.tokens import token_meta
+
+        d = exp.data
+        out: Optional[DataSpec] = None
+        for key, url in (("data.url", d.url), ("data.val_url", d.val_url)):
+            if not url:
+                continue
+            try:
+                index = read_index(url, d.storage)
+                tokens = TokenSpec.from_section(token_meta(index, url))
+            except (FileNotFoundError, StorageError, ValueError, OSError) as e:
+                raise ConfigError(f"config key '{key}' = {url!r}: {e}. Point it at a token shard set written by "
+                                  "jobs/pretokenize.py (a folder or s3://bucket/prefix holding index.json)") from None
+            if out is None:
+                out = DataSpec(resolution=0, num_classes=len(index["classes"]), storage=d.storage, tokens=tokens)
+            elif (tokens.seq_len, tokens.vocab_size) != (out.tokens.seq_len, out.tokens.vocab_size):
+                raise ConfigError(f"config key 'data.val_url' = {url!r}: its tokens (seq_len {tokens.seq_len}, vocab "
+                                  f"{tokens.vocab_size}) differ from data.url's ({out.tokens.seq_len}, "
+                                  f"{out.tokens.vocab_size}): pre-tokenize both with the same tokenizer")
+        return out
+
+    def _reader(self):
+        from system.data.reader import TokenShardReader
+
+        return TokenShardReader
+
+    def __call__(self, exp: Any, ctx: SourceContext) -> BatchSource:
+        return self._reader().from_config(exp.data, rank=ctx.rank, world_size=ctx.world_size, seed=exp.seed,
+                                          pin_memory=ctx.device.type == "cuda")
+
+
+class ActorFedSource:
+    """Base class of sources whose batches remote workers make (e.g. VAπ's rollouts): cluster/ starts
+    an actor pool for them before the training pool and hands every rank a bound factory. A
+    subclass describes the work (what each actor holds, how a batch is split and combined); it is
+    not itself callable on a rank."""
+
+    def check(self, exp: Any) -> None:
+        raise NotImplementedError
+
+    def resolve(self, exp: Any) -> DataSpec:
+        raise NotImplementedError
+
+    def __call__(self, exp: Any, ctx: SourceContext) -> BatchSource:
+        raise TypeError(f"{type(self).__name__} makes its batches on an actor pool: cluster/ binds it before training")
+
+    def validation(self, exp: Any, ctx: SourceContext) -> Optional[BatchSource]:
+        return None
