@@ -1,33 +1,23 @@
-"""Resumable multi-step pipelines (jobs/alitok_xl.py): a list of `Step`s, each done when its
-marker file exists (the step's own last write: a run's result.json, a token index, a samples npz,
-an evaluation report). `run_pipeline` skips the done steps and runs the rest in order, so a killed
-job resubmitted continues at the step it was in, and that step continues where it stopped (a
-training run from its last checkpoint, pre-tokenization and sampling from their finished
+"""Runs any pipeline (system/pipelines/: a list of typed steps) as one resumable job. Each step is
+done when its marker exists (the step's own last write: a run's result.json, a shard set's index,
+a samples npz, an evaluation report); `run_pipeline` skips the done steps and runs the rest in
+order, so a killed job resubmitted continues at the step it was in, and that step continues where
+it stopped (a training run from its last checkpoint, an encoding and sampling from their finished
 shards/parts). `<root>/pipeline.json` records each step's status, time and summary.
 
-The step builders wrap the jobs' own drivers (train_pool, pretokenize_pool, sample_pool,
-eval_pool); a pipeline is a list of them over one config.
-"""
+Nothing here knows a method or a paper: a step is run by its kind (train, encode, sample,
+evaluate), and a training step through the same driver as a training job (cluster/training.py)."""
 from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass
-from typing import Any, Callable, Optional, Sequence
+from functools import singledispatch
+from typing import Any, Optional, Sequence
 
 from cluster.console import say, table
-from system.config import (
-    ARExperiment, EvaluateConfig, Experiment, LatentCacheConfig, PretokenizeConfig, SampleConfig, StorageConfig)
-from system.config.pipelines import AliTokPipelineConfig, SemTokPipelineConfig
+from system.config import ConfigError, StorageConfig, exit_on_config_error, to_yaml
 from system.data.storage import exists, join, read_json, write_bytes_atomic
-
-
-@dataclass
-class Step:
-    name: str
-    marker: str  # URL whose existence means the step is done (written last by the step)
-    run: Callable[[], dict]  # does the step; returns a JSON-friendly summary
-    describe: str = ""  # one line for the console: what the step makes and where
+from system.pipelines.steps import EncodeStep, EvaluateStep, Pipeline, SampleStep, Step, TrainStep
 
 
 def _write_state(url: str, state: dict, storage: Optional[StorageConfig]) -> None:
@@ -52,25 +42,156 @@ def run_pipeline(title: str, steps: Sequence[Step], root: str, storage: Optional
         entry.update(status="running", started=time.strftime("%Y-%m-%d %H:%M:%S"))
         _write_state(url, state, storage)
         t0 = time.time()
-        summary = step.run()
+        summary = run_step(step, title)
         entry.update(status="done", seconds=round(time.time() - t0, 1), summary=summary)
         _write_state(url, state, storage)
     _write_state(url, state, storage)
     return state
 
 
-def run_pipeline_job(cfg: AliTokPipelineConfig | SemTokPipelineConfig, make_steps: Callable[[str], list[Step]], keys: dict[str, Sequence[str]]) -> int:
-    """A pipeline job's run (after its config checks): the steps of `make_steps(root)` under
-    <cfg.storage_path>/<cfg.run_name> (each starts or joins Ray itself), the resolved config saved
-    there, the final table of `keys`; a config error inside a step exits 2."""
-    from system.config import exit_on_config_error, to_yaml
-
-    root = f"{cfg.storage_path.rstrip('/')}/{cfg.run_name}"
-    state = exit_on_config_error(lambda: run_pipeline(cfg.run_name, make_steps(root), root, cfg.storage, to_yaml(cfg)))
-    print(state_table(f"[{cfg.run_name}] pipeline done: {root}", state, keys))
+def run_pipeline_job(pipeline: Pipeline, argv: list[str]) -> int:
+    """A pipeline job from its command line: the config (`--help`; exit 2 on a bad key, value or
+    wiring), the embedded photos when asked for, the checks of every step whose inputs exist already
+    (exit 2, before Ray), then the steps under <storage_path>/<run_name>, the resolved config saved
+    there, and the final table; a config error inside a step exits 2."""
+    cfg = pipeline_config(pipeline, argv)
+    steps = exit_on_config_error(lambda: prepare(pipeline, cfg))
+    root = pipeline.root(cfg)
+    state = exit_on_config_error(lambda: run_pipeline(cfg.run_name, steps, root, cfg.storage, to_yaml(cfg)))
+    print(state_table(f"[{cfg.run_name}] pipeline done: {root}", state, pipeline.keys))
+    if pipeline.report is not None:
+        print(pipeline.report(state))
     return 0
 
 
+def pipeline_config(pipeline: Pipeline, argv: list[str]) -> Any:
+    """`pipeline.load(argv)` for a job's command line: `--help` prints every key; a bad config prints
+    `config error: ...` and exits 2 before any Ray resource is touched."""
+    from system.config.load import HelpRequested, help_text
+
+    try:
+        return exit_on_config_error(lambda: pipeline.load(argv))
+    except HelpRequested:
+        print(help_text(pipeline.schema, list(pipeline.defaults)))
+        raise SystemExit(0) from None
+
+
+def prepare(pipeline: Pipeline, cfg: Any) -> list[Step]:
+    """The steps of `cfg`, after the embedded photo sets are built (when `cfg.embedded`) and every
+    step not yet done whose inputs no step of this run makes (they must exist already) is checked."""
+    from system.data.embedded import ensure_embedded_shards
+
+    if getattr(cfg, "embedded", False):
+        ensure_embedded_shards(cfg.images, cfg.val_images, cfg.storage)
+    steps = pipeline.steps(cfg)
+    names = {s.name for s in steps}
+    for step in steps:  # a step whose inputs no step of this run makes: they must be there now
+        if not set(step.needs) & names and not exists(step.marker, getattr(cfg, "storage", None)):
+            check_step(step)
+    return steps
+
+
+# --------------------------------------------------------------------------- one step, by kind
+@singledispatch
+def check_step(step: Step) -> None:
+    """ConfigError for a step whose inputs exist and cannot run (before Ray)."""
+
+
+@check_step.register
+def _(step: TrainStep) -> None:
+    from cluster.multi_run import typed_runs
+    from cluster.training import resolve_job
+
+    for exp in typed_runs(step.exp).values():
+        if isinstance(exp, BaseException):
+            raise exp
+        resolve_job(exp)
+
+
+@check_step.register
+def _(step: EncodeStep) -> None:
+    step.encoding.prepare()
+
+
+@singledispatch
+def run_step(step: Step, title: str) -> dict:
+    """Do the step; returns a JSON-friendly summary."""
+    raise TypeError(f"no runner for a {type(step).__name__} (step {step.name!r})")
+
+
+@run_step.register
+def _(step: TrainStep, title: str) -> dict:
+    if getattr(step.exp, "runs", None):
+        return _train_side_by_side(step, title)
+    from cluster.training import train
+
+    out = train(step.exp, title=step.title or f"[{title}] {step.name} done", extra={"step_name": step.name},
+                finished_ok=True)
+    return {**_scalars(out), **_scalars(out.get("metrics") or {})}
+
+
+def _train_side_by_side(step: TrainStep, title: str) -> dict:
+    """An experiment with `runs`: those runs at once (cluster/multi_run.py), each its own result.json;
+    the summary holds `<run key>/<metric>`; any failed run stops the pipeline (a re-run continues)."""
+    from cluster.multi_run import outcome_table, run_side_by_side, typed_runs
+    from cluster.results import write_run_result
+    from cluster.training import resolve_job
+
+    runs = typed_runs(step.exp)
+    outcomes = run_side_by_side(runs, resolve_job, group=step.exp.run_name)
+    print(f"[{title}] {step.name}\n" + outcome_table(outcomes, ("loss", "acc")))
+    failed = [o for o in outcomes if not o.ok]
+    if failed:
+        err = ConfigError if all(o.config_error for o in failed) else RuntimeError
+        raise err(f"step {step.name}: run(s) {', '.join(o.name for o in failed)} failed: {failed[0].error}")
+    summary: dict = {}
+    for o in outcomes:
+        key = o.name.removeprefix(f"{step.exp.run_name}-")
+        if o.status == "done":
+            write_run_result(o.result, runs[o.name].data.storage, {"seconds": o.seconds})
+            summary.update({f"{key}/{k}": v for k, v in _scalars(o.result.metrics).items()})
+            summary[f"{key}/export"] = o.result.export_url
+    return summary
+
+
+@run_step.register
+def _(step: EncodeStep, title: str) -> dict:
+    from cluster.encode_pool import run_encoding
+
+    enc = step.encoding.prepare()
+    s = run_encoding(enc)
+    say(table(f"{enc.title}: done -> {enc.cfg.out}", enc.rows(s)))
+    return enc.summary(s)
+
+
+@run_step.register
+def _(step: SampleStep, title: str) -> dict:
+    from cluster.runtime import init_ray
+    from cluster.sample_pool import run_sampling
+
+    init_ray(step.cfg.cluster)
+    s = run_sampling(step.cfg)
+    say(table(f"{step.name}: done", [(k, s[k]) for k in ("samples", "num_images", "images_per_s")] +
+              [("grids", ", ".join(s["grids"][:2]))]))
+    return {k: s[k] for k in ("samples", "num_images", "images_per_s", "grids")}
+
+
+@run_step.register
+def _(step: EvaluateStep, title: str) -> dict:
+    from cluster.eval_pool import evaluate
+    from system.eval.report import flat_metrics, format_table
+
+    report = evaluate(step.cfg)
+    write_bytes_atomic(join(step.cfg.out, "report.json"), json.dumps(report, indent=1).encode(), step.cfg.storage)
+    print(format_table(report))
+    return _scalars(flat_metrics(report), str)
+
+
+def _scalars(d: dict, *also: type) -> dict:
+    return {k: v for k, v in d.items() if isinstance(v, (int, float, *also)) and not isinstance(v, bool)}
+
+
+# --------------------------------------------------------------------------- the final table
 def state_table(title: str, state: dict, keys: dict[str, Sequence[str]]) -> str:
     """The final table: each step's status, time and the summary values named in `keys[step]`."""
     rows = []
@@ -84,98 +205,3 @@ def state_table(title: str, state: dict, keys: dict[str, Sequence[str]]) -> str:
 
 def _fmt(v: Any) -> str:
     return f"{v:.4g}" if isinstance(v, float) else str(v)
-
-
-# --------------------------------------------------------------------------- step builders
-def tokenizer_step(name: str, exp: Experiment, keys: tuple[str, ...], title: str,
-                   others: Optional[dict[str, str]] = None, describe: str = "") -> Step:
-    """Train a tokenizer method (a Ray Train run); its report (val PSNR next to `others`' exports)
-    and <run>/result.json, the marker."""
-    from cluster.paths import run_url
-
-    def run() -> dict:
-        from cluster.training import train
-
-        out = train(exp, title=title, extra={"step": name}, finished_ok=True)
-        return {"step": out["step"], "export": out["export"], **{k: out["metrics"].get(k) for k in keys},
-                **{f"val_psnr_{k}": v for k, v in (out.get("val_psnr_db") or {}).items()}}
-
-    return Step(name, join(run_url(exp), "result.json"), run, describe)
-
-
-def ar_step(exp: ARExperiment, keys: tuple[str, ...] = ("loss", "acc"), describe: str = "") -> Step:
-    """Train an AR model on token shards (a Ray Train run); <run>/result.json is the marker."""
-    from cluster.paths import run_url
-
-    def run() -> dict:
-        from cluster.results import write_run_result
-        from cluster.training import resolve_job, train_or_finished
-
-        result = train_or_finished(exp, resolve_job(exp))
-        m = result.metrics
-        write_run_result(result, exp.data.storage)
-        say(table(f"[{exp.run_name}] AR done", [(k, m[k]) for k in keys if k in m] + [("export", result.export_url)]))
-        return {"step": result.step, "export": result.export_url, **{k: m.get(k) for k in keys}}
-
-    return Step("ar", join(run_url(exp), "result.json"), run, describe)
-
-
-def pretokenize_step(cfg: PretokenizeConfig, describe: str = "") -> Step:
-    """Image shards -> token shards on a map pool; the token index (written last) is the marker."""
-
-    def run() -> dict:
-        from cluster.pretokenize_pool import prepare, pretokenize, summary_rows
-        from cluster.runtime import init_ray
-
-        index, info, meta = prepare(cfg)
-        init_ray(cfg.cluster)
-        s = pretokenize(cfg, index, info, meta)
-        say(table(f"pretokenize: done -> {cfg.out}", summary_rows(cfg, index, info, s)))
-        return {"views": s["index"]["num_samples"], "bytes": s["bytes"], "out": cfg.out}
-
-    return Step("pretokenize", join(cfg.out, "index.json"), run, describe)
-
-
-def latents_step(cfg: LatentCacheConfig, describe: str = "") -> Step:
-    """Image shards -> latent shards (the frozen VAE's latents of every view) on a map pool; the
-    latent index (written last) is the marker."""
-
-    def run() -> dict:
-        from cluster.latent_pool import cache_latents, summary_rows
-
-        s = cache_latents(cfg)
-        say(table(f"latent cache: done -> {cfg.out}", summary_rows(cfg, s)))
-        return {k: s[k] for k in ("views", "bytes", "bytes_per_view", "out")}
-
-    return Step("latents", join(cfg.out, "index.json"), run, describe)
-
-
-def sample_step(cfg: SampleConfig, describe: str = "") -> Step:
-    """Sample from the AR export on an actor pool; samples.npz (merged last) is the marker."""
-
-    def run() -> dict:
-        from cluster.runtime import init_ray
-        from cluster.sample_pool import run_sampling
-
-        init_ray(cfg.cluster)
-        s = run_sampling(cfg)
-        say(table("sample: done", [(k, s[k]) for k in ("samples", "num_images", "images_per_s")] +
-                  [("grids", ", ".join(s["grids"][:2]))]))
-        return {k: s[k] for k in ("samples", "num_images", "images_per_s", "grids")}
-
-    return Step("sample", join(cfg.out, "samples.npz"), run, describe)
-
-
-def evaluate_step(cfg: EvaluateConfig, describe: str = "") -> Step:
-    """Generation and reconstruction metrics; <out>/report.json is the marker."""
-
-    def run() -> dict:
-        from cluster.eval_pool import evaluate
-        from system.eval.report import flat_metrics, format_table
-
-        report = evaluate(cfg)
-        write_bytes_atomic(join(cfg.out, "report.json"), json.dumps(report, indent=1).encode(), cfg.storage)
-        print(format_table(report))
-        return {k: v for k, v in flat_metrics(report).items() if isinstance(v, (int, float, str))}
-
-    return Step("evaluate", join(cfg.out, "report.json"), run, describe)

@@ -20,16 +20,15 @@ from system.config import PretokenizeConfig, cli_config, exit_on_config_error  #
 
 
 def main(argv: list[str]) -> int:
+    from system.pipelines.encode import TokenEncoding
+
     cfg = cli_config(PretokenizeConfig, argv)
-    from cluster.pretokenize_pool import prepare, pretokenize, summary_rows
-
-    index, info, meta = exit_on_config_error(lambda: prepare(cfg))  # exit 2 before Ray
+    enc = exit_on_config_error(lambda: TokenEncoding(cfg).prepare())  # exit 2 before Ray
     from cluster.console import say, table
-    from cluster.runtime import init_ray
+    from cluster.encode_pool import run_encoding
 
-    init_ray(cfg.cluster)
-    s = pretokenize(cfg, index, info, meta)
-    say(table(f"pretokenize: done -> {cfg.out}", summary_rows(cfg, index, info, s)))
+    s = run_encoding(enc)
+    say(table(f"pretokenize: done -> {cfg.out}", enc.rows(s)))
     return 0
 
 

@@ -100,7 +100,8 @@ def _schema_node(schema: type, dotted: str) -> Any:
     return cls
 
 
-def _explain(schema: type, err: OmegaConfBaseException) -> ConfigError:
+def explain(schema: type, err: OmegaConfBaseException) -> ConfigError:
+    """An OmegaConf error while reading `schema` as a ConfigError naming the key."""
     key = getattr(err, "full_key", None) or "?"
     msg = str(err).split("\n")[0]
     if isinstance(err, ConfigKeyError):
@@ -112,7 +113,8 @@ def _explain(schema: type, err: OmegaConfBaseException) -> ConfigError:
     return ConfigError(f"config key '{key}': {msg}")
 
 
-def _load_yaml(path: str | Path) -> DictConfig:
+def load_yaml(path: str | Path) -> DictConfig:
+    """A YAML file holding a mapping, as an OmegaConf tree (ConfigError naming the file otherwise)."""
     p = Path(path)
     if not p.is_file():
         raise ConfigError(f"config file not found: {p}")
@@ -190,11 +192,71 @@ def load_config(
     try:
         cfg = OmegaConf.structured(schema)
         for path in [*(config_path(d) for d in defaults), *files]:
-            cfg = OmegaConf.merge(cfg, _load_yaml(path))
+            cfg = OmegaConf.merge(cfg, load_yaml(path))
         if overrides:
             cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(overrides))
     except OmegaConfBaseException as e:
-        raise _explain(schema, e) from None
+        raise explain(schema, e) from None
+    return finish_config(schema, cfg)
+
+
+def apply_overrides(cfg: T, overrides: Sequence[str]) -> T:
+    """A copy of the typed config `cfg` with `key=value` overrides applied and checked like a job's."""
+    schema = type(cfg)
+    try:
+        tree = OmegaConf.merge(OmegaConf.structured(cfg), OmegaConf.from_dotlist(list(overrides)))
+    except OmegaConfBaseException as e:
+        raise explain(schema, e) from None
+    return finish_config(schema, tree)
+
+
+def _leaves(tree: Any, prefix: str = "") -> dict[str, Any]:
+    """Dotted key -> value of every leaf of a plain nested dict (lists are leaves)."""
+    if not isinstance(tree, dict):
+        return {prefix.rstrip("."): tree}
+    out: dict[str, Any] = {}
+    for k, v in tree.items():
+        out.update(_leaves(v, f"{prefix}{k}."))
+    return out
+
+
+_ABSENT = object()
+
+
+def load_sectioned_config(schema: type[T], argv: Sequence[str], defaults: Sequence[str | Path],
+                          section_defaults: dict[str, list[str]], wire: Any) -> T:
+    """A config made of sections that are other jobs' configs (a pipeline: system/pipelines/):
+    each section starts from its own job's default files (`section_defaults`, then the config's
+    `section_configs`), then `defaults`, `--config FILE`s and `key=value` overrides apply, then
+    `wire(cfg)` sets the keys that join the sections (attribute assignments on the typed tree, e.g.
+    `cfg.ar.data.url = ...`). A key the files or command line set to another value than the wiring
+    gives it is an error naming the key; the same value is accepted (a saved config loads again)."""
+    files, overrides = parse_argv(argv)
+    try:
+        user = OmegaConf.create({})
+        for path in [*(config_path(d) for d in defaults), *files]:
+            user = OmegaConf.merge(user, load_yaml(path))
+        if overrides:
+            user = OmegaConf.merge(user, OmegaConf.from_dotlist(overrides))
+        cfg = OmegaConf.structured(schema)
+        extra = OmegaConf.to_container(user.get("section_configs", OmegaConf.create({})))
+        for section in {**section_defaults, **extra}:
+            for path in [*section_defaults.get(section, []), *extra.get(section, [])]:
+                if section not in cfg:
+                    raise ConfigError(f"config key 'section_configs.{section}': no such section; sections: "
+                                      f"{', '.join(k for k in cfg if OmegaConf.is_config(cfg[k]))}")
+                cfg = OmegaConf.merge(cfg, {section: load_yaml(config_path(path))})
+        cfg = OmegaConf.merge(cfg, user)
+        before = _leaves(OmegaConf.to_container(cfg))
+        wire(cfg)
+        after = _leaves(OmegaConf.to_container(cfg))
+        given = _leaves(OmegaConf.to_container(user))
+        clash = sorted(k for k, v in after.items() if before.get(k, _ABSENT) != v and given.get(k, _ABSENT) not in (_ABSENT, v))
+        if clash:
+            raise ConfigError(f"config key '{clash[0]}' = {given[clash[0]]!r} differs from what the pipeline sets "
+                              f"({after[clash[0]]!r}); remove it" + (f" (and {', '.join(clash[1:])})" if clash[1:] else ""))
+    except OmegaConfBaseException as e:
+        raise explain(schema, e) from None
     return finish_config(schema, cfg)
 
 
@@ -213,7 +275,7 @@ def finish_config(schema: type[T], cfg: DictConfig) -> T:
     try:
         obj = OmegaConf.to_object(cfg)
     except OmegaConfBaseException as e:
-        raise _explain(schema, e) from None
+        raise explain(schema, e) from None
     _check_fields(obj)
     return obj  # type: ignore[return-value]
 
@@ -337,7 +399,7 @@ def help_text(schema: type, defaults: Sequence[str | Path] = (), job: str = "") 
     allowed range and the field's description (its comment in the schema source)."""
     cfg = OmegaConf.structured(schema)
     for d in defaults:
-        cfg = OmegaConf.merge(cfg, _load_yaml(CONFIG_DIR / d if not Path(d).is_absolute() else Path(d)))
+        cfg = OmegaConf.merge(cfg, load_yaml(CONFIG_DIR / d if not Path(d).is_absolute() else Path(d)))
     if not job:
         import sys
 

@@ -101,16 +101,22 @@ def ensure_embedded_dataset(
 def ensure_embedded_data(data: DataConfig) -> None:
     """With `data.embedded`: build the embedded train (and val) shard sets at `data.url` /
     `data.val_url` unless they exist (jobs call this before their config checks read the index)."""
+    if data.embedded:
+        ensure_embedded_shards(data.url, data.val_url, data.storage, keys=("data.url", "data.val_url"))
+
+
+def ensure_embedded_shards(train: str, val: str | None, storage: StorageConfig | None = None,
+                           keys: tuple[str, str] = ("images", "val_images")) -> None:
+    """Build the embedded train (and val) shard sets at `train` / `val` unless they exist; a place
+    that cannot hold them is a ConfigError naming `keys`."""
     from system.config import ConfigError
     from system.data.storage import StorageError
 
-    if not data.embedded:
-        return
-    for key, url, split in (("data.url", data.url, "train"), ("data.val_url", data.val_url, "val")):
+    for key, url, split in ((keys[0], train, "train"), (keys[1], val, "val")):
         if not url:
             continue
         try:
-            ensure_embedded_dataset(url, data.storage, split=split)
+            ensure_embedded_dataset(url, storage, split=split)
         except (OSError, StorageError) as e:
             raise ConfigError(f"config key '{key}' = {url!r}: cannot build the embedded photo set there ({e}); "
-                              "choose a writable folder, or data.embedded=false for an existing shard set") from None
+                              "choose a writable folder, or embedded=false for an existing shard set") from None

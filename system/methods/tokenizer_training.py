@@ -125,6 +125,7 @@ def tokenizer_report(keys: tuple[str, ...], metrics: dict[str, Any], val: dict[s
                 theirs = val_of(url.rstrip("/").rsplit("/", 1)[0])
                 psnr[name] = theirs.get("val_ema/psnr", theirs.get("val/psnr"))
         summary["val_psnr_db"] = psnr = {k: v for k, v in psnr.items() if v is not None}
+        summary.update({f"val_psnr_{k}": v for k, v in psnr.items()})  # flat, for a pipeline's step table
         fmt = lambda k: f"{psnr[k]:.2f}" if k in psnr else "-"  # noqa: E731
         rows.append(("val PSNR (dB)", f"untrained {fmt('untrained')} -> trained {fmt('trained')} (EMA "
                                       f"{fmt('trained_ema')})" + "".join(f"; {k} {fmt(k)}" for k in others or {})))

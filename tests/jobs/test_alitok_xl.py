@@ -17,7 +17,7 @@ run_job = functools.partial(run_entry, "alitok_xl")
 
 
 @pytest.mark.parametrize("args, message", [
-    (["ar.data.url=/x"], "'ar.data.url' is set by the pipeline"),
+    (["ar.data.url=/x"], "'ar.data.url' = '/x' differs from what the pipeline sets"),
     (["steps=[ar,stage1]"], "config key 'steps'"),
     (["stage1.method.tokenizer_overrides.num_prefix_tokens=17"], "num_prefix_tokens must be in [8, 16]"),
 ])

@@ -1,6 +1,6 @@
-"""cluster/latent_pool.py: config errors name the key before Ray starts and write nothing; end to end
-on a local Ray with one CPU actor (the index written last, a re-run writes nothing, a training
-reader gets image + latents)."""
+"""cluster/encode_pool.py with the latent cache's encoding (system/pipelines/encode.py): config errors
+name the key before Ray starts and write nothing; end to end on a local Ray with one CPU actor (the
+index written last, a re-run writes nothing, a training reader gets image + latents)."""
 from __future__ import annotations
 
 import dataclasses
@@ -10,10 +10,11 @@ import ray
 import torch
 from ar_fixtures import write_image_shards, write_tokens
 
-from cluster.latent_pool import cache_latents, prepare, summary_rows
+from cluster.encode_pool import run_encoding
 from system.config import ClusterConfig, ConfigError, DataConfig, LatentCacheConfig, LatentVAEConfig
 from system.data import ShardReader, read_index
 from system.data.pretokenize import latent_vae
+from system.pipelines.encode import LatentEncoding
 
 
 @pytest.fixture(scope="module")
@@ -42,7 +43,7 @@ def test_config_errors_name_the_key(images, tmp_path, change, key):
     tokens = write_tokens(str(tmp_path / "tokens"))
     change = {k: v.format(src=images, tokens=tokens) if isinstance(v, str) else v for k, v in change.items()}
     with pytest.raises(ConfigError, match=key):
-        prepare(config(**{"src_url": images, "out": str(tmp_path / "out"), **change}))
+        LatentEncoding(config(**{"src_url": images, "out": str(tmp_path / "out"), **change})).prepare()
     assert not ray.is_initialized() and not (tmp_path / "out").exists()
 
 
@@ -51,13 +52,15 @@ def test_end_to_end_on_local_ray_then_rerun(images, tmp_path):
     out = str(tmp_path / "latents")
     cfg = config(images, out)
     try:
-        s = cache_latents(cfg, progress=False)
+        enc = LatentEncoding(cfg).prepare()
+        r = run_encoding(enc, progress=False)
+        s = {**enc.summary(r), "written": r["written"]}
         assert (s["views"], s["images"], s["written"], s["skipped"], s["out"]) == (16, 8, 2, 0, out)
         assert s["bytes"] > 0 and s["bytes_per_view"] == round(s["bytes"] / 16)
         idx = read_index(out)
-        assert idx == s["index"] and idx["latents"]["vae"]["fingerprint"] == latent_vae(cfg.vae)[1]["fingerprint"]
-        assert dict(summary_rows(cfg, s))["train on it"] == f"data.url={out} data.resolution=16"
-        again = cache_latents(cfg, progress=False)  # every marker matches: nothing is encoded again
+        assert idx == r["index"] and idx["latents"]["vae"]["fingerprint"] == latent_vae(cfg.vae)[1]["fingerprint"]
+        assert dict(enc.rows(r))["train on it"] == f"data.url={out} data.resolution=16"
+        again = run_encoding(LatentEncoding(cfg).prepare(), progress=False)  # every marker matches: nothing is encoded again
         assert again["written"] == 0 and read_index(out) == idx
     finally:
         ray.shutdown()

@@ -1,17 +1,19 @@
-"""The pipeline config (system/config/pipelines.py): sections start from their jobs' defaults, the
-pipeline chains the steps' URLs, and a chaining key given by the user is an error naming it."""
+"""Pipeline configs (system/config/pipelines.py + the typed wiring of system/pipelines/): sections
+start from their jobs' defaults, the pipeline chains the steps' URLs, a chaining key the user sets to
+another value is an error naming it, the same value is accepted, and a saved config loads again."""
 from __future__ import annotations
 
 import pytest
 
-from system.config import ConfigError
-from system.config.pipelines import (
-    ALITOK_SECTION_DEFAULTS, SEMTOK_SECTION_DEFAULTS, AliTokPipelineConfig, SemTokPipelineConfig, alitok_wiring,
-    load_pipeline_config, semtok_wiring)
+from system.config import ConfigError, to_dict, to_yaml
+from system.config.pipelines import AliTokPipelineConfig, SemTokPipelineConfig
+from system.pipelines.alitok import ALITOK
+from system.pipelines.eostok import EOSTOK
+from system.pipelines.semtok import SEMTOK
 
 
-def _load(*argv: str, defaults=("experiments/alitok_xl.yaml",)) -> AliTokPipelineConfig:
-    return load_pipeline_config(AliTokPipelineConfig, list(argv), list(defaults), ALITOK_SECTION_DEFAULTS, alitok_wiring)
+def _load(*argv: str) -> AliTokPipelineConfig:
+    return ALITOK.load(list(argv))
 
 
 def test_paper_defaults_and_chaining(tmp_path):
@@ -44,8 +46,8 @@ def test_tiny_preset_reads_the_stage_presets():
 
 
 @pytest.mark.parametrize("argv,match", [
-    (["ar.data.url=/x"], "'ar.data.url' is set by the pipeline"),
-    (["stage2.method.stage1_export=/x"], "'stage2.method.stage1_export' is set by the pipeline"),
+    (["ar.data.url=/x"], "'ar.data.url' = '/x' differs from what the pipeline sets"),
+    (["stage2.method.stage1_export=/x"], "'stage2.method.stage1_export' = '/x' differs from what the pipeline sets"),
     (["steps=[stage2,stage1]"], "config key 'steps'"),
     (["steps=[stage1,train]"], "config key 'steps'"),
     (["stage1.method.nope=1"], "stage1.method.nope"),
@@ -59,7 +61,7 @@ def test_config_errors_name_the_key(argv, match):
 
 # --------------------------------------------------------------------------- SemTok
 def _semtok(*argv: str) -> SemTokPipelineConfig:
-    return load_pipeline_config(SemTokPipelineConfig, list(argv), [], SEMTOK_SECTION_DEFAULTS, semtok_wiring)
+    return SEMTOK.load(list(argv))
 
 
 def test_semtok_paper_defaults_and_chaining(tmp_path):
@@ -104,11 +106,49 @@ def test_semtok_latent_cache_feeds_both_stages_with_stage1s_vae(tmp_path):
 
 
 @pytest.mark.parametrize("argv,match", [
-    (["steps=[latents,stage1]", "latents.vae.path=/x"], "'latents.vae.path' is set by the pipeline"),
-    (["stage1.method.vae.export=/x", "steps=[vae,stage1]"], "'stage1.method.vae.export' is set by the pipeline"),
+    (["steps=[latents,stage1]", "latents.vae.path=/x"], "'latents.vae.path' = '/x' differs from what the pipeline sets"),
+    (["stage1.method.vae.export=/x", "steps=[vae,stage1]"], "'stage1.method.vae.export' = '/x' differs from what the pipeline sets"),
     (["steps=[stage1,vae]"], "config key 'steps'"),
     (["stage1.method.nope=1"], "stage1.method.nope"),
 ])
 def test_semtok_config_errors_name_the_key(argv, match):
     with pytest.raises(ConfigError, match=match):
         _semtok(*argv)
+
+
+# --------------------------------------------------------------------------- every pipeline
+@pytest.mark.parametrize("pipeline,argv", [
+    (ALITOK, ["--config", "configs/experiments/alitok_tiny.yaml"]), (ALITOK, []),
+    (SEMTOK, ["--config", "configs/experiments/semtok_tiny.yaml"]), (SEMTOK, ["stage1.method.vae.path=/models/sd3.5"]),
+    (EOSTOK, ["--config", "configs/experiments/eostok_pipeline_tiny.yaml"]), (EOSTOK, []),
+])
+def test_saved_config_loads_again_and_wiring_values_equal_to_the_pipelines_are_accepted(tmp_path, pipeline, argv):
+    cfg = pipeline.load([*argv, f"storage_path={tmp_path}"])
+    saved = tmp_path / "config.yaml"
+    saved.write_text(to_yaml(cfg))  # what run_pipeline_job saves beside the run
+    assert to_dict(pipeline.load(["--config", str(saved)])) == to_dict(cfg)
+    same = pipeline.load([*argv, f"storage_path={tmp_path}", f"evaluate.out={cfg.evaluate.out}"])
+    assert same.evaluate.out == cfg.evaluate.out
+    with pytest.raises(ConfigError, match="'evaluate.out' = '/elsewhere' differs from what the pipeline sets"):
+        pipeline.load(["--config", str(saved), "evaluate.out=/elsewhere"])
+
+
+def test_eostok_pipeline_chains_joint_training_baselines_and_vapi(tmp_path):
+    cfg = EOSTOK.load([f"storage_path={tmp_path}", "run_name=e"])
+    root = f"{tmp_path}/e"
+    joint = f"{root}/eostok/export"
+    assert cfg.eostok.run_name == "eostok" and cfg.eostok.checkpoint.storage_path == root
+    assert cfg.eostok.method.model.ar == "eostok-h" and cfg.eostok.data.url == cfg.images  # eostok_h's defaults
+    assert cfg.pretokenize.export_url == cfg.baseline.method.tokenizer_export == cfg.vapi.method.export_url == joint
+    assert cfg.pretokenize.augment == "ten-crop" and cfg.baseline.data.url == cfg.pretokenize.out == f"{root}/tokens"
+    assert {k: r.model for k, r in cfg.baseline.runs.items()} == {"s": "eostok-s", "l": "eostok-l"}
+    assert cfg.vapi.data.resolution == cfg.eostok.data.resolution == 256 and cfg.vapi.data.url == cfg.images
+    assert cfg.sample_before.export_url == cfg.evaluate_before.export_url == joint
+    assert cfg.sample.export_url == cfg.evaluate.export_url == f"{root}/vapi/export"
+    assert cfg.evaluate_before.samples == f"{root}/samples_before/samples.npz"
+    assert cfg.evaluate.samples == f"{root}/samples/samples.npz"
+    steps = EOSTOK.steps(cfg)
+    assert [s.name for s in steps] == list(cfg.steps)
+    assert steps[2].marker == f"{root}/baseline-l/result.json"  # the last of the side-by-side runs
+    short = EOSTOK.load([f"storage_path={tmp_path}", "steps=[eostok,vapi,evaluate]"])
+    assert short.evaluate.samples is None  # no sample step: reconstruction metrics only
