@@ -25,7 +25,7 @@ from kustomize_lite import load_docs, render, split_image
 REPO = Path(__file__).resolve().parents[2]
 K8S = REPO / "infra" / "k8s"
 SCHEMAS = K8S / "schemas"
-CONSTRAINTS = REPO / "infra" / "constraints.txt"
+LOCK = REPO / "infra" / "lock-cuda.txt"  # the image's versions
 SECRETS = K8S / "secrets.example.yaml"
 REQUIRED_OVERLAYS = {"tiny-cpu", "eostok-h-4x8"}
 APP = "/app"  # the image's WORKDIR: paths under it come with the image
@@ -61,11 +61,11 @@ def of_kind(docs, kind: str) -> list[dict]:
 
 
 def locked_version(name: str) -> str:
-    for line in CONSTRAINTS.read_text().splitlines():
+    for line in LOCK.read_text().splitlines():
         m = re.match(rf"^{re.escape(name)}==([^\s;#]+)", line.strip(), re.IGNORECASE)
         if m:
             return m.group(1)
-    raise AssertionError(f"{CONSTRAINTS} pins no {name}")
+    raise AssertionError(f"{LOCK} pins no {name}")
 
 
 # --- schemas -------------------------------------------------------------------------------------
