@@ -166,7 +166,7 @@ def test_every_manifest_is_part_of_a_kustomization():
             if "path" in patch:
                 used.add((folder / patch["path"]).resolve())
 
-    for folder in [*(K8S / "overlays").iterdir(), K8S / "weights"]:
+    for folder in [*(K8S / "overlays").iterdir(), K8S / "weights", K8S / "cluster-setup"]:
         walk(folder)
     stray = [str(p.relative_to(K8S)) for p in K8S.rglob("*.yaml")
              if p.resolve() not in used and p.parent.name != "schemas" and p.name != "secrets.example.yaml"]
