@@ -25,7 +25,7 @@ _SECRET = re.compile(r"^(key|secret|token|password|passwd|credentials?|(\w+_)?(a
                      r"secret_key|secret_access_key|session_token|auth_token|password))$", re.I)
 _OUTPUT_FIELDS = ("storage_path", "out")  # where a job writes: must outlive a `ray job submit` working dir
 _URL_FIELDS = ("url", "val_url", "storage_path", "src", "out", "export_url", "samples", "reference", "shards",
-               "inception_path", "val_labels", "tokenizer_export", "stage1_export", "images", "val_images", "export",
+               "inception_path", "val_labels", "val_synsets", "tokenizer_export", "stage1_export", "images", "val_images", "export",
                "decoder_init")
 
 
