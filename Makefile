@@ -7,7 +7,7 @@ export RAY_DEDUP_LOGS ?= 0
 
 .PHONY: setup demo test bench clean
 
-$(VENV)/.installed: pyproject.toml infra/setup.sh infra/constraints.txt
+$(VENV)/.installed: pyproject.toml infra/setup.sh infra/lock-cpu.txt infra/lock-cuda.txt
 	VENV=$(VENV) bash infra/setup.sh
 	touch $@
 

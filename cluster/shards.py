@@ -30,7 +30,8 @@ def plan_all(cfg: MakeShardsConfig) -> tuple[dict[str, int], dict[str, list[Shar
     classes = find_classes(cfg.src, cfg.storage)
     plans = {}
     for split in cfg.splits:
-        items = list_split(cfg.src, split, classes, cfg.val_labels if split != "train" else None, cfg.storage)
+        items = list_split(cfg.src, split, classes, cfg.val_labels if split != "train" else None, cfg.storage,
+                           cfg.val_synsets)
         plans[split] = plan_shards(items, split, cfg.shard_size, cfg.seed, cfg.max_side, cfg.storage)
     return classes, plans
 

@@ -1,14 +1,16 @@
 #!/usr/bin/env python
-"""Check that this Python environment is the tested set of infra/constraints.txt.
+"""Check that this Python environment is the tested set of a lock (infra/lock.py).
 
-  python infra/check_image.py                                # CI / a dev venv (extras: dev)
-  python infra/check_image.py --gpu --extras gpu,teachers    # the image build
+  python infra/check_image.py                  # CI / a dev venv: infra/lock-cpu.txt
+  python infra/check_image.py --target cuda    # the image build: infra/lock-cuda.txt
 
-Every package that tokenizer-ar with those extras needs (transitively) must be installed at its
-pinned version; with --gpu also a CUDA build of torch and flash-attn. Prints one line per mismatch
-and exits 1, or prints `ok` and exits 0. torch is compared without its local label (2.13.0+cpu
-and 2.13.0+cu130 are both 2.13.0). The features the code relies on are checked too:
-DataLoader(in_order=...) (torch >= 2.6) and DeepSpeed's torch_autocast (>= 0.17.2).
+Every package that the target needs (the project with the target's extras and build tools, then
+what they require, as installed here) must be pinned by the lock and installed at its pinned
+version, and every pin must be installed; torch is compared with its local label (2.13.0+cpu is
+the CPU build; PyPI's 2.13.0 the CUDA one). The Python must be the lock's. For cuda also a CUDA
+build of torch and an importable flash-attn. The features the code relies on are checked too:
+DataLoader(in_order=...) (torch >= 2.6) and DeepSpeed's torch_autocast (>= 0.17.2). Prints one
+line per mismatch and exits 1, or prints `ok` and exits 0.
 """
 from __future__ import annotations
 
@@ -18,33 +20,11 @@ import sys
 from importlib import metadata
 from pathlib import Path
 
-from packaging.utils import canonicalize_name
+from packaging.markers import default_environment
 from packaging.version import Version
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from lock import closure  # noqa: E402
-
-CONSTRAINTS = Path(__file__).resolve().parent / "constraints.txt"
-GPU_MARK = "# gpu image only"
-
-
-def read_pins(path: Path = CONSTRAINTS) -> tuple[dict[str, str], dict[str, str]]:
-    """({name: version} of the tested set, {name: version} of the GPU-only section)."""
-    common: dict[str, str] = {}
-    gpu: dict[str, str] = {}
-    section = common
-    for raw in path.read_text().splitlines():
-        line = raw.strip()
-        if line.startswith(GPU_MARK):
-            section = gpu
-        line = line.split("#", 1)[0].strip()
-        if not line:
-            continue
-        name, sep, version = line.partition("==")
-        if not sep:
-            raise ValueError(f"{path}: {raw!r} is not NAME==VERSION")
-        section[canonicalize_name(name)] = version.strip()
-    return common, gpu
+from lock import TARGETS, closure, installed_requires, read_lock, target_roots  # noqa: E402
 
 
 def installed(name: str) -> str | None:
@@ -54,20 +34,23 @@ def installed(name: str) -> str | None:
         return None
 
 
-def problems(gpu: bool, extras: tuple[str, ...] = ("dev",), path: Path = CONSTRAINTS) -> list[str]:
-    common, gpu_pins = read_pins(path)
-    needed = closure(tuple(extras) + (("gpu",) if gpu else ()))
-    pins = {**common, **(gpu_pins if gpu else {})}
-    out = [f"{name}: installed {have or 'nothing'}, but constraints pin no version of it"
-           for name, have in sorted(needed.items()) if name not in pins]
+def problems(target: str = "cpu", path: Path | None = None) -> list[str]:
+    t = TARGETS[target]
+    path = path or t.lock
+    pins, header = read_lock(path)
+    out = []
+    if header.get("target", target) != target:
+        out.append(f"{path.name} is the lock of target {header['target']!r}, not {target!r}")
+    here = f"{sys.version_info.major}.{sys.version_info.minor}"
+    if header.get("python", here) != here:
+        out.append(f"python: {here} here, {path.name} was resolved for {header['python']}")
+    needed = closure(target_roots(t), installed_requires, {**default_environment(), "extra": ""})
+    out += [f"{name}: installed {installed(name) or 'nothing'}, but {path.name} pins no version of it"
+            for name in sorted(needed) if name not in pins]
     for name, want in sorted(pins.items()):
-        if name not in needed and name not in gpu_pins:
-            continue  # the pin of another extra (or a build tool): not needed here
         have = installed(name)
-        if have is not None and name == "torch":
-            have = have.split("+", 1)[0]
         if have != want:
-            out.append(f"{name}: installed {have or 'nothing'}, constraints pin {want}")
+            out.append(f"{name}: installed {have or 'nothing'}, {path.name} pins {want}")
     if not out:
         import torch.utils.data
 
@@ -75,7 +58,7 @@ def problems(gpu: bool, extras: tuple[str, ...] = ("dev",), path: Path = CONSTRA
             out.append("torch: DataLoader has no in_order (needs torch >= 2.6)")
         if Version(installed("deepspeed")) < Version("0.17.2"):
             out.append("deepspeed: torch_autocast needs deepspeed >= 0.17.2")
-        if gpu:
+        if "gpu" in t.extras:
             import torch
 
             if not torch.version.cuda:
@@ -86,17 +69,17 @@ def problems(gpu: bool, extras: tuple[str, ...] = ("dev",), path: Path = CONSTRA
 
 def main(argv: list[str]) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--gpu", action="store_true", help="also require a CUDA torch and the GPU-only pins (flash-attn)")
-    ap.add_argument("--extras", default="dev", help="the project's extras installed here, comma-separated (default: dev)")
-    ap.add_argument("--constraints", type=Path, default=CONSTRAINTS)
+    ap.add_argument("--target", choices=sorted(TARGETS), default="cpu", help="the lock to check against (default: cpu)")
+    ap.add_argument("--lock", type=Path, help="another lock file of that target")
     args = ap.parse_args(argv)
-    bad = problems(args.gpu, tuple(e for e in args.extras.split(",") if e), args.constraints)
+    path = args.lock or TARGETS[args.target].lock
+    bad = problems(args.target, path)
     for line in bad:
         print(f"[check_image] {line}", file=sys.stderr)
     if bad:
-        print(f"[check_image] this environment is not the tested set of {args.constraints}", file=sys.stderr)
+        print(f"[check_image] this environment is not the tested set of {path}", file=sys.stderr)
         return 1
-    print("[check_image] ok: the tested set of", args.constraints)
+    print("[check_image] ok: the tested set of", path)
     return 0
 
 

@@ -122,7 +122,8 @@ class MakeShardsConfig:
     src: str = MISSING  # folder with train/<wnid>/*.JPEG (and val/)
     out: str = MISSING  # fsspec URL; each split goes to <out>/<split>/
     splits: list[str] = field(default_factory=lambda: ["train", "val"])
-    val_labels: Optional[str] = None  # file "<filename> <wnid-or-index>" per line, for a flat val/
+    val_labels: Optional[str] = None  # flat val/: LOC_val_solution.csv, ILSVRC2012_validation_ground_truth.txt, or "<file> <wnid>" lines
+    val_synsets: Optional[str] = None  # with the devkit's ground truth: its data/meta.mat (or a "<wnid> <ILSVRC2012_ID>" map)
     shard_size: int = field(default=1000, metadata=ok(">= 1"))  # samples per shard
     max_side: int = field(default=0, metadata=ok(">= 0"))  # >0: re-encode images whose shorter side exceeds this (keeps the aspect)
     parallelism: int = field(default=0, metadata=ok(">= 0"))  # concurrent Ray tasks; 0: one per available CPU

@@ -17,6 +17,7 @@ from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationE
 
 T = TypeVar("T")
 
+# configs/ beside system/: the checkout's, or the copy `pip install .` puts in site-packages (pyproject.toml)
 CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
 # credential names only (whole field names): `key`, `secret`, `*_api_key`, `*_token`, `password` ...;
 # never names that merely end like one (`num_latent_tokens`, `keep_last`)
@@ -24,7 +25,7 @@ _SECRET = re.compile(r"^(key|secret|token|password|passwd|credentials?|(\w+_)?(a
                      r"secret_key|secret_access_key|session_token|auth_token|password))$", re.I)
 _OUTPUT_FIELDS = ("storage_path", "out")  # where a job writes: must outlive a `ray job submit` working dir
 _URL_FIELDS = ("url", "val_url", "storage_path", "src", "out", "export_url", "samples", "reference", "shards",
-               "inception_path", "val_labels", "tokenizer_export", "stage1_export", "images", "val_images", "export",
+               "inception_path", "val_labels", "val_synsets", "tokenizer_export", "stage1_export", "images", "val_images", "export",
                "decoder_init")
 
 
@@ -47,11 +48,11 @@ def parse_argv(argv: Sequence[str]) -> tuple[list[str], list[str]]:
         if a == "--config":
             if i + 1 >= len(args):
                 raise ConfigError("--config needs a YAML file path after it")
-            files.append(args[i + 1])
+            files.append(user_config_path(args[i + 1]))
             i += 2
             continue
         if a.startswith("--config="):
-            files.append(a.split("=", 1)[1])
+            files.append(user_config_path(a.split("=", 1)[1]))
         elif a in ("-h", "--help"):
             raise HelpRequested()
         elif a == "--debug":
@@ -258,6 +259,15 @@ def load_sectioned_config(schema: type[T], argv: Sequence[str], defaults: Sequen
     except OmegaConfBaseException as e:
         raise explain(schema, e) from None
     return finish_config(schema, cfg)
+
+
+def user_config_path(name: str) -> str:
+    """A `--config` file as given; `configs/X.yaml` that is not there (relative to the working
+    directory, e.g. after `pip install .`) is the shipped `CONFIG_DIR/X.yaml`."""
+    p = Path(name)
+    if not p.is_absolute() and not p.exists() and p.parts[:1] == ("configs",) and (CONFIG_DIR.joinpath(*p.parts[1:])).is_file():
+        return str(CONFIG_DIR.joinpath(*p.parts[1:]))
+    return name
 
 
 def config_path(name: str | Path) -> Path:

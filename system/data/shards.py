@@ -21,6 +21,7 @@ import numpy as np
 from PIL import Image
 
 from system.config.sections import StorageConfig
+from system.data.imagenet_labels import read_val_labels
 from system.data.storage import (
     filesystem,
     join,
@@ -88,34 +89,16 @@ def find_classes(src: str, storage: StorageConfig | None = None) -> dict[str, in
     raise FileNotFoundError(f"no class folders in {join(src, 'train')} (expected train/<wnid>/*.JPEG)")
 
 
-def _read_labels(path: str, classes: dict[str, int], storage: StorageConfig | None) -> dict[str, int]:
-    """'<filename> <wnid-or-index>' per line; an integer is a 0-based index into sorted wnids."""
-    fs, p = filesystem(path, storage)
-    out: dict[str, int] = {}
-    for n, line in enumerate(fs.cat_file(p).decode().splitlines(), 1):
-        parts = line.replace(",", " ").split()
-        if not parts:
-            continue
-        if len(parts) < 2:
-            raise ValueError(f"{path} line {n}: expected '<filename> <wnid-or-index>', got {line!r}")
-        name, lab = os.path.basename(parts[0]), parts[1]
-        if lab in classes:
-            out[name] = classes[lab]
-        elif lab.isdigit() and int(lab) < len(classes):
-            out[name] = int(lab)
-        else:
-            raise ValueError(f"{path} line {n}: unknown class {lab!r} (expected a wnid or 0..{len(classes) - 1})")
-    return out
-
-
 def list_split(
     src: str,
     split: str,
     classes: dict[str, int],
     val_labels: str | None = None,
     storage: StorageConfig | None = None,
+    val_synsets: str | None = None,
 ) -> list[tuple[str, str, int]]:
-    """Sorted (url, key, label) of a split: `<split>/<wnid>/*` folders, or a flat folder + labels file."""
+    """Sorted (url, key, label) of a split: `<split>/<wnid>/*` folders, or a flat folder + labels
+    file (ImageNet's own: system/data/imagenet_labels.py)."""
     fs, root = filesystem(src, storage)
     folder = join(root, split)
     if not fs.isdir(folder):
@@ -132,15 +115,17 @@ def list_split(
                 items.append((proto + p, safe_key(wnid, os.path.splitext(os.path.basename(p))[0]), classes[wnid]))
     else:
         if not val_labels:
-            raise ValueError(f"{join(src, split)} has no class folders; set val_labels=<file> for a flat folder")
-        labels = _read_labels(val_labels, classes, storage)
+            raise ValueError(f"{join(src, split)} has no class folders; set val_labels=<file> for a flat folder "
+                             "(LOC_val_solution.csv, ILSVRC2012_validation_ground_truth.txt + val_synsets=meta.mat, "
+                             "or '<filename> <wnid>' lines)")
+        labels = read_val_labels(val_labels, classes, storage, val_synsets)
         inv = {v: k for k, v in classes.items()}
         for p in _image_files(fs, folder):
             name = os.path.basename(p)
-            if name not in labels:
-                raise ValueError(f"{name} in {join(src, split)} has no entry in {val_labels}")
             stem = os.path.splitext(name)[0]
-            items.append((proto + p, safe_key(inv[labels[name]], stem), labels[name]))
+            if stem not in labels:
+                raise ValueError(f"{name} in {join(src, split)} has no entry in {val_labels}")
+            items.append((proto + p, safe_key(inv[labels[stem]], stem), labels[stem]))
     if not items:
         raise FileNotFoundError(f"no images in {join(src, split)} (expected {', '.join(sorted(IMAGE_EXTS))} files)")
     keys = [k for _, k, _ in items]
@@ -198,12 +183,6 @@ class _HashingWriter:
         return self.f.write(b)
 
 
-def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
-    info = tarfile.TarInfo(name)
-    info.size, info.mtime, info.mode = len(data), 0, 0o444
-    tar.addfile(info, io.BytesIO(data))
-
-
 def read_marker(split_url: str, name: str, storage: StorageConfig | None = None) -> dict | None:
     try:
         return read_json(join(split_url, name + MARKER_SUFFIX), storage)
@@ -225,23 +204,30 @@ def write_tar(
     storage: StorageConfig | None = None,
     stats: dict | None = None,
 ) -> dict:
-    """Write the samples (key, {ext: bytes}) as tar `<split_url>/<name>` (atomically), then its
+    """Write the samples (key, {ext: bytes}) as tar `<split_url>/<name>` (atomically, with
+    webdataset's TarWriter: `webdataset.WebDataset` reads the shards as they are), then its
     marker {name, count, bytes, sha256, fingerprint, **stats, offsets}; returns the marker.
     `offsets`: the byte offset of each sample's first member, then the end of the last sample
     (count + 1 numbers), so a reader can fetch a range of samples with one ranged read. `stats`
     may be filled while `samples` is consumed."""
+    from webdataset import TarWriter  # imported here: readers of shards do not need it
+
     tar_url = join(split_url, name)
     count, offsets = 0, []
     try:
         with open_atomic_write(tar_url, storage) as raw:
             out = _HashingWriter(raw)
-            with tarfile.open(fileobj=out, mode="w|", format=tarfile.USTAR_FORMAT) as tar:
+            # webdataset's writer (USTAR); mtime 0 and no owner names: the same samples give the same
+            # bytes (the marker's sha256) on every run. One member per write() keeps the fields' order
+            # (the image before its label; TarWriter sorts a sample's fields by name): the same key
+            # on consecutive members is one sample to every WebDataset reader.
+            with TarWriter(out, encoder=False, mtime=0, mode=0o444, user="", group="") as tar:
                 for key, fields in samples:
-                    offsets.append(tar.offset)
+                    offsets.append(tar.tarstream.offset)
                     for ext, data in fields.items():
-                        _add(tar, f"{key}.{ext}", data)
+                        tar.write({"__key__": key, ext: data})
                     count += 1
-                offsets.append(tar.offset)
+                offsets.append(tar.tarstream.offset)
     except (FileNotFoundError, ValueError):
         raise
     except Exception as e:  # noqa: BLE001

@@ -21,6 +21,7 @@ class Entry:
 
 
 _BY_NAME: dict[str, Entry] = {}
+_UNAVAILABLE: dict[str, str] = {}  # built-in method -> why it cannot be used here (an extra not installed)
 
 
 def register(name: str, config: type, method: type[Method], source: Optional[SourceFactory] = None) -> type[Method]:
@@ -44,14 +45,26 @@ def _builtin() -> None:
     import system.methods.alitok  # noqa: F401
     import system.methods.ar  # noqa: F401
     import system.methods.eostok  # noqa: F401
-    import system.methods.semtok  # noqa: F401
     import system.methods.vapi  # noqa: F401
+    try:
+        import system.methods.semtok  # noqa: F401
+    except ModuleNotFoundError as e:  # diffusers (the `semtok` extra) is not installed
+        if e.name != "diffusers":
+            raise
+        _UNAVAILABLE["semtok"] = str(e)
+
+
+def _not_found(what: str) -> str:
+    why = "".join(f"; {name} is unavailable: {reason}" for name, reason in sorted(_UNAVAILABLE.items()))
+    return f"{what}; registered: {', '.join(sorted(_BY_NAME))}{why}"
 
 
 def get(name: str) -> Entry:
     _builtin()
     if name not in _BY_NAME:
-        raise KeyError(f"no method named {name!r}; registered: {', '.join(sorted(_BY_NAME))}")
+        if name in _UNAVAILABLE:
+            raise ModuleNotFoundError(f"method {name!r}: {_UNAVAILABLE[name]}", name="diffusers")
+        raise KeyError(_not_found(f"no method named {name!r}"))
     return _BY_NAME[name]
 
 
@@ -61,8 +74,7 @@ def for_config(method_cfg: object) -> Entry:
     for e in _BY_NAME.values():
         if type(method_cfg) is e.config:
             return e
-    raise KeyError(f"no method registered for config type {type(method_cfg).__name__}; "
-                   f"registered: {', '.join(f'{e.name} ({e.config.__name__})' for e in _BY_NAME.values())}")
+    raise KeyError(_not_found(f"no method registered for config type {type(method_cfg).__name__}"))
 
 
 def names() -> list[str]:

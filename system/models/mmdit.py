@@ -64,11 +64,15 @@ from typing import NamedTuple, Optional
 import torch
 import torch.nn.functional as F
 import torch.utils.checkpoint
-from diffusers import SD3Transformer2DModel
-from diffusers.models.attention import FeedForward
-from diffusers.models.attention_processor import Attention
-from diffusers.models.embeddings import PatchEmbed, apply_rotary_emb, get_1d_rotary_pos_embed
 from torch import Tensor, nn
+
+from system.models.optional import require
+
+require("diffusers")  # SemTok's extra: a clear error naming it when missing
+from diffusers import SD3Transformer2DModel  # noqa: E402
+from diffusers.models.attention import FeedForward  # noqa: E402
+from diffusers.models.attention_processor import Attention  # noqa: E402
+from diffusers.models.embeddings import PatchEmbed, apply_rotary_emb, get_1d_rotary_pos_embed  # noqa: E402
 
 RopeTable = tuple[Tensor, Tensor]  # (cos, sin), each (L, head_dim) float32
 

@@ -33,6 +33,7 @@ import torch
 from torch import Tensor, nn
 
 from system.config.methods import LatentVAEConfig  # noqa: F401 (re-exported)
+from system.models.optional import require
 
 # stabilityai/stable-diffusion-3.5-{medium,large} vae/config.json (AutoencoderKL); 83,819,683 parameters
 SD35_VAE_CONFIG: dict[str, Any] = {
@@ -70,7 +71,7 @@ TINY_VAE_CONFIG: dict[str, Any] = {
 def new_autoencoder(tiny: bool = True, **overrides: Any):
     """A fresh (randomly initialised, trainable) ``AutoencoderKL`` of ``TINY_VAE_CONFIG`` (tiny) or
     ``SD35_VAE_CONFIG``; `overrides` replace single config fields."""
-    from diffusers import AutoencoderKL
+    AutoencoderKL = require("diffusers").AutoencoderKL
 
     cfg = copy.deepcopy(TINY_VAE_CONFIG if tiny else SD35_VAE_CONFIG)
     cfg.update(overrides)
@@ -97,7 +98,7 @@ def autoencoder_config_dict(vae: Any, scaling_factor: float, shift_factor: float
 def autoencoder_from_config_dict(d: dict[str, Any], state_dict: Optional[dict[str, Tensor]] = None):
     """``AutoencoderKL(**d)`` (private ``_*`` keys dropped) with `state_dict` loaded strictly (its keys
     the AutoencoderKL's, or a ``LatentVAE``'s ``vae.*``); no state dict: random weights."""
-    from diffusers import AutoencoderKL
+    AutoencoderKL = require("diffusers").AutoencoderKL
 
     vae = AutoencoderKL(**{k: v for k, v in d.items() if not k.startswith("_")})
     if state_dict is not None:
@@ -110,7 +111,7 @@ def autoencoder_from_config_dict(d: dict[str, Any], state_dict: Optional[dict[st
 def build_autoencoder(cfg: LatentVAEConfig, storage: Any = None):
     """The underlying diffusers ``AutoencoderKL`` of `cfg` (not yet frozen), float32. `storage`: the
     StorageConfig an s3:// export is read with."""
-    from diffusers import AutoencoderKL
+    AutoencoderKL = require("diffusers").AutoencoderKL
 
     export = getattr(cfg, "export", None)
     sources = {k: v for k, v in (("export", export), ("path", cfg.path), ("hub_name", cfg.hub_name)) if v is not None}

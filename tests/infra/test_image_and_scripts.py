@@ -1,5 +1,6 @@
-"""The tested set (infra/constraints.txt) and who installs it (infra/setup.sh for CI, the image),
-and the helper scripts the Kubernetes manifests run (check_weights.py, load_weights.py)."""
+"""The locks (infra/lock-cpu.txt for CI, infra/lock-cuda.txt for the image) and who installs them
+(infra/setup.sh for CI, infra/Dockerfile), and the helper scripts the Kubernetes manifests run
+(check_weights.py, load_weights.py). tests/infra/test_locks.py checks each lock's closure."""
 from __future__ import annotations
 
 import importlib.util
@@ -29,57 +30,104 @@ def load(name: str):
 check_image = load("check_image")
 check_weights = load("check_weights")
 load_weights = load("load_weights")
+lock = check_image  # check_image imports infra/lock.py as `lock`
+TARGETS = sys.modules["lock"].TARGETS
+read_lock = sys.modules["lock"].read_lock
 
 
 # --- the tested set ------------------------------------------------------------------------------
 
-def test_constraints_pin_the_versions_the_code_needs():
-    common, gpu = check_image.read_pins()
-    assert Version(common["torch"]) >= Version("2.6"), "DataLoader(in_order=...) needs torch >= 2.6"
-    assert "+" not in common["torch"], "torch is pinned without a local label (CPU here, CUDA in the image)"
-    assert Version(common["deepspeed"]) >= Version("0.17.2"), "torch_autocast needs deepspeed >= 0.17.2"
-    assert "ray" in common and "flash-attn" in gpu and "setuptools" in common
-    for name in ("jsonschema", "jsonpatch", "pyyaml"):  # what these tests import
-        assert name in common
-    names = [re.split(r"[=<>]", line)[0].lower() for line in (INFRA / "constraints.txt").read_text().splitlines()
-             if line.strip() and not line.startswith("#")]
-    assert len(names) == len(set(names)), "a package is pinned twice"
+def test_locks_pin_the_versions_the_code_needs():
+    cpu, cpu_header = read_lock(TARGETS["cpu"].lock)
+    cuda, cuda_header = read_lock(TARGETS["cuda"].lock)
+    assert cpu_header["target"] == "cpu" and cuda_header["target"] == "cuda"
+    for pins in (cpu, cuda):
+        assert Version(pins["torch"]) >= Version("2.6"), "DataLoader(in_order=...) needs torch >= 2.6"
+        assert Version(pins["deepspeed"]) >= Version("0.17.2"), "torch_autocast needs deepspeed >= 0.17.2"
+        assert Version(pins["ray"]) >= Version("2.58"), "ray.train.get_preemption_info needs Ray >= 2.58"
+    assert cpu["torch"].endswith("+cpu"), "CI installs torch's CPU build (no CUDA wheels)"
+    assert "+" not in cuda["torch"] and cuda["torch"] == cpu["torch"].split("+")[0], "the image: the same torch, CUDA build"
+    assert "flash-attn" in cuda and "triton" in cuda and any(n.startswith("nvidia-") for n in cuda)
+    assert not any(n.startswith("nvidia-") or n in ("triton", "flash-attn") for n in cpu), "CI downloads no CUDA wheels"
+    for name in ("jsonschema", "jsonpatch", "pyyaml", "pytest"):  # what these tests import
+        assert name in cpu
+    for name in ("setuptools", "wheel", "ninja", "psutil", "einops"):  # flash-attn's build, --no-build-isolation
+        assert name in cuda
+    shared = set(cpu) & set(cuda) - {"torch"}
+    assert {n: (cpu[n], cuda[n]) for n in shared if cpu[n] != cuda[n]} == {}, "the image runs the versions CI tests"
 
 
 def test_this_environment_is_the_tested_set():
-    """CI installs with the constraints (infra/setup.sh), so what runs the tests is what the image
-    ships; a drift here means the lock or the environment is stale (python infra/lock.py)."""
-    assert check_image.problems(gpu=False) == []
+    """CI installs the CPU lock (infra/setup.sh), so what runs the tests is its tested set; a drift
+    here means the lock or the environment is stale (python infra/lock.py)."""
+    assert check_image.problems("cpu") == []
 
 
 def test_check_image_reports_a_drift(tmp_path):
-    common, gpu = check_image.read_pins()
-    text = (INFRA / "constraints.txt").read_text().replace(f"ray=={common['ray']}", "ray==0.0.1")
+    pins, _ = read_lock(TARGETS["cpu"].lock)
+    text = TARGETS["cpu"].lock.read_text().replace(f"ray=={pins['ray']}", "ray==0.0.1")
     (tmp_path / "c.txt").write_text(text)
-    assert check_image.problems(gpu=False, path=tmp_path / "c.txt") == ["ray: installed %s, constraints pin 0.0.1" % common["ray"]]
-    assert check_image.main(["--constraints", str(tmp_path / "c.txt")]) == 1
+    assert check_image.problems("cpu", tmp_path / "c.txt") == [f"ray: installed {pins['ray']}, c.txt pins 0.0.1"]
+    assert check_image.main(["--lock", str(tmp_path / "c.txt")]) == 1
 
 
-def test_setup_installs_with_the_constraints():
+def test_check_image_reports_a_closure_package_without_a_pin(tmp_path):
+    """A package this environment's closure needs but the lock does not pin fails the check (the
+    image build runs the same check for the cuda lock)."""
+    text = "".join(line + "\n" for line in TARGETS["cpu"].lock.read_text().splitlines()
+                   if not line.startswith("urllib3=="))
+    (tmp_path / "c.txt").write_text(text)
+    bad = check_image.problems("cpu", tmp_path / "c.txt")
+    assert any(line.startswith("urllib3: installed ") and line.endswith("but c.txt pins no version of it") for line in bad), bad
+
+
+def test_check_image_refuses_another_targets_lock():
+    bad = check_image.problems("cuda")  # this CPU environment against the image's lock
+    assert any(line.startswith("torch: installed 2") for line in bad) or any(line.startswith("python:") for line in bad)
+    assert any(line.startswith("flash-attn: installed nothing") for line in bad)
+    assert check_image.problems("cpu", TARGETS["cuda"].lock)[0] == "lock-cuda.txt is the lock of target 'cuda', not 'cpu'"
+
+
+def test_setup_installs_with_the_locks():
     text = (INFRA / "setup.sh").read_text()
     assert subprocess.run(["bash", "-n", str(INFRA / "setup.sh")]).returncode == 0
     installs = [line for line in text.splitlines() if "pip install" in line and not line.lstrip().startswith("#")]
     assert installs
     for line in installs:
-        assert '-c "$PINS"' in line, f"infra/setup.sh installs without the constraints: {line.strip()}"
-    assert "infra/constraints.txt" in text
+        assert '-c "$PINS"' in line, f"infra/setup.sh installs without the lock: {line.strip()}"
+    assert "infra/lock-cpu.txt" in text and "infra/lock-cuda.txt" in text
+
+
+def test_setup_pins_of_a_gpu_machine(tmp_path):
+    """setup.sh's GPU pins: the CPU lock without its torch, plus torch and the CUDA-only packages of
+    the CUDA lock (the awk line of setup.sh, run on the real locks)."""
+    text = (INFRA / "setup.sh").read_text()
+    (awk,) = [line.strip() for line in text.splitlines() if line.strip().startswith("awk -F'=='")]
+    script = ("pins_of() { grep -E '^[A-Za-z0-9]' \"$1\" | sed 's/[[:space:]]*#.*//'; }\n"
+              f"pins_of {TARGETS['cpu'].lock} | grep -v -E '^torch==' > other.txt\n"
+              + awk.replace('"$TMP/other.txt" <(pins_of "$CUDA_LOCK")', f"other.txt <(pins_of {TARGETS['cuda'].lock})"))
+    out = subprocess.run(["bash", "-c", script], cwd=tmp_path, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    extra = dict(line.split("==") for line in out.stdout.split())
+    cpu, cuda = read_lock(TARGETS["cpu"].lock)[0], read_lock(TARGETS["cuda"].lock)[0]
+    assert extra["torch"] == cuda["torch"] and "triton" in extra and "numpy" not in extra
+    assert set(extra) == {n for n in cuda if n not in cpu} | {"torch"}
 
 
 def dockerfile() -> str:
     return (INFRA / "Dockerfile").read_text()
 
 
-def test_image_base_has_the_pinned_torch_and_cuda_build_tools():
+def test_image_base_has_the_cuda_build_tools_of_the_locked_torch():
+    """The base brings nvcc (a -devel image) of the CUDA major the locked torch is built for, and the
+    lock's Python (Ubuntu 24.04: 3.12); the build checks the Python again."""
     (base,) = re.findall(r"^ARG BASE_IMAGE=(\S+)$", dockerfile(), re.M)
-    m = re.fullmatch(r"pytorch/pytorch:(\d+\.\d+\.\d+)-cuda(\d+\.\d+)-cudnn\d+-devel(@sha256:[0-9a-f]{64})?", base)
-    assert m, f"base image {base}: expected pytorch/pytorch:<torch>-cuda<x.y>-cudnn<n>-devel (devel: nvcc for flash-attn)"
-    common, _ = check_image.read_pins()
-    assert m.group(1) == common["torch"], f"the base's torch {m.group(1)} is not the pinned {common['torch']}"
+    m = re.fullmatch(r"nvidia/cuda:(\d+)\.(\d+)\.\d+-(?:cudnn-)?devel-ubuntu(\d+\.\d+)(@sha256:[0-9a-f]{64})?", base)
+    assert m, f"base image {base}: expected nvidia/cuda:<x.y.z>-devel-ubuntu<release> (devel: nvcc for flash-attn)"
+    cuda, header = read_lock(TARGETS["cuda"].lock)
+    assert int(m.group(1)) == Version(cuda["nvidia-cuda-runtime"]).major, "nvcc's CUDA major must be torch's"
+    assert m.group(3) == "24.04" and header["python"] == "3.12", "Ubuntu 24.04's python3 is the lock's 3.12"
+    assert "# python: //p' infra/lock-cuda.txt" in dockerfile(), "the build compares the Python with the lock's"
 
 
 def test_image_installs_the_tested_set_as_a_non_root_user():
@@ -88,10 +136,14 @@ def test_image_installs_the_tested_set_as_a_non_root_user():
     pip_installs = [seg for line in runs.splitlines() for seg in line.split(";") if "pip install" in seg]
     assert pip_installs
     for seg in pip_installs:
-        assert "-c infra/constraints.txt" in seg, f"an unpinned pip install in the image: {seg.strip()}"
+        assert "-c infra/lock-cuda.txt" in seg, f"an unpinned pip install in the image: {seg.strip()}"
     (fa,) = [seg for seg in pip_installs if "flash-attn" in seg]
     assert "--no-build-isolation" in fa, "flash-attn must build against the installed torch"
-    assert "check_image.py --gpu" in text, "the build verifies the tested set"
+    (archs,) = re.findall(r'^ARG FLASH_ATTN_CUDA_ARCHS="?([^"\n]+)"?$', text, re.M)
+    assert {"80", "90"} <= set(archs.split(";")), "flash-attn must have kernels for A100 (8.0) and H100 (9.0)"
+    assert 'FLASH_ATTN_CUDA_ARCHS="${FLASH_ATTN_CUDA_ARCHS}"' in fa
+    assert "check_image.py --target cuda" in text, "the build verifies the tested set"
+    assert not any(" -e " in seg or "--editable" in seg for seg in pip_installs), "a regular install, as users get"
     assert re.search(r"useradd --uid 1000 --gid 1000 --create-home --home-dir (\S+)", text)
     assert "chown -R 1000:1000 /app" in text and "ENV HOME=/home/ray" in text
     users = re.findall(r"^USER (\S+)$", text, re.M)
@@ -114,7 +166,7 @@ def test_every_manifest_is_part_of_a_kustomization():
             if "path" in patch:
                 used.add((folder / patch["path"]).resolve())
 
-    for folder in [*(K8S / "overlays").iterdir(), K8S / "weights"]:
+    for folder in [*(K8S / "overlays").iterdir(), K8S / "weights", K8S / "cluster-setup"]:
         walk(folder)
     stray = [str(p.relative_to(K8S)) for p in K8S.rglob("*.yaml")
              if p.resolve() not in used and p.parent.name != "schemas" and p.name != "secrets.example.yaml"]

@@ -25,7 +25,7 @@ from kustomize_lite import load_docs, render, split_image
 REPO = Path(__file__).resolve().parents[2]
 K8S = REPO / "infra" / "k8s"
 SCHEMAS = K8S / "schemas"
-CONSTRAINTS = REPO / "infra" / "constraints.txt"
+LOCK = REPO / "infra" / "lock-cuda.txt"  # the image's versions
 SECRETS = K8S / "secrets.example.yaml"
 REQUIRED_OVERLAYS = {"tiny-cpu", "eostok-h-4x8"}
 APP = "/app"  # the image's WORKDIR: paths under it come with the image
@@ -61,11 +61,11 @@ def of_kind(docs, kind: str) -> list[dict]:
 
 
 def locked_version(name: str) -> str:
-    for line in CONSTRAINTS.read_text().splitlines():
+    for line in LOCK.read_text().splitlines():
         m = re.match(rf"^{re.escape(name)}==([^\s;#]+)", line.strip(), re.IGNORECASE)
         if m:
             return m.group(1)
-    raise AssertionError(f"{CONSTRAINTS} pins no {name}")
+    raise AssertionError(f"{LOCK} pins no {name}")
 
 
 # --- schemas -------------------------------------------------------------------------------------
@@ -458,3 +458,132 @@ def test_worker_count_fits_the_cluster(folder):
         assert n * float(values.get("cluster.cpus_per_worker", 1)) <= cpus, f"{n} workers do not fit {cpus} worker CPUs"
     for g in groups:
         assert g.get("minReplicas", g["replicas"]) <= g["replicas"] <= g.get("maxReplicas", g["replicas"])
+
+
+# --- scheduling, bounds, multi-node NCCL, identity -----------------------------------------------
+
+CLUSTER_SETUP = K8S / "cluster-setup"
+DOCKERFILE = REPO / "infra" / "Dockerfile"
+INFRA_README = REPO / "infra" / "README.md"
+# GPU feature discovery's nvidia.com/gpu.product values -> compute capability (flash-attn's archs)
+GPU_ARCH = {"NVIDIA-A100-SXM4-40GB": "80", "NVIDIA-A100-SXM4-80GB": "80", "NVIDIA-A100-PCIE-80GB": "80",
+            "NVIDIA-H100-80GB-HBM3": "90", "NVIDIA-H100-PCIe": "90", "NVIDIA-H200": "90"}
+RDMA_RESOURCES = ("vpc.amazonaws.com/efa", "rdma/")
+
+
+def gpu_groups(job: dict) -> list[dict]:
+    return [g for g in job["spec"]["rayClusterSpec"]["workerGroupSpecs"]
+            if int(g["template"]["spec"]["containers"][0]["resources"].get("limits", {}).get("nvidia.com/gpu", 0))]
+
+
+def test_cluster_setup_renders_as_kubectl_kustomize_does():
+    kinds = sorted(d["kind"] for d in rendered(CLUSTER_SETUP))
+    assert kinds == ["ClusterQueue", "PriorityClass", "ResourceFlavor"]
+    test_renders_as_kubectl_kustomize_does(CLUSTER_SETUP)
+
+
+@pytest.mark.parametrize("folder", overlays(), ids=ids(overlays()))
+def test_head_and_workers_have_dev_shm(folder):
+    """Ray's object store, DataLoader workers and NCCL use /dev/shm: a memory-backed volume there
+    (the container runtime's default is 64 MiB)."""
+    for where, spec, c in ray_containers(rayjob(folder)):
+        vol = mounted_at(spec, c, "/dev/shm")
+        assert vol is not None and vol.get("emptyDir", {}).get("medium") == "Memory", f"{where}: no /dev/shm"
+
+
+@pytest.mark.parametrize("folder", overlays(), ids=ids(overlays()))
+def test_a_hung_job_is_bounded_and_a_preempted_rank_can_commit(folder):
+    spec = rayjob(folder)["spec"]
+    assert spec.get("activeDeadlineSeconds", 0) > spec["preRunningDeadlineSeconds"], "a hung job must end"
+    for where, pod, c in ray_containers(rayjob(folder)):
+        grace = pod.get("terminationGracePeriodSeconds", 30)
+        assert grace >= 120, f"{where}: {grace} s after SIGTERM is too short for a step and a checkpoint commit"
+    for g in gpu_groups(rayjob(folder)):
+        assert g["template"]["spec"]["terminationGracePeriodSeconds"] >= 300, \
+            "a GPU rank commits its ZeRO partition (~0.7 GB for EOSTok-H on 32 ranks) before it exits"
+
+
+@pytest.mark.parametrize("folder", overlays(), ids=ids(overlays()))
+def test_gpu_workers_select_a_gpu_type_the_image_has_kernels_for(folder):
+    (archs,) = re.findall(r'^ARG FLASH_ATTN_CUDA_ARCHS="?([^"\n]+)"?$', DOCKERFILE.read_text(), re.M)
+    for g in gpu_groups(rayjob(folder)):
+        product = (g["template"]["spec"].get("nodeSelector") or {}).get("nvidia.com/gpu.product")
+        assert product in GPU_ARCH, f"{folder.name}: GPU workers need a nodeSelector nvidia.com/gpu.product (one of {sorted(GPU_ARCH)})"
+        assert GPU_ARCH[product] in archs.split(";"), f"flash-attn is built for {archs}, {product} is {GPU_ARCH[product]}"
+
+
+@pytest.mark.parametrize("folder", overlays(), ids=ids(overlays()))
+def test_multi_node_nccl_settings_are_set_and_documented(folder):
+    readme = INFRA_README.read_text()
+    for g in gpu_groups(rayjob(folder)):
+        env = {e["name"]: e.get("value") for e in g["template"]["spec"]["containers"][0].get("env", [])}
+        if g["replicas"] > 1:
+            assert "NCCL_SOCKET_IFNAME" in env, "NCCL between nodes needs the pods' interface"
+        for name in env:
+            if name.startswith(("NCCL_", "FI_")):
+                assert f"`{name}`" in readme, f"{name} is set by {folder.name} but not documented in infra/README.md"
+
+
+@pytest.mark.parametrize("folder", overlays(), ids=ids(overlays()))
+def test_ipc_lock_exactly_where_rdma_is_used(folder):
+    for where, spec, c in ray_containers(rayjob(folder)):
+        limits = (c.get("resources") or {}).get("limits") or {}
+        rdma = any(k.startswith(RDMA_RESOURCES) for k in limits)
+        added = ((c.get("securityContext") or {}).get("capabilities") or {}).get("add") or []
+        assert added == (["IPC_LOCK"] if rdma else []), f"{folder.name} {where}: capabilities.add {added} (RDMA: {rdma})"
+        assert all(c["resources"]["requests"].get(k) == v for k, v in limits.items() if k.startswith(RDMA_RESOURCES)), \
+            f"{where}: RDMA devices need equal requests and limits"
+
+
+def test_rdma_examples_exist():
+    """One overlay per common RDMA fabric: AWS EFA and InfiniBand/RoCE."""
+    used = {folder.name: [k for _, _, c in ray_containers(rayjob(folder))
+                          for k in (c.get("resources") or {}).get("limits", {}) if k.startswith(RDMA_RESOURCES)]
+            for folder in overlays()}
+    assert any("vpc.amazonaws.com/efa" in v for v in used.values()), used
+    assert any(any(k.startswith("rdma/") for k in v) for v in used.values()), used
+
+
+@pytest.mark.parametrize("folder", overlays(), ids=ids(overlays()))
+def test_priority_classes_are_created_by_cluster_setup(folder):
+    classes = {d["metadata"]["name"] for d in of_kind(rendered(CLUSTER_SETUP), "PriorityClass")}
+    for doc in workloads(folder):
+        for where, tmpl in pod_templates(doc):
+            name = tmpl["spec"].get("priorityClassName")
+            assert name is None or name in classes, f"{where}: priorityClassName {name!r} is not in cluster-setup {classes}"
+    for g in gpu_groups(rayjob(folder)):
+        assert g["template"]["spec"].get("priorityClassName") in classes, "GPU pods need a priority class"
+
+
+def test_kueue_example_admits_the_rayjob_as_one_gang():
+    queued = [f for f in overlays() if "kueue.x-k8s.io/queue-name" in (rayjob(f)["metadata"].get("labels") or {})]
+    assert queued, "no overlay shows Kueue"
+    setup = rendered(CLUSTER_SETUP)
+    for folder in queued:
+        job = rayjob(folder)
+        assert job["spec"].get("suspend") is True, "Kueue admits a RayJob created suspended"
+        queue = job["metadata"]["labels"]["kueue.x-k8s.io/queue-name"]
+        (local,) = [d for d in of_kind(rendered(folder), "LocalQueue") if d["metadata"]["name"] == queue]
+        (cq,) = [d for d in of_kind(setup, "ClusterQueue") if d["metadata"]["name"] == local["spec"]["clusterQueue"]]
+        quota = {r["name"]: r["nominalQuota"] for group in cq["spec"]["resourceGroups"]
+                 for flavor in group["flavors"] for r in flavor["resources"]}
+        gpus = sum(g["replicas"] * int(g["template"]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"])
+                   for g in gpu_groups(job))
+        assert quota["nvidia.com/gpu"] >= gpus, "the ClusterQueue cannot ever admit the whole job"
+        flavors = {d["metadata"]["name"]: d for d in of_kind(setup, "ResourceFlavor")}
+        for group in cq["spec"]["resourceGroups"]:
+            for flavor in group["flavors"]:
+                assert flavor["name"] in flavors
+
+
+def test_irsa_variant_uses_the_pods_identity_instead_of_static_keys():
+    variants = [f for f in overlays()
+                if any("eks.amazonaws.com/role-arn" in (d["metadata"].get("annotations") or {})
+                       for d in of_kind(rendered(f), "ServiceAccount"))]
+    assert variants, "no overlay shows IRSA (object storage without static keys)"
+    for folder in variants:
+        text = yaml.safe_dump(rayjob(folder))
+        assert "AWS_ACCESS_KEY_ID" not in text and "AWS_SECRET_ACCESS_KEY" not in text
+        (sa,) = [d for d in of_kind(rendered(folder), "ServiceAccount") if "annotations" in d["metadata"]]
+        for where, tmpl in pod_templates(rayjob(folder)):
+            assert tmpl["spec"]["serviceAccountName"] == sa["metadata"]["name"], where

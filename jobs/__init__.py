@@ -1,0 +1,1 @@
+"""The jobs: `python jobs/<job>.py ...` from a checkout, or `python -m jobs.<job> ...` after `pip install .`."""
