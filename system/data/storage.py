@@ -16,6 +16,7 @@ naming the URL and endpoint. Local folders are used as they are (no retry).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import json
 import logging
@@ -23,7 +24,7 @@ import os
 import random
 import time
 import uuid
-from typing import Any
+from typing import Any, Iterator
 
 import fsspec
 
@@ -277,8 +278,34 @@ def check_readable(url: str, storage: StorageConfig | None = None) -> dict:
         raise storage_error(url, storage, e) from e
 
 
+_PLANNED: list[dict[str, bytes]] = []  # stacked `planned_files` overlays (a dry run's files of steps not run)
+
+
+@contextlib.contextmanager
+def planned_files(files: dict[str, bytes]) -> Iterator[dict[str, bytes]]:
+    """Inside, `read_bytes` / `exists` see `files` ({url: bytes}) as if they were stored: what earlier
+    steps of a pipeline would write (an export's model.json, a shard set's index.json), so a dry run
+    checks and plans a later step before those steps ever ran. Yields the dict (add to it freely)."""
+    _PLANNED.append(files)
+    try:
+        yield files
+    finally:
+        _PLANNED.remove(files)
+
+
+def _planned(url: str) -> bytes | None:
+    key = url.rstrip("/")
+    for files in reversed(_PLANNED):
+        if key in files:
+            return files[key]
+    return None
+
+
 def read_bytes(url: str, storage: StorageConfig | None = None) -> bytes:
     """Whole object as bytes; FileNotFoundError / StorageError naming `url`."""
+    planned = _planned(url)
+    if planned is not None:
+        return planned
     try:
         fs, path = filesystem(url, storage)
         return fs.cat_file(path)
@@ -293,6 +320,8 @@ def read_json(url: str, storage: StorageConfig | None = None) -> Any:
 
 
 def exists(url: str, storage: StorageConfig | None = None) -> bool:
+    if _planned(url) is not None:
+        return True
     try:
         fs, path = filesystem(url, storage)
         return fs.exists(path)
