@@ -1,6 +1,6 @@
 """The pre-tokenization job after its config is read (jobs/pretokenize.py, and the pipelines'
 pretokenize step): check the inputs, then encode the unfinished image shards on a Ray map pool
-(`cluster.map_pool.run_map_pool`) and write the token index last. `encode_shards` is that pool run
+(`cluster.actor_pool.run_map_pool`) and write the token index last. `encode_shards` is that pool run
 for any per-shard encoder (the latent cache, cluster/latent_pool.py, uses it too)."""
 from __future__ import annotations
 
@@ -58,7 +58,7 @@ def encode_shards(cfg: PretokenizeConfig | LatentCacheConfig, plans: list, worke
     import ray
 
     from cluster.console import say
-    from cluster.map_pool import run_map_pool
+    from cluster.actor_pool import run_map_pool
     from cluster.runtime import resolve_use_gpu
     from system.data.shards import INDEX, complete_markers
     from system.data.storage import exists, filesystem, join
