@@ -1,6 +1,6 @@
 """Per-iteration time of VAπ on CPU, split into rollout (policy forward + sampling), decode + reward,
 learner update and weight sync (learner publish to the object store + actor fetch/load), through
-the real pool (cluster.rollout_pool.run_vapi: 2 rollout actors + a 1-worker Ray Train + DeepSpeed learner,
+the real pool (cluster.training.run_training: 2 rollout actors + a 1-worker Ray Train + DeepSpeed learner,
 embedded photos).
 
     python bench/vapi_iteration.py [--iters 12] [--batch 8] [--group 8] [--layers 4] [--dim 256] [--no-lpips]
@@ -55,7 +55,8 @@ def main() -> None:
     ap.add_argument("--export", default=None, help="an existing export/ folder instead of a random model")
     a = ap.parse_args()
     warnings.filterwarnings("ignore")
-    from cluster.rollout_pool import run_vapi
+    from cluster.checkpoint import CheckpointStore
+    from cluster.training import run_training
     from system.config import VapiExperiment, load_config
     from system.data.embedded import ensure_embedded_dataset
 
@@ -75,10 +76,10 @@ def main() -> None:
         "logging.wandb_mode=disabled", "logging.progress=false",
     ], ["experiments/vapi_tiny.yaml"])
     try:
-        out = run_vapi(cfg)
+        history = CheckpointStore(run_training(cfg).run_url).read_jsonl("metrics.jsonl")
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    rows = out["history"][3:] or out["history"]  # iter_s / update_wall_s describe the iteration before
+    rows = history[3:] or history  # iter_s / update_wall_s describe the iteration before
     mean = lambda k: sum(r[k] for r in rows) / len(rows)  # noqa: E731
     it = mean("iter_s")
     split = {"rollout_s": mean("sample_s"), "decode_reward_s": mean("reward_s"), "update_s": mean("update_wall_s"),

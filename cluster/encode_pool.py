@@ -8,7 +8,7 @@ from __future__ import annotations
 import functools
 
 from cluster.console import say
-from cluster.map_pool import run_map_pool
+from cluster.actor_pool import run_map_pool
 from cluster.runtime import init_ray, resolve_use_gpu
 from system.data.shards import INDEX, complete_markers
 from system.data.storage import exists, filesystem, join

@@ -63,7 +63,7 @@ def _per_rank(cluster: ClusterConfig, data_workers: int) -> str:
 def check_resources(cluster: ClusterConfig, use_gpu: bool, extra_cpus: float = 0.0, extra_gpus: float = 0.0,
                     data_workers: int = 0) -> None:
     """Fail early (before any actor starts) when the pool (`rank_cpus` per rank), plus `extra_*` for
-    other actors of the job (e.g. a rollout pool), cannot fit into the cluster."""
+    other actors of the job (e.g. the actors of an actor-fed source), cannot fit into the cluster."""
     res = ray.cluster_resources()
     need_cpu = cluster.num_workers * rank_cpus(cluster, data_workers) + extra_cpus
     others = f" + {extra_cpus:g} for the job's other actors" if extra_cpus else ""

@@ -1,4 +1,4 @@
-"""Shard writing as Ray tasks: plan (driver) -> `write_shard` per shard (tasks) -> index (driver).
+"""Shard writing on the map pool: plan (driver) -> `write_shard` per shard (actors) -> index (driver).
 
 A re-run skips shards whose completion marker matches the plan; an index is written for a split
 only when all of its shards are complete, and lists only shards with markers.
@@ -9,8 +9,8 @@ import logging
 from typing import Any
 
 import ray
-from tqdm import tqdm
 
+from cluster.actor_pool import run_map_pool
 from system.config import MakeShardsConfig
 from system.data.shards import (
     ShardPlan,
@@ -37,26 +37,14 @@ def plan_all(cfg: MakeShardsConfig) -> tuple[dict[str, int], dict[str, list[Shar
 
 
 def run_write_tasks(todo: list[ShardPlan], cfg: MakeShardsConfig, total: int, progress: bool = True) -> list[str]:
-    """Write `todo` shards with at most `cfg.parallelism` Ray tasks in flight; returns failures."""
+    """Write `todo` shards on the map pool (cluster/actor_pool.py: at most `cfg.parallelism` actors,
+    a dead actor's shard goes to a fresh one); returns the failed shards, each with its error."""
     parallelism = cfg.parallelism or max(1, int(ray.available_resources().get("CPU", 1)))
-    task = ray.remote(num_cpus=1)(write_shard)
-    failures: list[str] = []
-    bar = tqdm(total=total, initial=total - len(todo), desc="shards", unit="shard", disable=not progress)
-    queue, running = list(todo), {}
-    while queue or running:
-        while queue and len(running) < parallelism:
-            plan = queue.pop(0)
-            running[task.remote(plan, cfg.out, cfg.storage)] = plan
-        done, _ = ray.wait(list(running), num_returns=1)
-        plan = running.pop(done[0])
-        try:
-            ray.get(done[0])
-        except Exception as e:  # noqa: BLE001 - collect, finish the others, report at the end
-            log.error("shard %s/%s failed: %s", plan.split, plan.name, e)
-            failures.append(f"{plan.split}/{plan.name}: {str(e).strip().splitlines()[-1]}")
-        bar.update(1)
-    bar.close()
-    return failures
+    out, storage = cfg.out, cfg.storage
+    res = run_map_pool(lambda: lambda plan: write_shard(plan, out, storage), todo, num_actors=parallelism,
+                       name=lambda p: f"shard {p.split}/{p.name}", desc="shards", done_before=total - len(todo),
+                       progress=progress)
+    return [f"{todo[i].split}/{todo[i].name}: {msg}" for i, msg in sorted(res.failures.items())]
 
 
 def make_shards(cfg: MakeShardsConfig, progress: bool = True) -> dict[str, dict[str, Any]]:

@@ -8,6 +8,7 @@
 """
 from __future__ import annotations
 
+import json
 import os
 import uuid
 from dataclasses import dataclass
@@ -23,7 +24,7 @@ from cluster.runtime import (check_extension_locks, check_local_resources, check
                              resolve_use_gpu, worker_nodes)
 from cluster.train_pool import data_workers, run_pool
 from system.config import ConfigError, Experiment, to_yaml
-from system.data.sources import SourceFactory
+from system.data.sources import ActorFedSource, SourceFactory
 
 
 @dataclass
@@ -50,8 +51,10 @@ def resolve_job(exp: Experiment, source: Optional[SourceFactory] = None, micro_b
     source.check(exp)
     data = source.resolve(exp)
     entry.method.check(exp.method, data)
-    return TrainJob(method=entry.method, data=data, source=source,
-                    micro_batch_size=micro_batch_size or exp.data.batch_size, submission=uuid.uuid4().hex)
+    if micro_batch_size is None:
+        micro_batch_size = source.micro_batch_size(exp) if isinstance(source, ActorFedSource) else exp.data.batch_size
+    return TrainJob(method=entry.method, data=data, source=source, micro_batch_size=micro_batch_size,
+                    submission=uuid.uuid4().hex)
 
 
 def prepare_run(exp: Experiment, extra_cpus: float = 0.0, extra_gpus: float = 0.0) -> tuple[Experiment, Any, bool]:
@@ -97,14 +100,24 @@ def prepare_run(exp: Experiment, extra_cpus: float = 0.0, extra_gpus: float = 0.
 
 def run_training(exp: Experiment, job: Optional[TrainJob] = None, *, extra_cpus: float = 0.0, extra_gpus: float = 0.0) -> RunResult:
     """Train `exp`'s method (`job`, default `resolve_job(exp)`) on a Ray Train pool with the one rank
-    loop (cluster/loop.py); returns where the run lives and its last metrics."""
+    loop (cluster/loop.py); returns where the run lives and its last metrics. A source whose batches
+    an actor pool makes (`ActorFedSource`) gets its actors first (counted in the resource check),
+    bound for every rank (cluster/rollout_pool.py), and its probe before and after training."""
     job = job or resolve_job(exp)
+    fed = job.source if isinstance(job.source, ActorFedSource) else None
+    if fed is not None:
+        spec = fed.actors(exp)
+        extra_cpus, extra_gpus = extra_cpus + spec.num_actors * spec.cpus, extra_gpus + spec.num_actors * spec.gpus
     exp, store, use_gpu = prepare_run(exp, extra_cpus, extra_gpus)
     from cluster.loop import train_loop
 
-    result = run_pool(exp, use_gpu, train_loop, {"job": job})
+    extra: dict[str, Any] = {}
+    if fed is None:
+        result = run_pool(exp, use_gpu, train_loop, {"job": job})
+    else:
+        result, extra = _run_fed(exp, job, fed, store, use_gpu)
     ref = store.latest_complete()
-    metrics = dict(result.metrics or {})
+    metrics = {**dict(result.metrics or {}), **extra}
     return RunResult(
         run_url=store.run_url,
         step=ref.step if ref else int(metrics.get("step", 0)),
@@ -113,6 +126,28 @@ def run_training(exp: Experiment, job: Optional[TrainJob] = None, *, extra_cpus:
         export_url=store.url("export") if exp.checkpoint.export else None,
         ray_result=result,
     )
+
+
+def _run_fed(exp: Experiment, job: TrainJob, fed: ActorFedSource, store: Any, use_gpu: bool) -> tuple[Any, dict]:
+    """The training pool fed by `fed`'s actors; (Ray's result, the run's extra metrics: the probe
+    before/after as `<probe_name>_start/_end`, the source's numbers, learner restarts)."""
+    from cluster.loop import SESSIONS_FILE, train_loop
+    from cluster.rollout_pool import FedPool, fault_dir
+
+    pool = FedPool(exp, fed, fault_dir(store))
+    try:
+        start = pool.probe_start(store)
+        result = run_pool(exp, use_gpu, train_loop, {"job": pool.bind(job)})
+        end = pool.probe_end(store.url("export") if exp.checkpoint.export else None)
+    finally:
+        pool.close()
+    source = json.loads(store.read_bytes("metrics.json") or b"{}").get("source", {})
+    sessions = [r for r in store.read_jsonl(SESSIONS_FILE) if r["submission"] == job.submission]
+    extra = {k: v for k, v in source.items() if isinstance(v, (int, float))}
+    extra["learner_restarts"] = max(len(sessions) - 1, 0)
+    if fed.probe_name:
+        extra.update({f"{fed.probe_name}_start": start, f"{fed.probe_name}_end": end})
+    return result, extra
 
 
 def train_or_finished(exp: Experiment, job: Optional[TrainJob] = None) -> RunResult:

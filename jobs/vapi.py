@@ -1,6 +1,7 @@
 #!/usr/bin/env python
 """VAπ pixel-space post-training (GRPO) of an AR image generator: a Ray rollout actor pool and a
-Ray Train + DeepSpeed learner pool running the one rank loop (cluster/rollout_pool.py).
+Ray Train + DeepSpeed learner pool running the one rank loop (cluster/training.py; the method and
+its rollouts: system/methods/vapi.py, system/methods/vapi_rollouts.py).
 
   python jobs/vapi.py --config configs/experiments/vapi_tiny.yaml            # embedded demo (after `make demo`)
   python jobs/vapi.py run_name=vapi data.url=s3://bucket/imagenet/train method.export_url=s3://.../export \
@@ -27,25 +28,19 @@ from system.config import VapiExperiment  # noqa: E402
 DEFAULTS = ["data/imagenet.yaml", "experiments/vapi.yaml"]
 
 
-def check(exp: VapiExperiment) -> None:
-    from cluster.rollout_pool import check_vapi_experiment
-
-    check_vapi_experiment(exp)
-
-
 def main(argv: list[str]) -> int:
-    from cluster.rollout_pool import run_vapi
     from cluster.cli import job_config, run_job
+    from cluster.training import train
 
-    cfg = job_config(VapiExperiment, argv, DEFAULTS, check)  # exit 2 on a bad config, before Ray
+    cfg = job_config(VapiExperiment, argv, DEFAULTS)  # exit 2 on a bad config, before Ray
 
-    out = run_job(lambda: run_vapi(cfg))
+    out = run_job(lambda: train(cfg))
     if out.get("heldout_start") is not None:
-        print(f"held-out teacher-forced reward: {out['heldout_start']:.4f} -> {out['heldout_end']:.4f}")
-    last = out["history"][-1] if out["history"] else {}
-    print(json.dumps({"run": out["run_url"], "step": out["step"], "groups": len(out["groups"]),
+        end = out["heldout_end"]
+        print(f"held-out teacher-forced reward: {out['heldout_start']:.4f} -> " + (f"{end:.4f}" if end is not None else "(no export)"))
+    print(json.dumps({"run": out["run"], "step": out["step"], "groups": out["groups"],
                       "rollout_reissued": out["rollout_reissued"], "learner_restarts": out["learner_restarts"],
-                      "last": last}, indent=1, default=str))
+                      "last": out["metrics"]}, indent=1, default=str))
     return 0
 
 

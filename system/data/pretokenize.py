@@ -1,6 +1,6 @@
 """Pre-tokenization, the per-shard work (no Ray): one image shard (or a slice of one) -> one token
-shard of the codes of every augmented view (format: system/data/tokens.py). cluster/map_pool.py
-runs `ShardTokenizer` in actors; jobs/pretokenize.py plans, runs and writes the index.
+shard of the codes of every augmented view (format: system/data/tokens.py). The map pool
+(cluster/actor_pool.py) runs `ShardTokenizer` in actors; jobs/pretokenize.py plans, runs and writes the index.
 
 The latent cache is the same work with SemTok's frozen VAE for the encoder: `ShardLatentEncoder`
 writes latent shards (each view's pixels + its latents; format and storage: system/data/latents.py),

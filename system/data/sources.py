@@ -5,7 +5,7 @@ validation split) inside the rank loop.
 
 Built in: `ImageShards` (image shard sets, or a latent cache of them: system/data/latents.py),
 `TokenShards` (token shard sets written by pre-tokenization). Sources whose batches other workers
-make (VAπ's rollouts) subclass `ActorFedSource`: cluster/ binds them to an actor pool.
+make (rollouts) subclass `ActorFedSource`: cluster/ binds them to an actor pool.
 """
 from __future__ import annotations
 
@@ -182,16 +182,93 @@ class TokenShards(ImageShards):
                                           pin_memory=ctx.device.type == "cuda")
 
 
+@dataclass(frozen=True)
+class ActorSpec:
+    """The actors an actor-fed source needs: how many, each one's resources, Ray restarts in place."""
+
+    num_actors: int
+    cpus: float = 1.0
+    gpus: float = 0.0
+    max_restarts: int = 0
+
+
+@runtime_checkable
+class Feeder(Protocol):
+    """Rank 0's side of an actor-fed source (it reads the input of every step for the whole pool)."""
+
+    def items(self, step: int) -> list[tuple]:
+        """The work items of `step` (reads its input): each the argument tuple of the worker's `run`."""
+
+    def combine(self, step: int, results: list, timing: dict[str, float]) -> Any:
+        """Step `step`'s whole batch from its items' results (in item order); `timing` (seconds,
+        staleness, re-issues: from cluster/) goes into the batch's statistics."""
+
+    def state_dict(self) -> dict:
+        """Its position after the last combined step (a resumed run continues there)."""
+
+    def load_state_dict(self, state: dict) -> None: ...
+
+    def summary(self) -> dict:
+        """What the run's metrics.json keeps under "source" (its numbers reach the run's report)."""
+
+
 class ActorFedSource:
-    """Base class of sources whose batches remote workers make (e.g. VAπ's rollouts): cluster/ starts
-    an actor pool for them before the training pool and hands every rank a bound factory. A
-    subclass describes the work (what each actor holds, how a batch is split and combined); it is
-    not itself callable on a rank."""
+    """Base class of sources whose batches remote workers make (e.g. rollouts of a policy): cluster/
+    starts an actor pool for them before the training pool (cluster/rollout_pool.py) and hands
+    every rank a bound factory. A subclass describes the work; it is not itself callable on a rank.
+
+    Each actor holds the plain worker `worker(exp, fault_dir)()` builds; each step, the learner's
+    module `publish_module` is published and every actor loads it before its next item
+    (`load_weights(state_dict)`), rank 0's `feeder` splits the step's input into items
+    (`run(*item) -> (result, timings)` on the actors), combines their results into the batch, and
+    `shares` cuts it for the learner ranks. An optional probe (`probe_name`) measures the weights
+    before training (fresh runs, kept in `<run>/<probe_file>`) and after it (the export) with the
+    workers' `probe(*probe_input(exp))`; the run's metrics get `<probe_name>_start` / `_end`."""
+
+    publish_module: str = "policy"
+    probe_name: Optional[str] = None
+    probe_file: str = "probe.json"
 
     def check(self, exp: Any) -> None:
         raise NotImplementedError
 
     def resolve(self, exp: Any) -> DataSpec:
+        raise NotImplementedError
+
+    def actors(self, exp: Any) -> ActorSpec:
+        raise NotImplementedError
+
+    def worker(self, exp: Any, fault_dir: Optional[str] = None) -> Callable[[], Any]:
+        """A picklable factory of the plain worker each actor holds (`fault_dir`: a local folder for
+        once-per-run fault-injection markers, or None)."""
+        raise NotImplementedError
+
+    def feeder(self, exp: Any) -> Feeder:
+        raise NotImplementedError
+
+    def shares(self, batch: Any, world_size: int) -> list:
+        """`batch` cut into one share per learner rank."""
+        raise NotImplementedError
+
+    def overlap(self, exp: Any) -> bool:
+        """Submit step k+1's items before step k's update (off-policy by one version) instead of
+        after it."""
+        return False
+
+    def micro_batch_size(self, exp: Any) -> int:
+        """One learner rank's share of a step's batch (DeepSpeed's bookkeeping)."""
+        return exp.data.batch_size // exp.cluster.num_workers
+
+    def probe_input(self, exp: Any) -> Optional[tuple]:
+        """The arguments of the workers' `probe` (None: no probe for this run)."""
+        return None
+
+    def start_weights(self, exp: Any) -> dict:
+        """`publish_module`'s weights before training (the probe's baseline)."""
+        raise NotImplementedError
+
+    def final_weights(self, exp: Any, export_url: str) -> dict:
+        """`publish_module`'s trained weights, read from the run's export."""
         raise NotImplementedError
 
     def __call__(self, exp: Any, ctx: SourceContext) -> BatchSource:

@@ -11,7 +11,7 @@ import pytest
 import ray
 import torch
 
-from cluster.map_pool import run_map_pool
+from cluster.actor_pool import run_map_pool
 from cluster.runtime import init_ray
 from system.config import ClusterConfig
 from system.data import TokenShardReader, read_index

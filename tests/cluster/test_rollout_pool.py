@@ -79,6 +79,21 @@ def _cfg(setup, run: str, *extra: str):
     return load_config(VapiExperiment, argv, ["experiments/vapi_tiny.yaml"])
 
 
+def run_vapi(exp, source=None) -> dict:
+    """A VAπ run through the generic driver (`cluster.training.run_training`), summed up as the tests
+    read it: its metrics (probe, re-issues, learner restarts), trained group ids and history."""
+    import json
+
+    from cluster.checkpoint import CheckpointStore
+    from cluster.training import resolve_job, run_training
+
+    res = run_training(exp, resolve_job(exp, source=source))
+    store = CheckpointStore(res.run_url)
+    fed = json.loads(store.read_bytes("metrics.json") or b"{}").get("source", {})
+    return {**res.metrics, "step": res.step, "groups": fed.get("groups", []), "run_url": res.run_url,
+            "history": store.read_jsonl("metrics.jsonl")}
+
+
 def test_object_store_publisher_round_trips_any_state_dict(setup):
     """One flat buffer through the object store: every dtype, shape and empty tensor comes back equal,
     and loading it into a model gives the published weights."""
@@ -100,8 +115,6 @@ def test_object_store_publisher_round_trips_any_state_dict(setup):
 
 
 def test_reward_rises_and_rollout_actor_loss_loses_no_group(setup):
-    from cluster.rollout_pool import run_vapi
-
     cfg = _cfg(setup, "rise", "train.max_steps=10", "optim.lr=3e-3", "optim.min_lr=3e-3", "checkpoint.every_steps=10",
                "method.crash_rollout_at_call=4")
     out = run_vapi(cfg)
@@ -127,8 +140,6 @@ def test_learner_crash_resumes_from_checkpoint(setup, off_policy):
     step 2 (weights, optimizer, reader position, trained groups) and finishes. On-policy the result
     is the uninterrupted run's, step for step; off-policy the staleness is one version."""
     from cluster.checkpoint import CheckpointStore
-    from cluster.rollout_pool import run_vapi
-
     common = ("train.max_steps=4", "checkpoint.every_steps=2", f"method.off_policy={str(off_policy).lower()}",
               "method.heldout_images=0", "optim.lr=3e-3", "optim.min_lr=3e-3")
     cfg = _cfg(setup, f"resume-{off_policy}", *common, "fault.crash_at_step=3")
@@ -150,8 +161,6 @@ def test_learner_crash_resumes_from_checkpoint(setup, off_policy):
 def test_two_rank_zero3_learner_matches_one_rank(setup):
     """The batch is scattered over 2 learner ranks (whole groups each) under ZeRO-3 and the weights
     are gathered to publish: the run follows the 1-rank ZeRO-0 run (same rollouts, same updates)."""
-    from cluster.rollout_pool import run_vapi
-
     common = ("train.max_steps=3", "optim.lr=3e-3", "optim.min_lr=3e-3", "checkpoint.every_steps=3",
               "method.heldout_images=0", "cluster.local_num_cpus=4",
               "method.update_mode=eval")  # train mode draws dropout masks per rank: 1 and 2 ranks differ
@@ -185,8 +194,6 @@ def llamagen_ckpts(setup):
 
 
 def test_llamagen_checkpoints_through_the_pool(setup, llamagen_ckpts):
-    from cluster.rollout_pool import run_vapi
-
     out = run_vapi(_cfg(setup, "llamagen", *llamagen_ckpts, "train.max_steps=3", "checkpoint.every_steps=3",
                         "method.heldout_images=4"))
     assert out["step"] == 3 and sorted(out["groups"]) == list(range(3 * 4))
@@ -197,15 +204,13 @@ def test_llamagen_checkpoints_through_the_pool(setup, llamagen_ckpts):
 def test_model_that_does_not_fit_fails_before_training(setup, llamagen_ckpts):
     """An AR length that differs from the tokenizer's code count is reported by the rollout actors'
     constructors, before the learner pool starts."""
-    from cluster.rollout_pool import run_vapi
-
     with pytest.raises(Exception, match="gives 16 codes per 32 px image but the AR model generates 64"):
         run_vapi(_cfg(setup, "misfit", *llamagen_ckpts, "method.gpt_overrides.block_size=64", "train.max_steps=2"))
 
 
 def _parts_failing_at_rollout(cfg):
     """The default parts, with a tokenizer whose encode fails (a bug inside a rollout)."""
-    from cluster.rollout_pool import default_parts
+    from system.methods.vapi_rollouts import default_parts
 
     policy, tok, lp = default_parts(cfg)
 
@@ -222,12 +227,12 @@ def test_error_inside_a_rollout_ends_the_run_with_that_error(setup):
 
     import ray.cloudpickle
 
-    from cluster.rollout_pool import run_vapi
+    from system.methods.vapi_rollouts import VapiRollouts
 
     ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # actors import no test module
     cfg = _cfg(setup, "broken", "train.max_steps=2", "cluster.max_failures=0", "method.heldout_images=0")
     with pytest.raises(Exception, match="injected rollout failure"):
-        run_vapi(cfg, parts_fn=_parts_failing_at_rollout)
+        run_vapi(cfg, source=VapiRollouts(parts_fn=_parts_failing_at_rollout))
 
 
 def test_job_entry_point_runs_and_prints_the_reward(setup, capsys):

@@ -1,8 +1,9 @@
 """VAπ config rules (method-level `system.methods.vapi.check_config` and the experiment-level
-`cluster.rollout_pool.check_vapi_experiment`), checked before any actor starts."""
+`system.methods.vapi_rollouts.VapiRollouts.check`), checked by the driver's `resolve_job` before any
+actor starts."""
 import pytest
 
-from cluster.rollout_pool import check_vapi_experiment
+from cluster.training import resolve_job as check_vapi_experiment
 from system.config import ConfigError, VapiExperiment, load_config
 
 LLAMAGEN = ["method.export_url=null", "method.llamagen_gpt=/w/c2i.pt", "method.llamagen_vq=/w/vq.pt"]
