@@ -25,9 +25,9 @@ from cluster.actor_pool import ActorPool, FailurePolicy, Progress
 from cluster.runtime import resolve_use_gpu
 from system.config.eval_schema import SampleConfig
 from system.data.storage import join, protocol
-from system.eval.sample_parts import PartSampler, claim_out, finished_parts, merge_parts, plan_record, write_grids
+from system.eval.sample_parts import (
+    PartSampler, claim_out, export_classes, finished_parts, merge_parts, plan_record, write_grids)
 from system.eval.sampling_plan import Part, SamplingPlan
-from system.models.artifacts import model_part
 
 log = logging.getLogger(__name__)
 
@@ -115,7 +115,7 @@ def run_sampling(cfg: SampleConfig) -> dict:
     cfg = dataclasses.replace(cfg, **local)  # actors may not share the driver's working directory
     if cfg.out is None:
         cfg = dataclasses.replace(cfg, out=default_out(cfg.export_url))
-    num_classes = int(model_part(cfg.export_url, "ar", cfg.storage)["config"]["num_classes"])
+    num_classes = export_classes(cfg.export_url, cfg.storage)
     if cfg.num_classes is not None and cfg.num_classes > num_classes:
         raise ValueError(f"num_classes={cfg.num_classes} but the AR model of {cfg.export_url} has {num_classes} classes")
     plan = SamplingPlan(cfg.num_per_class, cfg.num_classes or num_classes, cfg.batch_size, cfg.seed)

@@ -39,6 +39,13 @@ def to_uint8(images: torch.Tensor) -> np.ndarray:
     return x.permute(0, 2, 3, 1).contiguous().cpu().numpy()
 
 
+def export_classes(export_url: str, storage: StorageConfig | None = None) -> int:
+    """The class count of the generator an export holds (what class-conditional sampling draws from)."""
+    from system.models.artifacts import model_part
+
+    return int(model_part(export_url, "ar", storage)["config"]["num_classes"])
+
+
 def plan_record(cfg: SampleConfig, num_classes: int, storage: StorageConfig | None = None) -> dict:
     """The settings that decide the parts' content (plus the export's model.json hash)."""
     model_json = read_bytes(join(cfg.export_url, MODEL_JSON), storage)
