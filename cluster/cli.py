@@ -19,14 +19,31 @@ def job_config(schema: type, argv: list[str], defaults: list[str], check: Option
     data (`cluster.training.resolve_job`) and `check(cfg)`: all exit 2, before any Ray resource."""
     from cluster.training import resolve_job
     from system.config import cli_config, exit_on_config_error
+    from system.config.load import dry_run_requested
     from system.data.embedded import ensure_embedded_data
 
     cfg = cli_config(schema, argv, defaults)
     exit_on_config_error(lambda: ensure_embedded_data(cfg.data))
+    if dry_run_requested(argv):
+        dry_run(cfg)
     exit_on_config_error(lambda: resolve_job(cfg))
     if check is not None:
         exit_on_config_error(lambda: check(cfg))
     return cfg
+
+
+def dry_run(exp: Any, steps: Optional[list] = None) -> None:
+    """`--dry-run` of a job: plan its step(s) (default: training `exp`), print the table, write
+    `<run>/plan.json`, exit 0 without starting anything (a config or wiring error exits 2)."""
+    from cluster.paths import resolve_paths, run_url
+    from system.config import exit_on_config_error
+    from system.pipelines.dry_run import run_dry
+    from system.pipelines.steps import TrainStep
+
+    exp = resolve_paths(exp)
+    steps = steps or [TrainStep(name=exp.run_name, exp=exp)]
+    exit_on_config_error(lambda: run_dry(f"[{exp.run_name}]", steps, run_url(exp), exp.data.storage))
+    raise SystemExit(0)
 
 
 def run_job(fn: Callable[[], Any]) -> Any:

@@ -68,25 +68,6 @@ def expand_runs(schema: type, argv: Sequence[str], defaults: Sequence[str], base
     return out
 
 
-def typed_runs(base: Experiment) -> dict[str, Any]:
-    """`expand_runs` for a config already typed (a pipeline's section): each of `base.runs` applied to
-    `base` as `key=value` overrides; a job without `runs` is the one run `base`."""
-    from system.config.load import apply_overrides
-
-    if not getattr(base, "runs", None):
-        return {base.run_name: base}
-    out: dict[str, Any] = {}
-    for key, spec in base.runs.items():
-        name = f"{base.run_name}-{key}"
-        extra = [f"run_name={json.dumps(name)}", "runs={}"] + ([f"method.model={json.dumps(spec.model)}"] if spec.model else [])
-        extra += [f"{k}={json.dumps(v)}" for k, v in spec.overrides.items()]
-        try:
-            out[name] = apply_overrides(base, extra)
-        except ConfigError as e:
-            out[name] = ConfigError(f"runs.{key}: {e}")
-    return out
-
-
 def _resources(exps: dict[str, Experiment], use_gpu: bool) -> tuple[float, float, str]:
     from cluster.runtime import rank_cpus
     from cluster.train_pool import data_workers

@@ -54,9 +54,17 @@ def run_pipeline_job(pipeline: Pipeline, argv: list[str]) -> int:
     wiring), the embedded photos when asked for, the checks of every step whose inputs exist already
     (exit 2, before Ray), then the steps under <storage_path>/<run_name>, the resolved config saved
     there, and the final table; a config error inside a step exits 2."""
+    from system.config.load import dry_run_requested
+    from system.pipelines.dry_run import check_steps, run_dry
+
     cfg = pipeline_config(pipeline, argv)
-    steps = exit_on_config_error(lambda: prepare(pipeline, cfg))
+    dry = dry_run_requested(argv)
+    steps = exit_on_config_error(lambda: prepare(pipeline, cfg, check=not dry))
     root = pipeline.root(cfg)
+    if dry:
+        exit_on_config_error(lambda: run_dry(f"[{cfg.run_name}]", steps, root, cfg.storage))
+        return 0
+    exit_on_config_error(lambda: check_steps(steps))  # the wiring between the steps, before the first one
     state = exit_on_config_error(lambda: run_pipeline(cfg.run_name, steps, root, cfg.storage, to_yaml(cfg)))
     print(state_table(f"[{cfg.run_name}] pipeline done: {root}", state, pipeline.keys))
     if pipeline.report is not None:
@@ -67,25 +75,26 @@ def run_pipeline_job(pipeline: Pipeline, argv: list[str]) -> int:
 def pipeline_config(pipeline: Pipeline, argv: list[str]) -> Any:
     """`pipeline.load(argv)` for a job's command line: `--help` prints every key; a bad config prints
     `config error: ...` and exits 2 before any Ray resource is touched."""
-    from system.config.load import HelpRequested, help_text
+    from system.config.load import HelpRequested, help_files, help_text
 
     try:
         return exit_on_config_error(lambda: pipeline.load(argv))
     except HelpRequested:
-        print(help_text(pipeline.schema, list(pipeline.defaults)))
+        print(help_text(pipeline.schema, [*pipeline.defaults, *help_files(argv)]))
         raise SystemExit(0) from None
 
 
-def prepare(pipeline: Pipeline, cfg: Any) -> list[Step]:
-    """The steps of `cfg`, after the embedded photo sets are built (when `cfg.embedded`) and every
-    step not yet done whose inputs no step of this run makes (they must exist already) is checked."""
+def prepare(pipeline: Pipeline, cfg: Any, check: bool = True) -> list[Step]:
+    """The steps of `cfg`, after the embedded photo sets are built (when `cfg.embedded`) and (with
+    `check`) every step not yet done whose inputs no step of this run makes (they must exist
+    already) is checked."""
     from system.data.embedded import ensure_embedded_shards
 
     if getattr(cfg, "embedded", False):
         ensure_embedded_shards(cfg.images, cfg.val_images, cfg.storage)
     steps = pipeline.steps(cfg)
     names = {s.name for s in steps}
-    for step in steps:  # a step whose inputs no step of this run makes: they must be there now
+    for step in steps if check else ():  # a step whose inputs no step of this run makes: they must be there now
         if not set(step.needs) & names and not exists(step.marker, getattr(cfg, "storage", None)):
             check_step(step)
     return steps
@@ -99,7 +108,7 @@ def check_step(step: Step) -> None:
 
 @check_step.register
 def _(step: TrainStep) -> None:
-    from cluster.multi_run import typed_runs
+    from system.config.runs import typed_runs
     from cluster.training import resolve_job
 
     for exp in typed_runs(step.exp).values():
@@ -133,7 +142,8 @@ def _(step: TrainStep, title: str) -> dict:
 def _train_side_by_side(step: TrainStep, title: str) -> dict:
     """An experiment with `runs`: those runs at once (cluster/multi_run.py), each its own result.json;
     the summary holds `<run key>/<metric>`; any failed run stops the pipeline (a re-run continues)."""
-    from cluster.multi_run import outcome_table, run_side_by_side, typed_runs
+    from cluster.multi_run import outcome_table, run_side_by_side
+    from system.config.runs import typed_runs
     from cluster.results import write_run_result
     from cluster.training import resolve_job
 

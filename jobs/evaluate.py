@@ -19,7 +19,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from system.config import cli_config  # noqa: E402
+from system.config import cli_config, exit_on_config_error  # noqa: E402
+from system.config.load import dry_run_requested  # noqa: E402
 from system.config.eval_schema import EvaluateConfig, check_evaluate_config  # noqa: E402
 from system.data.storage import join, write_bytes_atomic  # noqa: E402
 
@@ -33,6 +34,12 @@ def main(argv: list[str]) -> int:
     cfg = cli_config(EvaluateConfig, argv, defaults=["evaluate.yaml"], check=check_evaluate_config)
     if not cfg.out:
         cfg = dataclasses.replace(cfg, out=default_out(cfg))
+    if dry_run_requested(argv):  # its checks and inputs, start nothing
+        from system.pipelines.dry_run import run_dry
+        from system.pipelines.steps import EvaluateStep
+
+        exit_on_config_error(lambda: run_dry("evaluate", [EvaluateStep(name="evaluate", cfg=cfg)], cfg.out, cfg.storage))
+        return 0
     from cluster.eval_pool import evaluate, log_to_wandb  # imports Ray only once the config is valid
     from system.eval.report import format_table
 

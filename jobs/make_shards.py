@@ -13,11 +13,20 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from system.config import MakeShardsConfig, cli_config, to_yaml  # noqa: E402
+from system.config import MakeShardsConfig, cli_config, exit_on_config_error, to_yaml  # noqa: E402
+from system.config.load import dry_run_requested  # noqa: E402
 
 
 def main(argv: list[str]) -> int:
     cfg = cli_config(MakeShardsConfig, argv, defaults=["make_shards.yaml"])
+    if dry_run_requested(argv):  # the plan of every split from the source listing (no image read), start nothing
+        from cluster.shards import plan_all
+
+        _, plans = exit_on_config_error(lambda: plan_all(cfg))
+        for split, ps in plans.items():
+            print(json.dumps({"split": split, "shards": len(ps), "num_samples": sum(len(p.items) for p in ps),
+                              "out": f"{cfg.out.rstrip('/')}/{split}"}))
+        return 0
     print(to_yaml(cfg))
     from cluster.runtime import init_ray
     from cluster.shards import make_shards  # imports Ray only once the config is valid

@@ -17,12 +17,20 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo, also under `ray job submit`
 
 from system.config import PretokenizeConfig, cli_config, exit_on_config_error  # noqa: E402
+from system.config.load import dry_run_requested  # noqa: E402
 
 
 def main(argv: list[str]) -> int:
     from system.pipelines.encode import TokenEncoding
 
     cfg = cli_config(PretokenizeConfig, argv)
+    if dry_run_requested(argv):  # plan the encoding (output size; no weights read), start nothing
+        from system.pipelines.dry_run import run_dry
+        from system.pipelines.steps import EncodeStep
+
+        exit_on_config_error(lambda: run_dry("pretokenize", [EncodeStep(name="pretokenize", encoding=TokenEncoding(cfg))],
+                                             cfg.out, cfg.storage))
+        return 0
     enc = exit_on_config_error(lambda: TokenEncoding(cfg).prepare())  # exit 2 before Ray
     from cluster.console import say, table
     from cluster.encode_pool import run_encoding

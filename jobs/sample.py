@@ -15,12 +15,21 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from system.config import cli_config, to_yaml  # noqa: E402
+from system.config import cli_config, exit_on_config_error, to_yaml  # noqa: E402
+from system.config.load import dry_run_requested  # noqa: E402
 from system.config.eval_schema import SampleConfig, check_sample_config  # noqa: E402
 
 
 def main(argv: list[str]) -> int:
     cfg = cli_config(SampleConfig, argv, defaults=["sample.yaml"], check=check_sample_config)
+    if dry_run_requested(argv):  # plan one decode step at full length (memory, time per image), start nothing
+        from cluster.sample_pool import default_out
+        from system.pipelines.dry_run import run_dry
+        from system.pipelines.steps import SampleStep
+
+        out = cfg.out or default_out(cfg.export_url)
+        exit_on_config_error(lambda: run_dry("sample", [SampleStep(name="sample", cfg=cfg)], out, cfg.storage))
+        return 0
     print(to_yaml(cfg))
     from cluster.runtime import init_ray  # imports Ray only once the config is valid
     from cluster.sample_pool import run_sampling

@@ -20,6 +20,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo, also under `ray job submit`
 
 from system.config import ARExperiment, MaskedARExperiment, cli_config, peek  # noqa: E402
+from system.config.load import dry_run_requested  # noqa: E402
 
 SCHEMAS = {"ar": ARExperiment, "masked_ar": MaskedARExperiment}
 DEFAULTS = {"ar": ["base.yaml", "experiments/ar_llamagen.yaml"], "masked_ar": ["base.yaml", "experiments/ar_semtok.yaml"]}
@@ -37,6 +38,10 @@ def main(argv: list[str]) -> int:
     name = objective(argv)
     schema, defaults = SCHEMAS[name], DEFAULTS[name]
     base = cli_config(schema, argv, defaults)  # exit 2 on a bad config, before Ray
+    if dry_run_requested(argv):
+        from cluster.cli import dry_run
+
+        dry_run(base)  # every run of `runs`, planned; exits
     from cluster.console import say
     from cluster.multi_run import exit_status, expand_runs, outcome_table, run_side_by_side
     from cluster.results import write_run_result

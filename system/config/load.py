@@ -55,14 +55,27 @@ def parse_argv(argv: Sequence[str]) -> tuple[list[str], list[str]]:
             files.append(user_config_path(a.split("=", 1)[1]))
         elif a in ("-h", "--help"):
             raise HelpRequested()
-        elif a == "--debug":
-            pass  # read by exit_on_config_error: show tracebacks
+        elif a in ("--debug", "--dry-run"):
+            pass  # --debug: read by exit_on_config_error (tracebacks); --dry-run: by the job (`dry_run_requested`)
         elif "=" in a and not a.startswith("-"):
             overrides.append(a)
         else:
             raise ConfigError(f"cannot read argument {a!r}: expected `key=value` or `--config FILE`")
         i += 1
     return files, overrides
+
+
+def help_files(argv: Sequence[str]) -> list[str]:
+    """The `--config` files of a command line that asks for `--help` (its defaults show them applied)."""
+    try:
+        return parse_argv([a for a in argv if a not in ("-h", "--help")])[0]
+    except ConfigError:
+        return []
+
+
+def dry_run_requested(argv: Sequence[str]) -> bool:
+    """`--dry-run` on a job's command line: plan every step at its configured size and start nothing."""
+    return "--dry-run" in argv
 
 
 def peek(argv: Sequence[str], key: str, default: Any) -> Any:
@@ -298,7 +311,7 @@ def cli_config(schema: type[T], argv: Sequence[str], defaults: Sequence[str | Pa
     try:
         cfg = exit_on_config_error(lambda: load_config(schema, argv, defaults))
     except HelpRequested:
-        print(help_text(schema, defaults))
+        print(help_text(schema, [*defaults, *help_files(argv)]))
         raise SystemExit(0) from None
     if check is not None:
         exit_on_config_error(lambda: check(cfg))
@@ -414,9 +427,10 @@ def help_text(schema: type, defaults: Sequence[str | Path] = (), job: str = "") 
         import sys
 
         job = f"jobs/{Path(sys.argv[0]).name}" if sys.argv and sys.argv[0].endswith(".py") else "jobs/<job>.py"
-    lines = [f"usage: python {job} [--config FILE.yaml] [key=value ...] [--debug]",
+    lines = [f"usage: python {job} [--config FILE.yaml] [key=value ...] [--dry-run] [--debug]",
              "  key=value overrides (dotted keys), applied after the job's defaults and --config files;",
-             "  --debug shows tracebacks of config errors.", ""]
+             "  --dry-run plans every step at its configured size (memory per rank, FLOPs, GPU-hours, wiring",
+             "  between steps) and starts nothing; --debug shows tracebacks of config errors.", ""]
 
     def value(key: str) -> str:
         parent, _, leaf = key.rpartition(".")
