@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
+from system.models.attention import host_span
 from system.models.blocks import KVCache, RMSNorm, TransformerBlock, find_multiple, modulate, zero_init
 from system.models.rope import ROPE_KINDS, build_rope
 
@@ -329,7 +330,9 @@ class GPT(nn.Module):
     def _cached_step(self, h: Tensor, c: Tensor, pos: Tensor) -> Tensor:
         if self._caches is None:
             raise RuntimeError("no KV cache: call setup_cache(batch) before prefill/decode_one")
-        h = self._trunk(h, c, self.rope.index_select(0, pos.to(self.rope.device)), pos)
+        span = host_span(pos)  # host positions: rows sliced, no index tensor copied to the device (a sync)
+        rope = self.rope[span[0] : span[0] + span[1]] if span else self.rope.index_select(0, pos.to(self.rope.device))
+        h = self._trunk(h, c, rope, pos)
         return self.head(h[:, -1])
 
     def prefill(self, labels: Tensor) -> Tensor:
