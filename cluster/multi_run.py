@@ -120,8 +120,9 @@ def run_side_by_side(runs: dict[str, Any], job_for: Callable[[Experiment], Train
     one driver thread each calling `run_training(exp, job_for(exp))`; the outcomes in `runs` order.
     `job_for` (e.g. `resolve_job`) runs for every run before Ray starts: a run whose config it
     rejects fails alone. With more than one run, the per-run progress bars are off (checkpoint lines
-    stay) and the driver's log is `<storage>/<group>/logs/driver.log` for local storage."""
-    from cluster.train_pool import RunFinished, local_run_dir, resolve_paths, run_training
+    stay) and the driver's log is `<storage>/<group>/logs/driver.log` (uploaded there for object storage)."""
+    from cluster.train_pool import RunFinished, resolve_paths, run_training
+    from system.data.storage import join
 
     outcomes: dict[str, RunOutcome] = {}
     ready: dict[str, tuple[Experiment, TrainJob]] = {}
@@ -141,8 +142,8 @@ def run_side_by_side(runs: dict[str, Any], job_for: Callable[[Experiment], Train
         ready = {n: (dataclasses.replace(e, logging=dataclasses.replace(e.logging, progress=False)), j)
                  for n, (e, j) in ready.items()}
     first = resolve_paths(next(iter(ready.values()))[0])
-    log_dir = local_run_dir(dataclasses.replace(first, run_name=group)) if len(ready) > 1 else None
-    with shared_driver_log(log_dir, first.logging.verbose) if log_dir else contextlib.nullcontext():
+    log_dir = join(first.checkpoint.storage_path, group) if len(ready) > 1 else None
+    with shared_driver_log(log_dir, first.logging.verbose, first.data.storage) if log_dir else contextlib.nullcontext():
         try:
             start_ray({n: e for n, (e, _) in ready.items()})
         except ConfigError as e:

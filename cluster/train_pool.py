@@ -112,15 +112,16 @@ def _train_fn(config: dict[str, Any]) -> None:  # Ray Train's train_loop_config
     if device.type == "cuda":
         torch.cuda.set_device(device)
     exp = config["exp"]
-    if not exp.logging.verbose:  # the console shows the driver's bar; worker output goes to the run's logs
-        from cluster.console import redirect_worker_output
-
-        redirect_worker_output(local_run_dir(exp), rank)
     board = config.get("board")
     progress = (lambda e: board.push.remote(e)) if board is not None and rank == 0 else (lambda e: None)
     wctx = WorkerContext(rank=rank, world_size=world, device=device, report=_ray_report(rank), progress=progress,
                          preempted=_preemption_poll())
-    config["worker_fn"](exp, wctx, **config["worker_kwargs"])
+    from cluster.console import worker_output
+    from cluster.loop import run_url
+
+    # the console shows the driver's bar; worker output goes to <run>/logs/rank_<r>.log (unless verbose)
+    with worker_output(run_url(exp), rank, exp.data.storage, verbose=exp.logging.verbose):
+        config["worker_fn"](exp, wctx, **config["worker_kwargs"])
 
 
 class RunFinished(Exception):
@@ -222,7 +223,7 @@ def prepare_run(exp: Experiment, extra_cpus: float = 0.0, extra_gpus: float = 0.
     exp = resolve_paths(exp)
     c = exp.cluster
     check_writable(exp)
-    log_file = setup_driver_logging(local_run_dir(exp), exp.logging.verbose)
+    log_file = setup_driver_logging(run_url(exp), exp.logging.verbose, exp.data.storage)
     store = CheckpointStore(run_url(exp), exp.data.storage)
     try:
         existing = store.latest_complete()  # before any resource is allocated
