@@ -20,6 +20,11 @@ status is 1 at the end):
              (N: parameters used in matmuls) over the bf16 dense peak of the device.
   attention  system/models/attention.py: sdpa (and flash-attn when importable) against math, for
              a training-shaped causal call and a KV-cache decode call; max abs error and time.
+  kvcache    the KV-cache decode step as ``generate`` runs it (flash-attn's ``flash_attn_with_kvcache``
+             where usable, else SDPA over the filled part of the cache) against the path before it
+             (the whole static cache under a mask, ``masked_cache_attention``): max abs difference
+             of the logits over a 256-token teacher-forced decode (CFG batch, llamagen-l, bf16) and
+             tokens/s of ``generate`` (eager, no CUDA graphs) on each path.
   fid        tr sqrt(S1 S2) of two 2048 x 2048 covariances the way system/eval/fid.py does it on
              the device (float64 eigh) and by Newton-Schulz in float32, against a float64 CPU
              reference (the eigenvalues of S1 S2); error and time.
@@ -32,6 +37,7 @@ Training FLOPs and the bf16 peaks are those of system/models/flops.py.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -50,13 +56,13 @@ from bench.eval_throughput import fake_features  # noqa: E402
 from bench.sampling import device_name, timed  # noqa: E402
 from system.eval.fid import feature_stats, frechet_distance  # noqa: E402
 from system.eval.sqrtm import sqrtm_newton_schulz  # noqa: E402
-from system.models.attention import attention, flash_available  # noqa: E402
+from system.models.attention import attention, flash_available, flash_device_reason, masked_cache_attention  # noqa: E402
 from system.models.flops import gpt_flops_per_token, gpt_matmul_params, peak_flops  # noqa: E402
 from system.models.gpt import GPT  # noqa: E402
 from system.models.registry import gpt_config  # noqa: E402
-from system.sampling.ar import BucketedDecoder, generate  # noqa: E402
+from system.sampling.ar import BucketedDecoder, cached_logits, generate  # noqa: E402
 
-SECTIONS = ("sampling", "training", "attention", "fid")
+SECTIONS = ("sampling", "training", "attention", "kvcache", "fid")
 # HBM bandwidth, TB/s nominal, by a substring of the CUDA device name; the first match wins. The
 # bf16 dense peaks come from system.models.flops.
 HBM_TBPS = (
@@ -347,6 +353,55 @@ def bench_attention(a, device: torch.device, dtype: torch.dtype) -> tuple[list[d
     return rows_out, table
 
 
+# -------------------------------------------------------------------------------------- kvcache
+def kv_cache_path(device: torch.device, dtype: torch.dtype) -> str:
+    """The path ``cache_attention`` takes for an eager decode step on this device and dtype."""
+    if device.type == "cuda" and flash_available() and dtype in (torch.float16, torch.bfloat16):
+        reason = flash_device_reason(device.index)
+        return "flash_attn_with_kvcache" if reason is None else f"sdpa filled part (no flash: {reason[:60]})"
+    return "sdpa filled part"
+
+
+def bench_kvcache(a, device: torch.device, dtype: torch.dtype) -> tuple[list[dict], list[tuple]]:
+    name, preset, overrides = ("llamagen-tiny", *TINY["llamagen-tiny"]) if a.tiny else ("llamagen-l", "llamagen-l", {})
+    batch = 2 if a.tiny else 32
+    torch.manual_seed(0)
+    with device:
+        model = GPT(gpt_config(preset, **overrides))
+    torch.nn.init.normal_(model.output.weight, std=0.02)  # a zero-init head gives zero logits
+    model = model.to(dtype).eval()
+    cfg = model.cfg
+    n = cfg.seq_len
+    g = torch.Generator(device=device).manual_seed(0)
+    labels = torch.randint(0, cfg.num_classes, (batch,), device=device, generator=g)
+    tokens = torch.randint(0, cfg.vocab_size, (batch, n), device=device, generator=g)
+    lab2, tok2 = torch.cat([labels, torch.full_like(labels, cfg.num_classes)]), torch.cat([tokens, tokens])
+    fast = cached_logits(model, lab2, tok2).float()
+    with masked_cache_attention():
+        ref = cached_logits(model, lab2, tok2).float()
+    diff, scale = float((fast - ref).abs().max()), float(ref.abs().max())
+    kw = dict(cfg_scale=4.0, temperature=1.0, seed=0)
+    path = kv_cache_path(device, dtype)
+    tol = 1e-5 if dtype == torch.float32 else 2e-2  # relative to the largest logit
+    rows, table = [], []
+    print(f"\nKV-cache decode, {name} ({model.num_params() / 1e6:.1f}M params), {n} tokens, batch {batch} x 2 (CFG), "
+          f"{str(dtype).replace('torch.', '')}: max |logits(path) - logits(masked)| {diff:.3g} (largest logit {scale:.3g})")
+    speed = {}
+    for label, ctx in ((path, contextlib.nullcontext), ("masked (before)", masked_cache_attention)):
+        with ctx():
+            generate(model, labels, **{**kw, "num_tokens": min(n, 8)})  # warm-up
+            t = statistics.median([timed(lambda: generate(model, labels, **kw), device) for _ in range(a.repeats)])
+        speed[label] = batch * n / t
+        rows.append(dict(model=name, path=label, batch=batch, tokens=n, seconds=t, tokens_per_s=speed[label],
+                         max_abs_diff_logits=diff, max_abs_logit=scale))
+        print(f"  {label:<40} {t:7.3f} s  {speed[label]:10.0f} tokens/s")
+    table.append(("kvcache", f"{name} b{batch} {path[:24]} vs masked", f"|dlogits| {diff:.1e}",
+                  f"{speed[path]:.0f} vs {speed['masked (before)']:.0f} tok/s", f"< {tol:g} x {scale:.3g}",
+                  "ok" if diff <= tol * max(scale, 1.0) else "large error"))
+    del model
+    return rows, table
+
+
 # ------------------------------------------------------------------------------------------ fid
 def bench_fid(a, device: torch.device) -> tuple[list[dict], list[tuple]]:
     d, n = (64, 256) if a.tiny else (2048, 4096)
@@ -470,6 +525,7 @@ def main(argv: list[str] | None = None) -> int:
         "sampling": lambda: bench_sampling(a, hw, device, dtype),
         "training": lambda: bench_training(a, hw, device, dtype),
         "attention": lambda: bench_attention(a, device, dtype),
+        "kvcache": lambda: bench_kvcache(a, device, dtype),
         "fid": lambda: bench_fid(a, device),
     }
     for section in a.sections:

@@ -120,10 +120,11 @@ def run_side_by_side(runs: dict[str, Any], job_for: Callable[[Experiment], Train
     one driver thread each calling `run_training(exp, job_for(exp))`; the outcomes in `runs` order.
     `job_for` (e.g. `resolve_job`) runs for every run before Ray starts: a run whose config it
     rejects fails alone. With more than one run, the per-run progress bars are off (checkpoint lines
-    stay) and the driver's log is `<storage>/<group>/logs/driver.log` for local storage."""
+    stay) and the driver's log is `<storage>/<group>/logs/driver.log` (uploaded there for object storage)."""
     from cluster.cli import RunFinished
-    from cluster.paths import local_run_dir, resolve_paths
+    from cluster.paths import resolve_paths
     from cluster.training import run_training
+    from system.data.storage import join
 
     outcomes: dict[str, RunOutcome] = {}
     ready: dict[str, tuple[Experiment, TrainJob]] = {}
@@ -143,8 +144,8 @@ def run_side_by_side(runs: dict[str, Any], job_for: Callable[[Experiment], Train
         ready = {n: (dataclasses.replace(e, logging=dataclasses.replace(e.logging, progress=False)), j)
                  for n, (e, j) in ready.items()}
     first = resolve_paths(next(iter(ready.values()))[0])
-    log_dir = local_run_dir(dataclasses.replace(first, run_name=group)) if len(ready) > 1 else None
-    with shared_driver_log(log_dir, first.logging.verbose) if log_dir else contextlib.nullcontext():
+    log_dir = join(first.checkpoint.storage_path, group) if len(ready) > 1 else None
+    with shared_driver_log(log_dir, first.logging.verbose, first.data.storage) if log_dir else contextlib.nullcontext():
         try:
             start_ray({n: e for n, (e, _) in ready.items()})
         except ConfigError as e:

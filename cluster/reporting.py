@@ -6,9 +6,18 @@ wandb's run folder lives in the run (`<run>/wandb/`): for a local run wandb writ
 on object storage wandb writes to a local folder of rank 0's process (`<tempdir>/wandb-<run_name>-*`,
 lost with that node or pod; removed after the last upload) which `sync_wandb_dir` uploads to
 `<run>/wandb/` at each checkpoint commit (`RunLogger.flush`) and at the end (`RunLogger.close`).
-`wandb sync <run>/wandb/offline-run-*` (after copying it down) publishes an offline run."""
+`wandb sync <run>/wandb/offline-run-*` (after copying it down) publishes an offline run.
+
+The run's logs (`<run>/logs/driver.log`, `<run>/logs/rank_<r>.log`, cluster/console.py) live the
+same way: written in place for a local run; for a run on object storage written to a local file of
+the process (a temp folder, starting from the stored log so a resumed or resubmitted run appends)
+and uploaded whole by `sync_logs` when changed: at each checkpoint commit (every rank its own, the
+driver when it sees the commit), at the end of the run and at exit. A pod deleted after the job
+takes nothing with it but the lines since the last upload (all of them after a kill -9)."""
 from __future__ import annotations
 
+import atexit
+import dataclasses
 import json
 import logging
 import os
@@ -17,7 +26,7 @@ import shutil
 import sys
 import tempfile
 import time
-from typing import Any
+from typing import Any, Optional
 
 from system.config import Experiment, StorageConfig, redacted_dict
 
@@ -87,6 +96,86 @@ def sync_wandb_dir(local_dir: str, run_url: str, storage: StorageConfig | None =
     return n
 
 
+class RunLogFile:
+    """A log of the run on object storage: the local file `path` this process writes, uploaded whole
+    to `url` by `sync` when its size or mtime changed since the last upload."""
+
+    def __init__(self, path: str, url: str, storage: StorageConfig | None, tmp_dir: str):
+        self.path, self.url, self.storage, self.tmp_dir = path, url, storage, tmp_dir
+        self._uploaded: Optional[tuple[int, int]] = None
+
+    def sync(self, quick: bool = False) -> bool:
+        """Upload when changed; a failure is logged, never raised (False). `quick`: one attempt, no
+        waiting out an outage (at interpreter exit)."""
+        from system.data.storage import filesystem
+
+        try:
+            st = os.stat(self.path)
+            if self._uploaded == (st.st_size, st.st_mtime_ns):
+                return True
+            storage = self.storage
+            if quick:
+                storage = dataclasses.replace(storage or StorageConfig(), retry_budget_s=0.0, max_attempts=1)
+            fs, path = filesystem(self.url, storage)
+            fs.put_file(self.path, path)
+            self._uploaded = (st.st_size, st.st_mtime_ns)
+            return True
+        except Exception as e:  # noqa: BLE001 - logging must not kill a training run
+            log.warning("uploading the log %s to %s failed (%s: %s)", self.path, self.url, type(e).__name__, e)
+            return False
+
+
+_LOGS: list[RunLogFile] = []  # this process's logs of runs on object storage
+_at_exit: list = []  # the exit hook, once registered
+
+
+def run_log(run_url: str, name: str, storage: StorageConfig | None = None) -> tuple[str, str]:
+    """(local path to write, where the log lives) for the run's log `<run_url>/logs/<name>`. Local
+    storage: that file itself. Object storage: a file in a new temp folder of this process, holding
+    the stored log so far (appended to, not replaced, by a resumed or resubmitted run), uploaded by
+    `sync_logs` (registered here; also at exit)."""
+    from system.data.storage import exists, filesystem, join, protocol
+
+    if protocol(run_url) == "file":
+        folder = os.path.join(run_url.removeprefix("file://"), "logs")
+        os.makedirs(folder, exist_ok=True)
+        path = os.path.join(folder, name)
+        return path, path
+    url = join(run_url, "logs", name)
+    tmp = tempfile.mkdtemp(prefix=f"run-log-{os.path.splitext(name)[0]}-")
+    path = os.path.join(tmp, name)
+    try:
+        if exists(url, storage):
+            fs, remote = filesystem(url, storage)
+            fs.get_file(remote, path)
+    except Exception as e:  # noqa: BLE001 - a fresh log is better than none
+        log.warning("reading the stored log %s failed (%s: %s); starting a new one", url, type(e).__name__, e)
+    open(path, "ab").close()
+    if not _at_exit:
+        _at_exit.append(atexit.register(sync_logs, final=True, quick=True))
+    _LOGS.append(RunLogFile(path, url, storage, tmp))
+    return path, url
+
+
+def sync_logs(final: bool = False, quick: bool = False) -> bool:
+    """Upload this process's run logs on object storage that changed (see `run_log`); `final`: the
+    process is done with them, and each uploaded one is dropped with its local folder; `quick`: no
+    waiting out a storage outage (at exit). False when an upload failed (logged)."""
+    for stream in (sys.stdout, sys.stderr):  # a worker's output goes to its log through these
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+    ok = True
+    for f in list(_LOGS):
+        done = f.sync(quick)
+        ok = ok and done
+        if final and done:
+            _LOGS.remove(f)
+            shutil.rmtree(f.tmp_dir, ignore_errors=True)
+    return ok
+
+
 def wandb_id(run_name: str) -> str:
     """A stable wandb run id for a run name (so a resubmitted run continues the same wandb run)."""
     return re.sub(r"[^A-Za-z0-9_-]", "-", run_name)[:64]
@@ -152,10 +241,12 @@ class RunLogger:
             print(f"[{self.cfg.run_name}] step {step} " + " ".join(f"{k}={v:.4g}" for k, v in sorted(metrics.items())), flush=True)
 
     def flush(self) -> None:
-        """Write metrics.jsonl and upload wandb's offline run (rank 0; called at checkpoint commits)."""
+        """Write metrics.jsonl and upload wandb's offline run (rank 0), and this rank's log (object
+        storage); called at checkpoint commits."""
         if self.enabled:
             self.store.write_bytes("metrics.jsonl", "".join(json.dumps(r) + "\n" for r in self.records).encode())
             self.sync_wandb()
+        sync_logs()  # every rank: its own log (object storage)
 
     def sync_wandb(self) -> bool:
         """Upload wandb's offline run folder to `<run>/wandb/` (object storage; files changed since the
@@ -197,3 +288,4 @@ class RunLogger:
         if self.sync_wandb() and self._tmp_dir is not None:  # the finished run, complete: the local copy can go
             shutil.rmtree(self._tmp_dir, ignore_errors=True)
             self._tmp_dir = self.wandb_dir = None
+        sync_logs()

@@ -84,16 +84,16 @@ def _train_fn(config: dict[str, Any]) -> None:  # Ray Train's train_loop_config
     if device.type == "cuda":
         torch.cuda.set_device(device)
     exp = config["exp"]
-    if not exp.logging.verbose:  # the console shows the driver's bar; worker output goes to the run's logs
-        from cluster.console import redirect_worker_output
-        from cluster.paths import local_run_dir
-
-        redirect_worker_output(local_run_dir(exp), rank)
     board = config.get("board")
     progress = (lambda e: board.push.remote(e)) if board is not None and rank == 0 else (lambda e: None)
     wctx = WorkerContext(rank=rank, world_size=world, device=device, report=_ray_report(rank), progress=progress,
                          preempted=_preemption_poll())
-    config["worker_fn"](exp, wctx, **config["worker_kwargs"])
+    from cluster.console import worker_output
+    from cluster.paths import run_url
+
+    # the console shows the driver's bar; worker output goes to <run>/logs/rank_<r>.log (unless verbose)
+    with worker_output(run_url(exp), rank, exp.data.storage, verbose=exp.logging.verbose):
+        config["worker_fn"](exp, wctx, **config["worker_kwargs"])
 
 
 def ray_storage(exp: Experiment) -> tuple[str, Any]:

@@ -19,7 +19,7 @@ import ray
 from cluster.cli import RunFinished
 from cluster.console import say
 from cluster.job import TrainJob
-from cluster.paths import check_writable, local_run_dir, resolve_paths, run_url
+from cluster.paths import check_writable, resolve_paths, run_url
 from cluster.runtime import (check_extension_locks, check_local_resources, check_resources, check_storage_shared, init_ray,
                              resolve_use_gpu, worker_nodes)
 from cluster.train_pool import data_workers, run_pool
@@ -67,7 +67,7 @@ def prepare_run(exp: Experiment, extra_cpus: float = 0.0, extra_gpus: float = 0.
     exp = resolve_paths(exp)
     c = exp.cluster
     check_writable(exp)
-    log_file = setup_driver_logging(local_run_dir(exp), exp.logging.verbose)
+    log_file = setup_driver_logging(run_url(exp), exp.logging.verbose, exp.data.storage)
     store = CheckpointStore(run_url(exp), exp.data.storage)
     try:
         existing = store.latest_complete()  # before any resource is allocated

@@ -44,3 +44,31 @@ def s3_server():
             yield f"http://{host}:{port}"
         finally:
             server.stop()
+
+
+@pytest.fixture
+def fake_flash_kvcache(monkeypatch):
+    """flash-attn's ``flash_attn_with_kvcache`` as its docstring defines it, in torch, installed as
+    usable (no GPU needed): layout (B, L, H, D), any strides with a contiguous last dim, int32
+    ``cache_seqlens`` (B,); with ``causal``, key j of row b is visible to query i iff
+    j <= cache_seqlens[b] - Lq + i. Yields the list of the ``cache_seqlens`` of each call."""
+    from system.models import attention as A
+
+    calls: list[list[int]] = []
+
+    def flash_attn_with_kvcache(q, k_cache, v_cache, cache_seqlens=None, causal=False):
+        assert q.stride(-1) == 1 and k_cache.stride(-1) == 1 and v_cache.stride(-1) == 1
+        assert cache_seqlens.dtype == torch.int32 and cache_seqlens.shape == (q.shape[0],)
+        assert cache_seqlens.is_contiguous()
+        calls.append(cache_seqlens.tolist())
+        lq, out = q.shape[1], []
+        for b in range(q.shape[0]):
+            n = int(cache_seqlens[b])
+            qb, kb, vb = (t.transpose(0, 1)[None] for t in (q[b], k_cache[b, :n], v_cache[b, :n]))  # (1, H, L, D)
+            mask = A.causal_mask(lq, n) if causal else None
+            out.append(A.attention(qb, kb, vb, mask=mask, backend="math")[0].transpose(0, 1))
+        return torch.stack(out)
+
+    monkeypatch.setattr(A, "_flash_attn_with_kvcache", flash_attn_with_kvcache)
+    monkeypatch.setattr(A, "_flash_kv_reason", lambda q, k, v: None)
+    yield calls

@@ -10,7 +10,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from system.models.attention import attention
+from system.models.attention import attention, cache_attention, host_span
 from system.models.rope import apply_rope
 
 
@@ -63,22 +63,41 @@ class SwiGLU(nn.Module):
 
 
 class KVCache(nn.Module):
-    """Static per-layer cache, k/v preallocated as (B, H, max_len, D)."""
+    """Static per-layer cache, k/v preallocated as (B, H, max_len, D).
 
-    def __init__(self, batch: int, n_heads: int, max_len: int, head_dim: int, dtype: torch.dtype, device=None):
+    ``dtype=None`` keeps the keys in the dtype the layer computes them in (e.g. bfloat16 under
+    autocast with float32 weights), allocated at the first write: the same values as a float32
+    cache (bfloat16 numbers either way), half the memory, no cast of the whole cache per step,
+    and flash-attn can read it in place.
+    """
+
+    def __init__(self, batch: int, n_heads: int, max_len: int, head_dim: int, dtype: torch.dtype | None, device=None):
         super().__init__()
         shape = (batch, n_heads, max_len, head_dim)
-        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
-        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.device = torch.device(device) if device is not None else torch.device("cpu")
+        self.adopt_dtype = dtype is None  # allocated at the first write, in the keys' dtype (meta until then)
+        where = "meta" if dtype is None else self.device
+        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=where), persistent=False)
+        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=where), persistent=False)
 
     @property
     def max_len(self) -> int:
         return self.k.shape[2]
 
     def update(self, pos: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
-        """Write k/v (B, H, S, D) at positions pos (S,); return the full caches."""
-        self.k.index_copy_(2, pos, k.to(self.k.dtype))
-        self.v.index_copy_(2, pos, v.to(self.v.dtype))
+        """Write k/v (B, H, S, D) at positions pos (S,) (host or device); return the full caches."""
+        if self.adopt_dtype:  # the first write: allocate in the keys' dtype
+            self.adopt_dtype = False
+            self.k = torch.zeros(self.k.shape, dtype=k.dtype, device=self.device)
+            self.v = torch.zeros(self.v.shape, dtype=v.dtype, device=self.device)
+        span = host_span(pos)
+        if span is not None:  # consecutive host positions: a plain copy into the slice, no index tensor
+            self.k.narrow(2, span[0], span[1]).copy_(k)
+            self.v.narrow(2, span[0], span[1]).copy_(v)
+        else:
+            pos = pos.to(self.k.device)
+            self.k.index_copy_(2, pos, k.to(self.k.dtype))
+            self.v.index_copy_(2, pos, v.to(self.v.dtype))
         return self.k, self.v
 
 
@@ -121,9 +140,11 @@ class SelfAttention(nn.Module):
         """x (B, L, D) -> (B, L, D).
 
         rope: (L, hd/2, 2) table rows for these L positions. With ``kv_cache``,
-        ``cache_pos`` (L,) gives the write positions and attention runs over
-        the whole cache; key j is visible to query i iff j <= cache_pos[i],
-        unless ``mask`` (L, max_len) is given, which then replaces that rule.
+        ``cache_pos`` (L,) gives the write positions (same for every row; host
+        positions let the step read only the filled part of the cache, see
+        ``attention.cache_attention``); key j is visible to query i iff
+        j <= cache_pos[i], unless ``mask`` (L, max_len) is given, which then
+        replaces that rule (over the whole cache).
         """
         b, l, _ = x.shape
         q, k, v = self.wqkv(x).view(b, l, 3, self.n_heads, self.head_dim).permute(2, 0, 3, 1, 4)  # 3 x (B, H, L, hd)
@@ -131,15 +152,17 @@ class SelfAttention(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         if rope is not None:
             q, k = apply_rope(q, rope), apply_rope(k, rope)
+        drop = self.attn_dropout if self.training else 0.0
         if kv_cache is not None:
             if cache_pos is None:
                 raise ValueError("kv_cache given without cache_pos (the positions to write)")
             k, v = kv_cache.update(cache_pos, k, v)
             if mask is None:  # key j visible to query i iff j <= cache_pos[i]
-                mask = torch.arange(kv_cache.max_len, device=x.device)[None, :] <= cache_pos[:, None]  # (L, Lmax)
-            causal = False
-        drop = self.attn_dropout if self.training else 0.0
-        out = attention(q, k.to(q.dtype), v.to(q.dtype), causal=causal, mask=mask, dropout_p=drop, backend=self.backend)
+                out = cache_attention(q, k, v, cache_pos, dropout_p=drop, backend=self.backend)
+            else:
+                out = attention(q, k.to(q.dtype), v.to(q.dtype), mask=mask, dropout_p=drop, backend=self.backend)
+        else:
+            out = attention(q, k, v, causal=causal, mask=mask, dropout_p=drop, backend=self.backend)
         out = out.transpose(1, 2).reshape(b, l, self.dim)
         return self.resid_dropout(self.wo(out))
 

@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
+from system.models.attention import host_span
 from system.models.blocks import KVCache, RMSNorm, TransformerBlock, find_multiple, modulate, zero_init
 from system.models.rope import ROPE_KINDS, build_rope
 
@@ -236,11 +237,9 @@ class GPT(nn.Module):
         """h (B, S, D), class embedding c (B, D) -> normed hidden (B, S, D); pos != None uses the KV cache."""
         mod = self.adaln_mod(c) if self.adaln_mod is not None else None
         causal = not self.cfg.bidirectional
-        if pos is not None:  # cache visibility, shared by all layers: key j seen by query i iff j <= pos[i]
-            visible = torch.arange(self._caches[0].max_len, device=h.device)[None, :] <= pos[:, None]
         for i, blk in enumerate(self.layers):
-            if pos is not None:
-                h = blk(h, rope, visible, False, mod, self._caches[i], pos)
+            if pos is not None:  # key j seen by query i iff j <= pos[i] (attention.cache_attention)
+                h = blk(h, rope, None, False, mod, self._caches[i], pos)
             elif self.cfg.grad_checkpointing and self.training:
                 h = checkpoint(blk, h, rope, None, causal, mod, use_reentrant=False)
             else:
@@ -317,11 +316,12 @@ class GPT(nn.Module):
         return self.head(h[:, -1])
 
     def setup_cache(self, batch: int, max_len: int | None = None, dtype: torch.dtype | None = None) -> None:
-        """Preallocate a static KV cache per layer for ``batch`` sequences."""
+        """A static KV cache per layer for ``batch`` sequences; ``dtype`` None: the dtype the layers
+        compute keys in (e.g. bfloat16 under autocast), allocated at the first write (``prefill``)."""
         p = self.output.weight
         max_len = max_len or self.cfg.cls_token_num + self.cfg.seq_len
         self._caches = [
-            KVCache(batch, self.cfg.n_head, max_len, self.cfg.head_dim, dtype or p.dtype, p.device) for _ in self.layers
+            KVCache(batch, self.cfg.n_head, max_len, self.cfg.head_dim, dtype, p.device) for _ in self.layers
         ]
 
     def clear_cache(self) -> None:
@@ -330,20 +330,24 @@ class GPT(nn.Module):
     def _cached_step(self, h: Tensor, c: Tensor, pos: Tensor) -> Tensor:
         if self._caches is None:
             raise RuntimeError("no KV cache: call setup_cache(batch) before prefill/decode_one")
-        h = self._trunk(h, c, self.rope.index_select(0, pos), pos)
+        span = host_span(pos)  # host positions: rows sliced, no index tensor copied to the device (a sync)
+        rope = self.rope[span[0] : span[0] + span[1]] if span else self.rope.index_select(0, pos.to(self.rope.device))
+        h = self._trunk(h, c, rope, pos)
         return self.head(h[:, -1])
 
     def prefill(self, labels: Tensor) -> Tensor:
         """Run the class token(s) into the cache; logits (B, V) for the first token."""
         c = self.cls_embedding(labels)
-        pos = torch.arange(self.cfg.cls_token_num, device=labels.device)
+        pos = torch.arange(self.cfg.cls_token_num)  # host positions: the filled length is known without a sync
         return self._cached_step(c.unsqueeze(1), c, pos)
 
     def decode_one(self, token: Tensor, pos: Tensor, labels: Tensor, codebook: Tensor | None = None) -> Tensor:
         """token (B, 1) at sequence position pos (1,) -> logits (B, V) for the next token.
 
         Sequence position of generated token i is cls_token_num + i. ``labels``
-        feeds AdaLN (ignored without it). No data-dependent control flow.
+        feeds AdaLN (ignored without it). ``pos`` on the host (eager sampling)
+        lets attention read only the filled part of the cache; on the device
+        (torch.compile, CUDA graphs) the step has no data-dependent control flow.
         """
         c = self.cls_embedding(labels)
         h = self.embed_tokens(token, codebook=codebook).to(c.dtype)

@@ -1,8 +1,10 @@
 """Autoregressive sampling with a static KV cache and classifier-free guidance.
 
-Per image: one ``prefill`` (class token) and N-1 ``decode_one`` steps, each a
-fixed-shape graph (no data-dependent Python control flow), so
-``torch.compile(model.decode_one)`` captures it once. CFG runs the batch
+Per image: one ``prefill`` (class token) and N-1 ``decode_one`` steps. Eager
+steps get their position on the host, so attention reads only the filled part
+of the cache (flash-attn's KV-cache kernel on the GPU when usable); a
+``decode_fn`` gets it on the device, a fixed-shape graph (no data-dependent
+Python control flow), so ``torch.compile(model.decode_one)`` captures it once. CFG runs the batch
 doubled as [cond; null class] and mixes logits as u + s * (c - u), with the
 scale s following a schedule over the N steps. ``BucketedDecoder`` is a
 ``decode_fn`` that reads only the filled part of the cache, optionally compiled
@@ -112,7 +114,10 @@ def generate(
     if use_cache:
         decode = decode_fn or model.decode_one
         model.setup_cache(lab.shape[0], cfg.cls_token_num + n)
-        positions = torch.arange(cfg.cls_token_num, cfg.cls_token_num + n, device=labels.device)
+        # model.decode_one reads host positions without a sync (only the filled cache is attended to);
+        # a decode_fn (compiled, CUDA graphs) takes device positions and fixed shapes
+        where = labels.device if decode_fn is not None else "cpu"
+        positions = torch.arange(cfg.cls_token_num, cfg.cls_token_num + n, device=where)
         try:
             logits = model.prefill(lab)
             for i in range(n):
@@ -132,6 +137,28 @@ def generate(
     return out
 
 
+@torch.no_grad()
+def cached_logits(model, labels: Tensor, tokens: Tensor, codebook: Tensor | None = None,
+                  decode_fn: Callable | None = None) -> Tensor:
+    """Teacher-forced KV-cache pass: the logits (B, N, V) ``generate``'s cached steps give at every
+    position of ``tokens`` (B, N) for ``labels`` (B,) (``prefill``, then ``decode_one`` on each
+    token; a CFG batch is simply passed doubled). For checking the cached paths against each other."""
+    was_training = model.training
+    model.eval()
+    n0, (b, n) = model.cfg.cls_token_num, tokens.shape
+    decode = decode_fn or model.decode_one
+    positions = torch.arange(n0, n0 + n, device=labels.device if decode_fn is not None else "cpu")
+    model.setup_cache(b, n0 + n)
+    try:
+        out = [model.prefill(labels)]
+        for i in range(n - 1):
+            out.append(decode(tokens[:, i : i + 1], positions[i : i + 1], labels, codebook))
+    finally:
+        model.clear_cache()
+    model.train(was_training)
+    return torch.stack(out, dim=1)
+
+
 def _mark_dynamic(t: Tensor, *dims: int) -> None:
     for d in dims:
         if t.shape[d] > 1:  # sizes 0 and 1 are always specialised
@@ -142,6 +169,7 @@ class BucketedDecoder:
     """A ``decode_fn`` for :func:`generate` that reads only the filled part of the KV cache,
     optionally compiled and replayed as CUDA graphs.
 
+    With device positions (what ``generate`` hands a ``decode_fn``) and without flash-attn,
     ``model.decode_one`` attends over the whole static cache (later positions masked), so every
     step reads ``max_len`` positions of K/V. Here each layer's cache is a view of the first
     positions of one persistent buffer, rounded up to a multiple of ``bucket`` (0: the whole

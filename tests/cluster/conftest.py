@@ -35,3 +35,16 @@ def dist_world1():
                 else:
                     os.environ[k] = v
     yield dist
+
+
+@pytest.fixture
+def bucket(s3_server):
+    """A new bucket on the local S3 endpoint: (s3fs filesystem, bucket name)."""
+    import uuid
+
+    import s3fs
+
+    name = f"b-{uuid.uuid4().hex[:8]}"
+    fs = s3fs.S3FileSystem(client_kwargs={"endpoint_url": s3_server}, skip_instance_cache=True)
+    fs.mkdir(name)
+    return fs, name

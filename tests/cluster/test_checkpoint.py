@@ -212,7 +212,7 @@ def test_prepare_run_stops_on_an_unreachable_store(monkeypatch, tmp_path):
 
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
-    monkeypatch.setattr(cluster.console, "setup_driver_logging", lambda run_dir, verbose=False: None)
+    monkeypatch.setattr(cluster.console, "setup_driver_logging", lambda *args, **kwargs: None)
     endpoint = f"http://127.0.0.1:{_closed_port()}"
     exp = load_config(ToyExperiment, ["run_name=r1", f"data.url={tmp_path}", "checkpoint.storage_path=s3://bucket/runs",
                                       f"data.storage.endpoint_url={endpoint}", "data.storage.max_attempts=1"])

@@ -1,21 +1,10 @@
-"""wandb's offline run of a run on object storage reaches `<run>/wandb/` (at each commit and at the
-end), on a local S3 endpoint; no Ray."""
+"""wandb's offline run and the run's logs of a run on object storage reach `<run>/wandb/` and `<run>/logs/`
+(at each commit and at the end), on a local S3 endpoint; no Ray."""
 from __future__ import annotations
 
 import os
-import uuid
 
 import pytest
-
-
-@pytest.fixture
-def bucket(s3_server):
-    import s3fs
-
-    name = f"rep-{uuid.uuid4().hex[:8]}"
-    fs = s3fs.S3FileSystem(client_kwargs={"endpoint_url": s3_server}, skip_instance_cache=True)
-    fs.mkdir(name)
-    return fs, name
 
 
 def test_sync_wandb_dir_uploads_new_and_changed_files(bucket, s3_server, tmp_path):
@@ -67,3 +56,66 @@ def test_run_logger_uploads_wandb_offline_run_at_commit_and_end(bucket, s3_serve
     runs = fs.glob(f"{name}/runs/rep/wandb/offline-run-*/run-*.wandb")
     assert len(runs) == 1 and fs.size(runs[0]) > 0
     assert not [p for p in tmp_path.iterdir() if p.name.startswith("wandb-rep-")]  # the local copy is gone
+
+
+@pytest.fixture
+def own_logs(monkeypatch):
+    """A fresh registry of run logs for the test (no exit hook registered)."""
+    import cluster.reporting as R
+
+    monkeypatch.setattr(R, "_LOGS", [])
+    monkeypatch.setattr(R, "_at_exit", [None])
+    return R._LOGS
+
+
+def test_run_log_on_object_storage_uploads_changes_and_continues(bucket, s3_server, tmp_path, own_logs):
+    from cluster.reporting import run_log, sync_logs
+    from system.config import StorageConfig
+
+    fs, name = bucket
+    st = StorageConfig(endpoint_url=s3_server)
+    path, url = run_log(f"s3://{name}/r", "rank_0.log", st)
+    assert url == f"s3://{name}/r/logs/rank_0.log" and not path.startswith(str(tmp_path))
+    with open(path, "a") as f:
+        f.write("first\n")
+    assert sync_logs()
+    assert fs.cat(f"{name}/r/logs/rank_0.log") == b"first\n"
+    fs.rm(f"{name}/r/logs/rank_0.log")
+    assert sync_logs() and not fs.exists(f"{name}/r/logs/rank_0.log")  # unchanged: not uploaded again
+    with open(path, "a") as f:
+        f.write("second\n")
+    assert sync_logs(final=True)
+    assert fs.cat(f"{name}/r/logs/rank_0.log") == b"first\nsecond\n"
+    assert not own_logs and not os.path.exists(path)  # done: the local copy is gone
+
+    path2, _ = run_log(f"s3://{name}/r", "rank_0.log", st)  # a restarted worker / resubmitted job
+    with open(path2, "a") as f:
+        f.write("third\n")
+    sync_logs(final=True)
+    fs.invalidate_cache()
+    assert fs.cat(f"{name}/r/logs/rank_0.log") == b"first\nsecond\nthird\n"  # continued, not replaced
+
+
+def test_run_log_of_a_local_run_is_written_in_place(tmp_path, own_logs):
+    from cluster.reporting import run_log
+
+    path, where = run_log(str(tmp_path / "run"), "driver.log")
+    assert path == where == str(tmp_path / "run" / "logs" / "driver.log") and os.path.isdir(tmp_path / "run" / "logs")
+    assert not own_logs
+
+
+def test_a_log_upload_failure_is_logged_and_quick_at_exit(tmp_path, own_logs, caplog):
+    import time
+
+    from cluster.reporting import RunLogFile, sync_logs
+    from system.config import StorageConfig
+
+    local = tmp_path / "driver.log"
+    local.write_text("line\n")
+    dead = StorageConfig(endpoint_url="http://127.0.0.1:9", retry_budget_s=600.0)  # nothing listens on port 9
+    own_logs.append(RunLogFile(str(local), "s3://nowhere/r/logs/driver.log", dead, str(tmp_path / "gone")))
+    t = time.monotonic()
+    with caplog.at_level("WARNING", logger="cluster.reporting"):
+        assert sync_logs(final=True, quick=True) is False
+    assert time.monotonic() - t < 30
+    assert "uploading the log" in caplog.text and own_logs  # kept: not uploaded

@@ -69,3 +69,137 @@ def test_gpu_backends_agree_bf16(causal):
         fl = attention(q, k, v, causal=causal, backend="flash").float()
         torch.testing.assert_close(fl, ref, atol=2e-2, rtol=2e-2)
         assert resolve_backend("auto", q) == "flash"
+
+
+# ------------------------------------------------------------- flash-attn on the device it runs on
+@pytest.fixture
+def fake_device(monkeypatch):
+    """flash-attn 'installed' and a CUDA device of a chosen capability and build (no GPU needed);
+    returns a dict to set: capability, archs (None: unreadable), probe (its error or None), calls."""
+    from system.models import attention as A
+
+    state = {"capability": (8, 0), "archs": {("sm", 80), ("sm", 90)}, "probe": None, "calls": 0}
+
+    def capability(index):
+        state["calls"] += 1
+        return state["capability"]
+
+    monkeypatch.setattr(A, "_flash_attn_func", lambda *a, **k: None)
+    monkeypatch.setattr(A, "_device_reasons", {})
+    monkeypatch.setattr(A, "flash_archs", lambda: state["archs"])
+    monkeypatch.setattr(A, "_probe", lambda index: state["probe"])
+    monkeypatch.setattr(torch.cuda, "get_device_capability", capability)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda index: "Test GPU")
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
+    return state
+
+
+def _cuda_q(dtype=torch.bfloat16, index=0):
+    """What resolve_backend reads of q, as a CUDA tensor would answer."""
+    from types import SimpleNamespace
+
+    return SimpleNamespace(is_cuda=True, dtype=dtype, shape=(2, 4, 16, 64), device=torch.device("cuda", index))
+
+
+def test_flash_on_a_device_its_build_covers(fake_device):
+    from system.models.attention import flash_device_reason
+
+    for cap in [(8, 0), (8, 6), (8, 9), (9, 0)]:  # A100, A10, L40S, H100 with an sm_80 + sm_90 build
+        fake_device["capability"] = cap
+        assert flash_device_reason(cap[0] * 10 + cap[1]) is None, cap
+    assert resolve_backend("auto", _cuda_q(index=80)) == "flash"
+    assert resolve_backend("auto", _cuda_q(torch.float32, index=80)) == "sdpa"  # dtype still decides first
+
+
+def test_sm90_build_on_an_a100_falls_back_to_sdpa_logged_once(fake_device, caplog):
+    fake_device["archs"] = {("sm", 90)}
+    with caplog.at_level("WARNING", logger="system.models.attention"):
+        assert resolve_backend("auto", _cuda_q()) == "sdpa"
+        assert resolve_backend("auto", _cuda_q()) == "sdpa"
+    warnings = [r.getMessage() for r in caplog.records]
+    assert len(warnings) == 1 and "kernels for sm_90 only" in warnings[0] and "sm_80" in warnings[0]
+    assert fake_device["calls"] == 1  # decided once per device
+    with pytest.raises(RuntimeError, match="'flash' cannot run: the installed flash-attn has kernels for sm_90 only"):
+        resolve_backend("flash", _cuda_q())
+    fake_device["capability"] = (9, 0)  # another device is decided on its own
+    assert resolve_backend("auto", _cuda_q(index=1)) == "flash"
+    assert resolve_backend("auto", _cuda_q(index=0)) == "sdpa"
+
+
+def test_old_cards_and_unreadable_builds(fake_device):
+    from system.models.attention import flash_device_reason
+
+    fake_device["capability"] = (7, 5)  # T4: below flash-attn 2's minimum, whatever the build
+    assert "compute capability 7.5; flash-attn 2 needs 8.0 or newer" in flash_device_reason(0)
+    fake_device.update(capability=(8, 0), archs=None, probe="a test call failed (RuntimeError: no kernel image)")
+    assert "no kernel image" in flash_device_reason(1)  # build unreadable: the test call decides
+    fake_device["probe"] = None
+    assert flash_device_reason(2) is None
+
+
+def test_device_decision_is_a_constant_under_torch_compile(fake_device):
+    from system.models.attention import flash_device_reason
+
+    fake_device["archs"] = {("sm", 90)}
+
+    def pick(x):
+        return x + 1 if flash_device_reason(0) is None else x - 1
+
+    out = torch.compile(pick, backend="eager", fullgraph=True)(torch.zeros(2))  # fullgraph: a graph break raises
+    assert out.tolist() == [-1.0, -1.0]
+
+
+# ------------------------------------------------------------------------------ KV-cache attention
+def _cache(b=2, h=3, lmax=12, d=16, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(b, h, lmax, d, generator=g), torch.randn(b, h, lmax, d, generator=g)
+
+
+def _masked_reference(q, k, v, pos):
+    mask = torch.arange(k.shape[2])[None, :] <= pos[:, None]
+    return attention(q, k, v, mask=mask, backend="sdpa")
+
+
+@pytest.mark.parametrize("positions", [[0], [5], [11], [3, 4, 5, 6], [0, 1, 2]])
+def test_cache_attention_reads_the_filled_part_with_the_same_numbers(positions):
+    from system.models.attention import cache_attention, host_span, masked_cache_attention
+
+    pos = torch.tensor(positions)
+    k, v = _cache()
+    k[:, :, pos[-1] + 1:] = float("nan")  # never written: must not be read
+    v[:, :, pos[-1] + 1:] = float("nan")
+    q = torch.randn(2, 3, len(positions), 16, generator=torch.Generator().manual_seed(1))
+    assert host_span(pos) == (positions[0], len(positions))
+    out = cache_attention(q, k, v, pos)
+    assert torch.isfinite(out).all()
+    k, v = torch.nan_to_num(k), torch.nan_to_num(v)
+    ref = _masked_reference(q, k, v, pos)
+    assert (out - ref).abs().max() < 1e-6
+    with masked_cache_attention():  # the reference path, forced
+        torch.testing.assert_close(cache_attention(q, k, v, pos), ref, atol=0, rtol=0)
+
+
+def test_cache_attention_with_other_positions_keeps_the_masked_rule():
+    from system.models.attention import cache_attention, host_span
+
+    k, v = _cache()
+    q = torch.randn(2, 3, 3, 16)
+    for pos in (torch.tensor([2, 7, 4]), torch.tensor([[1, 2, 3]])[0, ::2]):  # not consecutive
+        assert host_span(pos) is None
+        torch.testing.assert_close(cache_attention(q[:, :, : len(pos)], k, v, pos),
+                                   _masked_reference(q[:, :, : len(pos)], k, v, pos), atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("positions,on_host", [([6], True), ([6], False), ([2, 3, 4], True)])
+def test_flash_kv_cache_call_follows_its_contract(fake_flash_kvcache, monkeypatch, positions, on_host):
+    from system.models import attention as A
+
+    calls = fake_flash_kvcache
+    k, v = _cache(b=3)
+    q = torch.randn(3, 3, len(positions), 16)
+    pos = torch.tensor(positions)
+    if not on_host:  # a device position: no host span, the length is computed as a tensor
+        monkeypatch.setattr(A, "host_span", lambda p: None)
+    out = A.cache_attention(q, k, v, pos)
+    assert calls == [[positions[-1] + 1] * 3]
+    assert (out - _masked_reference(q, k, v, pos)).abs().max() < 1e-6
