@@ -51,7 +51,7 @@ class _ShardFactory:
     reader_name = ""
 
     def _reader(self):
-        from system.data import reader
+        from system.data import stream as reader
 
         return getattr(reader, self.reader_name)
 

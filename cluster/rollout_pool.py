@@ -361,7 +361,7 @@ class RolloutSource(BatchSource):
 
 def image_reader(exp: VapiExperiment):
     """Rank 0 reads the images of every iteration for the whole pool."""
-    from system.data.reader import ShardReader
+    from system.data.stream import ShardReader
 
     return ShardReader.from_config(exp.data, rank=0, world_size=1, seed=exp.seed)
 
@@ -408,7 +408,7 @@ def heldout_batch(exp: VapiExperiment) -> Optional[tuple[torch.Tensor, torch.Ten
     n = exp.method.heldout_images
     if not n or not exp.data.val_url:
         return None
-    from system.data.reader import ShardReader
+    from system.data.stream import ShardReader
 
     d = exp.data
     r = ShardReader(d.val_url, rank=0, world_size=1, batch_size=n, resolution=d.resolution, num_workers=0,

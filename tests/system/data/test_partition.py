@@ -197,7 +197,7 @@ def test_layout_changes_twice_in_one_epoch(uneven):
 @pytest.mark.parametrize("drop_last", [True, False])
 def test_plan_deals_every_position_once(drop_last):
     """Plan arithmetic over many layouts, with and without positions consumed before."""
-    from system.data.reader import Layout, Plan, merge, total
+    from system.data.plan import Layout, Plan, merge, total
 
     for n, base in ((87, []), (87, [[3, 9], [40, 41], [80, 87]]), (23, [[0, 1]])):
         for world, workers, batch in ((1, 1, 4), (3, 3, 2), (2, 4, 3), (4, 2, 5), (3, 5, 1)):

@@ -13,7 +13,7 @@ from shardset import build, shard_keys
 
 from system.config import StorageConfig
 from system.data import ShardReader, StorageError
-from system.data.reader import build_chunks
+from system.data.plan import build_chunks
 from system.data.shards import iter_tar_samples
 
 
@@ -206,7 +206,7 @@ def test_fast_tar_parser_agrees_with_tarfile(tmp_path):
     samples `iter_tar_samples` (tarfile) keeps, and leaves tars with pax headers to tarfile."""
     import tarfile
 
-    from system.data.reader import _tar_samples, _UseTarfile
+    from system.data.tario import _tar_samples, _UseTarfile
     from system.data.shards import image_complete
 
     build(tmp_path, [6])
