@@ -12,9 +12,10 @@ share starts or ends inside a chunk reads the part of it that covers its samples
 Partition (by samples, not shards). An epoch is dealt to `world_size` ranks x `K = max(num_workers,
 1)` slots (a slot is what one dataloader worker reads):
   * drop_last=True (training): every rank gets exactly `T = N // (world_size * batch_size)`
-    batches of `batch_size` per epoch; rank r takes positions [r*T*B, (r+1)*T*B) of the order.
-    The remainder, the last `N - world_size * T * B < world_size * batch_size` positions of the
-    epoch's order (other samples each epoch), is dropped. No batch spans two epochs.
+    batches of `batch_size` per epoch. The remainder, `N - world_size * T * B < world_size *
+    batch_size` positions of the epoch's order drawn uniformly with rng(seed, epoch) (so every
+    sample is as likely to be dropped, and other samples each epoch), is left out; rank r takes
+    positions [r*T*B, (r+1)*T*B) of the rest. No batch spans two epochs.
   * drop_last=False (validation): every sample once; rank shares differ by at most one sample
     (ranks r < N % world_size get one more); each rank's last batch of the epoch may be short.
   Within a rank, batch j of the epoch belongs to slot j % K; a slot's batches are one contiguous
@@ -22,16 +23,25 @@ Partition (by samples, not shards). An epoch is dealt to `world_size` ranks x `K
   in order j = 0, 1, ... (worker `(j - j0) % K` makes batch j, j0 the first batch of the session).
   So in lockstep (every rank draws the same number of batches, as the training loop does) every
   sample of an epoch is seen exactly once, except the dropped remainder.
+
+Substitutes (drop_last=True). An unreadable sample's place is taken by a readable one chosen by
+`Substitutes`: a function of (seed, epoch, which samples are readable) alone, so the same on any
+layout; one substitute per unreadable sample, spread over the epoch's samples, and no readable
+sample stands in twice while clearly less than half the epoch is unreadable (up to ~40 %; from
+about half on, some substitutes repeat): no sample is drawn more than twice in an epoch (its own
+place and one substitution).
 """
 from __future__ import annotations
 
 import bisect
 import math
 from dataclasses import dataclass
+from typing import Callable, Optional
 
 import numpy as np
 
 DEFAULT_CHUNK_SIZE = 256
+_DROP, _CYCLE = 2**32 - 1, 2**32 - 2  # rng stream tags (beside [seed, epoch] and [seed, epoch, chunk])
 
 Intervals = list[list[int]]  # sorted, disjoint, non-adjacent [start, end) ranges
 
@@ -93,6 +103,13 @@ class _Remaining:
     def positions(self, i: int, j: int) -> np.ndarray:
         parts = [np.arange(a, b, dtype=np.int64) for a, b in self.intervals(i, j)]
         return np.concatenate(parts) if parts else np.zeros(0, np.int64)
+
+    def at(self, idx: np.ndarray) -> np.ndarray:
+        """Positions R[idx]."""
+        idx = np.asarray(idx, dtype=np.int64)
+        k = np.searchsorted(np.asarray(self.cum, dtype=np.int64), idx, side="right") - 1
+        starts = np.array([a for a, _ in self.free] or [0], dtype=np.int64)
+        return starts[k] + idx - np.asarray(self.cum, dtype=np.int64)[k]
 
 
 # ---------------------------------------------------------------------------- samples, chunks, order
@@ -178,17 +195,24 @@ class Layout:
 
 
 class Plan:
-    """How the positions of an epoch not in `base` are dealt to ranks, slots and batches."""
+    """How the positions of epoch `epoch` not in `base` are dealt to ranks, slots and batches;
+    with drop_last, `dropped` (the remainder, drawn with rng(seed, epoch)) is left out and `rem`
+    is the sequence of the dealt positions."""
 
-    def __init__(self, n: int, base: Intervals, layout: Layout):
+    def __init__(self, n: int, base: Intervals, layout: Layout, *, seed: int, epoch: int):
         self.layout, self.base = layout, base
-        self.rem = _Remaining(n, base)
-        m, w, b = len(self.rem), layout.world_size, layout.batch_size
+        left = _Remaining(n, base)
+        m, w, b = len(left), layout.world_size, layout.batch_size
+        self.dropped = np.zeros(0, np.int64)
         if layout.drop_last:
             t = m // (w * b)
             self.shares = [t * b] * w
+            pick = np.random.default_rng([seed, epoch, _DROP, m]).choice(m, m - w * t * b, replace=False)
+            self.dropped = np.sort(left.at(pick))
+            left = _Remaining(n, merge(base + [[int(p), int(p) + 1] for p in self.dropped]))
         else:
             self.shares = [m // w + (r < m % w) for r in range(w)]
+        self.rem = left
         self.rank_start = [0]
         for share in self.shares[:-1]:
             self.rank_start.append(self.rank_start[-1] + share)
@@ -205,7 +229,7 @@ class Plan:
         return n
 
     def slot_range(self, rank: int, slot: int) -> tuple[int, int]:
-        """[start, end) of the slot in R (the remaining positions)."""
+        """[start, end) of the slot in `rem` (the dealt positions)."""
         a = self.rank_start[rank] + sum(self._slot_size(rank, s) for s in range(slot))
         return a, a + self._slot_size(rank, slot)
 
@@ -220,3 +244,44 @@ class Plan:
                 done = len(range(s, kr, kk)) * b
                 out += self.rem.intervals(a, min(a + done, e))
         return merge(out)
+
+
+# ---------------------------------------------------------------------------- substitutes
+class Substitutes:
+    """The readable sample that stands in for each unreadable one in epoch `epoch` (drop_last),
+    whatever the layout: the N ids in a random cycle (rng(seed, epoch)); walking the cycle on from
+    an unreadable sample x, counting +1 for x and each unreadable sample and -1 for each readable
+    one, x's substitute is the readable sample where the count first reaches 0 (x is matched like
+    an opening bracket). `readable(id)` says whether a sample can be read and decoded."""
+
+    MAX_WALK = 1024  # a walk this long (about half or more unreadable around x): the first readable met
+
+    def __init__(self, n: int, seed: int, epoch: int, readable: Callable[[int], bool]):
+        dtype = np.int32 if n < 2**31 else np.int64
+        self.cycle = np.random.default_rng([seed, epoch, _CYCLE]).permutation(n).astype(dtype)
+        self.where = np.empty(n, dtype=dtype)
+        self.where[self.cycle] = np.arange(n, dtype=dtype)
+        self.readable = readable
+        self.crowded = False  # set once a walk found no match (more unreadable than readable around x)
+
+    def of(self, x: int) -> Optional[int]:
+        """The substitute of unreadable sample x; None when no sample of the epoch is readable."""
+        n, p = len(self.cycle), int(self.where[x])
+        count, first = 1, None
+        for step in range(1, n):
+            y = int(self.cycle[(p + step) % n])
+            if not self.readable(y):
+                count += 1
+            elif count == 1:
+                return y
+            else:
+                count -= 1
+                first = y if first is None else first
+            if first is not None and step >= self.MAX_WALK:
+                break
+        self.crowded = self.crowded or first is not None
+        return first
+
+    def first(self) -> Optional[int]:
+        """The first readable sample of the cycle (None: nothing in the epoch is readable)."""
+        return next((int(y) for y in self.cycle if self.readable(int(y))), None)

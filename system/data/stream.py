@@ -7,19 +7,22 @@ system/data/tario.py.
 Unreadable data (corrupt or incomplete sample, truncated or corrupt tar, shard object missing)
 is skipped on every layout and never kills the job; only an epoch without one readable sample
 raises. Storage errors (unreachable endpoint, credentials: `StorageError`) are not skipped.
-  * drop_last=True: a bad sample at index i of its slot (n samples) is replaced by the first
-    readable sample at slot index (i + n//2 + m) % n, m = 0, 1, ... (a bad region is filled from
-    the other half of the slot, one substitute per bad sample; when the whole slot is unreadable,
-    by the first readable sample of the epoch's order). Batches keep `batch_size` samples and
-    every rank yields the same number of batches (`batches_per_epoch()`), so ranks stay in step;
-    a substitute is an extra copy of a sample that is also seen in its own place, so the epoch
-    shows it twice (or more, when several bad samples fall on it). Replacement depends only on
-    (seed, epoch, layout, which data is readable), so a resumed run reproduces it.
+  * drop_last=True: a bad sample is replaced by its substitute (system/data/plan.py
+    `Substitutes`: a readable sample of the epoch found by walking a seeded random cycle of all
+    its samples, each read on its own; a different one for each bad sample while well under
+    half the data is unreadable, so a bad shard's places are spread over the epoch and no
+    sample is drawn more than twice in it). Batches keep `batch_size` samples and every rank yields the
+    same number of batches (`batches_per_epoch()`), so ranks stay in step. Replacement depends
+    only on (seed, epoch, which data is readable), not on the layout, so a resumed or resized
+    run reproduces it.
   * drop_last=False: bad samples are left out (batches may be shorter; a batch with no readable
     sample is not yielded).
   `skipped` counts the distinct bad samples (by id) among the planned samples of the batches this
   rank handed out, once each: not again in later epochs, retries or after a resume (the ids are
-  part of the state).
+  part of the state, keyed by the rank that met them). A state is continued by rank `s %
+  world_size` for each saving rank s it holds: after a resize, where every new rank loads rank 0's
+  state (cluster/checkpoint.py), new rank 0 carries rank 0's ids and the other ranks start at 0,
+  so no bad sample is counted by two ranks.
 
 Position (world-size independent). `state_dict()` is the same on every rank of a lockstep run
 (bar the rank's `bad` ids): the epoch, the positions of the epoch's order consumed by all ranks
@@ -29,7 +32,8 @@ same layout (world_size, workers, batch_size, drop_last) continues exactly the b
 uninterrupted run would have produced. Loading it with another layout deals the epoch's
 remaining positions (not in `consumed`) afresh, as above, over the new ranks and workers (the
 remainder rule applies to the remaining positions); every sample of the epoch is still seen
-exactly once (bar the remainders). Later epochs are dealt in full.
+exactly once (bar the remainders). Later epochs are dealt in full. A state saved when the
+remainder was the tail of the order (no `deal` key) is re-dealt the same way on any layout.
 
 Prefetch: each stream (worker) fetches the bytes of its next chunk in a background thread while
 the current one is decoded (one chunk ahead); a chunk is one ranged read (system/data/tario.py).
@@ -41,6 +45,7 @@ yields {"codes", "label", "key"}.
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -56,7 +61,7 @@ from system.data import tario
 from system.data.codec import ImageCodec, LatentCodec, SampleCodec, TokenCodec
 from system.data.embedded import ensure_embedded_dataset
 from system.data.latents import latent_meta
-from system.data.plan import DEFAULT_CHUNK_SIZE, EpochOrder, Intervals, Layout, Plan, build_chunks, merge
+from system.data.plan import DEFAULT_CHUNK_SIZE, EpochOrder, Intervals, Layout, Plan, Substitutes, build_chunks, merge
 from system.data.shards import read_index
 from system.data.source import BatchSource
 from system.data.storage import filesystem, join, storage_error
@@ -66,6 +71,7 @@ from system.data.tokens import meta_dtype, token_meta
 log = logging.getLogger(__name__)
 
 STATE_FORMAT = 2
+DEAL = 2  # how positions are dealt; 2: the remainder drawn uniformly (1, no "deal" in the state: the tail)
 
 
 @dataclass
@@ -80,25 +86,36 @@ class _Spec:
     codec: SampleCodec
     prefetch: bool
 
+    @functools.cached_property
+    def _firsts(self) -> np.ndarray:
+        return np.array([c.first for c in self.chunks], dtype=np.int64)
+
+    def chunk_of(self, ids: np.ndarray) -> np.ndarray:
+        """Index of the chunk holding each sample id."""
+        return np.searchsorted(self._firsts, ids, side="right") - 1
+
+    def shard_url(self, chunk: int) -> str:
+        return join(self.files.url, self.files.shards[self.chunks[chunk].shard][0])
+
+    def unreadable(self, epoch: int) -> RuntimeError:
+        return RuntimeError(f"no readable samples in {self.files.url} in epoch {epoch} ({self.num_samples} samples in "
+                            f"{len(self.files.shards)} shards: all missing, truncated or corrupt; see the warnings)")
+
 
 class _SlotReader:
     """The samples of one slot (a sequence of sample ids) of one epoch: chunk-wise reads, the next
-    chunk fetched in a background thread while the current one is decoded; decoded samples with
-    their bad ones replaced (see the module docstring)."""
+    chunk fetched in a background thread while the current one is decoded."""
 
-    CACHE = 4  # fetched runs kept: the current and next of the main cursor, the same for substitutes
+    CACHE = 2  # fetched runs kept: the current one and the next
 
-    def __init__(self, spec: _Spec, epoch: int, ids: np.ndarray, fallback: Callable[[], tuple]):
-        self.spec, self.epoch, self.ids, self.fallback = spec, epoch, ids, fallback
-        firsts = np.array([c.first for c in spec.chunks], dtype=np.int64)
-        chunk_of = np.searchsorted(firsts, ids, side="right") - 1
+    def __init__(self, spec: _Spec, epoch: int, ids: np.ndarray):
+        self.spec, self.epoch, self.ids = spec, epoch, ids
+        chunk_of = spec.chunk_of(ids)
         cuts = np.flatnonzero(np.diff(chunk_of)) + 1 if len(ids) else np.zeros(0, np.int64)
         self.run_start = np.concatenate([[0], cuts]).astype(np.int64) if len(ids) else np.zeros(0, np.int64)
         self.run_chunk = chunk_of[self.run_start] if len(ids) else np.zeros(0, np.int64)
         self.cache: dict[int, Future] = {}
         self.pool = ThreadPoolExecutor(1, thread_name_prefix="shard-prefetch") if spec.prefetch else None
-        self.good: dict[int, bool] = {}  # slot index -> readable (memo for substitute searches)
-        self.dead = False
 
     def close(self) -> None:
         if self.pool is not None:
@@ -146,26 +163,49 @@ class _SlotReader:
 
     def decoded(self, i: int) -> Optional[tuple[Any, int, str]]:
         """(array, label, key) of slot index i, None when it cannot be read or decoded."""
-        if self.good.get(i) is False:
-            return None
-        files = self.spec.files
-        shard = files.shards[self.spec.chunks[int(self.run_chunk[self._run_of(i)])].shard][0]
-        out = self.spec.codec.sample(self.raw(i), join(files.url, shard), self.epoch)
-        self.good[i] = out is not None
-        return out
+        url = self.spec.shard_url(int(self.run_chunk[self._run_of(i)]))
+        return self.spec.codec.sample(self.raw(i), url, self.epoch)
+
+
+class _Probe:
+    """Single samples of one epoch read one by one (a ranged read each), their readability
+    remembered: what `Substitutes` walks to find the stand-in for an unreadable sample."""
+
+    def __init__(self, spec: _Spec, epoch: int):
+        self.spec, self.epoch = spec, epoch
+        self.known: dict[int, bool] = {}
+        self.last: tuple[int, Any] = (-1, None)  # the latest sample read: a walk ends on it
+        self.subs = Substitutes(spec.num_samples, spec.seed, epoch, self.readable)
+
+    def sample(self, i: int) -> Optional[tuple[Any, int, str]]:
+        if self.last[0] != i:
+            c = int(self.spec.chunk_of(np.array([i]))[0])
+            chunk = self.spec.chunks[c]
+            t = chunk.start + i - chunk.first
+            raw = tario.read_samples(self.spec.files, chunk.shard, t, t + 1)[0]
+            out = self.spec.codec.sample(raw, self.spec.shard_url(c), self.epoch)
+            self.known[i], self.last = out is not None, (i, out)
+        return self.last[1]
+
+    def readable(self, i: int) -> bool:
+        if i not in self.known:
+            self.sample(i)
+        return self.known[i]
 
     def substitute(self, i: int) -> tuple[Any, int, str]:
-        n = len(self.ids)
-        if not self.dead:
-            d = max(1, n // 2)
-            for m in range(n):
-                c = (i + d + m) % n
-                if c != i and self.good.get(c) is not False:
-                    out = self.decoded(c)
-                    if out is not None:
-                        return out
-            self.dead = True
-        return self.fallback()
+        """The sample that takes unreadable sample i's place (raises when none is readable)."""
+        j = self.subs.of(i)
+        if j is None:
+            raise self.spec.unreadable(self.epoch)
+        if self.subs.crowded:
+            warn_once(f"crowded:{self.spec.files.url}", "about half or more of the samples of %s are unreadable in "
+                      "places: some readable samples stand in for several unreadable ones", self.spec.files.url)
+        return self.sample(j)
+
+    def require_any(self) -> None:
+        """Raise when no sample of the epoch is readable."""
+        if self.subs.first() is None:
+            raise self.spec.unreadable(self.epoch)
 
 
 class _RankBatches(IterableDataset):
@@ -182,7 +222,7 @@ class _RankBatches(IterableDataset):
         epoch, base, k = self.start
         g0 = 0  # session index of batch k of the current segment
         while True:
-            plan = Plan(sp.num_samples, base, sp.layout)
+            plan = Plan(sp.num_samples, base, sp.layout, seed=sp.seed, epoch=epoch)
             t = plan.num_batches(self.rank)
             j = k + (w - g0) % nw  # this worker's first batch of the segment
             if j < t:
@@ -195,40 +235,26 @@ class _RankBatches(IterableDataset):
     def _segment(self, plan: Plan, epoch: int, j0: int, t: int, g_shift: int, nw: int) -> Iterator[dict[str, Any]]:
         sp = self.spec
         order = EpochOrder(sp.chunks, sp.seed, epoch)
-        slot = j0 % sp.layout.workers
-        a, e = plan.slot_range(self.rank, slot)
+        a, e = plan.slot_range(self.rank, j0 % sp.layout.workers)
         ids = order.ids(plan.rem.positions(a, e))
-        first_good: list = []
+        reader, probes = _SlotReader(sp, epoch, ids), []  # probes: a _Probe, made at the first unreadable sample
 
-        def fallback() -> tuple:
-            if not first_good:
-                everything = _SlotReader(sp, epoch, order.ids(np.arange(sp.num_samples)), lambda: None)
-                try:
-                    for i in range(sp.num_samples):
-                        out = everything.decoded(i)
-                        if out is not None:
-                            first_good.append(out)
-                            break
-                finally:
-                    everything.close()
-                if not first_good:
-                    raise RuntimeError(f"no readable samples in {sp.files.url} in epoch {epoch} ({sp.num_samples} samples in "
-                                       f"{len(sp.files.shards)} shards: all missing, truncated or corrupt; see the warnings)")
-            return first_good[0]
+        def probe() -> _Probe:
+            if not probes:
+                probes.append(_Probe(sp, epoch))
+            return probes[0]
 
-        reader = _SlotReader(sp, epoch, ids, fallback)
         b = sp.layout.batch_size
         try:
             for j in range(j0, t, nw):
                 i0 = (j // sp.layout.workers) * b
-                i1 = min(i0 + b, len(ids))
                 items, bad = [], []
-                for i in range(i0, i1):
+                for i in range(i0, min(i0 + b, len(ids))):
                     out = reader.decoded(i)
                     if out is None:
                         bad.append(int(ids[i]))
                         if sp.layout.drop_last:
-                            out = reader.substitute(i)
+                            out = probe().substitute(int(ids[i]))
                     if out is not None:
                         items.append(out)
                 batch: dict[str, Any] = {"_g": j + g_shift, "_epoch": epoch, "_j": j, "_bad": bad}
@@ -237,7 +263,7 @@ class _RankBatches(IterableDataset):
                                   "label": torch.tensor([x[1] for x in items], dtype=torch.long),
                                   "key": [x[2] for x in items]})
                 else:
-                    fallback()  # raises when nothing in the epoch can be read (else this would spin forever)
+                    probe().require_any()  # raises when nothing in the epoch can be read (else this would spin forever)
                     batch["_empty"] = True
                 yield batch
         finally:
@@ -327,12 +353,12 @@ class ShardSource(BatchSource):
 
     def batches_per_epoch(self) -> int:
         """This rank's batches in a whole epoch (the same on every rank with drop_last=True)."""
-        return Plan(self.num_samples, [], self.layout).num_batches(self.rank)
+        return Plan(self.num_samples, [], self.layout, seed=self.seed, epoch=0).num_batches(self.rank)
 
     def _plan(self) -> Plan:
         key = (self._epoch, tuple(map(tuple, self._base)))
         if self._plan_cache is None or self._plan_cache[0] != key:
-            self._plan_cache = (key, Plan(self.num_samples, self._base, self.layout))
+            self._plan_cache = (key, Plan(self.num_samples, self._base, self.layout, seed=self.seed, epoch=self._epoch))
         return self._plan_cache[1]
 
     def _settle(self) -> None:
@@ -377,7 +403,8 @@ class ShardSource(BatchSource):
 
     def state_dict(self) -> dict[str, Any]:
         """Position after the last batch handed out; the same on every rank of a lockstep run
-        except `bad`/`skipped` (this rank's unreadable samples). Plain lists and ints."""
+        except `bad`/`skipped` (this rank's unreadable samples: {rank: id intervals}). Plain lists,
+        dicts and ints."""
         self._settle()
         return {
             "format": STATE_FORMAT,
@@ -390,9 +417,10 @@ class ShardSource(BatchSource):
             "consumed": self._plan().consumed(self._k),
             "base": [list(x) for x in self._base],
             "layout": self.layout.as_dict(),
+            "deal": DEAL,
             "batches": self._k,
             "last_epoch": self.epoch,
-            "bad": merge([[i, i + 1] for i in self._bad]),
+            "bad": {str(self.rank): merge([[i, i + 1] for i in self._bad])} if self._bad else {},
             "skipped": len(self._bad),
         }
 
@@ -415,12 +443,17 @@ class ShardSource(BatchSource):
                     "position needs the same seed, fraction, chunk_size and shard set (world size, workers and batch "
                     "size may differ)"
                 )
-        if state["layout"] == self.layout.as_dict():
+        same = state["layout"] == self.layout.as_dict()
+        if same and state.get("deal", 1) == DEAL:
             self._epoch, self._base, self._k = int(state["epoch"]), merge(state["base"]), int(state["batches"])
-        else:
+        else:  # another layout, or dealt by another rule: the epoch's remaining positions dealt afresh
             self._epoch, self._base, self._k = int(state["epoch"]), merge(state["consumed"]), 0
         self._plan_cache = None
-        self._bad = {i for a, b in state.get("bad", []) for i in range(int(a), int(b))}
+        bad = state.get("bad", {})
+        if isinstance(bad, list):  # saved before the ids were keyed by rank: this rank's, or rank 0's after a resize
+            bad = {str(self.rank if same else 0): bad}
+        self._bad = {i for saver, iv in bad.items() if int(saver) % self.world_size == self.rank
+                     for a, b in iv for i in range(int(a), int(b))}
         self.epoch = int(state.get("last_epoch", self._epoch))
         self._settle()
 

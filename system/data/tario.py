@@ -175,6 +175,6 @@ def read_samples(files: TarShards, shard: int, lo: int, hi: int) -> list[Optiona
         if f is not None:
             f.close()
     if n < skip + len(out):
-        warn_once(f"trunc:{url}:{lo}", "shard %s is truncated or corrupt: samples %d-%d of %d unreadable; skipping them",
-                  url, lo + n - skip, hi - 1, count)
+        warn_once(f"trunc:{url}", "shard %s is truncated or corrupt: samples %d-%d of %d unreadable; skipping them "
+                  "(further unreadable ranges of this shard are not reported)", url, lo + n - skip, hi - 1, count)
     return out

@@ -100,6 +100,32 @@ def test_state_mismatch_is_an_error(uneven):
         reader(url).load_state_dict(old)
 
 
+def test_state_saved_before_the_uniform_remainder_is_re_dealt(uneven):
+    """A state without "deal" (saved when the remainder was the tail of the order) continues from
+    its consumed positions dealt afresh, every sample of the epoch still once; its unkeyed bad ids
+    are the loading rank's own on the same layout (each rank loads its own state), rank 0's after
+    a resize."""
+    url, _ = uneven
+    old = [reader(url, rank=r, world_size=2, num_workers=0) for r in range(2)]
+    its = [iter(r) for r in old]
+    seen = [k for _ in range(2) for it in its for k in next(it)["key"]]
+    state = {**old[0].state_dict(), "bad": [[3, 5]]}
+    del state["deal"]
+    new = [reader(url, rank=r, world_size=2, num_workers=0) for r in range(2)]
+    for r in new:
+        r.load_state_dict(state)
+    assert new[0].state_dict()["base"] == state["consumed"] and new[0].state_dict()["batches"] == 0
+    assert [r.state_dict()["bad"] for r in new] == [{"0": [[3, 5]]}, {"1": [[3, 5]]}]
+    rest = (27 - 8) // 4
+    its = [iter(r) for r in new]
+    seen += [k for _ in range(rest) for it in its for k in next(it)["key"]]
+    assert len(seen) == len(set(seen)) == 8 + 4 * rest and new[0].epoch == 0
+    resized = [reader(url, rank=r, world_size=3, num_workers=0) for r in range(3)]
+    for r in resized:
+        r.load_state_dict(state)
+    assert [r.skipped for r in resized] == [2, 0, 0]
+
+
 def test_state_is_the_same_on_every_rank(uneven):
     url, _ = uneven
     rs = [reader(url, rank=r, world_size=3, num_workers=0, batch_size=2) for r in range(3)]
