@@ -102,7 +102,7 @@ def plain_loop(a, threads: int, shards: str | None) -> list[float]:
     model = m.modules()["ar"].module
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.05)
     if shards:
-        from system.data.reader import TokenShardReader
+        from system.data.stream import TokenShardReader
 
         source = TokenShardReader(shards, rank=0, world_size=1, batch_size=a.global_batch, num_workers=0, seed=0)
     else:

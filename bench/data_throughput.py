@@ -33,7 +33,7 @@ import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from system.config import StorageConfig  # noqa: E402
-import system.data.reader as reader_mod  # noqa: E402
+import system.data.tario as tario  # noqa: E402
 from system.data import ShardReader, filesystem, plan_shards, write_index, write_shard  # noqa: E402
 from system.data.embedded import load_photos, random_crops  # noqa: E402
 from system.data.transforms import center_crop_arr, flip_decision, to_tensor  # noqa: E402
@@ -88,13 +88,13 @@ def bench_reader(url: str, storage: StorageConfig, n: int, resolution: int, batc
                  prefetch: bool, latency_s: float = 0.0) -> tuple[int, float, float]:
     reader = ShardReader(url, batch_size=batch, resolution=resolution, num_workers=0, storage=storage,
                          chunk_size=chunk_size, prefetch=prefetch)
-    real = reader_mod.read_samples
+    real = tario.read_samples
     if latency_s:
         def slow(*args):  # the wait of a remote request (sleep releases the GIL, as a socket wait does)
             time.sleep(latency_s)
             return real(*args)
 
-        reader_mod.read_samples = slow
+        tario.read_samples = slow
     try:
         t0, c0, done = time.perf_counter(), time.process_time(), 0
         for b in reader:
@@ -103,7 +103,7 @@ def bench_reader(url: str, storage: StorageConfig, n: int, resolution: int, batc
                 break
         return done, time.perf_counter() - t0, time.process_time() - c0
     finally:
-        reader_mod.read_samples = real
+        tario.read_samples = real
 
 
 def main() -> None:

@@ -1,6 +1,6 @@
 """Data: WebDataset shards on any fsspec URL, a resumable streaming reader, the embedded photo set."""
 from system.data.embedded import ensure_embedded_dataset
-from system.data.reader import ShardReader, TokenShardReader
+from system.data.stream import ShardReader, TokenShardReader
 from system.data.shards import (
     ShardPlan,
     find_classes,

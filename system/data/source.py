@@ -9,7 +9,7 @@ class BatchSource:
     """Base class of batch sources. `state_dict()` after any batch lets a fresh source continue
     with exactly the batches an uninterrupted run would have produced. A source may also accept a
     state saved at another world size (the shard readers do: their state is the same on every
-    rank and is re-dealt over the new ranks, see system/data/reader.py)."""
+    rank and is re-dealt over the new ranks, see system/data/plan.py)."""
 
     def __iter__(self) -> Iterator[Any]:
         raise NotImplementedError

@@ -20,7 +20,7 @@ import torch
 from system.config.eval_schema import EvaluateConfig
 from system.config import StorageConfig, redacted_dict
 from system.data.embedded import ensure_embedded_dataset
-from system.data.reader import ShardReader
+from system.data.stream import ShardReader
 from system.data.storage import protocol, read_bytes
 from system.eval.fid import feature_stats, fid_from_features, frechet_distance
 from system.eval.inception import InceptionV3FID, extract_features

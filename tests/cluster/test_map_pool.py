@@ -93,7 +93,7 @@ def test_failures_are_collected_and_deaths_bounded(local_ray):
 
 
 def _image_keys(src: str):
-    from system.data.reader import ShardReader
+    from system.data.stream import ShardReader
 
     for b in ShardReader(src, batch_size=8, resolution=8, random_flip=False, drop_last=False).one_epoch():
         yield b["key"]

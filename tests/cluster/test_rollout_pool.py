@@ -28,7 +28,7 @@ def _pretrain_tokenizer(export: Path, data_url: str, steps: int = 30) -> None:
     ignores them and every reward in a group would be the same)."""
     from safetensors.torch import save_file
 
-    from system.data.reader import ShardReader
+    from system.data.stream import ShardReader
     from system.models.artifacts import build_tokenizer1d, load_part, model_part
 
     torch.manual_seed(0)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 from collections import Counter
 
+import numpy as np
 import pytest
 from shardset import build, shard_keys
 
@@ -126,7 +127,8 @@ def damaged(tmp_path_factory):
 @pytest.mark.parametrize("world,workers,batch_size", [(3, 3, 2), (2, 2, 3), (1, 0, 4)])
 def test_unreadable_shards_are_skipped_on_every_layout(damaged, world, workers, batch_size):
     """No error, every rank the same number of full batches per epoch; a bad sample's place is
-    taken by another sample of the rank's share (seen twice); each bad sample counted once."""
+    taken by another readable sample of the epoch (seen twice, or once when it is one of the
+    dropped remainder); each bad sample counted once."""
     url, all_keys, gone = damaged
     steps = N // (world * batch_size)
     readers = [reader(url, rank=r, world_size=world, num_workers=workers, batch_size=batch_size, chunk_size=8)
@@ -138,7 +140,9 @@ def test_unreadable_shards_are_skipped_on_every_layout(damaged, world, workers, 
     seen = Counter(k for rank in got for _, keys in rank for k in keys)
     assert not set(seen) & gone
     assert bad >= len(gone) - (N - steps * world * batch_size)  # the missing shard, bar what the remainder took
-    assert len(seen) == steps * world * batch_size - bad  # all readable planned samples, the substitutes twice
+    planned, dropped = steps * world * batch_size, N - steps * world * batch_size
+    assert max(seen.values()) <= 2  # a sample's own place and one substitution at most
+    assert planned - bad <= len(seen) <= planned - bad + dropped  # readable planned samples + substitutes from the rest
     assert sum(seen.values()) == steps * world * batch_size
     more = lockstep(readers, 1)  # and on into the next epoch
     assert all(rank[0][0] == 1 for rank in more)
@@ -146,8 +150,8 @@ def test_unreadable_shards_are_skipped_on_every_layout(damaged, world, workers, 
 
 def test_a_rank_whose_whole_share_is_unreadable_keeps_step(tmp_path):
     """3 shards of 10, one chunk each, 3 ranks x 1 worker: each rank's epoch is exactly one shard.
-    With one shard gone, its rank still yields its 5 batches (copies of the epoch's first readable
-    sample), so the ranks stay in step; with drop_last=False it yields nothing."""
+    With one shard gone, its rank still yields its 5 batches (10 different readable samples of the
+    other shards), so the ranks stay in step; with drop_last=False it yields nothing."""
     url, _ = build(tmp_path, [10, 10, 10])
     os.remove(tmp_path / "train/train-000001.tar")
     gone = set(shard_keys([10, 10, 10])[1])
@@ -155,9 +159,12 @@ def test_a_rank_whose_whole_share_is_unreadable_keeps_step(tmp_path):
     got = lockstep(readers, 5 + 1)
     assert all([e for e, _ in rank] == [0] * 5 + [1] for rank in got)
     skipped = [r.skipped for r in readers]
-    victim = next(i for i, rank in enumerate(got) if {k for _, keys in rank[:5] for k in keys} & gone == set() and
-                  len({k for _, keys in rank[:5] for k in keys}) == 1)
-    assert skipped[victim] == 10
+    victim = skipped.index(10)
+    assert sorted(skipped) == [0, 0, 10]
+    drawn = Counter(k for rank in got for _, keys in rank[:5] for k in keys)
+    assert not set(drawn) & gone and len({k for _, keys in got[victim][:5] for k in keys}) == 10
+    assert sorted(drawn) == sorted(set(shard_keys([10, 10, 10])[0] + shard_keys([10, 10, 10])[2]))
+    assert sorted(drawn.values()) == [1] * 10 + [2] * 10  # each readable sample stands in once at most
     val = [reader(url, rank=r, world_size=3, num_workers=0, batch_size=4, chunk_size=10, drop_last=False) for r in range(3)]
     counts = [len([k for b in v.one_epoch() for k in b["key"]]) for v in val]
     assert sorted(counts) == [0, 10, 10]
@@ -197,11 +204,11 @@ def test_layout_changes_twice_in_one_epoch(uneven):
 @pytest.mark.parametrize("drop_last", [True, False])
 def test_plan_deals_every_position_once(drop_last):
     """Plan arithmetic over many layouts, with and without positions consumed before."""
-    from system.data.reader import Layout, Plan, merge, total
+    from system.data.plan import Layout, Plan, merge, total
 
     for n, base in ((87, []), (87, [[3, 9], [40, 41], [80, 87]]), (23, [[0, 1]])):
         for world, workers, batch in ((1, 1, 4), (3, 3, 2), (2, 4, 3), (4, 2, 5), (3, 5, 1)):
-            plan = Plan(n, merge(base), Layout(world, workers, batch, drop_last))
+            plan = Plan(n, merge(base), Layout(world, workers, batch, drop_last), seed=0, epoch=0)
             left = n - total(merge(base))
             ranges = []
             for r in range(world):
@@ -218,3 +225,61 @@ def test_plan_deals_every_position_once(drop_last):
             assert dropped == (left % (world * batch) if drop_last else 0)
             t_max = max(plan.num_batches(r) for r in range(world))
             assert plan.consumed(t_max) == merge(base + used) and plan.consumed(0) == merge(base)
+
+
+GARBAGE_COUNTS = [6, 24, 8, 10, 19, 12, 6]  # 85 = 2 ranks x 5 batches x 4 + 3 ranks x 5 batches x 3
+
+
+@pytest.fixture(scope="module")
+def garbage(tmp_path_factory):
+    """7 uneven shards, shard 4 overwritten with random bytes (markers intact) and shard 0 gone:
+    25 of 85 samples unreadable."""
+    root = tmp_path_factory.mktemp("garbage")
+    url, all_keys = build(root, GARBAGE_COUNTS)
+    tar = root / "train/train-000004.tar"
+    tar.write_bytes(np.random.default_rng(0).integers(0, 256, tar.stat().st_size, dtype=np.uint8).tobytes())
+    os.remove(root / "train/train-000000.tar")
+    keys = shard_keys(GARBAGE_COUNTS)
+    return url, all_keys, set(keys[0] + keys[4])
+
+
+def bad_ids(r):
+    return {i for iv in r.state_dict()["bad"].values() for a, b in iv for i in range(a, b)}
+
+
+@pytest.mark.parametrize("loader", ["rank 0", "own"])
+def test_skipped_is_exact_across_a_resize(garbage, loader):
+    """2 ranks read 5 batches of 4, 3 ranks finish the epoch (5 batches of 3, nothing dropped).
+    Every readable sample once in its place, each unreadable place filled by a different sample;
+    no bad sample counted by two ranks. "rank 0": every new rank loads rank 0's state (as
+    cluster/checkpoint.py does): new rank 0 carries its ids, old rank 1's count ends with it;
+    "own": new ranks 0 and 1 load their old rank's state: the new ranks' counts are the total."""
+    url, all_keys, bad = garbage
+    old = [reader(url, rank=r, world_size=2, num_workers=2, batch_size=4, chunk_size=8) for r in range(2)]
+    first = lockstep(old, 5)
+    states = [r.state_dict() for r in old]
+    new = [reader(url, rank=r, world_size=3, num_workers=1, batch_size=3, chunk_size=8) for r in range(3)]
+    for rank, r in enumerate(new):
+        r.load_state_dict(states[0] if loader == "rank 0" or rank >= 2 else states[rank])
+    second = lockstep(new, 5)
+    assert all(e == 0 for rank in second for e, _ in rank)
+    seen = Counter(k for rank in first + second for _, keys in rank for k in keys)
+    assert sum(seen.values()) == 85 and set(seen) == set(all_keys) - bad
+    assert max(seen.values()) == 2 and sum(c - 1 for c in seen.values()) == len(bad)
+    ids = [bad_ids(r) for r in new]
+    assert not (ids[0] & ids[1] or ids[0] & ids[2] or ids[1] & ids[2])
+    assert ids[0] >= bad_ids(old[0]) and not (ids[1] | ids[2]) & bad_ids(old[0])
+    ended = old[1].skipped if loader == "rank 0" else 0  # the count of a state no new rank continues
+    assert sum(r.skipped for r in new) + ended == len(bad)
+
+
+def test_unreadable_data_gives_the_same_epoch_on_every_layout(garbage):
+    """Layouts that drop nothing (85 = 5 x 17) draw the same samples, substitutes included."""
+    url, _, bad = garbage
+    runs = []
+    for world, workers, batch_size in ((1, 2, 5), (5, 0, 1), (1, 0, 17)):
+        rs = [reader(url, rank=r, world_size=world, num_workers=workers, batch_size=batch_size, chunk_size=8)
+              for r in range(world)]
+        runs.append(Counter(k for rank in lockstep(rs, 85 // (world * batch_size)) for _, keys in rank for k in keys))
+    assert runs[0] == runs[1] == runs[2]
+    assert sorted(runs[0].values()) == [1] * (85 - 2 * len(bad)) + [2] * len(bad)

@@ -11,10 +11,10 @@ import pytest
 import torch
 from shardset import build
 
-import system.data.reader as reader_mod
+import system.data.tario as tario
 from system.config import DataConfig, StorageConfig
 from system.data import ShardReader, filesystem
-from system.data.reader import ImageCodec
+from system.data.codec import ImageCodec
 
 
 def reader(url, **kw):
@@ -27,7 +27,7 @@ def reader(url, **kw):
 def test_next_chunk_is_fetched_while_the_current_one_decodes(tmp_path, monkeypatch, prefetch):
     url, _ = build(tmp_path, [8, 8])  # chunk_size 8: two chunks, one per shard
     fetches, second_started = [], threading.Event()
-    real_read, real_decode = reader_mod.read_samples, ImageCodec.decode
+    real_read, real_decode = tario.read_samples, ImageCodec.decode
 
     def read(spec, shard, lo, hi):
         fetches.append((shard, threading.current_thread().name))
@@ -42,7 +42,7 @@ def test_next_chunk_is_fetched_while_the_current_one_decodes(tmp_path, monkeypat
             waited.append(second_started.wait(timeout=2.0 if prefetch else 0.3))
         return real_decode(self, key, fields, epoch)
 
-    monkeypatch.setattr(reader_mod, "read_samples", read)
+    monkeypatch.setattr(tario, "read_samples", read)
     monkeypatch.setattr(ImageCodec, "decode", decode)
     r = reader(url, batch_size=16, chunk_size=8, prefetch=prefetch)
     keys = next(iter(r))["key"]
@@ -66,7 +66,7 @@ def test_ranged_chunk_reads_on_s3(s3_shards, monkeypatch):
     marker = json.loads(filesystem(url, st)[0].cat_file(url.split("://")[1] + "/train-000000.tar.done.json"))
     assert len(marker["offsets"]) == 13 + 1 and marker["offsets"][0] == 0
     ranges = []
-    real_cat = reader_mod.filesystem
+    real_cat = tario.filesystem
 
     def spying_filesystem(u, storage=None):
         fs, path = real_cat(u, storage)
@@ -80,7 +80,7 @@ def test_ranged_chunk_reads_on_s3(s3_shards, monkeypatch):
         fs.cat_file = cat_file
         return fs, path
 
-    monkeypatch.setattr(reader_mod, "filesystem", spying_filesystem)
+    monkeypatch.setattr(tario, "filesystem", spying_filesystem)
     seen = Counter()
     for rank in range(2):
         r = reader(url, rank=rank, world_size=2, storage=st, chunk_size=4, drop_last=False)

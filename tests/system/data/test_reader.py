@@ -13,7 +13,7 @@ from shardset import build, shard_keys
 
 from system.config import StorageConfig
 from system.data import ShardReader, StorageError
-from system.data.reader import build_chunks
+from system.data.plan import build_chunks
 from system.data.shards import iter_tar_samples
 
 
@@ -98,6 +98,32 @@ def test_state_mismatch_is_an_error(uneven):
     old = {"positions": {0: [0, 1, 0]}, "skipped": {0: 0}, "next_stream": 0, "seed": 7}  # the per-stream format
     with pytest.raises(ValueError, match="older format"):
         reader(url).load_state_dict(old)
+
+
+def test_state_saved_before_the_uniform_remainder_is_re_dealt(uneven):
+    """A state without "deal" (saved when the remainder was the tail of the order) continues from
+    its consumed positions dealt afresh, every sample of the epoch still once; its unkeyed bad ids
+    are the loading rank's own on the same layout (each rank loads its own state), rank 0's after
+    a resize."""
+    url, _ = uneven
+    old = [reader(url, rank=r, world_size=2, num_workers=0) for r in range(2)]
+    its = [iter(r) for r in old]
+    seen = [k for _ in range(2) for it in its for k in next(it)["key"]]
+    state = {**old[0].state_dict(), "bad": [[3, 5]]}
+    del state["deal"]
+    new = [reader(url, rank=r, world_size=2, num_workers=0) for r in range(2)]
+    for r in new:
+        r.load_state_dict(state)
+    assert new[0].state_dict()["base"] == state["consumed"] and new[0].state_dict()["batches"] == 0
+    assert [r.state_dict()["bad"] for r in new] == [{"0": [[3, 5]]}, {"1": [[3, 5]]}]
+    rest = (27 - 8) // 4
+    its = [iter(r) for r in new]
+    seen += [k for _ in range(rest) for it in its for k in next(it)["key"]]
+    assert len(seen) == len(set(seen)) == 8 + 4 * rest and new[0].epoch == 0
+    resized = [reader(url, rank=r, world_size=3, num_workers=0) for r in range(3)]
+    for r in resized:
+        r.load_state_dict(state)
+    assert [r.skipped for r in resized] == [2, 0, 0]
 
 
 def test_state_is_the_same_on_every_rank(uneven):
@@ -206,7 +232,7 @@ def test_fast_tar_parser_agrees_with_tarfile(tmp_path):
     samples `iter_tar_samples` (tarfile) keeps, and leaves tars with pax headers to tarfile."""
     import tarfile
 
-    from system.data.reader import _tar_samples, _UseTarfile
+    from system.data.tario import _tar_samples, _UseTarfile
     from system.data.shards import image_complete
 
     build(tmp_path, [6])
