@@ -2,7 +2,7 @@
 encode every view of the unfinished image shards with the frozen VAE on a Ray map pool
 (`cluster.pretokenize_pool.encode_shards`: GPU actors when cluster.device says so) and write the
 latent index last (its existence = done). Format: system/data/latents.py; per-shard work:
-system/data/pretokenize.py `ShardLatentEncoder`. A training run whose data.url is `out` (and
+system/encode/pretokenize.py `ShardLatentEncoder`. A training run whose data.url is `out` (and
 data.resolution the cache's) gets batches with "image" and its cached "latents".
 
 Resumable as pre-tokenization: shards whose marker fingerprint matches (same input, VAE weights and
@@ -19,8 +19,8 @@ def prepare(cfg: LatentCacheConfig) -> tuple[dict, dict]:
     """(source index, latents section of the index to write), or a ConfigError naming the bad key.
     Builds the VAE once (on the CPU) to fingerprint it."""
     from system.data.latents import LATENT_AUGMENTS, latent_section
-    from system.data.pretokenize import latent_shape, latent_vae
     from system.data.shards import check_shard_set
+    from system.encode.pretokenize import latent_shape, latent_vae
 
     index = check_shard_set(cfg.src, "src", cfg.storage)
     kind = next((k for k in ("tokens", "latents") if k in index), None)
@@ -57,7 +57,7 @@ def cache_latents(cfg: LatentCacheConfig, prepared: Optional[tuple[dict, dict]] 
     from cluster.pretokenize_pool import encode_shards
     from cluster.runtime import init_ray
     from system.data.latents import LatentShardPlan, write_latent_index
-    from system.data.pretokenize import ShardLatentEncoder, plan_token_shards
+    from system.encode.pretokenize import ShardLatentEncoder, plan_token_shards
 
     index, meta = prepared if prepared is not None else prepare(cfg)
     init_ray(cfg.cluster)

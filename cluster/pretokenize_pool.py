@@ -12,10 +12,10 @@ from system.config import ConfigError, LatentCacheConfig, PretokenizeConfig
 
 def prepare(cfg: PretokenizeConfig) -> tuple[dict, dict, dict]:
     """(source index, tokenizer info, tokens section), or a ConfigError naming the bad key."""
-    from system.data.pretokenize import resolve_resolution, tokenizer_fingerprint
     from system.data.shards import check_shard_set
     from system.data.tokens import token_section
-    from system.models.artifacts import load_tokenizer
+    from system.encode.pretokenize import resolve_resolution, tokenizer_fingerprint
+    from system.models.tokenizers import load_tokenizer
 
     index = check_shard_set(cfg.src, "src", cfg.storage)
     if "tokens" in index:
@@ -36,8 +36,8 @@ def prepare(cfg: PretokenizeConfig) -> tuple[dict, dict, dict]:
 
 def pretokenize(cfg: PretokenizeConfig, index: dict, info: dict, meta: dict, progress: bool = True) -> dict:
     """Plan, encode the unfinished shards on the map pool, write the index; returns a summary."""
-    from system.data.pretokenize import ShardTokenizer, plan_token_shards
     from system.data.tokens import write_token_index
+    from system.encode.pretokenize import ShardTokenizer, plan_token_shards
 
     _, plans = plan_token_shards(cfg.src, info, cfg.augment, cfg.resolution, cfg.shard_size, cfg.storage)
     worker = functools.partial(ShardTokenizer, cfg.export_url, cfg.out, augment=cfg.augment, resolution=cfg.resolution,
