@@ -39,7 +39,7 @@ def code_statistics(export: str) -> dict:
 
     from system.config import EvaluateConfig
     from system.eval.suite import shard_batches
-    from system.models.artifacts import load_tokenizer
+    from system.models.tokenizers import load_tokenizer
     from system.models.quantizers import codebook_perplexity, codes_to_bits
     from system.models.semtok import bit_usage
 

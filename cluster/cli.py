@@ -6,7 +6,7 @@ from __future__ import annotations
 from typing import Any, Callable, Optional
 
 from cluster.console import say
-from system.config import ConfigError
+from system.config import ConfigError, Experiment
 
 
 class RunFinished(Exception):
@@ -32,7 +32,7 @@ def job_config(schema: type, argv: list[str], defaults: list[str], check: Option
     return cfg
 
 
-def dry_run(exp: Any, steps: Optional[list] = None) -> None:
+def dry_run(exp: Experiment, steps: Optional[list] = None) -> None:
     """`--dry-run` of a job: plan its step(s) (default: training `exp`), print the table, write
     `<run>/plan.json`, exit 0 without starting anything (a config or wiring error exits 2)."""
     from cluster.paths import resolve_paths, run_url

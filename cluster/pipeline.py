@@ -16,6 +16,7 @@ from typing import Any, Optional, Sequence
 
 from cluster.console import say, table
 from system.config import ConfigError, StorageConfig, exit_on_config_error, to_yaml
+from system.config.pipelines import ImagePipelineConfig
 from system.data.storage import exists, join, read_json, write_bytes_atomic
 from system.pipelines.steps import EncodeStep, EvaluateStep, Pipeline, SampleStep, Step, TrainStep
 
@@ -84,7 +85,7 @@ def pipeline_config(pipeline: Pipeline, argv: list[str]) -> Any:
         raise SystemExit(0) from None
 
 
-def prepare(pipeline: Pipeline, cfg: Any, check: bool = True) -> list[Step]:
+def prepare(pipeline: Pipeline, cfg: ImagePipelineConfig, check: bool = True) -> list[Step]:
     """The steps of `cfg`, after the embedded photo sets are built (when `cfg.embedded`) and (with
     `check`) every step not yet done whose inputs no step of this run makes (they must exist
     already) is checked."""

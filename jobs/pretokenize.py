@@ -7,7 +7,7 @@
 One token shard per image shard (or per `shard_size` of its images), written by actors that load
 the tokenizer once (`num_actors`, `cluster.gpus_per_worker`). A re-run skips finished shards; a
 dead actor's shard goes to a fresh actor. Config errors exit with status 2 before Ray starts.
-Storage per view: system/data/pretokenize.py.
+Storage per view: system/encode/pretokenize.py.
 """
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """Latent shard format: SemTok's frozen-VAE latents cached beside the exact pixels they encode, so
 training reads both instead of running the VAE every step (written by cluster/latent_pool.py with
-system/data/pretokenize.py `ShardLatentEncoder`; read by system/data/stream.py `ShardReader`).
+system/encode/pretokenize.py `ShardLatentEncoder`; read by system/data/stream.py `ShardReader`).
 
 Same layout, markers and index as token shards (system/data/tokens.py): one latent shard per image
 shard (or per `shard_size` of its images), one sample per (source image, view), keyed

@@ -126,7 +126,7 @@ class ImageShards:
         return DataSpec(exp.data.resolution, len(index["classes"]), exp.data.storage, latents=latents)
 
     def _reader(self):
-        from system.data.reader import ShardReader
+        from system.data.stream import ShardReader
 
         return ShardReader
 
@@ -173,7 +173,7 @@ class TokenShards(ImageShards):
         return out
 
     def _reader(self):
-        from system.data.reader import TokenShardReader
+        from system.data.stream import TokenShardReader
 
         return TokenShardReader
 

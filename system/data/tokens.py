@@ -17,7 +17,7 @@ token sample. The index adds a `tokens` section to the image index:
 Writing: `TokenShardPlan` + `write_token_shard` (tar, then its `.done.json` marker, through
 shards.write_tar) + `write_token_index` (last, listing only complete shards); `write_token_set`
 writes a whole set from arrays (tests, tools). Reading: system/data/stream.py `TokenShardReader`.
-Pre-tokenizing image shards, and the storage cost per view: system/data/pretokenize.py.
+Pre-tokenizing image shards, and the storage cost per view: system/encode/pretokenize.py.
 """
 from __future__ import annotations
 

@@ -22,7 +22,8 @@ from system.config.eval_schema import SampleConfig
 from system.config import StorageConfig
 from system.data.storage import exists, filesystem, join, protocol, read_bytes, storage_error, write_bytes_atomic
 from system.eval.sampling_plan import Part, SamplingPlan, fingerprint, record_mismatch
-from system.models.artifacts import MODEL_JSON, load_pair
+from system.models.artifacts import MODEL_JSON
+from system.sampling.generators import load_pair
 
 PARTS = "parts"
 PLAN_JSON = "plan.json"

@@ -30,7 +30,9 @@ from system.eval.recon_metrics import ReconMeter, build_lpips
 from system.eval.report import build_report
 from system.eval.sample_parts import to_uint8
 from system.eval.token_metrics import codebook_perplexity, codebook_usage, next_token_accuracy
-from system.models.artifacts import load_generator, load_tokenizer, read_model_json
+from system.models.artifacts import Generator, read_model_json
+from system.models.tokenizers import load_tokenizer
+from system.sampling.generators import load_generator
 
 
 @dataclass
@@ -160,7 +162,7 @@ class Evaluator:
                 raise ValueError(f"the tokenizer of {cfg.export_url} takes any image size and the export has no AR "
                                  "model to fix one; evaluate an export with an 'ar' part")
             res = tok.image_size_for(gen.seq_len)
-        masked = gen is not None and bool(getattr(gen.ar.cfg, "bidirectional", False))
+        masked = gen is not None and gen.masked
         meter = ReconMeter(lpips, data_range=1.0)
         orig_feats, rec_feats, codes, correct, counted = [], [], [], 0.0, 0
         cached = self._shard_feats.get(res)
@@ -195,22 +197,17 @@ class Evaluator:
 HELD_OUT_MASK_RATIO = 0.85  # a masked model's held-out accuracy: this fraction of each sequence masked (seeded)
 
 
-def held_out_accuracy(gen, codes: torch.Tensor, labels: torch.Tensor) -> float:
+def held_out_accuracy(gen: Generator, codes: torch.Tensor, labels: torch.Tensor) -> float:
     """The AR model's token accuracy on held-out codes: next-token prediction with teacher forcing,
     or for a masked (bidirectional) model the masked positions of a seeded random mask of
     HELD_OUT_MASK_RATIO of each sequence (bitwise heads: a token counts when all its bits do)."""
-    if not getattr(gen.ar.cfg, "bidirectional", False):
+    if not gen.masked:
         return next_token_accuracy(gen(codes, labels), codes)
     g = torch.Generator(device="cpu").manual_seed(0)
     b, n = codes.shape
     order = torch.rand(b, n, generator=g).argsort(-1).argsort(-1).to(codes.device)
     mask = order < max(1, round(HELD_OUT_MASK_RATIO * n))
-    logits = gen.ar(codes, labels, token_mask=mask)
-    pred = logits.argmax(-1)
-    if pred.dim() == 3:  # bitwise head: (B, L, n_bits) bits -> indices
-        from system.models.gpt import bits_to_index
-
-        pred = bits_to_index(pred)
+    pred = gen.predict_masked(codes, labels, mask)  # (B, L) ids
     return float((pred == codes)[mask].double().mean())
 
 

@@ -61,11 +61,12 @@ from system.methods.base import Collective, DataSpec, ModuleSpec, StepOutput
 from system.methods.registry import register
 from system.methods.tokenizer_training import (
     PatchGANPhases, batch_psnr, check_convnext_weights, check_lpips_weights, code_histogram, usage_and_perplexity)
-from system.models.artifacts import Artifact, load_part, model_part, tokenizer1d_config
+from system.models.artifacts import Artifact, load_part, model_part
 from system.models.gpt import GPT, GPTConfig
 from system.models.quantizers import build_quantizer
 from system.models.registry import gpt_config
-from system.models.tokenizer1d import Encoder1D, Tokenizer1D, Tokenizer1DConfig, new_decoder, tokenizer_config
+from system.models.tokenizer1d import (
+    Encoder1D, Tokenizer1D, Tokenizer1DConfig, new_decoder, tokenizer1d_config, tokenizer_config)
 
 # Tokenizer1DConfig fields stage 2 may change: the decoder's alone (the encoder and codebook are stage 1's)
 DECODER_FIELDS = ("dec_width", "dec_depth", "dec_heads", "num_buffer_tokens")

@@ -75,7 +75,7 @@ def check_tokenizer(cfg: ARConfig, gpt: GPTConfig, storage: Any) -> None:
     """`method.tokenizer_export` must hold a tokenizer that decodes the token set's codes."""
     if not cfg.tokenizer_export:
         return
-    from system.models.artifacts import load_tokenizer
+    from system.models.tokenizers import load_tokenizer
 
     key = f"config key 'method.tokenizer_export' = {cfg.tokenizer_export!r}"
     try:
@@ -165,7 +165,7 @@ class ARMethod(Method):
     def tokenizer(self) -> Any:
         """The frozen tokenizer of `method.tokenizer_export` (loaded once), or None."""
         if self._tokenizer is None and self.cfg.tokenizer_export:
-            from system.models.artifacts import load_tokenizer
+            from system.models.tokenizers import load_tokenizer
 
             self._tokenizer = load_tokenizer(self.cfg.tokenizer_export, self.data.storage, device=self.device)
         return self._tokenizer

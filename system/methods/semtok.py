@@ -40,10 +40,10 @@ from system.methods.base import Collective, DataSpec, Method, ModuleSpec, StepOu
 from system.methods.registry import register
 from system.methods.tokenizer_training import (
     PatchGANPhases, ReconstructionReport, batch_psnr, check_lpips_weights, code_histogram, usage_and_perplexity)
-from system.models.artifacts import Artifact, load_part, model_part, semtok_config_from_dict, semtok_part_config
+from system.models.artifacts import Artifact, load_part, model_part
 from system.models.semtok import (
     EncodeOutput, FlowDecoder, SemTokConfig, SemTokEncoder, bit_usage, flow_matching_loss, resolve_semtok_config,
-    semtok_config)
+    semtok_config, semtok_config_from_dict, semtok_part_config)
 
 HIST_BITS = 20  # validation code histograms fold codes to their low 20 bits (exact for up to 20-bit codebooks)
 

@@ -32,23 +32,14 @@ from system.methods.vapi_rollouts import (  # noqa: F401 - the rollout side; old
     rollout,
     rollout_config,
 )
-from system.models.artifacts import (  # noqa: F401 - FrozenTokenizer .. frozen_tokenizer: old import paths
-    Artifact,
-    FrozenTokenizer,
-    Generator,
-    GPTGenerator,
-    Tokenizer,
-    Tokenizer1DFrozen,
-    VQFrozen,
-    check_fit,
-    frozen_tokenizer,
-    load_llamagen,
-    load_pair,
-)
+from system.models.artifacts import Artifact, Generator, Tokenizer, check_fit
+from system.models.tokenizers import frozen_tokenizer  # noqa: F401 - old import path
+from system.sampling.generators import load_llamagen, load_pair
+from system.sampling.gpt_generator import GPTGenerator
 
 
-# The frozen tokenizer adapters, the policy (an AR generator + the codebook it embeds codes
-# through) and check_fit live in system.models.artifacts; the old names stay importable here.
+# The policy is an AR generator + the codebook it embeds codes through (GPTGenerator,
+# system/sampling/gpt_generator.py); check_fit and frozen_tokenizer stay importable here.
 VapiPolicy = GPTGenerator
 
 

@@ -256,7 +256,7 @@ def _chunks(n: int, k: int) -> list[slice]:
 
 def image_reader(exp: Any):
     """Rank 0 reads the images of every iteration for the whole pool."""
-    from system.data.reader import ShardReader
+    from system.data.stream import ShardReader
 
     return ShardReader.from_config(exp.data, rank=0, world_size=1, seed=exp.seed)
 
@@ -366,7 +366,7 @@ class VapiRollouts(ActorFedSource):
         n = exp.method.heldout_images
         if not n or not exp.data.val_url:
             return None
-        from system.data.reader import ShardReader
+        from system.data.stream import ShardReader
 
         d = exp.data
         r = ShardReader(d.val_url, rank=0, world_size=1, batch_size=n, resolution=d.resolution, num_workers=0,

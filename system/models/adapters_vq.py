@@ -5,9 +5,12 @@ Their checkpoint is ``{"model": state_dict}`` saved with torch.save; keys match
 ``quantize.codebook_used`` (dropped on load, zeros on export). The config
 (codebook size/dim, ch, ch_mult, z_channels, res blocks) is read off the
 tensor shapes, so VQ-8 and small test models load too.
+
+`VQFrozen` is the frozen tokenizer adapter (kind "llamagen-vq") of a VQModel.
 """
 from __future__ import annotations
 
+import math
 import os
 import re
 from typing import Any
@@ -15,6 +18,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from system.models.artifacts import FrozenTokenizer, config_from_dict
 from system.models.vqgan import VQGANConfig, VQModel
 
 USAGE_BUFFER_KEY = "quantize.codebook_used"
@@ -72,3 +76,48 @@ def to_llamagen_state_dict(model: VQModel) -> dict[str, Tensor]:
     sd = {k: v.detach().clone() for k, v in model.state_dict().items()}
     sd[USAGE_BUFFER_KEY] = torch.zeros(USAGE_BUFFER_LEN)
     return sd
+
+
+class VQFrozen(FrozenTokenizer):
+    """LlamaGen's VQ (kind "llamagen-vq"): a 2D grid of codes in raster order; the GPT embeds ids
+    with its own table (no codebook)."""
+
+    kind = "llamagen-vq"
+    wraps = VQModel
+    model: VQModel
+
+    @classmethod
+    def from_export(cls, config: dict, state_dict: dict[str, Tensor]) -> "VQFrozen":
+        return cls(load_llamagen_vq(state_dict, config_from_dict(VQGANConfig, config, "llamagen-vq")))
+
+    @property
+    def vocab_size(self) -> int:
+        return self.model.cfg.codebook_size
+
+    @property
+    def image_size(self) -> None:
+        return None
+
+    @torch.no_grad()
+    def encode(self, images: Tensor) -> Tensor:
+        return self.model.encode(images).flatten(1)  # (B, h*w)
+
+    @torch.no_grad()
+    def decode(self, codes: Tensor) -> Tensor:
+        return self.model.decode_codes(codes)  # (B, 3, h*f, w*f)
+
+    @torch.no_grad()
+    def reconstruct(self, images: Tensor) -> Tensor:
+        return self.model(images)[0]
+
+    def num_tokens(self, resolution: int) -> int:
+        f = self.model.cfg.downsample
+        if resolution % f:
+            raise ValueError(f"data.resolution={resolution} is not a multiple of the VQ's downsampling factor {f}")
+        return (resolution // f) ** 2
+
+    def image_size_for(self, num_tokens: int) -> int:
+        side = math.isqrt(num_tokens)
+        if side * side != num_tokens:
+            raise ValueError(f"the VQ gives a square grid of codes; {num_tokens} codes is not a square")
+        return side * self.model.cfg.downsample

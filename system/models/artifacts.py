@@ -1,4 +1,4 @@
-"""Exported model parts and the protocols sampling, evaluation and VAπ see them through.
+"""Exported model parts (export I/O) and the protocols sampling, evaluation and VAπ see them through.
 
 An export (a run's `export/` folder, local or s3://) holds, per part `<name>` (e.g. "tokenizer",
 "ar"), `<name>.safetensors` (+ `<name>_ema.safetensors` when EMA was kept) and one `model.json`:
@@ -10,20 +10,22 @@ e.g. {"tokenizer": {"kind": "tokenizer1d", "config": asdict(Tokenizer1DConfig)},
 Exports written before kinds existed ({"tokenizer": {<Tokenizer1DConfig>}, "ar": {<GPTConfig>}})
 read as kinds "tokenizer1d" / "gpt".
 
-A kind names how a part is rebuilt: `register_tokenizer(kind, builder)` /
-`register_generator(kind, builder)`. Tokenizers are frozen adapters (`Tokenizer`: encode, decode,
-reconstruct, codebook); generators wrap a trainable AR model plus, when it embeds codes through
-it, the tokenizer's codebook (`Generator`: teacher-forced logits, `sample`). Registered here:
-tokenizers "tokenizer1d" (ours: EOSTok, AliTok), "semtok" (SemTok: VAE + MMDiT) and "llamagen-vq"
-(LlamaGen's VQ-16/VQ-8);
-generator "gpt" (ours and LlamaGen's c2i GPT after its state-dict adapter). LlamaGen's public
-checkpoints load directly with `load_llamagen`.
+A kind names how a part is rebuilt. Tokenizers are frozen adapters (`Tokenizer`: encode, decode,
+reconstruct, codebook; base `FrozenTokenizer`), each next to its model, and their kinds are
+registered in system/models/tokenizers.py (`load_tokenizer`, `register_tokenizer`): "tokenizer1d"
+(ours: EOSTok, AliTok; system/models/tokenizer1d.py), "semtok" (system/models/semtok.py) and
+"llamagen-vq" (LlamaGen's VQ-16/VQ-8; system/models/adapters_vq.py). Generators wrap a trainable AR
+model (`Generator`: teacher-forced logits, `sample`, `masked`); they sample, so their kinds live a
+layer up, in system/sampling/generators.py (`load_generator`, `load_pair`, `load_llamagen`,
+`register_generator`; kind "gpt": system/sampling/gpt_generator.py).
+
+This module holds no adapter and imports no model, so model files (and every layer above) import it
+without a cycle.
 """
 from __future__ import annotations
 
 import dataclasses
 import json
-import math
 from dataclasses import dataclass
 from typing import Any, Callable, ClassVar, Optional, Protocol
 
@@ -34,18 +36,10 @@ from torch import Tensor, nn
 
 from system.config import StorageConfig
 from system.data.storage import exists, join, read_bytes, write_bytes_atomic
-from system.models.adapters_llamagen_gpt import load_llamagen_gpt
-from system.models.adapters_vq import load_llamagen_vq
-from system.models.gpt import GPT, GPTConfig
-from system.models.quantizers import QuantizerConfig
-from system.models.tokenizer1d import Tokenizer1D, Tokenizer1DConfig
-from system.models.vqgan import VQGANConfig, VQModel
-from system.sampling.ar import generate
 
 MODEL_JSON = "model.json"
 # model.json written before kinds existed: part name -> kind
 LEGACY_KINDS = {"tokenizer": "tokenizer1d", "ar": "gpt"}
-MASKED_STEPS = 64  # sampling steps of a bidirectional (masked) GPT (SemTok: 64, cosine)
 
 WriteBytes = Callable[[str, bytes], None]  # (name relative to the export folder, bytes) -> None
 
@@ -135,6 +129,16 @@ def load_part(export_url: str, part: str, storage: Optional[StorageConfig] = Non
     raise FileNotFoundError(f"no {' or '.join(names)} under {export_url}")
 
 
+def config_from_dict(cls: type, config: dict, what: str) -> Any:
+    """Dataclass `cls` from a JSON dict; unknown fields name the valid ones."""
+    valid = {f.name for f in dataclasses.fields(cls)}
+    bad = sorted(set(config) - valid)
+    if bad:
+        raise ValueError(f"{what}: unknown {cls.__name__} field(s) {bad}; valid fields: {sorted(valid)}")
+    return cls(**config)
+
+
+
 # ---------------------------------------------------------------------------- protocols
 class Tokenizer(Protocol):
     """A frozen image tokenizer (eval mode, no gradients)."""
@@ -187,8 +191,18 @@ class Generator(Protocol):
     def seq_len(self) -> int:
         """Codes generated per sample (prefix + block_size)."""
 
+    @property
+    def masked(self) -> bool:
+        """True for a bidirectional (masked) generator (SemTok's masked AR): it predicts hidden positions
+        from the whole sequence (`predict_masked`) and samples by iterative unmasking; its `__call__` is
+        not next-token teacher forcing. False for a causal (next-token) generator."""
+
     def __call__(self, tokens: Tensor, labels: Tensor) -> Tensor:
         """Teacher forcing: ids (B, L), labels (B,) -> logits (B, L, V); logits[:, i] predicts tokens[:, i]."""
+
+    def predict_masked(self, tokens: Tensor, labels: Tensor, mask: Tensor) -> Tensor:
+        """A masked generator's prediction: ids (B, L) with `mask` (B, L) bool positions hidden, labels
+        (B,) -> the most likely ids (B, L) at every position; ValueError when not `masked`."""
 
     def sample(self, labels: Tensor, **sampling) -> Tensor:
         """labels (B,) -> codes (B, seq_len); `sampling`: see GPTGenerator.sample."""
@@ -201,15 +215,23 @@ class Generator(Protocol):
     def to(self, *args, **kwargs) -> "Generator": ...
 
 
-# ---------------------------------------------------------------------------- tokenizer adapters
+# ---------------------------------------------------------------------------- adapter base, fit
 class FrozenTokenizer(nn.Module):
-    """Base of the tokenizer adapters: holds the model frozen (eval mode, no gradients)."""
+    """Base of the tokenizer adapters: holds the model frozen (eval mode, no gradients). An adapter
+    lives next to its model and names its kind, the model class it wraps and how an exported part
+    rebuilds it (`from_export`); system/models/tokenizers.py registers the built-in ones."""
 
     kind: ClassVar[str] = ""  # the registered kind its export is rebuilt with
+    wraps: ClassVar[type] = nn.Module  # the raw model class it adapts (frozen_tokenizer)
 
     def __init__(self, model: nn.Module):
         super().__init__()
         self.model = model.eval().requires_grad_(False)
+
+    @classmethod
+    def from_export(cls, config: dict, state_dict: dict[str, Tensor]) -> "FrozenTokenizer":
+        """The frozen adapter of an exported part (its model.json config and weights)."""
+        raise NotImplementedError(f"{cls.__name__} does not rebuild from an export")
 
     def artifact(self) -> "Artifact":
         """This tokenizer as an exported part (e.g. beside a post-trained generator)."""
@@ -227,207 +249,6 @@ class FrozenTokenizer(nn.Module):
         return self.decode(self.encode(images))
 
 
-class Tokenizer1DFrozen(FrozenTokenizer):
-    """Our 1D tokenizer (kind "tokenizer1d": EOSTok, AliTok); its codebook feeds the AR input embedding."""
-
-    kind = "tokenizer1d"
-    model: Tokenizer1D
-
-    @property
-    def codebook(self) -> Tensor:
-        return self.model.codebook  # (V, D)
-
-    @property
-    def vocab_size(self) -> int:
-        return self.model.cfg.quantizer.num_codes
-
-    @property
-    def image_size(self) -> int:
-        return self.model.cfg.image_size
-
-    @torch.no_grad()
-    def encode(self, images: Tensor) -> Tensor:
-        quant, _ = self.model.encode(images)
-        return quant.codes  # (B, P+L)
-
-    @torch.no_grad()
-    def decode(self, codes: Tensor) -> Tensor:
-        return self.model.decode_codes(codes)  # (B, 3, H, W)
-
-    @torch.no_grad()
-    def reconstruct(self, images: Tensor) -> Tensor:
-        return self.model(images).image
-
-    def num_tokens(self, resolution: int) -> int:
-        if resolution != self.image_size:
-            raise ValueError(f"this 1D tokenizer works at {self.image_size} px, not {resolution}; "
-                             f"set data.resolution={self.image_size}")
-        return self.model.cfg.seq_len
-
-    def image_size_for(self, num_tokens: int) -> int:
-        if num_tokens != self.model.cfg.seq_len:
-            raise ValueError(f"this 1D tokenizer gives {self.model.cfg.seq_len} codes per image, not {num_tokens}")
-        return self.image_size
-
-
-class VQFrozen(FrozenTokenizer):
-    """LlamaGen's VQ (kind "llamagen-vq"): a 2D grid of codes in raster order; the GPT embeds ids
-    with its own table (no codebook)."""
-
-    kind = "llamagen-vq"
-    model: VQModel
-
-    @property
-    def vocab_size(self) -> int:
-        return self.model.cfg.codebook_size
-
-    @property
-    def image_size(self) -> None:
-        return None
-
-    @torch.no_grad()
-    def encode(self, images: Tensor) -> Tensor:
-        return self.model.encode(images).flatten(1)  # (B, h*w)
-
-    @torch.no_grad()
-    def decode(self, codes: Tensor) -> Tensor:
-        return self.model.decode_codes(codes)  # (B, 3, h*f, w*f)
-
-    @torch.no_grad()
-    def reconstruct(self, images: Tensor) -> Tensor:
-        return self.model(images)[0]
-
-    def num_tokens(self, resolution: int) -> int:
-        f = self.model.cfg.downsample
-        if resolution % f:
-            raise ValueError(f"data.resolution={resolution} is not a multiple of the VQ's downsampling factor {f}")
-        return (resolution // f) ** 2
-
-    def image_size_for(self, num_tokens: int) -> int:
-        side = math.isqrt(num_tokens)
-        if side * side != num_tokens:
-            raise ValueError(f"the VQ gives a square grid of codes; {num_tokens} codes is not a square")
-        return side * self.model.cfg.downsample
-
-
-class SemTokFrozen(FrozenTokenizer):
-    """SemTok (kind "semtok"; system/models/semtok.py): VAE + MMDiT encoder + BSQ + MMDiT decoder.
-    No codebook: its AR model (bitwise head) embeds codes through their bits. Decoding in flow mode
-    (a stage I export) draws noise: `decode` is then stochastic; a stage II export decodes in one step."""
-
-    kind = "semtok"
-
-    def artifact(self) -> "Artifact":
-        return Artifact(self.kind, semtok_part_config(self.model.cfg, self.model.vae.config_dict()),
-                        dict(self.model.state_dict()))
-
-    @property
-    def vocab_size(self) -> int:
-        return self.model.cfg.vocab_size
-
-    @property
-    def image_size(self) -> int:
-        return self.model.cfg.image_size
-
-    @torch.no_grad()
-    def encode(self, images: Tensor) -> Tensor:
-        return self.model.encode(images)  # (B, K)
-
-    @torch.no_grad()
-    def decode(self, codes: Tensor) -> Tensor:
-        return self.model.decode_codes(codes)  # (B, 3, H, W)
-
-    @torch.no_grad()
-    def reconstruct(self, images: Tensor) -> Tensor:
-        return self.model(images)
-
-    def num_tokens(self, resolution: int) -> int:
-        if resolution != self.image_size:
-            raise ValueError(f"this SemTok tokenizer works at {self.image_size} px, not {resolution}; "
-                             f"set data.resolution={self.image_size}")
-        return self.model.cfg.num_tokens
-
-    def image_size_for(self, num_tokens: int) -> int:
-        if num_tokens != self.model.cfg.num_tokens:
-            raise ValueError(f"this SemTok tokenizer gives {self.model.cfg.num_tokens} codes per image, not {num_tokens}")
-        return self.image_size
-
-
-_FROZEN_ADAPTERS: dict[type, type[FrozenTokenizer]] = {Tokenizer1D: Tokenizer1DFrozen, VQModel: VQFrozen}
-
-
-def frozen_tokenizer(model: nn.Module) -> FrozenTokenizer:
-    """A raw tokenizer model (Tokenizer1D, VQModel) -> its frozen adapter (adapters pass through)."""
-    if isinstance(model, FrozenTokenizer):
-        return model
-    for cls, adapter in _FROZEN_ADAPTERS.items():
-        if isinstance(model, cls):
-            return adapter(model)
-    raise TypeError(f"no tokenizer adapter for {type(model).__name__}; expected one of "
-                    f"{[c.__name__ for c in _FROZEN_ADAPTERS]}")
-
-
-# ---------------------------------------------------------------------------- generator adapter
-class GPTGenerator(nn.Module):
-    """Our GPT (kind "gpt"; LlamaGen's c2i GPT loads into it) plus the frozen codebook it embeds
-    codes through when its config has `code_dim` (EOSTok). state_dict() holds the AR weights only
-    ("ar.*"); the AR model stays trainable (VAπ trains it)."""
-
-    def __init__(self, ar: GPT, codebook: Optional[Tensor] = None):
-        super().__init__()
-        self.ar = ar
-        needs = ar.code_proj is not None
-        if needs and codebook is None:
-            raise ValueError(f"this GPT embeds codes through a codebook (GPTConfig.code_dim={ar.cfg.code_dim}): "
-                             "pass the tokenizer's codebook (e.g. load_generator(..., tokenizer=...) or load_pair)")
-        self.register_buffer("codebook", codebook.detach().clone() if needs else None, persistent=False)
-        self._decode_fn: Optional[Callable] = None
-
-    def artifact(self) -> "Artifact":
-        """The AR model as an exported part of kind "gpt"."""
-        return Artifact.of("gpt", self.ar)
-
-    @property
-    def vocab_size(self) -> int:
-        return self.ar.cfg.vocab_size
-
-    @property
-    def num_classes(self) -> int:
-        return self.ar.cfg.num_classes
-
-    @property
-    def block_size(self) -> int:
-        return self.ar.cfg.block_size
-
-    @property
-    def seq_len(self) -> int:
-        return self.ar.cfg.seq_len
-
-    def forward(self, tokens: Tensor, labels: Tensor) -> Tensor:
-        """Teacher forcing: input ids (B, L), labels (B,) -> logits (B, L, V) for every position."""
-        return self.ar(tokens, labels, codebook=self.codebook)
-
-    def compile_sampling(self, mode: str = "default") -> None:
-        self._decode_fn = torch.compile(self.ar.decode_one, mode=mode, fullgraph=True)
-
-    @torch.no_grad()
-    def sample(self, labels: Tensor, cfg_scale: float = 1.0, cfg_schedule: str = "constant", cfg_power: float = 1.0,
-               temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, seed: Optional[int] = None,
-               generator: Optional[torch.Generator] = None, decode_fn: Optional[Callable] = None) -> Tensor:
-        """labels (B,) -> codes (B, seq_len): KV-cache sampling with classifier-free guidance
-        (system.sampling.ar.generate); `decode_fn` defaults to the compiled step of `compile_sampling`.
-        A bidirectional (masked) GPT samples with system.sampling.masked (min(64, seq_len) cosine steps,
-        CFG linear in the revealed fraction; the schedule, power and decode_fn do not apply)."""
-        if self.ar.cfg.bidirectional:
-            from system.sampling.masked import generate_masked
-
-            return generate_masked(self.ar, labels, steps=min(MASKED_STEPS, self.seq_len), cfg_scale=cfg_scale,
-                                   temperature=temperature, top_k=top_k, top_p=top_p, generator=generator, seed=seed)
-        return generate(self.ar, labels, cfg_scale=cfg_scale, schedule=cfg_schedule, temperature=temperature,
-                        top_k=top_k, top_p=top_p, generator=generator, seed=seed, cfg_power=cfg_power,
-                        codebook=self.codebook, decode_fn=decode_fn or self._decode_fn)
-
-
 def check_fit(generator: Generator, tokenizer: Tokenizer, resolution: int) -> None:
     """ValueError unless the generator samples exactly the tokenizer's code sequence at `resolution`."""
     n = tokenizer.num_tokens(resolution)
@@ -440,103 +261,19 @@ def check_fit(generator: Generator, tokenizer: Tokenizer, resolution: int) -> No
                          f"{generator.vocab_size}")
 
 
-# ---------------------------------------------------------------------------- kind registry
-TokenizerBuilder = Callable[[dict, dict], Tokenizer]  # (config, state_dict) -> Tokenizer
-GeneratorBuilder = Callable[[dict, dict, Optional[Tokenizer]], Generator]  # (config, state_dict, tokenizer) -> Generator
-_TOKENIZERS: dict[str, TokenizerBuilder] = {}
-_GENERATORS: dict[str, GeneratorBuilder] = {}
-
-
-def _register(table: dict, what: str, kind: str, builder: Callable) -> None:
+# ---------------------------------------------------------------------------- kind tables
+# The tokenizer and generator registries (system/models/tokenizers.py, system/sampling/generators.py)
+# are each a {kind: builder} table filled from their built-in adapters; these two helpers are shared.
+def register_kind(table: dict, what: str, kind: str, builder: Callable) -> None:
+    """Add `builder` for `kind` to a registry `table` ("tokenizer" / "generator" is `what`)."""
     if table.get(kind, builder) is not builder:
         raise ValueError(f"{what} kind {kind!r} is already registered (to {table[kind].__qualname__})")
     table[kind] = builder
 
 
-def register_tokenizer(kind: str, builder: TokenizerBuilder) -> None:
-    """builder(config dict, state_dict) -> Tokenizer (a frozen nn.Module adapter)."""
-    _register(_TOKENIZERS, "tokenizer", kind, builder)
-
-
-def register_generator(kind: str, builder: GeneratorBuilder) -> None:
-    """builder(config dict, state_dict, tokenizer or None) -> Generator; the tokenizer gives the
-    codebook to generators that embed codes through it."""
-    _register(_GENERATORS, "generator", kind, builder)
-
-
-def tokenizer_kinds() -> list[str]:
-    return sorted(_TOKENIZERS)
-
-
-def generator_kinds() -> list[str]:
-    return sorted(_GENERATORS)
-
-
-def config_from_dict(cls: type, config: dict, what: str) -> Any:
-    """Dataclass `cls` from a JSON dict; unknown fields name the valid ones."""
-    valid = {f.name for f in dataclasses.fields(cls)}
-    bad = sorted(set(config) - valid)
-    if bad:
-        raise ValueError(f"{what}: unknown {cls.__name__} field(s) {bad}; valid fields: {sorted(valid)}")
-    return cls(**config)
-
-
-def tokenizer1d_config(config: dict) -> Tokenizer1DConfig:
-    """The Tokenizer1DConfig of a tokenizer1d part's model.json config."""
-    cfg = dict(config)
-    cfg["quantizer"] = config_from_dict(QuantizerConfig, cfg["quantizer"], "tokenizer1d quantizer")
-    return config_from_dict(Tokenizer1DConfig, cfg, "tokenizer1d")
-
-
-def build_tokenizer1d(config: dict, state_dict: dict[str, Tensor]) -> Tokenizer1D:
-    """Our Tokenizer1D with its weights (trainable, eval mode)."""
-    model = Tokenizer1D(tokenizer1d_config(config))
-    model.load_state_dict(state_dict)
-    return model.eval()
-
-
-def semtok_config_from_dict(config: dict) -> tuple[Any, dict]:
-    """(SemTokConfig, the VAE's config dict) of a "semtok" part's model.json config."""
-    from system.models.semtok import SemTokConfig
-
-    d = dict(config)
-    vae = d.pop("vae")
-    return config_from_dict(SemTokConfig, d, "semtok"), vae
-
-
-def semtok_part_config(cfg: Any, vae_config: dict) -> dict:
-    """model.json config of a "semtok" part: the SemTokConfig's fields plus the VAE's config."""
-    return {**dataclasses.asdict(cfg), "vae": vae_config}
-
-
-def build_semtok(config: dict, state_dict: dict[str, Tensor]) -> SemTokFrozen:
-    """SemTok with its weights, frozen (diffusers is imported only here)."""
-    from system.models.semtok import SemTok
-    from system.models.vae import LatentVAE
-
-    cfg, vae_cfg = semtok_config_from_dict(config)
-    model = SemTok(cfg, LatentVAE.from_config_dict(vae_cfg))
-    model.load_state_dict(state_dict)
-    return SemTokFrozen(model.eval())
-
-
-def build_gpt(config: dict, state_dict: dict[str, Tensor]) -> GPT:
-    """Our GPT with its weights (trainable, eval mode)."""
-    model = GPT(config_from_dict(GPTConfig, config, "gpt"))
-    model.load_state_dict(state_dict)
-    return model.eval()
-
-
-register_tokenizer("tokenizer1d", lambda config, sd: Tokenizer1DFrozen(build_tokenizer1d(config, sd)))
-register_tokenizer("llamagen-vq", lambda config, sd: VQFrozen(
-    load_llamagen_vq(sd, config_from_dict(VQGANConfig, config, "llamagen-vq"))))
-register_tokenizer("semtok", build_semtok)
-register_generator("gpt", lambda config, sd, tok: GPTGenerator(
-    build_gpt(config, sd), tok.codebook if tok is not None and config.get("code_dim") else None))
-
-
-# ---------------------------------------------------------------------------- loaders
-def _build(table: dict, what: str, export_url: str, part: str, storage, ema: bool, *extra) -> nn.Module:
+def build_part(table: dict, what: str, export_url: str, part: str, storage: Optional[StorageConfig], ema: bool,
+               *extra) -> nn.Module:
+    """Part `part` of an export rebuilt by the builder its kind names in `table`: builder(config, state_dict, *extra)."""
     entry = model_part(export_url, part, storage)
     kind = entry["kind"]
     if kind not in table:
@@ -549,31 +286,3 @@ def _build(table: dict, what: str, export_url: str, part: str, storage, ema: boo
         raise ValueError(f"cannot build part {part!r} (kind {kind!r}) of {export_url}: {e}") from e
 
 
-def load_tokenizer(export_url: str, storage: Optional[StorageConfig] = None, ema: bool = True,
-                   device: str | torch.device = "cpu", part: str = "tokenizer") -> Tokenizer:
-    """The frozen tokenizer of an export (EMA weights when present and `ema`)."""
-    return _build(_TOKENIZERS, "tokenizer", export_url, part, storage, ema).to(device)
-
-
-def load_generator(export_url: str, tokenizer: Optional[Tokenizer] = None, storage: Optional[StorageConfig] = None,
-                   ema: bool = True, device: str | torch.device = "cpu", part: str = "ar") -> Generator:
-    """The generator of an export, in eval mode; `tokenizer` supplies the codebook when the
-    generator embeds codes through it (kind "gpt" with code_dim)."""
-    return _build(_GENERATORS, "generator", export_url, part, storage, ema, tokenizer).to(device).eval()
-
-
-def load_pair(export_url: str, storage: Optional[StorageConfig] = None, ema: bool = True,
-              device: str | torch.device = "cpu", tokenizer_part: str = "tokenizer",
-              generator_part: str = "ar") -> tuple[Tokenizer, Generator]:
-    """(tokenizer, generator) of an export of any registered kinds."""
-    tok = load_tokenizer(export_url, storage, ema, device, tokenizer_part)
-    return tok, load_generator(export_url, tok, storage, ema, device, generator_part)
-
-
-def load_llamagen(gpt_path: str | dict, vq_path: str | dict, preset: Optional[str] = None,
-                  **gpt_overrides) -> tuple[Tokenizer, Generator]:
-    """(tokenizer, generator) from LlamaGen's public checkpoints (paths or loaded dicts), on CPU:
-    a VQ (vq_ds16_c2i.pt) and a c2i GPT; `preset` (a llamagen-* name, inferred from the weights
-    when None) and `gpt_overrides` (e.g. block_size=576 for 384 px) set the GPTConfig."""
-    tok = VQFrozen(load_llamagen_vq(vq_path))
-    return tok, GPTGenerator(load_llamagen_gpt(gpt_path, name=preset, **gpt_overrides).eval())

@@ -15,6 +15,8 @@ The decoder (`FlowDecoder`) runs in one of two modes:
 Sizes live in `SEMTOK_PRESETS` (semtok-18 / semtok-32: the paper's 8/768/12 encoder, 24/1536/24
 SD3.5-Medium-shaped decoder, K = 256 at 256 px; semtok-tiny: the CPU demo). The fields a preset's
 parts share (bits, K, latent channels and size) are set once here by `resolve_semtok_config`.
+
+`SemTokFrozen` is the frozen tokenizer adapter (kind "semtok") of an exported SemTok.
 """
 from __future__ import annotations
 
@@ -25,8 +27,10 @@ from typing import NamedTuple, Optional
 import torch
 from torch import Tensor, nn
 
+from system.models.artifacts import Artifact, FrozenTokenizer, config_from_dict
 from system.models.mmdit import MMDiTDecoder, MMDiTDecoderConfig, MMDiTEncoder, MMDiTEncoderConfig
 from system.models.quantizers import BSQuantizer, QuantizerConfig, QuantizerOutput
+from system.models.vae import LatentVAE
 
 DECODE_MODES = ("flow", "refiner")
 
@@ -228,3 +232,69 @@ def bit_usage(bit_means: Tensor, lo: float = 0.1, hi: float = 0.9) -> Tensor:
     """Fraction of bits whose mean over the codes lies in [lo, hi] (a bit stuck near 0 or 1 carries
     almost no information); a 0-dim tensor on bit_means' device (no host sync)."""
     return ((bit_means >= lo) & (bit_means <= hi)).float().mean()
+
+
+# ---------------------------------------------------------------------------- the frozen adapter
+def semtok_config_from_dict(config: dict) -> tuple[SemTokConfig, dict]:
+    """(SemTokConfig, the VAE's config dict) of a "semtok" part's model.json config."""
+    d = dict(config)
+    vae = d.pop("vae")
+    return config_from_dict(SemTokConfig, d, "semtok"), vae
+
+
+def semtok_part_config(cfg: SemTokConfig, vae_config: dict) -> dict:
+    """model.json config of a "semtok" part: the SemTokConfig's fields plus the VAE's config."""
+    return {**dataclasses.asdict(cfg), "vae": vae_config}
+
+
+class SemTokFrozen(FrozenTokenizer):
+    """SemTok (kind "semtok"): VAE + MMDiT encoder + BSQ + MMDiT decoder.
+    No codebook: its AR model (bitwise head) embeds codes through their bits. Decoding in flow mode
+    (a stage I export) draws noise: `decode` is then stochastic; a stage II export decodes in one step."""
+
+    kind = "semtok"
+    wraps = SemTok
+    model: SemTok
+
+    @classmethod
+    def from_export(cls, config: dict, state_dict: dict[str, Tensor]) -> "SemTokFrozen":
+        """SemTok with its weights (the VAE rebuilt from its config dict), frozen."""
+        cfg, vae_cfg = semtok_config_from_dict(config)
+        model = SemTok(cfg, LatentVAE.from_config_dict(vae_cfg))
+        model.load_state_dict(state_dict)
+        return cls(model.eval())
+
+    def artifact(self) -> Artifact:
+        return Artifact(self.kind, semtok_part_config(self.model.cfg, self.model.vae.config_dict()),
+                        dict(self.model.state_dict()))
+
+    @property
+    def vocab_size(self) -> int:
+        return self.model.cfg.vocab_size
+
+    @property
+    def image_size(self) -> int:
+        return self.model.cfg.image_size
+
+    @torch.no_grad()
+    def encode(self, images: Tensor) -> Tensor:
+        return self.model.encode(images)  # (B, K)
+
+    @torch.no_grad()
+    def decode(self, codes: Tensor) -> Tensor:
+        return self.model.decode_codes(codes)  # (B, 3, H, W)
+
+    @torch.no_grad()
+    def reconstruct(self, images: Tensor) -> Tensor:
+        return self.model(images)
+
+    def num_tokens(self, resolution: int) -> int:
+        if resolution != self.image_size:
+            raise ValueError(f"this SemTok tokenizer works at {self.image_size} px, not {resolution}; "
+                             f"set data.resolution={self.image_size}")
+        return self.model.cfg.num_tokens
+
+    def image_size_for(self, num_tokens: int) -> int:
+        if num_tokens != self.model.cfg.num_tokens:
+            raise ValueError(f"this SemTok tokenizer gives {self.model.cfg.num_tokens} codes per image, not {num_tokens}")
+        return self.image_size

@@ -43,6 +43,7 @@ import torch.nn as nn
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
+from system.models.artifacts import FrozenTokenizer, config_from_dict
 from system.models.attention import BACKENDS
 from system.models.blocks import SelfAttention
 from system.models.quantizers import QuantizerConfig, QuantizerOutput, build_quantizer
@@ -395,3 +396,66 @@ def tokenizer_config(name: str) -> Tokenizer1DConfig:
     if name not in TOKENIZER_PRESETS:
         raise KeyError(f"unknown tokenizer preset {name!r}; known: {sorted(TOKENIZER_PRESETS)}")
     return copy.deepcopy(TOKENIZER_PRESETS[name])
+
+
+# ---------------------------------------------------------------------------- the frozen adapter
+def tokenizer1d_config(config: dict) -> Tokenizer1DConfig:
+    """The Tokenizer1DConfig of a tokenizer1d part's model.json config."""
+    cfg = dict(config)
+    cfg["quantizer"] = config_from_dict(QuantizerConfig, cfg["quantizer"], "tokenizer1d quantizer")
+    return config_from_dict(Tokenizer1DConfig, cfg, "tokenizer1d")
+
+
+def build_tokenizer1d(config: dict, state_dict: dict[str, Tensor]) -> Tokenizer1D:
+    """Our Tokenizer1D with its weights (trainable, eval mode)."""
+    model = Tokenizer1D(tokenizer1d_config(config))
+    model.load_state_dict(state_dict)
+    return model.eval()
+
+
+class Tokenizer1DFrozen(FrozenTokenizer):
+    """Our 1D tokenizer (kind "tokenizer1d": EOSTok, AliTok); its codebook feeds the AR input embedding."""
+
+    kind = "tokenizer1d"
+    wraps = Tokenizer1D
+    model: Tokenizer1D
+
+    @classmethod
+    def from_export(cls, config: dict, state_dict: dict[str, Tensor]) -> "Tokenizer1DFrozen":
+        return cls(build_tokenizer1d(config, state_dict))
+
+    @property
+    def codebook(self) -> Tensor:
+        return self.model.codebook  # (V, D)
+
+    @property
+    def vocab_size(self) -> int:
+        return self.model.cfg.quantizer.num_codes
+
+    @property
+    def image_size(self) -> int:
+        return self.model.cfg.image_size
+
+    @torch.no_grad()
+    def encode(self, images: Tensor) -> Tensor:
+        quant, _ = self.model.encode(images)
+        return quant.codes  # (B, P+L)
+
+    @torch.no_grad()
+    def decode(self, codes: Tensor) -> Tensor:
+        return self.model.decode_codes(codes)  # (B, 3, H, W)
+
+    @torch.no_grad()
+    def reconstruct(self, images: Tensor) -> Tensor:
+        return self.model(images).image
+
+    def num_tokens(self, resolution: int) -> int:
+        if resolution != self.image_size:
+            raise ValueError(f"this 1D tokenizer works at {self.image_size} px, not {resolution}; "
+                             f"set data.resolution={self.image_size}")
+        return self.model.cfg.seq_len
+
+    def image_size_for(self, num_tokens: int) -> int:
+        if num_tokens != self.model.cfg.seq_len:
+            raise ValueError(f"this 1D tokenizer gives {self.model.cfg.seq_len} codes per image, not {num_tokens}")
+        return self.image_size

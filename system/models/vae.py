@@ -34,6 +34,7 @@ from torch import Tensor, nn
 
 from system.config.methods import LatentVAEConfig  # noqa: F401 (re-exported)
 from system.models.optional import require
+from system.models.artifacts import load_part, model_part
 
 # stabilityai/stable-diffusion-3.5-{medium,large} vae/config.json (AutoencoderKL); 83,819,683 parameters
 SD35_VAE_CONFIG: dict[str, Any] = {
@@ -128,8 +129,6 @@ def build_autoencoder(cfg: LatentVAEConfig, storage: Any = None):
     if cfg.random_init:
         return new_autoencoder(tiny=cfg.tiny)
     if export is not None:
-        from system.models.artifacts import load_part, model_part
-
         return autoencoder_from_config_dict(model_part(export, "vae", storage)["config"],
                                             load_part(export, "vae", storage, ema=True)).float()
     if cfg.path is not None:

@@ -79,9 +79,9 @@ class TokenEncoding(ShardEncoding):
     cfg: PretokenizeConfig
 
     def prepare(self) -> "TokenEncoding":
-        from system.data.pretokenize import resolve_resolution, tokenizer_fingerprint
+        from system.encode.pretokenize import resolve_resolution, tokenizer_fingerprint
         from system.data.tokens import token_section
-        from system.models.artifacts import load_tokenizer
+        from system.models.tokenizers import load_tokenizer
 
         cfg = self.cfg
         self.index = self._source_index("token shards")
@@ -98,13 +98,13 @@ class TokenEncoding(ShardEncoding):
         return self
 
     def plans(self) -> list:
-        from system.data.pretokenize import plan_token_shards
+        from system.encode.pretokenize import plan_token_shards
 
         c = self.cfg
         return plan_token_shards(c.src, self.info, c.augment, c.resolution, c.shard_size, c.storage)[1]
 
     def worker(self) -> Callable[..., Callable]:
-        from system.data.pretokenize import ShardTokenizer
+        from system.encode.pretokenize import ShardTokenizer
 
         c = self.cfg
         return functools.partial(ShardTokenizer, c.export_url, c.out, augment=c.augment, resolution=c.resolution,
@@ -134,7 +134,7 @@ class LatentEncoding(ShardEncoding):
 
     def prepare(self) -> "LatentEncoding":
         from system.data.latents import LATENT_AUGMENTS, latent_section
-        from system.data.pretokenize import latent_shape, latent_vae
+        from system.encode.pretokenize import latent_shape, latent_vae
 
         cfg = self.cfg
         self.index = self._source_index("the latent shards")
@@ -160,14 +160,14 @@ class LatentEncoding(ShardEncoding):
 
     def plans(self) -> list:
         from system.data.latents import LatentShardPlan
-        from system.data.pretokenize import plan_token_shards
+        from system.encode.pretokenize import plan_token_shards
 
         c = self.cfg
         return plan_token_shards(c.src, self.meta["vae"], c.augment, c.resolution, c.shard_size, c.storage,
                                  plan_cls=LatentShardPlan)[1]
 
     def worker(self) -> Callable[..., Callable]:
-        from system.data.pretokenize import ShardLatentEncoder
+        from system.encode.pretokenize import ShardLatentEncoder
 
         c = self.cfg
         return functools.partial(ShardLatentEncoder, c.vae, c.out, augment=c.augment, resolution=c.resolution,

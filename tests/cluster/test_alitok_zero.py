@@ -11,7 +11,8 @@ from cluster.engine import DeepSpeedStrategy
 from system.config import AliTokStage1Config, DeepSpeedConfig, OptimConfig
 from system.methods.alitok import AliTokStage1
 from system.methods.base import DataSpec
-from system.models.artifacts import load_tokenizer, save_export
+from system.models.artifacts import save_export
+from system.models.tokenizers import load_tokenizer
 
 
 @pytest.mark.parametrize("stage", [2, 3])

@@ -13,7 +13,7 @@ from ar_fixtures import write_image_shards, write_tokens
 from cluster.encode_pool import run_encoding
 from system.config import ClusterConfig, ConfigError, DataConfig, LatentCacheConfig, LatentVAEConfig
 from system.data import ShardReader, read_index
-from system.data.pretokenize import latent_vae
+from system.encode.pretokenize import latent_vae
 from system.pipelines.encode import LatentEncoding
 
 

@@ -16,8 +16,8 @@ from cluster.runtime import init_ray
 from system.config import ClusterConfig
 from system.data import TokenShardReader, read_index
 from system.data.embedded import ensure_embedded_dataset
-from system.data.pretokenize import ShardTokenizer, plan_token_shards, tokenizer_fingerprint
 from system.data.tokens import token_section, write_token_index
+from system.encode.pretokenize import ShardTokenizer, plan_token_shards, tokenizer_fingerprint
 from system.models.artifacts import Artifact, save_export
 from system.models.tokenizer1d import Tokenizer1D, tokenizer_config
 

@@ -29,7 +29,8 @@ def _pretrain_tokenizer(export: Path, data_url: str, steps: int = 30) -> None:
     from safetensors.torch import save_file
 
     from system.data.stream import ShardReader
-    from system.models.artifacts import build_tokenizer1d, load_part, model_part
+    from system.models.artifacts import load_part, model_part
+    from system.models.tokenizer1d import build_tokenizer1d
 
     torch.manual_seed(0)
     tok = build_tokenizer1d(model_part(str(export), "tokenizer")["config"], load_part(str(export), "tokenizer"))
@@ -254,7 +255,7 @@ def test_job_entry_point_runs_and_prints_the_reward(setup, capsys):
     assert summary["step"] == 2 and summary["groups"] == 8 and summary["learner_restarts"] == 0
     assert (root / "runs/job/config.yaml").exists()
     # the post-trained policy is exported like any artifact (with its tokenizer): sampling loads it
-    from system.models.artifacts import load_pair
+    from system.sampling.generators import load_pair
 
     tok, gen = load_pair(str(root / "runs/job/export"))
     assert tok.decode(gen.sample(torch.tensor([0, 1]), seed=0)).shape == (2, 3, 32, 32)

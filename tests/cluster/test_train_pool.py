@@ -207,7 +207,8 @@ def test_eostok_zero3_partitioned_train_export_reload(ray_cluster, tmp_path):
     the quantizer's forward: registered as an external parameter), then reloaded without DeepSpeed."""
     from cluster.training import run_training
     from system.data.embedded import ensure_embedded_dataset
-    from system.models.artifacts import load_part, load_tokenizer, read_model_json
+    from system.models.artifacts import load_part, read_model_json
+    from system.models.tokenizers import load_tokenizer
 
     data = ensure_embedded_dataset(str(tmp_path / "data" / "train"), per_class=4, num_shards=2, resolution=64)
     cfg = eostok_cfg(tmp_path, data, "deepspeed.zero_stage=3",

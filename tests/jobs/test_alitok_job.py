@@ -33,7 +33,8 @@ def test_config_errors_exit_2_before_ray(args, message, tmp_path):
 def test_tiny_stage1_then_stage2(tmp_path):
     from safetensors.torch import load_file
 
-    from system.models.artifacts import load_tokenizer, read_model_json
+    from system.models.artifacts import read_model_json
+    from system.models.tokenizers import load_tokenizer
 
     data = tmp_path / "data"
     common = [f"checkpoint.storage_path={tmp_path / 'runs'}", f"data.url={data}/train", f"data.val_url={data}/val",

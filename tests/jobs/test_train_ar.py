@@ -39,7 +39,8 @@ def common(tokens: str, storage: Path) -> list[str]:
 
 @pytest.mark.slow
 def test_next_token_end_to_end_samples_from_its_export(tokens, tiny_export, tmp_path):
-    from system.models.artifacts import load_pair, read_model_json
+    from system.models.artifacts import read_model_json
+    from system.sampling.generators import load_pair
 
     r = run_job(*common(tokens, tmp_path), "run_name=ar1", "method.model=debug-tiny", f"method.tokenizer_export={tiny_export}")
     assert r.returncode == 0, r.stdout + r.stderr

@@ -74,7 +74,7 @@ def test_every_shipped_yaml_is_valid():
     from system.config import VapiExperiment
 
     for pattern, schema in (("eostok*.yaml", EOSTokExperiment), ("vapi*.yaml", VapiExperiment)):
-        files = sorted((CONFIG_DIR / "experiments").glob(pattern))
+        files = sorted(f for f in (CONFIG_DIR / "experiments").glob(pattern) if "pipeline" not in f.name)
         assert files, f"no {pattern} experiment configs shipped"
         for f in files:
             cfg = load_config(schema, ["--config", str(f), "data.url=/x"])

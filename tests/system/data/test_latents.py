@@ -25,10 +25,10 @@ from system.data.latents import (
     latent_section,
     write_latent_index,
 )
-from system.data.pretokenize import ShardLatentEncoder, latent_vae, plan_token_shards
 from system.data.shards import iter_tar_samples
 from system.data.tokens import TokenShardPlan
 from system.data.transforms import augment_views, to_tensor
+from system.encode.pretokenize import ShardLatentEncoder, latent_vae, plan_token_shards
 
 R = 16  # views of R x R px -> latents 16 x 2 x 2 (tiny VAE, f = 8)
 TINY = LatentVAEConfig(random_init=True, tiny=True)

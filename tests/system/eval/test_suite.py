@@ -64,3 +64,31 @@ def test_reconstruction_of_a_llamagen_export(tmp_path):
     alone = save_export(str(tmp_path / "vq"), {"tokenizer": Artifact.of("llamagen-vq", vq)})
     with pytest.raises(ValueError, match="takes any image size"):
         Evaluator(EvaluateConfig(export_url=alone, shards=shards, max_images=4), device="cpu").reconstruction(None)
+
+
+@pytest.mark.parametrize("bidirectional", [False, True])
+def test_held_out_accuracy_through_the_generator_protocol(bidirectional):
+    """Next-token accuracy for a causal generator; for a masked one (bitwise head) the fraction of
+    the seeded HELD_OUT_MASK_RATIO mask it predicts right, read through `masked` / `predict_masked`."""
+    import torch
+
+    from system.eval.suite import HELD_OUT_MASK_RATIO, held_out_accuracy
+    from system.eval.token_metrics import next_token_accuracy
+    from system.models.gpt import GPT, bits_to_index
+    from system.models.registry import gpt_config
+    from system.sampling.gpt_generator import GPTGenerator
+
+    torch.manual_seed(0)
+    kw = dict(vocab_size=2**6, head="bitwise", n_bits=6, bidirectional=True, rope="1d") if bidirectional else {}
+    gen = GPTGenerator(GPT(gpt_config("debug-tiny", **kw)).eval())
+    torch.nn.init.normal_(gen.ar.output.weight, std=0.5)
+    codes, labels = torch.randint(0, 64, (4, 16)), torch.tensor([0, 1, 2, 3])
+    with torch.no_grad():
+        acc = held_out_accuracy(gen, codes, labels)
+        if not bidirectional:
+            assert acc == next_token_accuracy(gen.ar(codes, labels), codes)
+            return
+        order = torch.rand(4, 16, generator=torch.Generator().manual_seed(0)).argsort(-1).argsort(-1)
+        mask = order < round(HELD_OUT_MASK_RATIO * 16)
+        pred = bits_to_index(gen.ar(codes, labels, token_mask=mask).argmax(-1))
+    assert 0 <= acc <= 1 and acc == pytest.approx(float((pred == codes)[mask].double().mean()))

@@ -14,6 +14,7 @@ from system.config import AliTokStage1Config, AliTokStage2Config, ConvNeXtNetCon
 from system.methods.alitok import AliTokStage1, AliTokStage2
 from system.methods.base import Collective, DataSpec
 from system.models import artifacts as A
+from system.models.tokenizers import load_tokenizer
 
 RES = 32  # debug-tiny-causal: 8 px patches, a 4 x 4 grid, 16 latents + 4 prefix tokens, VQ 64 x 16
 
@@ -244,7 +245,7 @@ def test_stage1_export_folds_the_codebook_and_loads(tmp_path):
     assert parts["tokenizer"]["kind"] == "tokenizer1d"
     q = parts["tokenizer"]["config"]["quantizer"]
     assert q["cluster_decay"] == 0 and parts["tokenizer"]["config"]["decoder_causal"] is True
-    tok = A.load_tokenizer(str(tmp_path))  # strict load: no training buffers in the export
+    tok = load_tokenizer(str(tmp_path))  # strict load: no training buffers in the export
     x = _batch()["image"]
     out = gen(x)
     assert torch.equal(tok.encode(x), out.codes)
@@ -285,7 +286,7 @@ def test_stage2_trains_only_a_new_decoder_and_exports_one_tokenizer(tmp_path):
     assert state_ids and not frozen & state_ids, "no optimiser state for the frozen parts"
     # the export: encoder + codebook of stage 1, the new decoder, as one tokenizer1d part
     A.save_export(str(tmp_path / "s2"), m.artifacts(mods))
-    tok1, tok2 = A.load_tokenizer(str(tmp_path / "s1")), A.load_tokenizer(str(tmp_path / "s2"))
+    tok1, tok2 = load_tokenizer(str(tmp_path / "s1")), load_tokenizer(str(tmp_path / "s2"))
     x = _batch(seed=5)["image"]
     assert torch.equal(tok2.encode(x), tok1.encode(x)) and torch.equal(tok2.codebook, tok1.codebook)
     mods["gen"].eval()

@@ -208,7 +208,8 @@ def save_tiny_tokenizer(folder) -> str:
 
 @pytest.mark.parametrize("method_cls, cfg_cls, over", [(ARMethod, ARConfig, {}), (MaskedARMethod, MaskedARConfig, TINY)])
 def test_export_round_trip_samples_and_decodes(tmp_path, method_cls, cfg_cls, over):
-    from system.models.artifacts import load_generator, load_pair, save_export
+    from system.models.artifacts import save_export
+    from system.sampling.generators import load_generator, load_pair
 
     tok_url = save_tiny_tokenizer(tmp_path / "tok")
     model_name = "debug-tiny" if method_cls is ARMethod else "semtok-ar-l"

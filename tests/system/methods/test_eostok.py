@@ -113,6 +113,7 @@ def test_ar_input_builds_and_counts_only_the_table_it_reads():
 @pytest.mark.parametrize("ar_input", ["codebook", "table"])
 def test_export_round_trip_samples_like_training(tmp_path, ar_input):
     from system.models import artifacts as A
+    from system.sampling.generators import load_pair
 
     torch.manual_seed(0)
     m = _method(align=0.0, repa=0.0, lpips=0.0, apr_lpips=0.0,
@@ -120,7 +121,7 @@ def test_export_round_trip_samples_like_training(tmp_path, ar_input):
     gen = m.build_generator().eval()
     torch.nn.init.normal_(gen.ar.output.weight, std=0.5)
     A.save_export(str(tmp_path), m.artifacts({"gen": gen}))
-    tok, g = A.load_pair(str(tmp_path))
+    tok, g = load_pair(str(tmp_path))
     assert (g.codebook is None) == (ar_input == "table")
     b = _batch()
     codes, labels = tok.encode(b["image"]), b["label"]

@@ -15,9 +15,10 @@ from system.losses.align import ContrastiveConfig, SemanticContrastiveLoss
 from system.data.sources import LatentSpec
 from system.methods.base import Collective, DataSpec
 from system.methods.semtok import LatentVAEMethod, SemTokStage1, SemTokStage2, global_mean
-from system.models.artifacts import load_tokenizer, model_part, save_export
+from system.models.artifacts import model_part, save_export
 from system.models.quantizers import BSQuantizer, QuantizerConfig, batch_code_probs
 from system.models.semtok import flow_matching_loss
+from system.models.tokenizers import load_tokenizer
 
 RES = 32  # 32 px -> 4 x 4 latents -> 2 x 2 patches
 SMALL = {"num_tokens": 8, "encoder": {"depth": 1, "width": 32, "heads": 2},

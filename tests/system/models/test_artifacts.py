@@ -1,5 +1,6 @@
-"""Exports with kinds: write -> read round trips, the old model.json, LlamaGen checkpoints and
-exports, and the registry's errors."""
+"""Exports with kinds: write -> read round trips (export I/O: system/models/artifacts.py; tokenizer
+kinds: system/models/tokenizers.py; generator kinds: system/sampling/generators.py), the old
+model.json, LlamaGen checkpoints and exports, and the registries' errors."""
 from __future__ import annotations
 
 import dataclasses
@@ -9,14 +10,19 @@ import numpy as np
 import pytest
 import torch
 
-from system.models import artifacts as A
+from system.models import tokenizers
 from system.models.adapters_llamagen_gpt import to_llamagen_gpt
-from system.models.adapters_vq import to_llamagen_state_dict
+from system.models.adapters_vq import VQFrozen, load_llamagen_vq, to_llamagen_state_dict
+from system.models.artifacts import (
+    MODEL_JSON, Artifact, check_fit, export_writer, load_part, read_model_json, save_export, write_export, write_model_json)
 from system.models.gpt import GPT
 from system.models.registry import gpt_config
-from system.models.tokenizer1d import Tokenizer1D, tokenizer_config
+from system.models.tokenizer1d import Tokenizer1D, build_tokenizer1d, tokenizer_config
+from system.models.tokenizers import frozen_tokenizer, load_tokenizer, register_tokenizer, tokenizer_kinds
 from system.models.vqgan import VQGANConfig, VQModel
 from system.sampling.ar import generate
+from system.sampling.generators import generator_kinds, load_generator, load_llamagen, load_pair
+from system.sampling.gpt_generator import GPTGenerator
 
 TINY_VQ = VQGANConfig(codebook_size=64, codebook_dim=8, ch=32, ch_mult=(1, 2, 2, 2), z_channels=32, num_res_blocks=1)
 
@@ -43,13 +49,13 @@ def _images(n: int = 2, res: int = 32) -> torch.Tensor:
 
 def test_round_trip_tokenizer1d_gpt(tmp_path):
     tok, ar = _ours()
-    arts = {"tokenizer": A.Artifact.of("tokenizer1d", tok), "ar": A.Artifact.of("gpt", ar)}
-    A.save_export(str(tmp_path), arts)
-    assert json.loads((tmp_path / A.MODEL_JSON).read_text()) == {
+    arts = {"tokenizer": Artifact.of("tokenizer1d", tok), "ar": Artifact.of("gpt", ar)}
+    save_export(str(tmp_path), arts)
+    assert json.loads((tmp_path / MODEL_JSON).read_text()) == {
         "tokenizer": {"kind": "tokenizer1d", "config": dataclasses.asdict(tok.cfg)},
         "ar": {"kind": "gpt", "config": dataclasses.asdict(ar.cfg)},
     }
-    ftok, gen = A.load_pair(str(tmp_path))
+    ftok, gen = load_pair(str(tmp_path))
     x, labels = _images(), torch.tensor([1, 5])
     codes = ftok.encode(x)
     quant, _ = tok.encode(x)
@@ -65,19 +71,19 @@ def test_round_trip_tokenizer1d_gpt(tmp_path):
     assert not any(p.requires_grad for p in ftok.parameters()) and not ftok.train().training
     assert all(p.requires_grad for p in gen.ar.parameters())
     assert set(gen.state_dict()) == {f"ar.{k}" for k in ar.state_dict()}
-    A.check_fit(gen, ftok, 32)
+    check_fit(gen, ftok, 32)
 
 
 def test_ema_weights_load_first_and_metadata(tmp_path):
     tok, ar = _ours()
-    arts = {"tokenizer": A.Artifact.of("tokenizer1d", tok), "ar": A.Artifact.of("gpt", ar)}
+    arts = {"tokenizer": Artifact.of("tokenizer1d", tok), "ar": Artifact.of("gpt", ar)}
     ema = {"tokenizer": arts["tokenizer"],
-           "ar": A.Artifact("gpt", arts["ar"].config, {k: v + 1 for k, v in ar.state_dict().items()})}
+           "ar": Artifact("gpt", arts["ar"].config, {k: v + 1 for k, v in ar.state_dict().items()})}
     files: dict[str, bytes] = {}
     write = files.__setitem__
-    A.write_export(write, arts, metadata={"run_name": "t"})
-    A.write_export(write, ema, suffix="_ema")
-    A.write_model_json(write, arts)
+    write_export(write, arts, metadata={"run_name": "t"})
+    write_export(write, ema, suffix="_ema")
+    write_model_json(write, arts)
     assert sorted(files) == ["ar.safetensors", "ar_ema.safetensors", "model.json", "tokenizer.safetensors",
                              "tokenizer_ema.safetensors"]
     for name, data in files.items():
@@ -87,25 +93,25 @@ def test_ema_weights_load_first_and_metadata(tmp_path):
     with safe_open(str(tmp_path / "ar.safetensors"), "pt") as f:
         assert f.metadata() == {"run_name": "t", "part": "ar", "kind": "gpt"}
     key = "output.weight"
-    assert torch.equal(A.load_part(str(tmp_path), "ar")[key], ar.state_dict()[key] + 1)
-    assert torch.equal(A.load_part(str(tmp_path), "ar", ema=False)[key], ar.state_dict()[key])
-    _, gen = A.load_pair(str(tmp_path), ema=False)
+    assert torch.equal(load_part(str(tmp_path), "ar")[key], ar.state_dict()[key] + 1)
+    assert torch.equal(load_part(str(tmp_path), "ar", ema=False)[key], ar.state_dict()[key])
+    _, gen = load_pair(str(tmp_path), ema=False)
     assert torch.equal(gen.ar.output.weight, ar.output.weight)
 
 
 def test_old_model_json_still_loads(tmp_path):
     tok, ar = _ours()
-    A.write_export(A.export_writer(str(tmp_path)), {"tokenizer": A.Artifact.of("tokenizer1d", tok),
-                                                    "ar": A.Artifact.of("gpt", ar)})
+    write_export(export_writer(str(tmp_path)), {"tokenizer": Artifact.of("tokenizer1d", tok),
+                                                "ar": Artifact.of("gpt", ar)})
     old = {"tokenizer": dataclasses.asdict(tok.cfg), "ar": dataclasses.asdict(ar.cfg)}
-    (tmp_path / A.MODEL_JSON).write_text(json.dumps(old))
-    parts = A.read_model_json(str(tmp_path))
+    (tmp_path / MODEL_JSON).write_text(json.dumps(old))
+    parts = read_model_json(str(tmp_path))
     assert parts == {"tokenizer": {"kind": "tokenizer1d", "config": old["tokenizer"]},
                      "ar": {"kind": "gpt", "config": old["ar"]}}
-    ftok, gen = A.load_pair(str(tmp_path))
+    ftok, gen = load_pair(str(tmp_path))
     x = _images()
     assert torch.equal(ftok.encode(x), tok.encode(x)[0].codes)
-    raw = A.build_tokenizer1d(parts["tokenizer"]["config"], A.load_part(str(tmp_path), "tokenizer"))
+    raw = build_tokenizer1d(parts["tokenizer"]["config"], load_part(str(tmp_path), "tokenizer"))
     assert isinstance(raw, Tokenizer1D) and raw.codebook.requires_grad  # raw builders stay trainable
 
 
@@ -113,10 +119,10 @@ def test_llamagen_checkpoints_load_and_sample(tmp_path):
     vq, ar = _llamagen()
     torch.save({"model": to_llamagen_gpt(ar.state_dict()), "steps": 1}, tmp_path / "c2i_tiny.pt")
     torch.save({"model": to_llamagen_state_dict(vq)}, tmp_path / "vq_tiny.pt")
-    tok, gen = A.load_llamagen(str(tmp_path / "c2i_tiny.pt"), str(tmp_path / "vq_tiny.pt"), preset="debug-tiny",
-                               vocab_size=64, block_size=16, num_classes=8)
+    tok, gen = load_llamagen(str(tmp_path / "c2i_tiny.pt"), str(tmp_path / "vq_tiny.pt"), preset="debug-tiny",
+                             vocab_size=64, block_size=16, num_classes=8)
     assert tok.codebook is None and gen.codebook is None and tok.image_size is None
-    A.check_fit(gen, tok, 32)
+    check_fit(gen, tok, 32)
     assert tok.image_size_for(gen.seq_len) == 32
     labels = torch.tensor([0, 7, 3])
     codes = gen.sample(labels, cfg_scale=1.5, cfg_schedule="linear", temperature=0.9, seed=0)
@@ -128,40 +134,40 @@ def test_llamagen_checkpoints_load_and_sample(tmp_path):
     assert torch.equal(tok.encode(x), vq.encode(x).flatten(1))
     assert torch.equal(tok.reconstruct(x), vq(x)[0])
     with pytest.raises(ValueError, match="vocabulary is 32"):
-        A.check_fit(A.GPTGenerator(GPT(gpt_config("debug-tiny", vocab_size=32, block_size=16))), tok, 32)
+        check_fit(GPTGenerator(GPT(gpt_config("debug-tiny", vocab_size=32, block_size=16))), tok, 32)
 
 
 def test_unknown_kind_and_registry_errors(tmp_path):
     tok, ar = _ours()
-    A.save_export(str(tmp_path), {"tokenizer": A.Artifact("semtok-nope", {}, {}), "ar": A.Artifact.of("gpt", ar)})
+    save_export(str(tmp_path), {"tokenizer": Artifact("semtok-nope", {}, {}), "ar": Artifact.of("gpt", ar)})
     known = r"registered tokenizer kinds: \['llamagen-vq', 'semtok', 'tokenizer1d'\]"
     with pytest.raises(ValueError, match=rf"tokenizer kind 'semtok-nope', which is not registered; {known}"):
-        A.load_tokenizer(str(tmp_path))
+        load_tokenizer(str(tmp_path))
     with pytest.raises(ValueError, match=r"GPTConfig.code_dim=16\): pass the tokenizer's codebook"):
-        A.load_generator(str(tmp_path))  # this GPT embeds codes through a codebook
+        load_generator(str(tmp_path))  # this GPT embeds codes through a codebook
     with pytest.raises(KeyError, match=r"no part 'decoder'; it has \['ar', 'tokenizer'\]"):
-        A.load_tokenizer(str(tmp_path), part="decoder")
+        load_tokenizer(str(tmp_path), part="decoder")
     with pytest.raises(ValueError, match="already registered"):
-        A.register_tokenizer("tokenizer1d", lambda config, sd: None)
-    (tmp_path / A.MODEL_JSON).write_text(json.dumps({"vae": {"ch": 3}}))
+        register_tokenizer("tokenizer1d", lambda config, sd: None)
+    (tmp_path / MODEL_JSON).write_text(json.dumps({"vae": {"ch": 3}}))
     with pytest.raises(ValueError, match="part 'vae' has no kind"):
-        A.read_model_json(str(tmp_path))
+        read_model_json(str(tmp_path))
     bad = dataclasses.asdict(ar.cfg) | {"n_layers": 3}
-    A.save_export(str(tmp_path), {"ar": A.Artifact("gpt", bad, ar.state_dict())})
+    save_export(str(tmp_path), {"ar": Artifact("gpt", bad, ar.state_dict())})
     with pytest.raises(ValueError, match=r"unknown GPTConfig field\(s\) \['n_layers'\]"):
-        A.load_generator(str(tmp_path), A.frozen_tokenizer(tok))
+        load_generator(str(tmp_path), frozen_tokenizer(tok))
     with pytest.raises(FileNotFoundError, match="export/ folder of a finished run"):
-        A.read_model_json(str(tmp_path / "missing"))
+        read_model_json(str(tmp_path / "missing"))
 
 
 def test_a_registered_kind_plugs_in(tmp_path, monkeypatch):
     """A new tokenizer kind: registered once, it loads, samples and checks fit like the built-in ones."""
-    monkeypatch.setattr(A, "_TOKENIZERS", dict(A._TOKENIZERS))
-    A.register_tokenizer("vq-renamed", lambda config, sd: A.VQFrozen(A.load_llamagen_vq(sd, VQGANConfig(**config))))
+    monkeypatch.setattr(tokenizers, "_TOKENIZERS", dict(tokenizers._TOKENIZERS))
+    register_tokenizer("vq-renamed", lambda config, sd: VQFrozen(load_llamagen_vq(sd, VQGANConfig(**config))))
     vq, ar = _llamagen()
-    A.save_export(str(tmp_path), {"tokenizer": A.Artifact.of("vq-renamed", vq), "ar": A.Artifact.of("gpt", ar)})
-    tok, gen = A.load_pair(str(tmp_path))
-    assert A.tokenizer_kinds() == ["llamagen-vq", "semtok", "tokenizer1d", "vq-renamed"] and A.generator_kinds() == ["gpt"]
+    save_export(str(tmp_path), {"tokenizer": Artifact.of("vq-renamed", vq), "ar": Artifact.of("gpt", ar)})
+    tok, gen = load_pair(str(tmp_path))
+    assert tokenizer_kinds() == ["llamagen-vq", "semtok", "tokenizer1d", "vq-renamed"] and generator_kinds() == ["gpt"]
     assert tok.decode(gen.sample(torch.tensor([1]), seed=0)).shape == (1, 3, 32, 32)
 
 
@@ -173,8 +179,8 @@ def test_part_sampler_on_a_llamagen_export(tmp_path):
 
     vq, ar = _llamagen()
     export = str(tmp_path / "export")
-    A.save_export(export, {"tokenizer": A.Artifact.of("llamagen-vq", vq), "ar": A.Artifact.of("gpt", ar)})
-    assert A.read_model_json(export)["tokenizer"]["config"]["ch_mult"] == [1, 2, 2, 2]
+    save_export(export, {"tokenizer": Artifact.of("llamagen-vq", vq), "ar": Artifact.of("gpt", ar)})
+    assert read_model_json(export)["tokenizer"]["config"]["ch_mult"] == [1, 2, 2, 2]
     plan = SamplingPlan(num_per_class=2, num_classes=3, part_size=4, seed=0)
     sampler = PartSampler(SampleConfig(export_url=export, batch_size=4), device="cpu")
     part = plan.part(0)

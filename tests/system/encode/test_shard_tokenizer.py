@@ -10,12 +10,13 @@ import torch
 
 from system.data import TokenShardReader
 from system.data.embedded import ensure_embedded_dataset
-from system.data.pretokenize import ShardTokenizer, plan_token_shards, resolve_resolution, tokenizer_fingerprint
 from system.data.shards import plan_shards, read_index, write_index, write_shard
 from system.data.tokens import AUGMENTATIONS, token_section, write_token_index
 from system.data.transforms import augment_views, to_tensor
-from system.models.artifacts import Artifact, load_tokenizer, save_export
+from system.encode.pretokenize import ShardTokenizer, plan_token_shards, resolve_resolution, tokenizer_fingerprint
+from system.models.artifacts import Artifact, save_export
 from system.models.tokenizer1d import Tokenizer1D, tokenizer_config
+from system.models.tokenizers import load_tokenizer
 
 
 def export(folder, seed=0) -> str:

@@ -1,6 +1,8 @@
-"""Pre-tokenization, the per-shard work (no Ray): one image shard (or a slice of one) -> one token
-shard of the codes of every augmented view (format: system/data/tokens.py). The map pool
-(cluster/actor_pool.py) runs `ShardTokenizer` in actors; jobs/pretokenize.py plans, runs and writes the index.
+"""Encoding a shard set with a frozen model, the per-shard work (no Ray). Pre-tokenization: one image
+shard (or a slice of one) -> one token shard of the codes of every augmented view (format:
+system/data/tokens.py). cluster/actor_pool.py runs `ShardTokenizer` in actors; jobs/pretokenize.py
+plans, runs and writes the index. It sits above system/models (it loads the frozen tokenizer / VAE);
+the shard formats it writes stay in system/data.
 
 The latent cache is the same work with SemTok's frozen VAE for the encoder: `ShardLatentEncoder`
 writes latent shards (each view's pixels + its latents; format and storage: system/data/latents.py),
@@ -34,11 +36,14 @@ import torch
 
 from system.config.methods import LatentVAEConfig
 from system.config.sections import StorageConfig
+from system.data.latents import check_latent_augment, write_latent_shard
 from system.data.shards import IMAGE_FIELDS, MARKER_SUFFIX, iter_tar_samples, read_index
 from system.data.storage import filesystem, join, read_bytes, storage_error
-from system.data.latents import check_latent_augment, write_latent_shard
 from system.data.tokens import TokenShardPlan, check_augment, write_token_shard
 from system.data.transforms import augment_views, to_tensor
+from system.models.artifacts import model_part
+from system.models.tokenizers import load_tokenizer
+from system.models.vae import LatentVAE, build_latent_vae
 
 log = logging.getLogger(__name__)
 
@@ -46,8 +51,6 @@ log = logging.getLogger(__name__)
 def tokenizer_fingerprint(export_url: str, storage: StorageConfig | None = None, part: str = "tokenizer") -> dict:
     """{"kind", "url", "part", "fingerprint"} of an export's tokenizer: a hash of its model.json
     entry and the weights `load_tokenizer` uses (EMA when present)."""
-    from system.models.artifacts import model_part
-
     entry = model_part(export_url, part, storage)
     h = hashlib.sha256(json.dumps(entry, sort_keys=True).encode())
     for name in (f"{part}_ema.safetensors", f"{part}.safetensors"):
@@ -183,8 +186,6 @@ class ShardTokenizer(ShardEncoder):
 
     def __init__(self, export_url: str, out_url: str, *, augment: str, resolution: int, batch_size: int = 64,
                  device: str = "cpu", part: str = "tokenizer", storage: StorageConfig | None = None):
-        from system.models.artifacts import load_tokenizer
-
         super().__init__(out_url, augment=augment, resolution=resolution, batch_size=batch_size, device=device,
                          storage=storage)
         self.tokenizer = load_tokenizer(export_url, storage, device=self.device, part=part)
@@ -199,11 +200,9 @@ class ShardTokenizer(ShardEncoder):
         return write_token_shard(plan, self.out_url, samples, self.vocab_size, self.storage, stats)
 
 
-def latent_vae(cfg: LatentVAEConfig, storage: StorageConfig | None = None) -> tuple[Any, dict]:
+def latent_vae(cfg: LatentVAEConfig, storage: StorageConfig | None = None) -> tuple[LatentVAE, dict]:
     """(the frozen `LatentVAE` of `cfg` on the CPU, its info {"fingerprint", "config", "source"}) for
     a latent cache. `random_init` weights are drawn from seed 0, so every actor builds the same VAE."""
-    from system.models.vae import build_latent_vae
-
     if cfg.random_init:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(0)
