@@ -458,7 +458,7 @@ def _read_meta(local: str, ref: CheckpointRef, engines: Mapping[str, Any]) -> di
 
 class _StoreFiles:
     """The files of engine folder `tag` of a checkpoint, fetched into `local` when first asked for
-    and deleted once released (`cluster.engine.CheckpointFiles`)."""
+    and deleted once released (`cluster.repartition.CheckpointFiles`)."""
 
     def __init__(self, store: CheckpointStore, step: int, tag: str, local: str):
         self.store, self.step, self.tag, self.local = store, step, tag, local
