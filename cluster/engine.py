@@ -32,8 +32,12 @@ if not torch.cuda.is_available():  # must precede the first `import deepspeed` (
 import deepspeed  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
-from cluster.repartition import (META_FILE, MODEL_FILE, ZERO_FILE, CheckpointFiles, ds_load, model_meta,  # noqa: E402
-                                 partition_rank, repartitionable, reshard_into, reshard_local)
+from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine  # noqa: E402
+
+from cluster.integrity import Digest, save_torch  # noqa: E402
+from cluster.repartition import (META_FILE, MODEL_FILE, ZERO_FILE, CheckpointFiles, ds_load, local_parts,  # noqa: E402
+                                 model_meta, partition_rank, repartitionable, reshard_into, reshard_local)
+from cluster.repartition import files_to_read as repartition_reads  # noqa: E402
 from system.config import DeepSpeedConfig, OptimConfig  # noqa: E402
 
 
@@ -174,15 +178,25 @@ class DeepSpeedStrategy:
 
     # ------------------------------------------------------------------ state
     @staticmethod
-    def save(engine, directory: str, tag: str) -> None:
+    def save(engine, directory: str, tag: str) -> dict[str, Digest]:
         """Collective: this rank's DeepSpeed files go to `directory/tag/` (rank 0 also writes the module
-        file and, under ZeRO 1/2, `META_FILE`: that file without the weights, which a resume reads instead)."""
-        engine.save_checkpoint(directory, tag=tag, save_latest=False)
+        file and, under ZeRO 1/2, `META_FILE`: that file without the weights, which a resume reads instead).
+        Returns the size and checksum of each file written (by path), taken while writing."""
+        digests: dict[str, Digest] = {}
+        inner = engine.checkpoint_engine
+        if type(inner) is TorchCheckpointEngine:  # another engine (e.g. a decoupled writer) writes as it does
+            engine.checkpoint_engine = _HashingCheckpointEngine(inner, digests)
+        try:
+            engine.save_checkpoint(directory, tag=tag, save_latest=False)
+        finally:
+            engine.checkpoint_engine = inner
         folder = os.path.join(directory, tag)
         if repartitionable(engine) and not engine.zero_optimization_partition_weights():
             model = next((n for n in sorted(os.listdir(folder)) if MODEL_FILE.match(n)), None)
             if model is not None:  # rank 0's folder
-                torch.save(model_meta(ds_load(os.path.join(folder, model), mmap=True)), os.path.join(folder, META_FILE))
+                path = os.path.join(folder, META_FILE)
+                digests[path] = save_torch(model_meta(ds_load(os.path.join(folder, model), mmap=True)), path)
+        return digests
 
     @staticmethod
     def load(engine, directory: str, tag: str) -> None:
@@ -215,37 +229,61 @@ class DeepSpeedStrategy:
         rank's model and optimizer files; ZeRO 1/2 from `META_FILE` and this rank's optimizer file
         (not the module file with every weight); without ZeRO from the one replicated file. Another
         world size or ZeRO-3 <-> 1/2: `load_resharded`."""
+        names = self._native_names(engine, files, same_world)
+        if names is None:
+            return self.load_resharded(engine, files)
+        _native_load(engine, files, names)
+
+    def files_to_read(self, engine, files: CheckpointFiles, same_world: bool) -> list[str]:
+        """The names of `files` that `load_files` reads on this rank (a resume fetches and checks them
+        all before any rank loads)."""
+        names = self._native_names(engine, files, same_world)
+        if names is not None:
+            return names
+        self._check_reshardable(engine, files)
+        return repartition_reads(engine, files)
+
+    def _native_names(self, engine, files: CheckpointFiles, same_world: bool) -> Optional[list[str]]:
+        """The files DeepSpeed's own load reads on this rank, or None when the state must be re-partitioned."""
         shards = [n for n in files.names if ZERO_FILE.match(n) and ZERO_FILE.match(n)["kind"] == "optim"]
         if not shards:  # written without ZeRO: one replicated file, at any data-parallel size
             if self.zero_stage != 0:
                 raise RuntimeError(f"checkpoint {files.where} was written without ZeRO (zero_stage=0); resume it with "
                                    "deepspeed.zero_stage=0")
-            return _native_load(engine, files, files.names)
+            return list(files.names)
         if self.zero_stage == 0:
             raise RuntimeError(f"checkpoint {files.where} holds ZeRO partitions; resume it with deepspeed.zero_stage >= 1")
         was_stage3 = any(ZERO_FILE.match(n)["kind"] == "model" for n in files.names if ZERO_FILE.match(n))
         layout_kept = same_world and was_stage3 == engine.zero_optimization_partition_weights()
         if layout_kept and (was_stage3 or META_FILE not in files.names or not repartitionable(engine)):
             rank, _ = partition_rank(engine)
-            return _native_load(engine, files, [n for n in files.names if self.rank_needs(engine, n, rank)])
-        self.load_resharded(engine, files)
+            return [n for n in files.names if self.rank_needs(engine, n, rank)]
+        return None
 
     def load_resharded(self, engine, files: CheckpointFiles) -> None:
         """Collective: restore module and optimizer state from an engine checkpoint folder written at
         any world size with ZeRO 1-3, into any ZeRO 1-3 layout: this rank fetches only the old
         shards overlapping its new partition (releasing each once copied) and the weight-free
         model metadata; fp32 master weights, Adam moments and step come back exactly."""
+        self._check_reshardable(engine, files)
+        reshard_into(engine, files)
+
+    def _check_reshardable(self, engine, files: CheckpointFiles) -> None:
         if self.zero_stage == 0 or not repartitionable(engine):
             raise RuntimeError(f"checkpoint {files.where}: {type(engine.optimizer).__name__} state cannot be re-partitioned "
                                "(ZeRO stages 1-3 with DeepSpeed's ZeRO optimizers only); resume at the world size and ZeRO "
                                "stage it was written with")
-        reshard_into(engine, files)
 
     def reshard_local(self, engine, old_world: int, part: Callable[[int], dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
         """This rank's ZeRO-3 slices (shaped as `local_params`) of tensors that were partitioned the
         same way over `old_world` ranks; `part(k)` gives old rank k's slices (asked only for the old
-        ranks overlapping this rank's slices)."""
+        ranks overlapping this rank's slices: `reshard_local_parts`)."""
         return reshard_local(engine, old_world, part)
+
+    @staticmethod
+    def reshard_local_parts(engine, old_world: int) -> list[int]:
+        """The old ranks whose slices `reshard_local` asks for on this rank."""
+        return local_parts(engine, old_world)
 
     def is_partitioned(self, engine) -> bool:
         """True when parameters are sharded across ranks (ZeRO-3)."""
@@ -282,6 +320,20 @@ class DeepSpeedStrategy:
             elif rank0:
                 out[key] = value.detach().cpu().clone()
         return out
+
+
+class _HashingCheckpointEngine:
+    """DeepSpeed's `TorchCheckpointEngine` whose `save` writes through `integrity.save_torch`, so
+    each file's size and checksum are taken while it is written (recorded in `digests` by path)."""
+
+    def __init__(self, inner: TorchCheckpointEngine, digests: dict[str, Digest]):
+        self.inner, self.digests = inner, digests
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+    def save(self, state_dict, path: str) -> None:
+        self.digests[path] = save_torch(state_dict, path, zipfile=self.inner.zipfile_serialization)
 
 
 def _native_load(engine, files: CheckpointFiles, names: Sequence[str]) -> None:

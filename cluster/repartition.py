@@ -117,11 +117,11 @@ class _OldZeroLayout:
         if self.stage3 and sorted(zmodel) != list(range(self.world)):
             raise RuntimeError(f"checkpoint {files.where} lacks ZeRO-3 model states: it holds ranks {sorted(zmodel)}")
         self.zmodel_names = [zmodel[k] for k in sorted(zmodel)]
-        model_name = self.zmodel_names[0] if self.stage3 else (
+        self.model_name = self.zmodel_names[0] if self.stage3 else (
             META_FILE if META_FILE in files.names else next((n for n in files.names if MODEL_FILE.match(n)), None))
-        if model_name is None:
+        if self.model_name is None:
             raise RuntimeError(f"checkpoint {files.where} has no model states file")
-        self.model = ds_load(files.path(model_name))
+        self.model = ds_load(files.path(self.model_name))
         self.shapes: dict[str, tuple] = {}
         self.group_of: dict[str, int] = {}
         for g, shapes in enumerate(self.model["param_shapes"]):
@@ -206,6 +206,10 @@ class _OldZeroLayout:
         keys = sorted(k for k, v in states[0].items() if torch.is_tensor(v) and v.dim() == 1 and v.numel() >= flats[0].numel())
         return keys, states[0].get("step")
 
+    def frozen_files(self) -> list[str]:
+        """The files `frozen` reads besides the model file (ZeRO-3: every rank's model states)."""
+        return list(self.zmodel_names) if self.stage3 and self.model.get("frozen_param_shapes") else []
+
     def frozen(self) -> dict[str, torch.Tensor]:
         """Full values of the parameters outside the optimizer (requires_grad=False)."""
         shapes = self.model.get("frozen_param_shapes") or {}
@@ -213,7 +217,7 @@ class _OldZeroLayout:
             return {}
         if not self.stage3:
             return {n: self.model["module"][n] for n in shapes}
-        frags = [ds_load(self.files.path(n)).get("frozen_param_fragments") or {} for n in self.zmodel_names]
+        frags = [ds_load(self.files.path(n)).get("frozen_param_fragments") or {} for n in self.frozen_files()]
         return {n: torch.cat([f[n].reshape(-1) for f in frags])[: _numel(s)].view(tuple(s)) for n, s in shapes.items()}
 
     def buffers(self) -> dict[str, torch.Tensor]:
@@ -252,6 +256,22 @@ def _targets(engine, moment_keys: Sequence[str]) -> dict[str, list[_Piece]]:
     return out
 
 
+def _first_shard(engine, old: _OldZeroLayout) -> tuple[int, dict]:
+    """The old rank whose shard starts where this rank's partition starts (always needed) and its
+    optimizer state (read first: under ZeRO 1/2 it gives the partition layout)."""
+    rank, world = partition_rank(engine)
+    k0 = min(old.world - 1, rank * old.world // world)
+    osd = old._optim(k0)
+    if not old.stage3:
+        old._layout(osd)
+    return k0, osd
+
+
+def _needed(old: _OldZeroLayout, targets: dict[str, list[_Piece]]) -> set[int]:
+    """The old ranks holding any element of this rank's runs `targets`."""
+    return {k for name, runs in targets.items() for t in runs for k in old.ranks_for(name, t.start, t.length)}
+
+
 @torch.no_grad()
 def _reshard_into(engine, old: _OldZeroLayout) -> None:
     """Collective: set `engine`'s fp32 master partitions, Adam moments and step, frozen parameters,
@@ -264,15 +284,12 @@ def _reshard_into(engine, old: _OldZeroLayout) -> None:
     if trainable != set(old.shapes):
         raise RuntimeError(f"checkpoint {where} trains parameters {sorted(set(old.shapes) - trainable)[:5]} the model lacks "
                            f"and lacks {sorted(trainable - set(old.shapes))[:5]}")
-    rank, world = partition_rank(engine)
-    k0 = min(old.world - 1, rank * old.world // world)  # the old shard starting where ours starts: needed
-    loaded = {k0: old._optim(k0)}
-    moment_keys, step = old.moments_and_step(loaded[k0])
-    if not old.stage3:
-        old._layout(loaded[k0])
+    k0, first = _first_shard(engine, old)
+    loaded = {k0: first}
+    moment_keys, step = old.moments_and_step(first)
     for key in ("loss_scaler", "dynamic_loss_scale", "overflow"):  # fp16's loss scale (as DeepSpeed's own load)
-        if key in loaded[k0] and hasattr(opt, key):
-            setattr(opt, key, loaded[k0][key])
+        if key in first and hasattr(opt, key):
+            setattr(opt, key, first[key])
     flats = opt.fp32_partitioned_groups_flat if stage3 else opt.single_partition_of_fp32_groups
     for flat in flats:  # Adam creates its state at the first step: create it here, then fill it
         state = base.state[flat]
@@ -285,12 +302,9 @@ def _reshard_into(engine, old: _OldZeroLayout) -> None:
         opt._hp_optimizer_states_linked = False
         opt._lazy_init_hp_params_optimizer_state()  # the per-parameter views into that state
     targets = _targets(engine, moment_keys)
-    needed: set[int] = set()
-    for name, runs in targets.items():
-        for t in runs:
-            needed.update(old.ranks_for(name, t.start, t.length))
+    needed = _needed(old, targets) | {k0}
     copied = {name: [0] * len(runs) for name, runs in targets.items()}
-    for k in sorted(needed | {k0}):
+    for k in sorted(needed):
         osd = loaded.pop(k, None) or old._optim(k)
         for name, src in old.pieces(k, osd, moment_keys):
             for i, dst in enumerate(targets.get(name, [])):
@@ -330,16 +344,25 @@ def _reshard_into(engine, old: _OldZeroLayout) -> None:
     engine.skipped_steps = int(old.model.get("skipped_steps", engine.skipped_steps))
 
 
+def files_to_read(engine, files: CheckpointFiles) -> list[str]:
+    """The names of `files` that `reshard_into(engine, files)` reads on this rank: the model
+    states, the old shards overlapping this rank's partition (and, at ZeRO-3 with frozen
+    parameters, every old rank's model states)."""
+    old = _OldZeroLayout(files)
+    k0, _ = _first_shard(engine, old)
+    needed = _needed(old, _targets(engine, ())) | {k0}
+    return list(dict.fromkeys([old.model_name, *old.frozen_files(), *(old.optim_names[k] for k in sorted(needed))]))
+
+
 def reshard_into(engine, files: CheckpointFiles) -> None:
     """Collective: `engine`'s module and optimizer state from the engine checkpoint folder `files`,
     written at any world size with ZeRO 1-3 (see `_reshard_into`)."""
     _reshard_into(engine, _OldZeroLayout(files))
 
 
-def reshard_local(engine, old_world: int, part: Callable[[int], dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
-    """This rank's ZeRO-3 slices (shaped as its parameters' `ds_tensor`) of tensors that were
-    partitioned the same way over `old_world` ranks; `part(k)` gives old rank k's slices (asked
-    only for the old ranks overlapping this rank's slices)."""
+def _local_layout(engine, old_world: int) -> tuple[list[tuple], list[int]]:
+    """Each parameter's (name, param, numel, new slice size, old slice size) and the old ranks
+    overlapping this rank's ZeRO-3 slices."""
     rank, _ = partition_rank(engine)
     params = [(n, p, p.ds_numel, p.ds_tensor.numel(), math.ceil(p.ds_numel / old_world))
               for n, p in engine.module.named_parameters()]
@@ -348,7 +371,21 @@ def reshard_local(engine, old_world: int, part: Callable[[int], dict[str, torch.
         lo, hi = rank * pn, min((rank + 1) * pn, n)
         if lo < hi:
             need.update(range(lo // old_pn, (hi - 1) // old_pn + 1))
-    parts = {k: part(k) for k in sorted(need)}
+    return params, sorted(need)
+
+
+def local_parts(engine, old_world: int) -> list[int]:
+    """The old ranks whose slices `reshard_local` asks for on this rank."""
+    return _local_layout(engine, old_world)[1]
+
+
+def reshard_local(engine, old_world: int, part: Callable[[int], dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """This rank's ZeRO-3 slices (shaped as its parameters' `ds_tensor`) of tensors that were
+    partitioned the same way over `old_world` ranks; `part(k)` gives old rank k's slices (asked
+    only for the old ranks overlapping this rank's slices: `local_parts`)."""
+    rank, _ = partition_rank(engine)
+    params, need = _local_layout(engine, old_world)
+    parts = {k: part(k) for k in need}
     out = {}
     for name, p, n, pn, old_pn in params:
         dtype = next(iter(parts.values()))[name].dtype if parts else torch.float32
