@@ -2,12 +2,15 @@
 by one rank of two) is named in the log, the checkpoint is marked bad and every rank falls back to
 the previous one, and the run ends bit-identical to an uninterrupted one; with no intact checkpoint
 left the run stops with one clear error (before Ray when the driver sees it); checkpoints written
-before checksums still load; retention keeps the checkpoint a resume verified."""
+before checksums still load; retention keeps the checkpoint a resume verified; a storage outage
+waited out with retries leaves the checkpointed random state (`rng.pt`) as it is, and so do the
+reader's DataLoader workers."""
 from __future__ import annotations
 
 import contextlib
 import io
 import json
+import uuid
 from pathlib import Path
 
 import pytest
@@ -129,3 +132,61 @@ def test_retention_keeps_the_checkpoint_the_resume_verified(dist_world1, tmp_pat
     run(cfg_for(tmp_path, "keep", *OVER, "train.max_steps=2", "checkpoint.keep_last=1"))
     run(cfg_for(tmp_path, "keep", *OVER, "train.max_steps=6", "checkpoint.keep_last=1"))
     assert sorted(p.name for p in (tmp_path / "keep" / "checkpoints").iterdir()) == ["step_00000002", "step_00000006"]
+
+
+def test_storage_retries_leave_the_checkpointed_random_state(dist_world1, s3_server, tmp_path, monkeypatch):
+    """Requests that fail and are retried (storage.py's back-off with jitter) change nothing a run
+    checkpoints: every rng.pt is byte-identical to a run without failures."""
+    import s3fs
+
+    import system.data.storage as storage
+
+    monkeypatch.setenv("CKPT_STAGE_DIR", str(tmp_path / "stage"))
+    monkeypatch.setattr(storage, "_reached", set())
+    bucket = f"rng-{uuid.uuid4().hex[:8]}"
+    s3fs.S3FileSystem(client_kwargs={"endpoint_url": s3_server}, skip_instance_cache=True).mkdir(bucket)
+    s3 = (f"checkpoint.storage_path=s3://{bucket}/runs", f"data.storage.endpoint_url={s3_server}",
+          "data.storage.retry_max_delay_s=0.05", "checkpoint.export=false", "train.max_steps=4")
+    run(cfg_for(tmp_path, "calm", *OVER, *s3))
+    failed: list[str] = []
+    real = s3fs.S3FileSystem._call_s3
+
+    async def flaky(self, method, *args, **kwargs):  # each upload of a checkpoint file fails twice, then passes
+        key = kwargs.get("Key", "")
+        if method == "put_object" and "/checkpoints/" in key and failed.count(key) < 2:
+            failed.append(key)
+            raise ConnectionResetError("injected")
+        return await real(self, method, *args, **kwargs)
+
+    monkeypatch.setattr(s3fs.S3FileSystem, "_call_s3", flaky)
+    run(cfg_for(tmp_path, "outage", *OVER, *s3))
+    assert len(failed) > 10  # the retries happened (twice for every checkpoint file)
+    fs = s3fs.S3FileSystem(client_kwargs={"endpoint_url": s3_server}, skip_instance_cache=True)
+    for step in (2, 4):
+        calm, hit = (json.loads(fs.cat_file(f"{bucket}/runs/{n}/checkpoints/step_{step:08d}/COMMITTED"))["files"]
+                     for n in ("calm", "outage"))
+        assert calm["rank_00000/rng.pt"] == hit["rank_00000/rng.pt"], step
+
+
+def test_resume_with_data_loader_workers_is_bit_identical(dist_world1, tmp_path, monkeypatch):
+    """The reader's DataLoader draws its workers' base seed from a generator of its own, not from the
+    checkpointed global torch RNG (a resumed run would draw once more than an uninterrupted one)."""
+    from ar_fixtures import write_image_shards
+    from cluster.job import ImageShards, TrainJob, WorkerContext
+    from cluster.loop import train_loop
+    from toy_method import ToyMethod
+
+    monkeypatch.setenv("CKPT_STAGE_DIR", str(tmp_path / "stage"))
+    url = write_image_shards(str(tmp_path / "shards"), 24, side=12)
+
+    def train(name: str, steps: int) -> None:
+        exp = cfg_for(tmp_path, name, *OVER, f"train.max_steps={steps}", f"data.url={url}", "data.num_workers=1")
+        job = TrainJob(method=ToyMethod, data=ToyMethod.resolve_data(exp), source=ImageShards(), micro_batch_size=2)
+        train_loop(exp, WorkerContext(0, 1, torch.device("cpu")), job)
+
+    train("straight", 4)
+    train("split", 2)
+    train("split", 4)
+    for name in ("decoder", "decoder_ema"):
+        a, b = (load_file(tmp_path / n / "export" / f"{name}.safetensors") for n in ("straight", "split"))
+        assert all(torch.equal(a[k], b[k]) for k in a), name
