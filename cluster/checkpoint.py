@@ -7,19 +7,21 @@ Layout of a run (`<checkpoint.storage_path>/<run_name>/`):
         shared/state.json   step, world size, ZeRO stage, engines (rank 0)
         shared/ema_<module>.safetensors   EMA weights of each module that keeps one, when replicated (rank 0)
         rank_%05d/rng.pt reader.pt method.pt buffers.pt [ema_<module>.safetensors when ZeRO-3 partitioned]
-        COMMITTED           marker object, written by rank 0 after a barrier, last
+        COMMITTED           marker object, written by rank 0 after every rank uploaded, last
+        BAD                 marker object: a resume found a damaged file (cluster/restore.py)
 
 A checkpoint without its marker does not exist: `latest_complete` skips it, and the next
 resume deletes it. Each rank writes into a local staging folder, then uploads its own files.
 
-Resume fetches per rank only what that rank loads: `shared/`, its own `rank_%05d/` and, of each
-engine folder, the files the strategy fetches (`DeepSpeedStrategy.load_files`: this rank's ZeRO
-partition and the small model metadata, never the other ranks' partitions). A checkpoint written
-at another world size (a retry on a smaller or larger cluster) is re-partitioned: each engine from
-the old shards overlapping this rank's new partition, a ZeRO-3 partitioned EMA from every old
-rank's slice; every rank continues the data reader from rank 0's state (the reader's state must
-not depend on the world size), and ranks the old run did not have take rank 0's method state and
-buffers and an RNG stream forked from rank 0's. `state.json` records the world size.
+The marker is JSON: {"step", "time", "world_size", "files": {path in the checkpoint: {"size",
+"sha256"}}}. Every rank takes the size and SHA-256 of each file while writing it
+(cluster/integrity.py) and sends them to rank 0, which writes the marker once all ranks have
+uploaded. A resume checks every file it fetches against it (cluster/restore.py); a checkpoint
+found damaged is marked `BAD` and never chosen again (`latest_complete`), and when every committed
+checkpoint is bad, `latest_complete` raises `NoIntactCheckpoint` rather than answer "start from
+scratch". Markers of checkpoints written before checksums were recorded have no "files".
+Retention (`prune`) keeps the newest `checkpoint.keep_last` checkpoints not marked bad and the
+one the run resumed from (the last one verified), so a fallback always has somewhere to go.
 
 Every storage access goes through `CheckpointStore._io` on the fsspec filesystem of
 `system.data.storage.filesystem` (local folders too), so storage.py's retry policy applies to
@@ -50,15 +52,16 @@ from typing import Any, Callable, Iterator, Mapping, Optional
 
 import torch
 import torch.distributed as dist
-from safetensors.torch import load_file, save_file
 
 from torch import nn
 
+from cluster.integrity import Digest, NoIntactCheckpoint, hash_file, save_bytes, save_tensors, save_torch
 from system.config import StorageConfig
 from system.data.storage import StorageError, endpoint_of, filesystem, join, protocol, storage_error
-from system.train_utils import EMA, capture_rng_state, restore_rng_state, seed_everything
+from system.train_utils import EMA, capture_rng_state
 
 MARKER = "COMMITTED"
+BAD = "BAD"  # marker of a committed checkpoint that a resume found damaged
 _STEP_DIR = re.compile(r"^step_(\d{8,})$")
 STAGE_ENV = "CKPT_STAGE_DIR"  # staging root; default <tempdir>/ckpt_stage
 _STAGE_NAME = re.compile(r"^(?P<host>[^_]+)_(?P<pid>\d+)_")  # <host>_<pid>_<random>_<run>-<step>-<rank>-<kind>
@@ -164,10 +167,10 @@ class CheckpointStore:
         if info.get("type") != "directory":
             raise StorageError(f"storage root {url} of run {self.run_url} is not a folder")
 
-    def _committed(self, step_path: str, step: int) -> bool:
-        """Whether the checkpoint folder `step_path` has its marker (an error checking it is raised, not False)."""
+    def _has(self, step: int, name: str) -> bool:
+        """Whether checkpoint `step` has the object `name` (an error checking it is raised, not False)."""
         try:
-            self._io(f"{self.ckpt_url(step)}/{MARKER}", self.fs.info, f"{step_path}/{MARKER}")
+            self._io(f"{self.ckpt_url(step)}/{name}", self.fs.info, self._path("checkpoints", step_dir(step), name))
             return True
         except FileNotFoundError:
             return False
@@ -186,12 +189,41 @@ class CheckpointStore:
         for n in names:
             m = _STEP_DIR.match(n)
             if m:
-                out[int(m.group(1))] = self._committed(f"{base}/{n}", int(m.group(1)))
+                out[int(m.group(1))] = self._has(int(m.group(1)), MARKER)
         return out
 
     def latest_complete(self) -> Optional[CheckpointRef]:
-        done = [s for s, ok in self.steps().items() if ok]
-        return CheckpointRef(max(done), self.ckpt_url(max(done))) if done else None
+        """The newest committed checkpoint not marked bad; None when the run has no committed one
+        (`NoIntactCheckpoint` when it has some and a resume found every one of them damaged)."""
+        done = sorted((s for s, ok in self.steps().items() if ok), reverse=True)
+        for s in done:
+            if not self.is_bad(s):
+                return CheckpointRef(s, self.ckpt_url(s))
+        if not done:
+            return None
+        found = "; ".join(f"step {s}: {self.bad_reason(s)}" for s in done)
+        raise NoIntactCheckpoint(f"run {self.run_url} has no intact checkpoint left: a resume found every committed one "
+                                 f"damaged ({found}). Put back a good copy of one of them (and delete its {BAD} marker) "
+                                 "to continue, or start a new run (another run_name)")
+
+    # ------------------------------------------------------------------ checksums and damage
+    def marker(self, step: int) -> Optional[dict]:
+        """The content of checkpoint `step`'s commit marker (None when it has none)."""
+        data = self.read_bytes(f"checkpoints/{step_dir(step)}/{MARKER}")
+        return json.loads(data) if data is not None else None
+
+    def is_bad(self, step: int) -> bool:
+        return self._has(step, BAD)
+
+    def mark_bad(self, step: int, damaged: dict[str, str]) -> None:
+        """Mark committed checkpoint `step` bad (never chosen again): `damaged` maps files to what is wrong."""
+        self.write_bytes(f"checkpoints/{step_dir(step)}/{BAD}",
+                         json.dumps({"step": step, "time": time.time(), "files": damaged}).encode())
+
+    def bad_reason(self, step: int) -> str:
+        data = self.read_bytes(f"checkpoints/{step_dir(step)}/{BAD}")
+        files = json.loads(data).get("files", {}) if data else {}
+        return ", ".join(f"{f} {why}" for f, why in sorted(files.items())) or "marked bad"
 
     # ------------------------------------------------------------------ write / read a checkpoint
     def upload(self, local_dir: str, step: int) -> None:
@@ -235,9 +267,13 @@ class CheckpointStore:
         return local_dir
 
     def commit(self, step: int, info: Optional[dict] = None) -> None:
-        """Write the marker (last): checkpoint `step` now exists."""
+        """Write the marker (last): checkpoint `step` now exists. A `BAD` marker left by a damaged
+        checkpoint of the same step (the run fell back and trained past it again) goes after it."""
         data = json.dumps({"step": step, "time": time.time(), **(info or {})}).encode()
         self.write_bytes(f"checkpoints/{step_dir(step)}/{MARKER}", data)
+        bad = self._path("checkpoints", step_dir(step), BAD)
+        with contextlib.suppress(FileNotFoundError):
+            self._io(f"{self.ckpt_url(step)}/{BAD}", self.fs.rm, bad)
 
     def delete(self, step: int) -> None:
         path, url = self._path("checkpoints", step_dir(step)), self.ckpt_url(step)
@@ -249,14 +285,16 @@ class CheckpointStore:
         except FileNotFoundError:
             pass
 
-    def prune(self, keep_last: int) -> list[int]:
-        """Keep the newest `keep_last` complete checkpoints; delete older ones and unmarked leftovers
-        older than the newest complete one. Returns the deleted steps."""
+    def prune(self, keep_last: int, verified: Optional[int] = None) -> list[int]:
+        """Keep the newest `keep_last` complete checkpoints not marked bad and the `verified` one (the
+        last one a resume checked); delete older ones, bad ones and unmarked leftovers older than the
+        newest complete one. Returns the deleted steps."""
         steps = self.steps()
         done = sorted(s for s, ok in steps.items() if ok)
         if not done:
             return []
-        keep = set(done[-max(keep_last, 1) :])
+        good = [s for s in done if not self.is_bad(s)]
+        keep = set(good[-max(keep_last, 1) :]) | ({verified} if verified is not None else set())
         doomed = [s for s in steps if s not in keep and s < done[-1]]
         for s in doomed:
             self.delete(s)
@@ -276,15 +314,6 @@ def latest_complete(run_url: str, storage: Optional[StorageConfig] = None) -> Op
 
 
 # ---------------------------------------------------------------------------- training state
-def _torch_save(obj: Any, path: str) -> None:
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    torch.save(obj, path)
-
-
-def _torch_load(path: str) -> Any:
-    return torch.load(path, map_location="cpu", weights_only=True)
-
-
 @dataclass
 class TrainState:
     """What a worker checkpoints besides the engines (all optional except `step`)."""
@@ -391,34 +420,54 @@ def staging(run_name: str, step: int, rank: int, kind: str) -> Iterator[str]:
 
 
 def _stage_checkpoint(local: str, strategy, engines: Mapping[str, Any], state: TrainState, *, rank: int,
-                      world_size: int, info: Optional[dict]) -> None:
-    """Write this rank's part of checkpoint `state.step` into the staging folder `local`."""
+                      world_size: int, info: Optional[dict]) -> dict[str, Digest]:
+    """Write this rank's part of checkpoint `state.step` into the staging folder `local`; returns
+    the size and checksum of every file in it by path relative to `local`, taken while writing."""
     step = state.step
+    written: dict[str, Digest] = {}
     for tag, engine in engines.items():
-        strategy.save(engine, local, tag)
+        written.update(strategy.save(engine, local, tag) or {})
     for extra in os.listdir(local):  # DeepSpeed's helper scripts (zero_to_fp32.py ...) are not ours
         if os.path.isfile(os.path.join(local, extra)):
             os.remove(os.path.join(local, extra))
     mine = os.path.join(local, rank_dir(rank))
-    _torch_save(capture_rng_state(), os.path.join(mine, "rng.pt"))
+
+    def save(path: str, write: Callable[[str], Digest]) -> None:
+        written[path] = write(path)
+
+    save(os.path.join(mine, "rng.pt"), lambda p: save_torch(capture_rng_state(), p))
     if state.reader is not None:
-        _torch_save(state.reader.state_dict(), os.path.join(mine, "reader.pt"))
+        save(os.path.join(mine, "reader.pt"), lambda p: save_torch(state.reader.state_dict(), p))
     if state.method is not None:
-        _torch_save(state.method.state_dict(), os.path.join(mine, "method.pt"))
+        save(os.path.join(mine, "method.pt"), lambda p: save_torch(state.method.state_dict(), p))
     if state.modules:
-        _torch_save({n: module_buffers(m) for n, m in state.modules.items()}, os.path.join(mine, "buffers.pt"))
+        save(os.path.join(mine, "buffers.pt"), lambda p: save_torch({n: module_buffers(m) for n, m in state.modules.items()}, p))
     for name, ema in state.emas.items():
         if state.ema_partitioned:
-            save_file(ema.state_dict(), os.path.join(mine, f"ema_{name}.safetensors"))
+            save(os.path.join(mine, f"ema_{name}.safetensors"), lambda p: save_tensors(ema.state_dict(), p))
         elif rank == 0:
-            os.makedirs(os.path.join(local, "shared"), exist_ok=True)
-            save_file(ema.state_dict(), os.path.join(local, "shared", f"ema_{name}.safetensors"))
+            save(os.path.join(local, "shared", f"ema_{name}.safetensors"), lambda p: save_tensors(ema.state_dict(), p))
     if rank == 0:
         meta = {"step": step, "world_size": world_size, "engines": sorted(engines), "emas": sorted(state.emas),
                 "ema_partitioned": state.ema_partitioned, **(info or {})}
-        os.makedirs(os.path.join(local, "shared"), exist_ok=True)
-        with open(os.path.join(local, "shared", "state.json"), "w") as f:
-            json.dump(meta, f)
+        save(os.path.join(local, "shared", "state.json"), lambda p: save_bytes(json.dumps(meta).encode(), p))
+    written = {os.path.abspath(p): d for p, d in written.items()}
+    out = {}
+    for root, _, names in os.walk(local):
+        for n in names:
+            path = os.path.abspath(os.path.join(root, n))
+            # a file no writer reported (a strategy that does not hash, e.g. a test's) is read once here
+            out[os.path.relpath(path, local).replace(os.sep, "/")] = written.get(path) or hash_file(path)
+    return out
+
+
+def _gather(obj: Any, rank: int, world_size: int) -> Optional[list]:
+    """Collective: every rank's `obj` on rank 0 (None on the others)."""
+    if not (dist.is_initialized() and world_size > 1):
+        return [obj]
+    out = [None] * world_size if rank == 0 else None
+    dist.gather_object(obj, out, dst=0)
+    return out
 
 
 def commit_checkpoint(
@@ -429,163 +478,21 @@ def commit_checkpoint(
     *,
     rank: int,
     world_size: int,
-    barrier: Callable[[], None],
     run_name: str,
     keep_last: int,
+    verified: Optional[int] = None,
     info: Optional[dict] = None,
 ) -> CheckpointRef:
-    """Collective: save this rank's part of checkpoint `state.step`, upload it, and (rank 0) write
-    the marker after every rank has uploaded, then prune old checkpoints."""
+    """Collective: save this rank's part of checkpoint `state.step` and upload it; rank 0 gathers
+    every rank's file sizes and checksums once all have uploaded, writes them into the marker
+    (last), then prunes old checkpoints (never the `verified` one: the step this run resumed from)."""
     step = state.step
     with staging(run_name, step, rank, "save") as local:
-        _stage_checkpoint(local, strategy, engines, state, rank=rank, world_size=world_size, info=info)
+        files = _stage_checkpoint(local, strategy, engines, state, rank=rank, world_size=world_size, info=info)
         store.upload(local, step)
-    barrier()
+    parts = _gather(files, rank, world_size)
     if rank == 0:
-        store.commit(step, {"world_size": world_size})
-        store.prune(keep_last)
+        manifest = {rel: d.to_json() for part in parts for rel, d in part.items()}
+        store.commit(step, {"world_size": world_size, "files": dict(sorted(manifest.items()))})
+        store.prune(keep_last, verified)
     return CheckpointRef(step, store.ckpt_url(step))
-
-
-def _read_meta(local: str, ref: CheckpointRef, engines: Mapping[str, Any]) -> dict:
-    with open(os.path.join(local, "shared", "state.json")) as f:
-        meta = json.load(f)
-    missing = sorted(set(engines) - set(meta["engines"]))
-    if missing:
-        raise RuntimeError(f"checkpoint {ref.url} has no state for engine(s) {missing}; it holds {meta['engines']}")
-    return meta
-
-
-class _StoreFiles:
-    """The files of engine folder `tag` of a checkpoint, fetched into `local` when first asked for
-    and deleted once released (`cluster.engine.CheckpointFiles`)."""
-
-    def __init__(self, store: CheckpointStore, step: int, tag: str, local: str):
-        self.store, self.step, self.tag, self.local = store, step, tag, local
-        self.names = [rel.split("/", 1)[1] for rel in store.list_files(step, tag)]
-        self.where = f"{store.ckpt_url(step)}/{tag}"
-
-    def path(self, name: str) -> str:
-        target = os.path.join(self.local, self.tag, *name.split("/"))
-        return target if os.path.exists(target) else self.store.fetch(self.step, f"{self.tag}/{name}", target)
-
-    def release(self, name: str) -> None:
-        with contextlib.suppress(FileNotFoundError):
-            os.remove(os.path.join(self.local, self.tag, *name.split("/")))
-
-
-def _fork_rng(rank: int) -> None:
-    """A stream of its own for a rank the checkpoint had no RNG state for (after restoring rank 0's)."""
-    seed_everything(int(torch.randint(0, 2**62, (1,)).item()) + 7919 * (rank + 1))
-
-
-def _broadcast_ema(store: CheckpointStore, ref: CheckpointRef, local: str, name: str, ema: EMA, *, rank: int,
-                   world_size: int) -> None:
-    """Collective: a replicated EMA, fetched by rank 0 only and broadcast (not read from storage by
-    every rank: it is as large as the module)."""
-    rel = f"shared/ema_{name}.safetensors"
-    present = None
-    if rank == 0:
-        try:
-            ema.load_state_dict(load_file(store.fetch(ref.step, rel, os.path.join(local, *rel.split("/")))))
-            present = True
-        except FileNotFoundError:
-            present = False
-    if dist.is_initialized() and world_size > 1:
-        box = [present]
-        dist.broadcast_object_list(box, src=0)
-        if box[0]:
-            for key in sorted(ema.shadow):
-                dist.broadcast(ema.shadow[key], src=0)
-
-
-def _load_rank_state(local: str, ref: CheckpointRef, meta: dict, strategy, engines: Mapping[str, Any],
-                     state: TrainState, *, rank: int, world_size: int, store: CheckpointStore) -> None:
-    """Collective: EMA, buffers, reader, method and RNG state of this rank from the checkpoint staged
-    in `local`. At another world size: rank 0's reader state, rank `rank`'s other state if the old run
-    had it, else rank 0's (and a forked RNG stream); a partitioned EMA is re-partitioned from the old
-    ranks' slices that overlap this rank's."""
-    saved_world = int(meta["world_size"])
-    same = saved_world == world_size
-    src = rank if rank < saved_world else 0
-    mine = os.path.join(local, rank_dir(src))
-    saved_partitioned = bool(meta.get("ema_partitioned", state.ema_partitioned))
-    if state.emas and saved_partitioned != state.ema_partitioned:
-        raise RuntimeError(f"checkpoint {ref.url} keeps its EMA {'partitioned (ZeRO-3)' if saved_partitioned else 'whole'} "
-                           f"and this run {'partitioned' if state.ema_partitioned else 'whole'}: resume with the ZeRO "
-                           f"stage it was written with (deepspeed.zero_stage={meta.get('zero_stage', '?')})")
-    for name, ema in sorted(state.emas.items()):
-        if not state.ema_partitioned:
-            _broadcast_ema(store, ref, local, name, ema, rank=rank, world_size=world_size)
-        elif same:
-            path = os.path.join(mine, f"ema_{name}.safetensors")
-            if os.path.exists(path):
-                ema.load_state_dict(load_file(path))
-        else:
-            if name not in engines:
-                raise RuntimeError(f"checkpoint {ref.url}: EMA of {name!r} has no engine to re-partition it with")
-
-            def part(k: int, name: str = name) -> dict:
-                rel = f"{rank_dir(k)}/ema_{name}.safetensors"
-                return load_file(store.fetch(ref.step, rel, os.path.join(local, "ema", rel.replace("/", "_"))))
-
-            ema.load_state_dict(strategy.reshard_local(engines[name], saved_world, part))
-    if state.modules and os.path.exists(os.path.join(mine, "buffers.pt")):
-        buffers = _torch_load(os.path.join(mine, "buffers.pt"))
-        for name, module in state.modules.items():
-            load_module_buffers(module, buffers.get(name, {}))
-    if state.reader is not None:
-        path = os.path.join(local, rank_dir(rank if same else 0), "reader.pt")
-        if not os.path.exists(path):
-            raise RuntimeError(f"checkpoint {ref.url} has no data reader state for rank {rank if same else 0}")
-        state.reader.load_state_dict(_torch_load(path))
-    if state.method is not None and os.path.exists(os.path.join(mine, "method.pt")):
-        state.method.load_state_dict(_torch_load(os.path.join(mine, "method.pt")))
-    restore_rng_state(_torch_load(os.path.join(mine, "rng.pt")))
-    if src != rank:
-        _fork_rng(rank)
-
-
-def restore_checkpoint(
-    store: CheckpointStore,
-    ref: CheckpointRef,
-    strategy,
-    engines: Mapping[str, Any],
-    state: TrainState,
-    *,
-    rank: int,
-    world_size: int,
-    run_name: str,
-) -> TrainState:
-    """Collective: load checkpoint `ref` into the engines, EMA, reader, method and RNG states,
-    fetching only what this rank loads; a checkpoint of another world size is re-partitioned."""
-    with staging(run_name, ref.step, rank, "load") as local:
-        # a whole EMA is fetched by rank 0 alone and broadcast (`_broadcast_ema`)
-        store.download(ref.step, local, ["shared"], keep=lambda rel: not rel.rsplit("/", 1)[-1].startswith("ema_"))
-        meta = _read_meta(local, ref, engines)
-        saved = int(meta["world_size"])
-        same = saved == world_size
-        if not same and not hasattr(strategy, "load_files"):
-            raise RuntimeError(f"checkpoint {ref.url} was written by {saved} workers but this run has {world_size}, "
-                               f"and {type(strategy).__name__} cannot re-partition engine state")
-        if same:
-            store.download(ref.step, local, [rank_dir(rank)])
-        else:
-            if rank == 0:
-                print(f"[checkpoint] re-partitioning {ref.url} from {saved} to {world_size} workers", flush=True)
-            src = rank if rank < saved else 0  # whose per-rank state this rank continues
-            store.download(ref.step, local, [rank_dir(src)],
-                           keep=lambda rel: not (state.ema_partitioned and rel.rsplit("/", 1)[-1].startswith("ema_")))
-            if src != 0 and state.reader is not None:  # the data position is rank 0's
-                store.fetch(ref.step, f"{rank_dir(0)}/reader.pt", os.path.join(local, rank_dir(0), "reader.pt"))
-        for tag, engine in engines.items():
-            files = _StoreFiles(store, ref.step, tag, local)
-            if hasattr(strategy, "load_files"):  # fetches only what this rank reads
-                strategy.load_files(engine, files, same_world=same)
-            else:
-                for name in files.names:
-                    files.path(name)
-                strategy.load(engine, local, tag)
-        _load_rank_state(local, ref, meta, strategy, engines, state, rank=rank, world_size=world_size, store=store)
-    state.step = int(meta["step"])
-    return state

@@ -23,7 +23,9 @@ from typing import Any, Callable, Optional
 import torch
 import torch.distributed as dist
 
-from cluster.checkpoint import CheckpointRef, CheckpointStore, TrainState, commit_checkpoint, restore_checkpoint
+from cluster.checkpoint import CheckpointRef, CheckpointStore, TrainState, commit_checkpoint
+from cluster.integrity import DamagedCheckpoint
+from cluster.restore import restore_checkpoint
 from cluster.engine import DeepSpeedStrategy
 from cluster.job import TrainJob, WorkerContext
 from cluster.paths import run_url
@@ -74,16 +76,23 @@ def to_device(batch: Any, device: torch.device) -> Any:
 
 
 def agreed_resume_point(store: CheckpointStore, rank: int) -> Optional[CheckpointRef]:
-    """Collective: rank 0 picks the newest complete checkpoint (and deletes unfinished ones after
-    it); every rank gets the same ref, or None to start from scratch."""
-    ref = store.latest_complete() if rank == 0 else None
+    """Collective: rank 0 picks the newest complete checkpoint not marked bad (and deletes unfinished
+    ones after it); every rank gets the same ref, or None to start from scratch. An error of rank 0
+    (e.g. `NoIntactCheckpoint`: every committed checkpoint is bad) is raised on every rank."""
+    choice: Any = None
     if rank == 0:
-        store.remove_incomplete(after=ref.step if ref else -1)
+        try:
+            choice = store.latest_complete()
+            store.remove_incomplete(after=choice.step if choice else -1)
+        except Exception as e:  # noqa: BLE001 - raised on every rank below
+            choice = e
     if dist.is_initialized():
-        box = [ref]
+        box = [choice]
         dist.broadcast_object_list(box, src=0)
-        ref = box[0]
-    return ref
+        choice = box[0]
+    if isinstance(choice, Exception):
+        raise choice
+    return choice
 
 
 class Preempted(RuntimeError):
@@ -246,11 +255,16 @@ class RankLoop:
     def _run(self) -> dict:
         exp, ctx, state = self.exp, self.ctx, self.state
         ref = agreed_resume_point(self.store, ctx.rank)
-        if ref is not None:
-            restore_checkpoint(self.store, ref, self.strategy, self.engines, state, rank=ctx.rank, world_size=ctx.world_size,
-                               run_name=exp.run_name)
-            if self.rank0:
-                print(f"[{exp.run_name}] resumed from {ref.url} (step {ref.step})", flush=True)
+        while ref is not None:
+            try:
+                restore_checkpoint(self.store, ref, self.strategy, self.engines, state, rank=ctx.rank,
+                                   world_size=ctx.world_size, run_name=exp.run_name)
+                break
+            except DamagedCheckpoint:  # raised on every rank, nothing loaded, `ref` marked bad: the previous one
+                ref = agreed_resume_point(self.store, ctx.rank)
+        self.verified = ref.step if ref is not None else None  # retention keeps it (the last checkpoint checked)
+        if ref is not None and self.rank0:
+            print(f"[{exp.run_name}] resumed from {ref.url} (step {ref.step})", flush=True)
         start = state.step
         if self.rank0:
             ctx.progress({"kind": "start", "step": start, "resumed_from": ref.url if ref is not None else None})
@@ -369,8 +383,8 @@ class RankLoop:
 
     def commit(self) -> None:
         commit_checkpoint(self.store, self.strategy, self.engines, self.state, rank=self.ctx.rank,
-                          world_size=self.ctx.world_size, barrier=barrier, run_name=self.exp.run_name,
-                          keep_last=self.exp.checkpoint.keep_last, info={"zero_stage": self.strategy.zero_stage})
+                          world_size=self.ctx.world_size, run_name=self.exp.run_name, keep_last=self.exp.checkpoint.keep_last,
+                          verified=self.verified, info={"zero_stage": self.strategy.zero_stage})
         self.committed = self.state.step
         self.logger.flush()
         self.logger.curves(self.method.curve_keys())

@@ -170,10 +170,15 @@ def is_transient(err: BaseException) -> bool:
     return False
 
 
+# the retry jitter's own generator: the global `random` state is part of a run's checkpoint (rng.pt),
+# and waiting out an outage must not change the run
+_jitter = random.Random()
+
+
 def backoff_s(attempt: int, max_delay_s: float, base_s: float = 0.5) -> float:
     """Wait before retry `attempt` (0, 1, ...): exponential, capped, with jitter in its upper half."""
     d = min(max_delay_s, base_s * 2 ** min(attempt, 30))
-    return d / 2 + random.uniform(0, d / 2)
+    return d / 2 + _jitter.uniform(0, d / 2)
 
 
 async def retry_transient(call, *, budget_s: float, max_delay_s: float, key: str, what: str = "request",

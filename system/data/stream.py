@@ -372,7 +372,10 @@ class ShardSource(BatchSource):
         if self.num_workers == 0:
             it: Any = iter(ds)
         else:
-            it = DataLoader(ds, batch_size=None, num_workers=self.num_workers, in_order=True, pin_memory=self.pin_memory)
+            # a private generator: the loader's worker base seed would otherwise be drawn from the global torch
+            # RNG, which the checkpoint saves (a resumed run would draw once more than an uninterrupted one)
+            it = DataLoader(ds, batch_size=None, num_workers=self.num_workers, in_order=True, pin_memory=self.pin_memory,
+                            generator=torch.Generator())
         g = 0
         for batch in it:
             if batch.pop("_g") != g or batch["_epoch"] != self._epoch or batch["_j"] != self._k:

@@ -13,7 +13,8 @@ from s3_restartable import RestartableS3
 import torch
 
 from cluster.checkpoint import (MARKER, STAGE_ENV, CheckpointStore, TrainState, commit_checkpoint, latest_complete,
-                                restore_checkpoint, staging_dir)
+                                staging_dir)
+from cluster.restore import restore_checkpoint
 from cluster.engine import DeepSpeedStrategy
 from system.config import DeepSpeedConfig, OptimConfig, StorageConfig
 from system.data.storage import StorageError
@@ -102,7 +103,7 @@ def test_commit_restore_roundtrip(stage, dist_world1, tmp_path, stage_dir):
     s, gen, state = _setup(stage, seed=0)
     it = iter(state.reader)
     _steps(s, gen, state, it, 3)
-    ref = commit_checkpoint(store, s, {"gen": gen}, state, rank=0, world_size=1, barrier=lambda: None, run_name="t", keep_last=2)
+    ref = commit_checkpoint(store, s, {"gen": gen}, state, rank=0, world_size=1, run_name="t", keep_last=2)
     assert ref.step == 3 and store.latest_complete() == ref
     files = store.fs.find(store._path("checkpoints"))
     assert any(f.endswith("rank_00000/rng.pt") for f in files) and any("/gen/" in f for f in files)
@@ -250,7 +251,7 @@ def stage_dir(tmp_path, monkeypatch) -> Path:
 
 def _commit(store, step: int, strategy=None, run_name: str = "t"):
     return commit_checkpoint(store, strategy or FakeStrategy(), {"gen": None}, TrainState(step=step), rank=0,
-                             world_size=1, barrier=lambda: None, run_name=run_name, keep_last=2)
+                             world_size=1, run_name=run_name, keep_last=2)
 
 
 def _left(stage: Path) -> list[str]:

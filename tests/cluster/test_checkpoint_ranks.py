@@ -74,16 +74,13 @@ def _store(url: str):
 
 
 def _commit(store, s, gen, state, rank, world):
-    import torch.distributed as dist
-
     from cluster.checkpoint import commit_checkpoint
 
-    return commit_checkpoint(store, s, {"gen": gen}, state, rank=rank, world_size=world, barrier=dist.barrier,
-                             run_name="t", keep_last=5)
+    return commit_checkpoint(store, s, {"gen": gen}, state, rank=rank, world_size=world, run_name="t", keep_last=5)
 
 
 def _restore(store, s, gen, state, rank, world):
-    from cluster.checkpoint import restore_checkpoint
+    from cluster.restore import restore_checkpoint
 
     restore_checkpoint(store, store.latest_complete(), s, {"gen": gen}, state, rank=rank, world_size=world, run_name="t")
 

@@ -126,6 +126,30 @@ def test_backoff_grows_with_jitter_up_to_the_cap():
         assert all(d / 2 <= w <= d for w in waits) and len(set(waits)) > 1
 
 
+def test_retries_leave_the_global_random_state_alone():
+    """The jitter has a generator of its own: the global `random` state is checkpointed (rng.pt),
+    so waiting out an outage must not draw from it."""
+    import asyncio
+    import random
+
+    from system.data.storage import backoff_s, retry_transient
+
+    random.seed(1)
+    before = random.getstate()
+    waits = [backoff_s(a, 0.01) for a in range(20)]
+    calls = []
+
+    async def flaky():
+        calls.append(1)
+        if len(calls) < 4:
+            raise ConnectionResetError("dropped")
+        return "ok"
+
+    assert asyncio.run(retry_transient(flaky, budget_s=5, max_delay_s=0.01, key="k", trusted=True)) == "ok"
+    assert len(calls) == 4 and len(set(waits)) > 1
+    assert random.getstate() == before
+
+
 def test_outage_longer_than_botocore_retries_needs_the_budget(endpoint):
     """botocore left one attempt ("today's limit": the first refused connection): an outage of a few
     seconds fails a read and a write without the budget, and with it both complete, nothing lost."""
