@@ -15,6 +15,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from system.models import weights
 from system.models.vqgan import VQGANConfig, VQModel
 
 USAGE_BUFFER_KEY = "quantize.codebook_used"
@@ -58,7 +59,12 @@ def infer_config(sd: dict[str, Tensor]) -> VQGANConfig:
 
 
 def load_llamagen_vq(path_or_state_dict: str | os.PathLike | dict[str, Any], config: VQGANConfig | None = None) -> VQModel:
-    """LlamaGen VQ checkpoint (path, or loaded dict) -> VQModel with strict=True loading, eval mode."""
+    """LlamaGen VQ checkpoint (path, or loaded dict) -> VQModel with strict=True loading, eval mode.
+    In plan mode (system/models/weights.py) a path is not read: `config`, else VQ-16's (VQ-8's for a
+    vq_ds8 file), with placeholder weights."""
+    if not isinstance(path_or_state_dict, dict) and not weights.need("LlamaGen VQ", os.fspath(path_or_state_dict)):
+        ds8 = "ds8" in os.path.basename(os.fspath(path_or_state_dict))
+        return VQModel(config or VQGANConfig(ch_mult=(1, 2, 2, 4) if ds8 else (1, 1, 2, 2, 4))).eval()
     raw = path_or_state_dict if isinstance(path_or_state_dict, dict) else _read(path_or_state_dict)
     sd = dict(_unwrap(raw))
     sd.pop(USAGE_BUFFER_KEY, None)

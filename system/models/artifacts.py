@@ -34,6 +34,7 @@ from torch import Tensor, nn
 
 from system.config import StorageConfig
 from system.data.storage import exists, join, read_bytes, write_bytes_atomic
+from system.models import weights
 from system.models.adapters_llamagen_gpt import load_llamagen_gpt
 from system.models.adapters_vq import load_llamagen_vq
 from system.models.gpt import GPT, GPTConfig
@@ -441,8 +442,9 @@ def check_fit(generator: Generator, tokenizer: Tokenizer, resolution: int) -> No
 
 
 # ---------------------------------------------------------------------------- kind registry
-TokenizerBuilder = Callable[[dict, dict], Tokenizer]  # (config, state_dict) -> Tokenizer
-GeneratorBuilder = Callable[[dict, dict, Optional[Tokenizer]], Generator]  # (config, state_dict, tokenizer) -> Generator
+# (config, state_dict) -> Tokenizer; state_dict None (plan mode): the architecture without weights
+TokenizerBuilder = Callable[[dict, Optional[dict]], Tokenizer]
+GeneratorBuilder = Callable[[dict, Optional[dict], Optional[Tokenizer]], Generator]  # (config, state_dict, tokenizer) -> Generator
 _TOKENIZERS: dict[str, TokenizerBuilder] = {}
 _GENERATORS: dict[str, GeneratorBuilder] = {}
 
@@ -488,10 +490,11 @@ def tokenizer1d_config(config: dict) -> Tokenizer1DConfig:
     return config_from_dict(Tokenizer1DConfig, cfg, "tokenizer1d")
 
 
-def build_tokenizer1d(config: dict, state_dict: dict[str, Tensor]) -> Tokenizer1D:
+def build_tokenizer1d(config: dict, state_dict: Optional[dict[str, Tensor]]) -> Tokenizer1D:
     """Our Tokenizer1D with its weights (trainable, eval mode)."""
     model = Tokenizer1D(tokenizer1d_config(config))
-    model.load_state_dict(state_dict)
+    if state_dict is not None:  # None: plan mode, the architecture only
+        model.load_state_dict(state_dict)
     return model.eval()
 
 
@@ -509,27 +512,30 @@ def semtok_part_config(cfg: Any, vae_config: dict) -> dict:
     return {**dataclasses.asdict(cfg), "vae": vae_config}
 
 
-def build_semtok(config: dict, state_dict: dict[str, Tensor]) -> SemTokFrozen:
+def build_semtok(config: dict, state_dict: Optional[dict[str, Tensor]]) -> SemTokFrozen:
     """SemTok with its weights, frozen (diffusers is imported only here)."""
     from system.models.semtok import SemTok
     from system.models.vae import LatentVAE
 
     cfg, vae_cfg = semtok_config_from_dict(config)
     model = SemTok(cfg, LatentVAE.from_config_dict(vae_cfg))
-    model.load_state_dict(state_dict)
+    if state_dict is not None:
+        model.load_state_dict(state_dict)
     return SemTokFrozen(model.eval())
 
 
-def build_gpt(config: dict, state_dict: dict[str, Tensor]) -> GPT:
+def build_gpt(config: dict, state_dict: Optional[dict[str, Tensor]]) -> GPT:
     """Our GPT with its weights (trainable, eval mode)."""
     model = GPT(config_from_dict(GPTConfig, config, "gpt"))
-    model.load_state_dict(state_dict)
+    if state_dict is not None:
+        model.load_state_dict(state_dict)
     return model.eval()
 
 
 register_tokenizer("tokenizer1d", lambda config, sd: Tokenizer1DFrozen(build_tokenizer1d(config, sd)))
 register_tokenizer("llamagen-vq", lambda config, sd: VQFrozen(
-    load_llamagen_vq(sd, config_from_dict(VQGANConfig, config, "llamagen-vq"))))
+    load_llamagen_vq(sd, config_from_dict(VQGANConfig, config, "llamagen-vq")) if sd is not None
+    else VQModel(config_from_dict(VQGANConfig, config, "llamagen-vq")).eval()))
 register_tokenizer("semtok", build_semtok)
 register_generator("gpt", lambda config, sd, tok: GPTGenerator(
     build_gpt(config, sd), tok.codebook if tok is not None and config.get("code_dim") else None))
@@ -542,7 +548,8 @@ def _build(table: dict, what: str, export_url: str, part: str, storage, ema: boo
     if kind not in table:
         raise ValueError(f"part {part!r} of {export_url} has {what} kind {kind!r}, which is not registered; "
                          f"registered {what} kinds: {sorted(table)} (add one with register_{what})")
-    sd = load_part(export_url, part, storage, ema)
+    # plan mode (system/models/weights.py): model.json only, the builder makes the architecture (state dict None)
+    sd = load_part(export_url, part, storage, ema) if weights.need(f"{what} {part!r} of an export", export_url) else None
     try:
         return table[kind](entry["config"], sd, *extra)
     except (RuntimeError, ValueError, TypeError, KeyError) as e:

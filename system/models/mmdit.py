@@ -70,6 +70,8 @@ from diffusers.models.attention_processor import Attention
 from diffusers.models.embeddings import PatchEmbed, apply_rotary_emb, get_1d_rotary_pos_embed
 from torch import Tensor, nn
 
+from system.models import weights
+
 RopeTable = tuple[Tensor, Tensor]  # (cos, sin), each (L, head_dim) float32
 
 # keys of SD3's transformer whose shapes depend on the text encoders' widths (4096 / 2048): re-initialised
@@ -354,9 +356,12 @@ class MMDiTDecoder(nn.Module):
         tensor whose name and shape match is copied (cast to our dtype). Returns the sorted names
         (SD3 transformer naming) of our tensors left at their initialisation: only text-width
         dependent ones (`context_embedder.*`, `time_text_embed.text_embedder.*`) may be; any other
-        missing, mismatched or unexpected key raises ValueError."""
+        missing, mismatched or unexpected key raises ValueError. In plan mode (system/models/weights.py)
+        nothing is read and [] is returned."""
         from safetensors import safe_open
 
+        if not weights.need("SD3 transformer (decoder init)", source):
+            return []
         files = _safetensors_files(source)
         ours = self.mmdit.state_dict()
         loaded: set[str] = set()
