@@ -21,7 +21,7 @@ import torch
 
 from system.models import weights
 from system.plan.cards import Fit, card as card_named
-from system.plan.trace import LiveBytes, autocast_for, fake_build, fake_mode, flop_counter
+from system.plan.trace import Meter, autocast_for, fake_build, fake_mode
 
 DEFAULT_BW_EFF = 0.7  # fraction of the HBM bandwidth a decode step reaches
 
@@ -82,13 +82,13 @@ def plan_sampling(gpt_cfg: Any, batch: int, cfg_scale: float = 1.0, *, precision
         model = GPT(gpt_cfg).eval()
     n_cls, seq = gpt_cfg.cls_token_num, gpt_cfg.seq_len
     wbytes = sum(p.numel() * p.element_size() for p in model.parameters())
-    tracker, flops = LiveBytes(), flop_counter()
+    tracker = Meter()
     with mode, torch.no_grad():
         tracker.known(iter(list(model.parameters()) + list(model.buffers())))
         labels = torch.zeros(rows, dtype=torch.long)
         if gpt_cfg.bidirectional:
             cache = 0
-            with tracker, flops, autocast_for(precision)():
+            with tracker, autocast_for(precision)():
                 tokens = torch.zeros(rows, seq, dtype=torch.long)
                 model(tokens, labels, token_mask=torch.ones(rows, seq, dtype=torch.bool))
             kind, n_steps = "masked", min(steps or MASKED_STEPS, seq)
@@ -96,13 +96,13 @@ def plan_sampling(gpt_cfg: Any, batch: int, cfg_scale: float = 1.0, *, precision
             with tracker:
                 model.setup_cache(rows, n_cls + seq)
             cache, start = tracker.live(), len(tracker.events)
-            with tracker, flops, autocast_for(precision)():
+            with tracker, autocast_for(precision)():
                 token = torch.zeros(rows, 1, dtype=torch.long)
                 model.decode_one(token, torch.tensor([n_cls + seq - 1]), labels)
             kind, n_steps = "kv-cache", seq
             model.clear_cache()
     acts = tracker.peak(start=start) if cache else tracker.peak()
-    return _finish(kind, c, rows, batch, seq, wbytes, cache, acts, float(flops.get_total_flops()), n_steps,
+    return _finish(kind, c, rows, batch, seq, wbytes, cache, acts, tracker.flops, n_steps,
                    precision, mfu, bw_eff, [], t0)
 
 
@@ -125,14 +125,14 @@ def plan_rollout(vapi_cfg: Any, data: Any, images: int, *, precision: str = "bf1
     bufs = list({id(b): b for x in parts for b in x.buffers()}.values())
     wbytes = sum(t.numel() * t.element_size() for t in params + bufs)
     rcfg = rollout_config(m)
-    tracker, flops = LiveBytes(), flop_counter()
+    tracker = Meter()
     res = int(data.resolution)
     with mode, torch.no_grad():
         tracker.known(iter(params + bufs))
-        with tracker, flops, autocast_for(precision)():
+        with tracker, autocast_for(precision)():
             x = torch.rand(images, 3, res, res) * 2 - 1
             labels = torch.zeros(images, dtype=torch.long)
             gen = torch.Generator().manual_seed(0)
             rollout(policy, tok, lp, x, labels, torch.arange(images), rcfg, gen)
     return _finish("rollout", c, images * rcfg.group_size, images, int(policy.seq_len), wbytes, 0, tracker.peak(),
-                   float(flops.get_total_flops()), 1, precision, mfu, bw_eff, [r.as_dict() for r in refs], t0)
+                   tracker.flops, 1, precision, mfu, bw_eff, [r.as_dict() for r in refs], t0)

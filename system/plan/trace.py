@@ -5,14 +5,14 @@
 read, their references recorded). `trace_step` then runs what the rank loop runs for one micro-batch
 (cluster/loop.py): for each phase, the method's step with every other module frozen under the
 configured autocast, backward, the optimiser step's gradient release, the phase's aux carried to the
-next; under `FlopCounterMode` (FLOPs) and `LiveBytes` (the activation peak).
+next; under `Meter`, which counts FLOPs (torch's formulas) and the activation peak.
 
 Device: the fake tensors live on the CPU and bf16 runs as CPU autocast. A CPU-only torch cannot
 run CUDA kernels even on fake tensors (autocast("cuda") disables itself without CUDA, and some
 kernels' device guards abort the process), and the memory of a step does not depend on it
 beyond the autocast op lists (CPU's and CUDA's agree on the matmuls and convolutions that dominate).
 
-`LiveBytes` is a small TorchDispatchMode: every storage an op creates is counted when made and
+`Meter` is a small TorchDispatchMode: every storage an op creates is counted when made and
 uncounted when freed (a weakref finalizer on the storage); tensors that exist before the trace
 (weights, buffers) are not counted, gradients are marked as such so the memory model can count
 them its own way (full until the step under ZeRO 0/1, reduced into buckets under ZeRO 2/3).
@@ -52,11 +52,15 @@ def _tensors(items) -> Iterator[Tensor]:
             yield from (b for b in a if isinstance(b, Tensor))
 
 
-class LiveBytes(TorchDispatchMode):
-    """Bytes of the storages created by ops inside, over time (module doc)."""
+class Meter(TorchDispatchMode):
+    """FLOPs of the ops inside (`flops`) and the bytes of the storages they create, over time (module
+    doc). Not torch's FlopCounterMode: its module tracking keeps activations alive until backward,
+    which hides what activation checkpointing frees (10.2 GiB instead of 1.2 for alitok-b at batch 16)."""
 
     def __init__(self) -> None:
         super().__init__()
+        self.flops = 0.0
+        self._formulas = flop_formulas()
         self.events: list[tuple[int, int]] = []  # (storage key, +bytes when made | -bytes when freed)
         self._keys: "weakref.WeakKeyDictionary[Any, int]" = weakref.WeakKeyDictionary()
         self._next = 0
@@ -82,7 +86,11 @@ class LiveBytes(TorchDispatchMode):
             k = keys.get(t.untyped_storage())
             if k is not None and k < 0:
                 self.read.add(k)
-        out = func(*args, **(kwargs or {}))
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        formula = self._formulas.get(func._overloadpacket)
+        if formula is not None:
+            self.flops += formula(*args, **kwargs, out_val=out)
         for t in _tensors(out if isinstance(out, (tuple, list)) else (out,)):
             st = t.untyped_storage()
             if st not in keys:
@@ -140,10 +148,11 @@ class StepTrace:
     seconds: float = 0.0
 
 
-def flop_counter():
-    """torch's FlopCounterMode, also counting the CPU flash-attention kernels the fake trace runs
-    (torch counts the CUDA ones only; causal attention in full, as system/models/flops.py does)."""
-    from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
+def flop_formulas() -> dict:
+    """torch's FLOP formulas by op (torch.utils.flop_counter's registry), plus the CPU flash-attention
+    kernels the fake trace runs (torch has the CUDA ones only; causal attention counted in full, as
+    system/models/flops.py does)."""
+    from torch.utils.flop_counter import flop_registry, sdpa_backward_flop_count, sdpa_flop_count
 
     def fwd(query, key, value, *args, **kwargs) -> int:
         return sdpa_flop_count(query.shape, key.shape, value.shape)
@@ -151,10 +160,9 @@ def flop_counter():
     def bwd(grad_out, query, key, value, *args, **kwargs) -> int:
         return sdpa_backward_flop_count(grad_out.shape, query.shape, key.shape, value.shape)
 
-    fwd._get_raw = bwd._get_raw = True  # type: ignore[attr-defined]
     aten = torch.ops.aten
-    return FlopCounterMode(display=False, custom_mapping={aten._scaled_dot_product_flash_attention_for_cpu: fwd,
-                                                          aten._scaled_dot_product_flash_attention_for_cpu_backward: bwd})
+    return {**flop_registry, aten._scaled_dot_product_flash_attention_for_cpu: fwd,
+            aten._scaled_dot_product_flash_attention_for_cpu_backward: bwd}
 
 
 def _unique(tensors) -> list[Tensor]:
@@ -300,7 +308,7 @@ def trace_step(fm: FakeMethod, make_batch: Callable[[], Any], precision: str, st
     helper_buffers = _unique(b for h in helpers for b in h.buffers())
     info = {n: (_unique(m.parameters()), _unique(m.buffers())) for n, m in mods.items()}
     requires = {n: [p.requires_grad for p in ps] for n, (ps, _) in info.items()}
-    tracker, flops = LiveBytes(), flop_counter()
+    tracker = Meter()
     got_grad: set[int] = set()
     by_phase: dict[str, float] = {}
     autocast = autocast_for(precision)
@@ -309,11 +317,11 @@ def trace_step(fm: FakeMethod, make_batch: Callable[[], Any], precision: str, st
             m.train()
         tracker.known(t for ps, bs in info.values() for t in ps + bs)
         tracker.known(iter(helper_params + helper_buffers))
-        with tracker, flops:
+        with tracker:
             batch = make_batch()
             carry: dict = {}
             for phase in method.phases():
-                before = flops.get_total_flops()
+                before = tracker.flops
                 with frozen(*(m for n, m in mods.items() if n != phase)), autocast():
                     out = method.step(phase, mods, batch, step, carry)
                 out.loss.backward()
@@ -325,7 +333,7 @@ def trace_step(fm: FakeMethod, make_batch: Callable[[], Any], precision: str, st
                             tracker.grads.add(key)
                         p.grad = None
                 carry.update(out.aux)
-                by_phase[phase] = float(flops.get_total_flops() - before)
+                by_phase[phase] = tracker.flops - before
                 del out
             del batch, carry
     read = tracker.read
@@ -339,7 +347,7 @@ def trace_step(fm: FakeMethod, make_batch: Callable[[], Any], precision: str, st
             largest_layer=_largest_layer(mods[n]), small=sum(p.numel() for p in ps if p.numel() < 100_000),
             comm_dtypes=_comm_dtypes(mods[n]), ema=specs[n].ema_decay > 0)
     return StepTrace(
-        flops=float(flops.get_total_flops()), flops_by_phase=by_phase, activation_peak=tracker.peak(tracker.grads),
+        flops=tracker.flops, flops_by_phase=by_phase, activation_peak=tracker.peak(tracker.grads),
         peak_with_grads=tracker.peak(), modules=modules, frozen_params=sum(p.numel() for p in helper_params),
         frozen_used=sum(p.numel() for p in helper_params if tracker.key(p) in read),
         frozen_bytes=_bytes(helper_params) + _bytes(helper_buffers), weights=list(fm.weights),
