@@ -27,7 +27,8 @@ from system.config import VapiConfig
 from system.data.sources import ActorFedSource, ActorSpec, DataSpec
 from system.losses.lpips import LPIPS
 from system.methods.grpo import GRPOConfig, group_advantages
-from system.models.artifacts import Generator, Tokenizer, check_fit, load_llamagen, load_pair
+from system.models.artifacts import Generator, Tokenizer, check_fit
+from system.sampling.generators import load_llamagen, load_pair
 
 
 # ---------------------------------------------------------------------------- rollouts
