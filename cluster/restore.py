@@ -31,6 +31,7 @@ from safetensors.torch import load_file
 
 from cluster.checkpoint import BAD, MARKER, CheckpointRef, CheckpointStore, TrainState, load_module_buffers, rank_dir, staging
 from cluster.integrity import DamagedCheckpoint, Digest, agree, check
+from system.config import ConfigError
 from system.train_utils import EMA, restore_rng_state, seed_everything
 
 
@@ -173,9 +174,10 @@ def _load_rank_state(fetched: _Fetched, meta: dict, strategy, engines: Mapping[s
     mine = os.path.join(local, rank_dir(src))
     saved_partitioned = bool(meta.get("ema_partitioned", state.ema_partitioned))
     if state.emas and saved_partitioned != state.ema_partitioned:
-        raise RuntimeError(f"checkpoint {ref.url} keeps its EMA {'partitioned (ZeRO-3)' if saved_partitioned else 'whole'} "
-                           f"and this run {'partitioned' if state.ema_partitioned else 'whole'}: resume with the ZeRO "
-                           f"stage it was written with (deepspeed.zero_stage={meta.get('zero_stage', '?')})")
+        raise ConfigError(f"config key 'deepspeed.zero_stage': checkpoint {ref.url} keeps its EMA "
+                          f"{'partitioned (ZeRO-3)' if saved_partitioned else 'whole'} and this run "
+                          f"{'partitioned' if state.ema_partitioned else 'whole'}: resume with the ZeRO stage it was "
+                          f"written with (deepspeed.zero_stage={meta.get('zero_stage', '?')})")
     for name, ema in sorted(state.emas.items()):
         if not state.ema_partitioned:
             _broadcast_ema(fetched, name, ema, rank=rank, world_size=world_size)
