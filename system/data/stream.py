@@ -20,9 +20,9 @@ raises. Storage errors (unreachable endpoint, credentials: `StorageError`) are n
   `skipped` counts the distinct bad samples (by id) among the planned samples of the batches this
   rank handed out, once each: not again in later epochs, retries or after a resume (the ids are
   part of the state, keyed by the rank that met them). A state is continued by rank `s %
-  world_size` for each saving rank s it holds: after a resize, where every new rank loads rank 0's
-  state (cluster/checkpoint.py), new rank 0 carries rank 0's ids and the other ranks start at 0,
-  so no bad sample is counted by two ranks.
+  world_size` for each saving rank s it holds: after a resize every new rank loads rank 0's
+  position with the ids of every old rank merged in (cluster/restore.py), so each old rank's ids
+  are carried on by exactly one new rank: the ranks' counts add up to the run's, none twice.
 
 Position (world-size independent). `state_dict()` is the same on every rank of a lockstep run
 (bar the rank's `bad` ids): the epoch, the positions of the epoch's order consumed by all ranks

@@ -46,9 +46,9 @@ def ray_local():
     ray.shutdown()
 
 
-def write_image_shards(url: str, n: int, side: int = 20, quality: int = 75, storage=None) -> str:
-    """`n` random side x side JPEGs (classes a/b alternating) in two shards + index under `url`, as
-    jobs/make_shards.py writes them; returns the train split's URL."""
+def write_image_shards(url: str, n: int, side: int = 20, quality: int = 75, storage=None, num_shards: int = 2) -> str:
+    """`n` random side x side JPEGs (classes a/b alternating) in `num_shards` shards + index under
+    `url`, as jobs/make_shards.py writes them; returns the train split's URL."""
     import io
 
     from PIL import Image
@@ -61,11 +61,24 @@ def write_image_shards(url: str, n: int, side: int = 20, quality: int = 75, stor
         Image.fromarray(np.random.default_rng(i).integers(0, 256, (side, side, 3), dtype=np.uint8)).save(
             buf, format="JPEG", quality=quality)
         items.append((buf.getvalue(), f"img{i:03d}", i % 2))
-    plans = plan_shards(items, "train", shard_size=n // 2)
+    plans = plan_shards(items, "train", shard_size=n // num_shards)
     for p in plans:
         write_shard(p, url, storage)
     write_index(plans, url, {"a": 0, "b": 1}, storage)
     return f"{url}/train"
+
+
+def garble_shard(split_url: str, k: int) -> list[int]:
+    """Overwrite shard `k` (index order) of a local shard set with random bytes of the same size (its
+    index entry intact: every sample of it unreadable); returns the sample ids (index order) it held."""
+    with open(os.path.join(split_url, "index.json")) as f:
+        shards = json.load(f)["shards"]
+    path = os.path.join(split_url, shards[k]["name"])
+    size = os.path.getsize(path)
+    with open(path, "wb") as f:
+        f.write(np.random.default_rng(k).integers(0, 256, size, dtype=np.uint8).tobytes())
+    first = sum(int(s["count"]) for s in shards[:k])
+    return list(range(first, first + int(shards[k]["count"])))
 
 
 def write_tokens(url: str, n: int = 32, seed: int = 0) -> str:
