@@ -5,11 +5,12 @@ from __future__ import annotations
 
 import json
 import os
+import time
 
 import numpy as np
 import pytest
 
-from system.data.sources import TokenShards
+from system.data.sources import ImageShards, TokenShards
 from system.data.source import BatchSource
 
 SEQ_LEN, VOCAB, CLASSES = 16, 64, 4
@@ -93,8 +94,8 @@ def write_tokens(url: str, n: int = 32, seed: int = 0) -> str:
 
 
 class KeyLog(BatchSource):
-    """A batch source's batches, each logged as {"step", "keys"} to `<folder>/keys_rank<r>.jsonl`
-    when the loop draws it."""
+    """A batch source's batches, each logged as {"step", "keys", "pid", "t"} (the drawing process
+    and the time) to `<folder>/keys_rank<r>.jsonl` when the loop draws it."""
 
     def __init__(self, inner: BatchSource, folder: str, rank: int, step):
         self.inner, self.folder, self.rank, self.step = inner, folder, rank, step
@@ -103,7 +104,8 @@ class KeyLog(BatchSource):
         os.makedirs(self.folder, exist_ok=True)
         for batch in self.inner:
             with open(os.path.join(self.folder, f"keys_rank{self.rank}.jsonl"), "a") as f:
-                f.write(json.dumps({"step": self.step(), "keys": list(batch["key"])}) + "\n")
+                f.write(json.dumps({"step": self.step(), "keys": list(batch["key"]), "pid": os.getpid(),
+                                    "t": time.time()}) + "\n")
             yield batch
 
     def state_dict(self) -> dict:
@@ -127,6 +129,16 @@ class KeyLoggingTokens(TokenShards):
 
     def __call__(self, exp, ctx) -> KeyLog:
         return KeyLog(TokenShards()(exp, ctx), self.folder, ctx.rank, ctx.step)
+
+
+class KeyLoggingImages(ImageShards):
+    """Picklable batch-source factory: the job's image shards, keys logged under `folder`."""
+
+    def __init__(self, folder: str):
+        self.folder = folder
+
+    def __call__(self, exp, ctx) -> KeyLog:
+        return KeyLog(ImageShards()(exp, ctx), self.folder, ctx.rank, ctx.step)
 
 
 def key_log(folder, ranks=(0, 1)) -> dict[tuple[int, int], list[str]]:
