@@ -9,6 +9,7 @@ worker in rank 0's process instead of an actor pool (`LocalPool`: the pool's sub
 same `FedSource` of cluster/rollout_pool.py)."""
 from __future__ import annotations
 
+import importlib.util
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -184,15 +185,17 @@ def data(tmp_path_factory) -> dict:
     files = {"images": write_image_shards(str(root / "images"), 8, side=RES),
              "val": write_image_shards(str(root / "val"), 4, side=RES),
              "tokens": write_tokens(str(root / "tokens"), n=8), "val_tokens": write_tokens(str(root / "val_tokens"), n=4, seed=1)}
-    spec = __import__("importlib.util").util.spec_from_file_location("jobs_conftest", Path(__file__).parents[1] / "jobs/conftest.py")
-    mod = __import__("importlib.util").util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    files["export_vapi"] = str(mod.make_export(root / "export_vapi"))
+    spec = importlib.util.spec_from_file_location("jobs_conftest", Path(__file__).parents[1] / "jobs/conftest.py")
+    jobs_conftest = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(jobs_conftest)
+    files["export_vapi"] = str(jobs_conftest.make_export(root / "export_vapi"))  # a tokenizer + AR at random weights
     return files
 
 
 @pytest.mark.parametrize("name", sorted(CASES))
 def test_method_trains_validates_resumes_and_exports_under_every_zero_stage(name, data, tmp_path, monkeypatch):
+    from system.models.artifacts import load_part
+
     monkeypatch.setenv("CKPT_STAGE_DIR", str(tmp_path / "stage"))
     files = dict(data)
     _exports(name, files, tmp_path)
@@ -212,8 +215,6 @@ def test_method_trains_validates_resumes_and_exports_under_every_zero_stage(name
             assert sorted(val) == [1, 2] and all(v == v for r in val.values() for v in r.values()), where  # finite
             assert any(k.startswith("val_start/") for r in rows for k in r), where  # the untrained baseline
         model = json.loads((run / "export" / "model.json").read_text())
-        from system.models.artifacts import load_part
-
         for part in model:
             sd = load_part(str(run / "export"), part, ema=False)
             assert sd and all(v.numel() > 0 and bool(torch.isfinite(v.float()).all()) for v in sd.values()), \
