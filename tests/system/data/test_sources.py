@@ -39,6 +39,13 @@ def test_image_shards_fit_every_rank_or_name_the_key(images):
         ImageShards().check(_exp(DataConfig(url=train, val_url=val, batch_size=1), 4))
 
 
+def test_a_source_read_by_rank_0_alone_needs_one_batch(images):
+    train, _ = images
+    ImageShards(readers=1).check(_exp(DataConfig(url=train, batch_size=16), 4))  # 16 <= 20 on rank 0
+    with pytest.raises(ConfigError, match="use data.batch_size <= 20"):
+        ImageShards(readers=1).check(_exp(DataConfig(url=train, batch_size=21), 4))
+
+
 def test_token_shards_fit_every_rank_or_name_the_key(tmp_path):
     from system.data.tokens import write_token_set
 
