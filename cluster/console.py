@@ -19,6 +19,7 @@ import logging
 import os
 import sys
 import threading
+import time
 import traceback
 from typing import Any, Callable, Iterator, Optional
 
@@ -178,6 +179,7 @@ class ConsoleProgress:
     def __init__(self, board: Any, run_name: str, total: int, enabled: bool = True):
         self.board, self.run_name, self.total, self.enabled = board, run_name, total, enabled
         self.bar: Any = None
+        self.refused: Optional[str] = None  # a rank's error that a restart would meet again (cluster/train_pool.py)
 
     def _bar(self, initial: int) -> Any:
         if self.bar is None and self.enabled:
@@ -209,6 +211,10 @@ class ConsoleProgress:
                 bar.n = e["step"]
                 bar.set_postfix_str(f"loss={e.get('loss', float('nan')):.4f} img/s={e.get('images_per_s', 0.0):.1f}",
                                     refresh=True)
+        elif kind == "refused":
+            if self.refused is None:
+                self.refused = str(e["message"])
+                log.info("rank %s stopped the run: %s", e.get("rank"), self.refused)
         elif kind == "checkpoint":
             self._line(f"[{self.run_name}] checkpoint step {e['step']}: {e['url']}" +
                        (f"  (loss {e['loss']:.4f})" if isinstance(e.get("loss"), float) else ""))
@@ -229,8 +235,14 @@ class ConsoleProgress:
             self.bar = None
 
 
-def run_with_progress(fit: Callable[[], Any], progress: ConsoleProgress, every_s: float = 0.5) -> Any:
-    """`fit()` in a thread while the driver polls the board; returns fit's result (re-raises its error)."""
+def run_with_progress(fit: Callable[[], Any], progress: ConsoleProgress, every_s: float = 0.5,
+                      refused_grace_s: float = 60.0) -> Any:
+    """`fit()` in a thread while the driver polls the board; returns fit's result (re-raises its error).
+    When a rank refused the run (`progress.refused`: an error every restart would meet again), a
+    `ConfigError` with its message once fit ends, or after `refused_grace_s` if other ranks are
+    still running (waiting for the refused one in a collective)."""
+    from system.config import ConfigError
+
     box: dict = {}
 
     def target() -> None:
@@ -241,11 +253,18 @@ def run_with_progress(fit: Callable[[], Any], progress: ConsoleProgress, every_s
 
     t = threading.Thread(target=target, name="ray-train-fit", daemon=True)
     t.start()
+    refused_at = None
     while t.is_alive():
         t.join(every_s)
         progress.poll()
+        if progress.refused is not None:
+            refused_at = refused_at or time.monotonic()
+            if time.monotonic() - refused_at > refused_grace_s:
+                break
     progress.close()
     sync_logs()
+    if progress.refused is not None:
+        raise ConfigError(progress.refused)
     if "error" in box:
         raise box["error"]
     return box.get("result")

@@ -183,6 +183,7 @@ class DeepSpeedStrategy:
         file and, under ZeRO 1/2, `META_FILE`: that file without the weights, which a resume reads instead).
         Returns the size and checksum of each file written (by path), taken while writing."""
         digests: dict[str, Digest] = {}
+        _sorted_optimizer_state(engine)
         inner = engine.checkpoint_engine
         if type(inner) is TorchCheckpointEngine:  # another engine (e.g. a decoupled writer) writes as it does
             engine.checkpoint_engine = _HashingCheckpointEngine(inner, digests)
@@ -334,6 +335,24 @@ class _HashingCheckpointEngine:
 
     def save(self, state_dict, path: str) -> None:
         self.digests[path] = save_torch(state_dict, path, zipfile=self.inner.zipfile_serialization)
+
+
+def _sorted_optimizer_state(engine) -> None:
+    """Each parameter's optimizer state (torch's and every wrapper's around it) in sorted key order,
+    in place: DeepSpeed's restore adds `step` after the moments where a fresh optimizer has it first,
+    and pickle keeps dict order, so a resumed run would save the same values as other bytes than
+    one that never stopped (checkpoints are compared byte for byte)."""
+    opt, seen = getattr(engine, "optimizer", None), set()
+    while opt is not None and id(opt) not in seen:
+        seen.add(id(opt))
+        state = getattr(opt, "__dict__", {}).get("state")  # a torch optimizer's own dict, not a property
+        if isinstance(state, dict):
+            for st in state.values():
+                if isinstance(st, dict) and list(st) != sorted(st, key=str):
+                    items = sorted(st.items(), key=lambda kv: str(kv[0]))
+                    st.clear()
+                    st.update(items)
+        opt = getattr(opt, "optimizer", None)
 
 
 def _native_load(engine, files: CheckpointFiles, names: Sequence[str]) -> None:

@@ -157,6 +157,22 @@ def run_log(run_url: str, name: str, storage: StorageConfig | None = None) -> tu
     return path, url
 
 
+def discard_logs(run_url: str) -> None:
+    """The run `run_url` did not start (refused): its logs this process writes are closed, and those
+    on object storage that were never uploaded are dropped with their local folder."""
+    prefix = run_url.rstrip("/") + "/"
+    root = logging.getLogger()
+    for h in list(root.handlers):
+        if isinstance(h, logging.FileHandler) and (h.baseFilename.startswith(prefix.removeprefix("file://"))
+                                                   or any(h.baseFilename == f.path for f in _LOGS if f.url.startswith(prefix))):
+            root.removeHandler(h)
+            h.close()
+    for f in list(_LOGS):
+        if f.url.startswith(prefix) and f._uploaded is None:
+            _LOGS.remove(f)
+            shutil.rmtree(f.tmp_dir, ignore_errors=True)
+
+
 def sync_logs(final: bool = False, quick: bool = False) -> bool:
     """Upload this process's run logs on object storage that changed (see `run_log`); `final`: the
     process is done with them, and each uploaded one is dropped with its local folder; `quick`: no

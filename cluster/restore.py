@@ -6,9 +6,11 @@ engine folder, the files the strategy reads (`DeepSpeedStrategy.files_to_read`: 
 partition and the small model metadata, never the other ranks' partitions). A checkpoint written
 at another world size (a retry on a smaller or larger cluster) is re-partitioned: each engine from
 the old shards overlapping this rank's new partition, a ZeRO-3 partitioned EMA from every old
-rank's slice; every rank continues the data reader from rank 0's state (the reader's state must
-not depend on the world size), and ranks the old run did not have take rank 0's method state and
-buffers and an RNG stream forked from rank 0's. `state.json` records the world size.
+rank's slice; every rank continues the data reader from rank 0's state (the reader's position must
+not depend on the world size) with every old rank's unreadable-sample ids merged in
+(`merged_reader_state`: each is then counted by one new rank), and ranks the old run did not have
+take rank 0's method state and buffers and an RNG stream forked from rank 0's. `state.json`
+records the world size.
 
 Checking: before anything is loaded, every rank fetches all the files it reads and compares each
 with the size and SHA-256 the commit marker lists (`_Fetched`; a file missing from storage counts
@@ -31,6 +33,7 @@ from safetensors.torch import load_file
 
 from cluster.checkpoint import BAD, MARKER, CheckpointRef, CheckpointStore, TrainState, load_module_buffers, rank_dir, staging
 from cluster.integrity import DamagedCheckpoint, Digest, agree, check
+from system.config import ConfigError
 from system.train_utils import EMA, restore_rng_state, seed_everything
 
 
@@ -125,8 +128,8 @@ def _reads(fetched: _Fetched, meta: dict, strategy, engines: Mapping[str, Any], 
     if rank == 0 and not state.ema_partitioned:  # a whole EMA is fetched by rank 0 alone and broadcast
         out += [rel for rel in fetched.names("shared") if rel in {f"shared/ema_{n}.safetensors" for n in state.emas}]
     out += [rel for rel in fetched.names(rank_dir(src)) if same or not (state.ema_partitioned and _is_ema(rel))]
-    if not same and src != 0 and state.reader is not None:  # the data position is rank 0's
-        out.append(f"{rank_dir(0)}/reader.pt")
+    if not same and state.reader is not None:  # rank 0's data position, every old rank's unreadable samples
+        out += [f"{rank_dir(k)}/reader.pt" for k in range(saved) if k != src]
     if not same and state.ema_partitioned:
         for name in sorted(set(state.emas) & set(engines)):
             out += [f"{rank_dir(k)}/ema_{name}.safetensors" for k in strategy.reshard_local_parts(engines[name], saved)]
@@ -173,9 +176,10 @@ def _load_rank_state(fetched: _Fetched, meta: dict, strategy, engines: Mapping[s
     mine = os.path.join(local, rank_dir(src))
     saved_partitioned = bool(meta.get("ema_partitioned", state.ema_partitioned))
     if state.emas and saved_partitioned != state.ema_partitioned:
-        raise RuntimeError(f"checkpoint {ref.url} keeps its EMA {'partitioned (ZeRO-3)' if saved_partitioned else 'whole'} "
-                           f"and this run {'partitioned' if state.ema_partitioned else 'whole'}: resume with the ZeRO "
-                           f"stage it was written with (deepspeed.zero_stage={meta.get('zero_stage', '?')})")
+        raise ConfigError(f"config key 'deepspeed.zero_stage': checkpoint {ref.url} keeps its EMA "
+                          f"{'partitioned (ZeRO-3)' if saved_partitioned else 'whole'} and this run "
+                          f"{'partitioned' if state.ema_partitioned else 'whole'}: resume with the ZeRO stage it was "
+                          f"written with (deepspeed.zero_stage={meta.get('zero_stage', '?')})")
     for name, ema in sorted(state.emas.items()):
         if not state.ema_partitioned:
             _broadcast_ema(fetched, name, ema, rank=rank, world_size=world_size)
@@ -196,15 +200,35 @@ def _load_rank_state(fetched: _Fetched, meta: dict, strategy, engines: Mapping[s
         for name, module in state.modules.items():
             load_module_buffers(module, buffers.get(name, {}))
     if state.reader is not None:
-        path = os.path.join(local, rank_dir(rank if same else 0), "reader.pt")
-        if not os.path.exists(path):
-            raise RuntimeError(f"checkpoint {ref.url} has no data reader state for rank {rank if same else 0}")
-        state.reader.load_state_dict(_torch_load(path))
+        states = []
+        for k in [rank] if same else range(saved_world):
+            path = os.path.join(local, rank_dir(k), "reader.pt")
+            if not os.path.exists(path):
+                raise RuntimeError(f"checkpoint {ref.url} has no data reader state for rank {k}")
+            states.append(_torch_load(path))
+        state.reader.load_state_dict(states[0] if same else merged_reader_state(states))
     if state.method is not None and os.path.exists(os.path.join(mine, "method.pt")):
         state.method.load_state_dict(_torch_load(os.path.join(mine, "method.pt")))
     restore_rng_state(_torch_load(os.path.join(mine, "rng.pt")))
     if src != rank:
         _fork_rng(rank)
+
+
+def merged_reader_state(states: list[dict]) -> dict:
+    """The reader state a rank of a resized run continues: old rank 0's (the position is the same on
+    every rank), with the unreadable-sample ids of every old rank (`bad`: {saving rank: ids}, a
+    list in states saved before they were keyed) merged, so each saving rank's ids are continued by
+    exactly one new rank (system/data/stream.py) and `skipped` stays exact. A state without `bad`
+    (another kind of source) is rank 0's as it is."""
+    out = dict(states[0])
+    if not all(isinstance(s, dict) and "bad" in s for s in states):
+        return out
+    bad: dict = {}
+    for k, s in enumerate(states):
+        ids = s["bad"]
+        bad.update(ids if isinstance(ids, dict) else ({str(k): ids} if ids else {}))
+    out["bad"] = bad
+    return out
 
 
 def _mark_bad(store: CheckpointStore, ref: CheckpointRef, damaged: list[tuple[int, str, str]]) -> None:

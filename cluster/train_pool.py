@@ -5,8 +5,10 @@ rank loop `cluster.loop.train_loop`, for every method: cluster/training.py) on
 the newest complete checkpoint in our store, so resubmitting the same `run_name` continues too.
 
 Ray Train V2 keeps metrics only when reported with a checkpoint, and `report` is a barrier: the
-workers report once per commit, rank 0 with a tiny Ray checkpoint that points at ours. Ray Train's
-own storage is the run's storage (`<run>/ray_train`, for object storage through our retrying
+workers report once per commit, rank 0 with a tiny Ray checkpoint that points at ours. An error
+that a restart would meet again (`REFUSALS`: a config error, no intact checkpoint) is not left to
+Ray Train's restarts: the ranks tell the driver and end, and the driver raises it (`refuse`).
+Ray Train's own storage is the run's storage (`<run>/ray_train`, for object storage through our retrying
 filesystem): rank 0 may run on any node (on KubeRay the head has no CPUs), and nothing the run needs
 lives on the head's disk.
 
@@ -25,8 +27,9 @@ import ray.train
 from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchConfig, TorchTrainer
 
+from cluster.integrity import NoIntactCheckpoint
 from cluster.runtime import rank_cpus
-from system.config import Experiment
+from system.config import ConfigError, Experiment
 from system.data.storage import assume_reachable, filesystem, join, protocol
 
 POINTER_FILE = "checkpoint_pointer.json"
@@ -93,7 +96,27 @@ def _train_fn(config: dict[str, Any]) -> None:  # Ray Train's train_loop_config
 
     # the console shows the driver's bar; worker output goes to <run>/logs/rank_<r>.log (unless verbose)
     with worker_output(run_url(exp), rank, exp.data.storage, verbose=exp.logging.verbose):
-        config["worker_fn"](exp, wctx, **config["worker_kwargs"])
+        try:
+            config["worker_fn"](exp, wctx, **config["worker_kwargs"])
+        except REFUSALS as e:
+            refuse(board, rank, e)
+
+
+# errors a restart of the pool would meet again (bad config, nothing intact to resume from): the
+# driver raises them as a ConfigError instead of restarting (`refuse`)
+REFUSALS = (ConfigError, NoIntactCheckpoint)
+
+
+def refuse(board: Any, rank: int, error: BaseException) -> None:
+    """A rank met `error`, one of `REFUSALS`: its one line goes to the rank's log and to the driver
+    (the board: `ConsoleProgress.refused`, waited for), and the rank's training function returns
+    without raising, so Ray Train ends the run instead of restarting it for an error that would
+    repeat; the driver then raises it as a ConfigError (`run_with_progress`). Without a board (no
+    driver to tell) the error is raised."""
+    print(f"config error: {error}", flush=True)
+    if board is None:
+        raise error
+    ray.get(board.push.remote({"kind": "refused", "rank": rank, "message": str(error)}))
 
 
 def ray_storage(exp: Experiment) -> tuple[str, Any]:

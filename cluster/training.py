@@ -19,7 +19,7 @@ import ray
 from cluster.cli import RunFinished
 from cluster.console import say
 from cluster.job import TrainJob
-from cluster.paths import check_writable, resolve_paths, run_url
+from cluster.paths import check_writable, nothing_left_if_refused, resolve_paths, run_url
 from cluster.runtime import (check_extension_locks, check_local_resources, check_resources, check_storage_shared, init_ray,
                              resolve_use_gpu, worker_nodes)
 from cluster.train_pool import data_workers, run_pool
@@ -60,11 +60,17 @@ def resolve_job(exp: Experiment, source: Optional[SourceFactory] = None, micro_b
 def prepare_run(exp: Experiment, extra_cpus: float = 0.0, extra_gpus: float = 0.0) -> tuple[Experiment, Any, bool]:
     """Before any actor starts: absolute local paths, refuse to overwrite a checkpointed run unless
     `checkpoint.resume`, start/join Ray, check the pool (plus `extra_*` resources of other actors)
-    fits, save the resolved config. Returns (exp, store, use_gpu)."""
+    fits, save the resolved config. Returns (exp, store, use_gpu). A refusal (a `ConfigError`, any
+    error before the config is saved) leaves no trace of a new run (`nothing_left_if_refused`)."""
+    exp = resolve_paths(exp)
+    with nothing_left_if_refused(exp, unless=(RunFinished,)):
+        return _prepare(exp, extra_cpus, extra_gpus)
+
+
+def _prepare(exp: Experiment, extra_cpus: float, extra_gpus: float) -> tuple[Experiment, Any, bool]:
     from cluster.checkpoint import CheckpointStore
     from cluster.console import setup_driver_logging
 
-    exp = resolve_paths(exp)
     c = exp.cluster
     check_writable(exp)
     log_file = setup_driver_logging(run_url(exp), exp.logging.verbose, exp.data.storage)

@@ -66,9 +66,10 @@ def parse_argv(argv: Sequence[str]) -> tuple[list[str], list[str]]:
 
 
 def help_files(argv: Sequence[str]) -> list[str]:
-    """The `--config` files of a command line that asks for `--help` (its defaults show them applied)."""
+    """The `--config` files of a command line that asks for `--help` (its defaults show them applied),
+    absolute (`help_text` reads relative names under configs/, as a job's own defaults)."""
     try:
-        return parse_argv([a for a in argv if a not in ("-h", "--help")])[0]
+        return [str(Path(f).absolute()) for f in parse_argv([a for a in argv if a not in ("-h", "--help")])[0]]
     except ConfigError:
         return []
 
@@ -156,9 +157,22 @@ def _submitted_working_dir() -> bool:
         return False
 
 
+# a run's name is its folder under the storage path and a word of the commands printed for it
+_RUN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+
+
+def _check_run_name(key: str, val: Any) -> None:
+    if isinstance(val, str) and not _RUN_NAME.fullmatch(val):
+        safe = re.sub(r"[^A-Za-z0-9._-]+", "-", val).strip("-._")[:128] or "run-1"
+        raise ConfigError(f"config key '{key}' = {val!r} is not a usable run name: it names one folder and appears in "
+                          f"the printed commands, so it must be one path segment of letters, digits, '.', '_' and '-' "
+                          f"(starting with a letter or digit, at most 128 characters), e.g. {key}={safe}")
+
+
 def _check_fields(obj: Any, prefix: str = "") -> None:
-    """Declared value ranges (system/config/ranges.py); unusable storage URLs; relative local paths
-    made absolute (workers run elsewhere), refused for outputs under `ray job submit --working-dir`."""
+    """Declared value ranges (system/config/ranges.py); run names (one safe path segment); unusable
+    storage URLs; relative local paths made absolute (workers run elsewhere), refused for outputs
+    under `ray job submit --working-dir`."""
     import fsspec  # local import: cheap, and only needed at validation
 
     from system.config.ranges import in_range
@@ -169,6 +183,8 @@ def _check_fields(obj: Any, prefix: str = "") -> None:
         rule = f.metadata.get("range")
         if rule and not in_range(val, rule):
             raise ConfigError(f"config key '{key}' = {val!r} is out of range: it must be {rule}")
+        if f.name == "run_name":
+            _check_run_name(key, val)
         if dataclasses.is_dataclass(val):
             _check_fields(val, key + ".")
         elif f.name in _URL_FIELDS and isinstance(val, str) and val:

@@ -108,15 +108,48 @@ def _check_set(url: str, key: str, storage: Any, forbid: tuple[str, ...], need: 
     return index
 
 
+def _check_size(index: dict, exp: Any, key: str, readers: Optional[int] = None) -> None:
+    """The samples the reader will use of the set at `key` (its index's counts, `data.fraction` for
+    training) give each of the `readers` ranks reading it (default `cluster.num_workers`) one batch
+    of `data.batch_size` (training, whole batches only) or one sample (validation): a ConfigError
+    naming the key otherwise, before any rank starts (the reader on the ranks would refuse it there)."""
+    from system.config import ConfigError
+    from system.data.plan import build_chunks
+
+    d = exp.data
+    world = readers or int(getattr(getattr(exp, "cluster", None), "num_workers", 1))
+    val = key == "data.val_url"
+    fraction = 1.0 if val else d.fraction
+    n = sum(c.size for c in build_chunks(index["shards"], fraction=fraction)[1])
+    url = d.val_url if val else d.url
+    held = f"{key} = {url!r} holds {n} sample(s)" + ("" if fraction == 1.0 else f" at data.fraction={fraction}")
+    if val and n < world:
+        raise ConfigError(f"config key 'cluster.num_workers' = {world}: {held}, fewer than one for each rank; use "
+                          f"cluster.num_workers <= {n} or a larger validation set")
+    if not val and n < world * d.batch_size:
+        fits = n // world
+        fix = (f"use data.batch_size <= {fits}" if fits else f"use cluster.num_workers <= {n} and data.batch_size=1")
+        raise ConfigError(f"config key 'data.batch_size' = {d.batch_size}: {held}, fewer than one batch for each of "
+                          f"cluster.num_workers={world} rank(s) ({world} x {d.batch_size} = {world * d.batch_size}); "
+                          f"{fix}, or more data")
+
+
 class ImageShards:
     """Image shard sets (`data`: DataConfig): `ShardReader` per rank; `data.url` may also be a latent
-    cache of an image shard set (its batches carry the cached "latents" too)."""
+    cache of an image shard set (its batches carry the cached "latents" too). `readers`: how many
+    ranks read the training batches (None: every rank of `cluster.num_workers`; 1 for a source whose
+    rank 0 reads the images of the whole pool)."""
+
+    readers: Optional[int] = None
+
+    def __init__(self, readers: Optional[int] = None):
+        self.readers = readers
 
     def check(self, exp: Any) -> None:
         d = exp.data
-        _check_set(d.url, "data.url", d.storage, ("tokens",))
+        _check_size(_check_set(d.url, "data.url", d.storage, ("tokens",)), exp, "data.url", self.readers)
         if d.val_url:
-            _check_set(d.val_url, "data.val_url", d.storage, ("tokens",))
+            _check_size(_check_set(d.val_url, "data.val_url", d.storage, ("tokens",)), exp, "data.val_url", self.readers)
 
     def resolve(self, exp: Any) -> DataSpec:
         from system.data.shards import read_index
@@ -145,7 +178,12 @@ class TokenShards(ImageShards):
     rank; `resolve` reads the codes' description (`DataSpec.tokens`) from the index(es)."""
 
     def check(self, exp: Any) -> None:
+        from system.data.shards import read_index
+
         self.resolve(exp)
+        for key, url in (("data.url", exp.data.url), ("data.val_url", exp.data.val_url)):
+            if url:
+                _check_size(read_index(url, exp.data.storage), exp, key, self.readers)
 
     def resolve(self, exp: Any) -> DataSpec:
         from system.config import ConfigError

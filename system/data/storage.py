@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import inspect
 import json
 import logging
 import os
@@ -214,12 +215,35 @@ async def retry_transient(call, *, budget_s: float, max_delay_s: float, key: str
 _RETRYING_S3: Any = None
 
 
+def _private_botocore_jitter() -> None:
+    """botocore's own retries (the first of the two above) draw their jitter from the global `random`
+    module, whose state a run checkpoints (rng.pt): an outage would change the run's state. They
+    get a generator of their own: the default `random` of `ExponentialBackoff` (standard and adaptive
+    retry modes) and the `random` the legacy mode's handler calls. Nothing else changes."""
+    try:
+        from botocore import retryhandler
+        from botocore.retries import standard
+    except ImportError:
+        return
+    own = random.Random()
+    init = standard.ExponentialBackoff.__init__
+    names = [n for n in inspect.signature(init).parameters if n != "self"]
+    defaults = list(init.__defaults__ or ())
+    at = names.index("random") - (len(names) - len(defaults)) if "random" in names else -1
+    if 0 <= at < len(defaults) and defaults[at] == random.random:
+        defaults[at] = own.random
+        init.__defaults__ = tuple(defaults)
+    if getattr(retryhandler, "random", None) is random:
+        retryhandler.random = own
+
+
 def retrying_s3_class() -> type:
     """`s3fs.S3FileSystem` whose every request (`_call_s3`: objects, listings, uploads, ranged reads
     of open files) goes through `retry_transient`. Built on first use (s3fs is imported only for
     object storage); importable as `system.data.storage.RetryingS3FileSystem`, so instances pickle."""
     global _RETRYING_S3
     if _RETRYING_S3 is None:
+        _private_botocore_jitter()
         import s3fs
         from fsspec.asyn import sync_wrapper
 

@@ -20,9 +20,9 @@ raises. Storage errors (unreachable endpoint, credentials: `StorageError`) are n
   `skipped` counts the distinct bad samples (by id) among the planned samples of the batches this
   rank handed out, once each: not again in later epochs, retries or after a resume (the ids are
   part of the state, keyed by the rank that met them). A state is continued by rank `s %
-  world_size` for each saving rank s it holds: after a resize, where every new rank loads rank 0's
-  state (cluster/checkpoint.py), new rank 0 carries rank 0's ids and the other ranks start at 0,
-  so no bad sample is counted by two ranks.
+  world_size` for each saving rank s it holds: after a resize every new rank loads rank 0's
+  position with the ids of every old rank merged in (cluster/restore.py), so each old rank's ids
+  are carried on by exactly one new rank: the ranks' counts add up to the run's, none twice.
 
 Position (world-size independent). `state_dict()` is the same on every rank of a lockstep run
 (bar the rank's `bad` ids): the epoch, the positions of the epoch's order consumed by all ranks
@@ -56,7 +56,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from system.config import DataConfig, StorageConfig, TokenDataConfig
+from system.config import ConfigError, DataConfig, StorageConfig, TokenDataConfig
 from system.data import tario
 from system.data.codec import ImageCodec, LatentCodec, SampleCodec, TokenCodec
 from system.data.embedded import ensure_embedded_dataset
@@ -312,9 +312,11 @@ class ShardSource(BatchSource):
         self.num_samples = sum(c.size for c in chunks)
         self.layout = Layout(world_size, max(num_workers, 1), batch_size, drop_last)
         need = world_size * batch_size if drop_last else world_size
-        if self.num_samples < need:
-            raise ValueError(
-                f"{self.num_samples} samples of {self.url} (fraction {fraction}) cannot give each of {world_size} rank(s) "
+        if self.num_samples < need:  # a ConfigError: a restarted pool would meet it again (cluster/train_pool.py)
+            raise ConfigError(
+                (f"config key 'data.batch_size' = {batch_size}: " if drop_last else
+                 f"config key 'cluster.num_workers' = {world_size}: ") + f"{self.num_samples} samples of {self.url} (fraction "
+                f"{fraction}) cannot give each of {world_size} rank(s) "
                 + (f"one batch of {batch_size} (drop_last): use a smaller batch_size or more data" if drop_last
                    else "one sample")
             )
@@ -441,7 +443,7 @@ class ShardSource(BatchSource):
                 "chunk_size": self.chunk_size, "shards": self._shard_id}
         for k, v in mine.items():
             if state.get(k) != v:
-                raise ValueError(
+                raise ConfigError(
                     f"data reader state was saved with {k}={state.get(k)!r} but this reader has {k}={v!r}; resuming the data "
                     "position needs the same seed, fraction, chunk_size and shard set (world size, workers and batch "
                     "size may differ)"

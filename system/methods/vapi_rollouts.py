@@ -338,7 +338,7 @@ class VapiRollouts(ActorFedSource):
         if exp.data.batch_size % exp.cluster.num_workers:
             raise ValueError(f"data.batch_size={exp.data.batch_size} images per iteration must split evenly over "
                              f"cluster.num_workers={exp.cluster.num_workers} learner ranks")
-        ImageShards().check(exp)
+        ImageShards(readers=1).check(exp)  # rank 0 reads every iteration's images (`image_reader`)
 
     def resolve(self, exp: Any) -> DataSpec:
         return DataSpec(resolution=exp.data.resolution, num_classes=0, storage=exp.data.storage)  # the policy knows its classes

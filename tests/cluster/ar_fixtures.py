@@ -5,11 +5,12 @@ from __future__ import annotations
 
 import json
 import os
+import time
 
 import numpy as np
 import pytest
 
-from system.data.sources import TokenShards
+from system.data.sources import ImageShards, TokenShards
 from system.data.source import BatchSource
 
 SEQ_LEN, VOCAB, CLASSES = 16, 64, 4
@@ -46,9 +47,9 @@ def ray_local():
     ray.shutdown()
 
 
-def write_image_shards(url: str, n: int, side: int = 20, quality: int = 75, storage=None) -> str:
-    """`n` random side x side JPEGs (classes a/b alternating) in two shards + index under `url`, as
-    jobs/make_shards.py writes them; returns the train split's URL."""
+def write_image_shards(url: str, n: int, side: int = 20, quality: int = 75, storage=None, num_shards: int = 2) -> str:
+    """`n` random side x side JPEGs (classes a/b alternating) in `num_shards` shards + index under
+    `url`, as jobs/make_shards.py writes them; returns the train split's URL."""
     import io
 
     from PIL import Image
@@ -61,11 +62,24 @@ def write_image_shards(url: str, n: int, side: int = 20, quality: int = 75, stor
         Image.fromarray(np.random.default_rng(i).integers(0, 256, (side, side, 3), dtype=np.uint8)).save(
             buf, format="JPEG", quality=quality)
         items.append((buf.getvalue(), f"img{i:03d}", i % 2))
-    plans = plan_shards(items, "train", shard_size=n // 2)
+    plans = plan_shards(items, "train", shard_size=n // num_shards)
     for p in plans:
         write_shard(p, url, storage)
     write_index(plans, url, {"a": 0, "b": 1}, storage)
     return f"{url}/train"
+
+
+def garble_shard(split_url: str, k: int) -> list[int]:
+    """Overwrite shard `k` (index order) of a local shard set with random bytes of the same size (its
+    index entry intact: every sample of it unreadable); returns the sample ids (index order) it held."""
+    with open(os.path.join(split_url, "index.json")) as f:
+        shards = json.load(f)["shards"]
+    path = os.path.join(split_url, shards[k]["name"])
+    size = os.path.getsize(path)
+    with open(path, "wb") as f:
+        f.write(np.random.default_rng(k).integers(0, 256, size, dtype=np.uint8).tobytes())
+    first = sum(int(s["count"]) for s in shards[:k])
+    return list(range(first, first + int(shards[k]["count"])))
 
 
 def write_tokens(url: str, n: int = 32, seed: int = 0) -> str:
@@ -80,8 +94,8 @@ def write_tokens(url: str, n: int = 32, seed: int = 0) -> str:
 
 
 class KeyLog(BatchSource):
-    """A batch source's batches, each logged as {"step", "keys"} to `<folder>/keys_rank<r>.jsonl`
-    when the loop draws it."""
+    """A batch source's batches, each logged as {"step", "keys", "pid", "t"} (the drawing process
+    and the time) to `<folder>/keys_rank<r>.jsonl` when the loop draws it."""
 
     def __init__(self, inner: BatchSource, folder: str, rank: int, step):
         self.inner, self.folder, self.rank, self.step = inner, folder, rank, step
@@ -90,7 +104,8 @@ class KeyLog(BatchSource):
         os.makedirs(self.folder, exist_ok=True)
         for batch in self.inner:
             with open(os.path.join(self.folder, f"keys_rank{self.rank}.jsonl"), "a") as f:
-                f.write(json.dumps({"step": self.step(), "keys": list(batch["key"])}) + "\n")
+                f.write(json.dumps({"step": self.step(), "keys": list(batch["key"]), "pid": os.getpid(),
+                                    "t": time.time()}) + "\n")
             yield batch
 
     def state_dict(self) -> dict:
@@ -114,6 +129,16 @@ class KeyLoggingTokens(TokenShards):
 
     def __call__(self, exp, ctx) -> KeyLog:
         return KeyLog(TokenShards()(exp, ctx), self.folder, ctx.rank, ctx.step)
+
+
+class KeyLoggingImages(ImageShards):
+    """Picklable batch-source factory: the job's image shards, keys logged under `folder`."""
+
+    def __init__(self, folder: str):
+        self.folder = folder
+
+    def __call__(self, exp, ctx) -> KeyLog:
+        return KeyLog(ImageShards()(exp, ctx), self.folder, ctx.rank, ctx.step)
 
 
 def key_log(folder, ranks=(0, 1)) -> dict[tuple[int, int], list[str]]:

@@ -47,6 +47,41 @@ def _ray_reports(line: str) -> None:
     ray_worker.print_to_stdstream({"lines": [line], "pid": "raylet", "is_err": False}, ignore_prefix=False)
 
 
+def _progress(events):
+    """A ConsoleProgress fed from the list `events` instead of the Ray board."""
+    from cluster.console import ConsoleProgress
+
+    class Progress(ConsoleProgress):
+        def poll(self) -> None:
+            pending, self.board = self.board, []
+            for e in pending:
+                self.handle(e)
+
+    return Progress(list(events), "run", 4, enabled=False)
+
+
+def test_a_refused_run_raises_the_ranks_config_error(driver_logging):
+    """A rank's error that every restart would meet again (cluster/train_pool.py `refuse`) reaches the
+    driver as a ConfigError with its one line: once the pool ended, or after a grace when the other
+    ranks wait on for the refused one."""
+    import threading
+    import time
+
+    from cluster.console import run_with_progress
+    from system.config import ConfigError
+
+    refused = {"kind": "refused", "rank": 1, "message": "config key 'data.url': unreadable"}
+    with pytest.raises(ConfigError, match=r"^config key 'data.url': unreadable$"):
+        run_with_progress(lambda: "finished", _progress([refused]), every_s=0.01)
+    release = threading.Event()
+    t = time.monotonic()
+    with pytest.raises(ConfigError, match="unreadable"):
+        run_with_progress(lambda: release.wait(60), _progress([refused]), every_s=0.01, refused_grace_s=0.5)
+    assert time.monotonic() - t < 10
+    release.set()
+    assert run_with_progress(lambda: 7, _progress([{"kind": "step", "step": 1}]), every_s=0.01) == 7
+
+
 def test_rays_error_listener_prints_through_the_function_we_route():
     import ray._private.worker as ray_worker
 

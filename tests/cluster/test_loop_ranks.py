@@ -87,6 +87,45 @@ def test_two_ranks_then_three_see_every_sample_of_the_epoch_once(source, tmp_pat
     assert sorted(p.name for p in (tmp_path / "grow" / "checkpoints").iterdir()) == ["step_00000003", "step_00000005"]
 
 
+def _reader_bad(run: Path, step: int) -> dict[int, set[int]]:
+    """rank -> the unreadable sample ids its reader state of checkpoint `step` counts (`skipped`)."""
+    out = {}
+    for d in sorted((run / "checkpoints" / f"step_{step:08d}").glob("rank_*")):
+        state = torch.load(d / "reader.pt", weights_only=True)
+        out[int(d.name.removeprefix("rank_"))] = {i for iv in state["bad"].values() for a, b in iv for i in range(a, b)}
+    return out
+
+
+@pytest.mark.parametrize("worlds", [(2, 3, 2)])
+def test_skipped_stays_exact_across_resizes_with_a_garbage_shard(worlds, tmp_path, monkeypatch):
+    """One garbage shard of four (48 samples, batch 2): 2 ranks x 4 steps, 3 ranks x 2 steps, 2 ranks
+    x 5 steps make one epoch. After each resize every new rank gets every old rank's unreadable ids
+    (cluster/restore.py) and continues its share: the ranks' counts never hold an id twice and add up
+    to the bad samples met; at the end of the epoch those are all 12. Every readable sample comes
+    once in its place, and the 12 substitutes are 12 different readable samples."""
+    from ar_fixtures import garble_shard, write_image_shards
+
+    monkeypatch.setenv("CKPT_STAGE_DIR", str(tmp_path / "stage"))
+    keys, run = tmp_path / "keys", tmp_path / "resized"
+    url = write_image_shards(str(tmp_path / "shards"), 48, side=12, num_shards=4)
+    bad = set(garble_shard(url, 2))
+    over = ("deepspeed.zero_stage=1", "checkpoint.every_steps=100", f"method.key_log={keys}", f"data.url={url}",
+            "data.num_workers=0", "method.gan=false")
+    met: set[int] = set()
+    for world, steps in zip(worlds, (4, 6, 11)):
+        out = run_ranks(_loop_rank, world, str(tmp_path), "resized", (*over, f"train.max_steps={steps}"), "shards", 48)
+        assert [o["step"] for o in out] == [steps] * world
+        counts = _reader_bad(run, steps)
+        assert sorted(counts) == list(range(world))
+        union = set().union(*counts.values())
+        assert sum(len(c) for c in counts.values()) == len(union), counts  # no id counted by two ranks
+        assert met <= union <= bad  # the ids met before the resize are all still counted
+        met = union
+    assert met == bad
+    seen = Counter(k for rows in _key_log(keys).values() for _, batch in rows for k in batch)
+    assert sum(seen.values()) == 48 and len(seen) == 36 and max(seen.values()) == 2  # 12 substitutes, all different
+
+
 def _expected_keys(n: int, world: int, steps: int) -> dict[int, list[tuple[int, list[str]]]]:
     from toy_method import MemoryReader
 

@@ -28,10 +28,10 @@ def _loop_rank(rank: int, world: int, storage: str, name: str, over: tuple) -> d
     from cluster.job import TrainJob, WorkerContext
     from cluster.loop import train_loop
     from test_loop import cfg_for
-    from toy_method import MemoryReaderFactory, ToyMethod
+    from toy_method import MemoryReaderFactory, ToyImages, ToyMethod
 
     exp = cfg_for(storage, name, *over)
-    job = TrainJob(method=ToyMethod, data=ToyMethod.resolve_data(exp), source=MemoryReaderFactory(32),
+    job = TrainJob(method=ToyMethod, data=ToyImages().resolve(exp), source=MemoryReaderFactory(32),
                    micro_batch_size=exp.data.batch_size)
     out = io.StringIO()
     with contextlib.redirect_stdout(out):
@@ -174,14 +174,14 @@ def test_resume_with_data_loader_workers_is_bit_identical(dist_world1, tmp_path,
     from ar_fixtures import write_image_shards
     from cluster.job import ImageShards, TrainJob, WorkerContext
     from cluster.loop import train_loop
-    from toy_method import ToyMethod
+    from toy_method import ToyImages, ToyMethod
 
     monkeypatch.setenv("CKPT_STAGE_DIR", str(tmp_path / "stage"))
     url = write_image_shards(str(tmp_path / "shards"), 24, side=12)
 
     def train(name: str, steps: int) -> None:
         exp = cfg_for(tmp_path, name, *OVER, f"train.max_steps={steps}", f"data.url={url}", "data.num_workers=1")
-        job = TrainJob(method=ToyMethod, data=ToyMethod.resolve_data(exp), source=ImageShards(), micro_batch_size=2)
+        job = TrainJob(method=ToyMethod, data=ToyImages().resolve(exp), source=ImageShards(), micro_batch_size=2)
         train_loop(exp, WorkerContext(0, 1, torch.device("cpu")), job)
 
     train("straight", 4)

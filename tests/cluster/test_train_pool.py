@@ -256,3 +256,23 @@ def test_eostok_crash_resume_with_every_term_is_bit_identical(ray_cluster, tmp_p
         b = load_part(str(runs / "crash" / "export"), part, ema=False)
         diff = max(float((a[k] - b[k]).abs().max()) for k in a)
         assert diff == 0.0, f"{part}: crash + resume differs from the uninterrupted run by up to {diff:.3g}"
+
+
+def test_a_config_error_on_the_ranks_stops_the_run_without_restarts(ray_cluster, shards, tmp_path):
+    """An error every restart would meet again (here a ConfigError of the batch source on every rank)
+    ends the run at once as a ConfigError with its one-line message: Ray Train does not restart the
+    pool for it, although cluster.max_failures allows restarts."""
+    import time
+
+    from cluster.training import resolve_job, run_training
+    from system.config import ConfigError
+    from toy_method import RefusingFactory
+
+    cfg = make_cfg("refused", str(tmp_path / "runs"), shards, "cluster.max_failures=3")
+    job = resolve_job(cfg, source=RefusingFactory(str(tmp_path / "calls")))
+    t = time.monotonic()
+    with pytest.raises(ConfigError, match=r"^config key 'data.url': refused on rank [01]$"):
+        run_training(cfg, job)
+    assert time.monotonic() - t < 120
+    assert sorted((tmp_path / "calls" / "calls").read_text().split()) == ["0", "1"]  # one attempt: no restart
+    assert "config error: config key 'data.url': refused on rank 1" in (tmp_path / "runs" / "refused" / "logs" / "rank_1.log").read_text()

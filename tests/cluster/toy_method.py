@@ -241,3 +241,19 @@ class GlobalMemoryReaderFactory(MemoryReaderFactory):
     def __call__(self, exp, ctx: SourceContext) -> GlobalMemoryReader:
         return GlobalMemoryReader(self.n, rank=ctx.rank, world_size=ctx.world_size, batch_size=exp.data.batch_size,
                                   resolution=exp.data.resolution, seed=exp.seed)
+
+
+class RefusingFactory(MemoryReaderFactory):
+    """A batch source every rank refuses with a ConfigError (e.g. data that a restart would find as
+    bad); each call appends the rank to `<folder>/calls`."""
+
+    def __init__(self, folder: str):
+        self.folder = folder
+
+    def __call__(self, exp, ctx: SourceContext) -> MemoryReader:
+        from system.config import ConfigError
+
+        os.makedirs(self.folder, exist_ok=True)
+        with open(os.path.join(self.folder, "calls"), "a") as f:
+            f.write(f"{ctx.rank}\n")
+        raise ConfigError(f"config key 'data.url': refused on rank {ctx.rank}")

@@ -38,6 +38,9 @@ CASES = [
     ("eostok_h", ["data.resolution=63"], "data.resolution", True),
     ("eostok_h", ["data.url=/proc/x/train", "data.embedded=true"], "data.url", True),
     ("eostok_h", ["cluster.num_workers=64"], "cluster.num_workers", True),
+    ("eostok_h", ["data.batch_size=100000"], "data.batch_size", True),
+    ("eostok_h", ["run_name=a/b"], "run_name", True),
+    ("eostok_h", ["run_name=my run"], "run_name", True),
     ("eostok_h", ["data.batch_size=-8"], "data.batch_size", True),
     ("eostok_h", ["checkpoint.storage_path=/proc/x"], "checkpoint.storage_path", True),
     ("eostok_h", ["cluster.max_failures=-1"], "cluster.max_failures", True),
@@ -64,6 +67,27 @@ def test_bad_input_names_the_key_and_exits_2(job, args, key, with_data, embedded
     assert lines and lines[-1].startswith("config error:") and key in lines[-1], r.stderr[-3000:]
     assert "Traceback" not in r.stderr and "Started a local Ray" not in r.stderr + r.stdout
     assert time.time() - t < 120
+    runs = tmp_path / "runs"
+    assert not runs.exists() or not any(runs.iterdir()), sorted(str(p) for p in runs.rglob("*"))  # nothing left
+
+
+@pytest.mark.parametrize("name", ["a/b", "my run"])
+def test_a_pipeline_refuses_an_unsafe_run_name(name, tmp_path):
+    r = run_job("alitok_xl", "--config", "configs/experiments/alitok_tiny.yaml", f"storage_path={tmp_path}/runs",
+                f"run_name={name}", timeout=120)
+    assert r.returncode == 2 and r.stderr.strip().splitlines()[-1].startswith(f"config error: config key 'run_name' = {name!r}")
+    assert not (tmp_path / "runs").exists()
+
+
+def test_help_after_config_shows_the_files_values(tmp_path):
+    """`--config FILE --help` reads the file: a saved (pipeline) config can be checked with it."""
+    saved = tmp_path / "config.yaml"
+    saved.write_text("run_name: checked-run\nstage1:\n  train:\n    max_steps: 1234\n")
+    r = run_job("alitok_xl", "--config", "configs/experiments/alitok_tiny.yaml", "--config", str(saved), "--help",
+                timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert re.search(r"^  run_name +str = checked-run", r.stdout, re.M)
+    assert re.search(r"^  stage1.train.max_steps +int = 1234", r.stdout, re.M)
 
 
 def test_debug_shows_the_traceback():

@@ -48,6 +48,32 @@ def test_errors_name_the_key(argv, needle):
     assert needle in str(e.value)
 
 
+@pytest.mark.parametrize("name", ["a/b", "my run", "../up", ".hidden", "''", "x" * 129, "a\\b", "tab\there"])
+def test_a_run_name_is_one_safe_path_segment(name):
+    """A run name is the run's folder and a word of the printed `sample:` / `evaluate:` commands."""
+    with pytest.raises(ConfigError, match=r"config key 'run_name' = .* is not a usable run name: .*one path segment"):
+        load_config(EOSTokExperiment, ["data.url=/x", f"run_name={name}"])
+
+
+def test_every_run_name_of_a_pipeline_and_of_side_by_side_runs_is_checked(tmp_path):
+    from system.config import ARExperiment
+    from system.config.load import apply_overrides
+    from system.pipelines.alitok import ALITOK
+
+    for name, fine in (("eostok-tiny_2.b", True), ("a/b", False)):
+        if fine:
+            assert load_config(EOSTokExperiment, ["data.url=/x", f"run_name={name}"]).run_name == name
+        argv = [f"storage_path={tmp_path}", f"run_name={name}"]
+        if fine:
+            assert ALITOK.load(argv).run_name == name
+        else:
+            with pytest.raises(ConfigError, match="config key 'run_name' = 'a/b' is not a usable run name"):
+                ALITOK.load(argv)
+    ar = load_config(ARExperiment, ["run_name=ar", "data.url=/x", "method.tokenizer_export=/t"])
+    with pytest.raises(ConfigError, match="config key 'run_name' = 'ar-s l'"):
+        apply_overrides(ar, ["run_name=ar-s l"])
+
+
 def test_errors_start_no_cluster():
     ray = pytest.importorskip("ray")
     with pytest.raises(ConfigError):

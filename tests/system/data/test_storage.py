@@ -150,6 +150,23 @@ def test_retries_leave_the_global_random_state_alone():
     assert random.getstate() == before
 
 
+@pytest.mark.parametrize("mode", ["standard", "legacy"])
+def test_botocores_own_retries_leave_the_global_random_state_alone(mode):
+    """botocore's retries (max_attempts) jitter their back-off too: with a generator of their own
+    (storage.py), a refused endpoint retried by botocore leaves the checkpointed `random` state."""
+    import random
+
+    random.seed(2)
+    before = random.getstate()
+    st = StorageConfig(endpoint_url="http://127.0.0.1:9", key="k", secret="s", max_attempts=2, retry_mode=mode,
+                       retry_budget_s=0)
+    t0 = time.monotonic()
+    with pytest.raises(StorageError):
+        check_readable("s3://bucket/shards/index.json", st)
+    assert time.monotonic() - t0 > 0.05  # botocore did wait between its attempts
+    assert random.getstate() == before
+
+
 def test_outage_longer_than_botocore_retries_needs_the_budget(endpoint):
     """botocore left one attempt ("today's limit": the first refused connection): an outage of a few
     seconds fails a read and a write without the budget, and with it both complete, nothing lost."""
