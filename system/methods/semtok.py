@@ -40,6 +40,7 @@ from system.methods.base import Collective, DataSpec, Method, ModuleSpec, StepOu
 from system.methods.registry import register
 from system.methods.tokenizer_training import (
     PatchGANPhases, ReconstructionReport, batch_psnr, check_lpips_weights, code_histogram, usage_and_perplexity)
+from system.models import weights
 from system.models.artifacts import Artifact, load_part, model_part
 from system.models.semtok import (
     EncodeOutput, FlowDecoder, SemTokConfig, SemTokEncoder, bit_usage, flow_matching_loss, resolve_semtok_config,
@@ -70,7 +71,11 @@ def build_vae(cfg: LatentVAEConfig, storage: Any = None) -> nn.Module:
 
 def check_vae(cfg: LatentVAEConfig) -> None:
     given = [k for k in ("export", "path", "hub_name") if getattr(cfg, k)] + (["random_init"] if cfg.random_init else [])
-    if len(given) != 1:
+    if not given:
+        weights.unset("SD3.5 VAE", "method.vae.path or hub_name", "method.vae: set exactly one of export (a latent_vae "
+                      "run's export), path (a local SD3.5 folder), hub_name or random_init=true (tests); got none",
+                      ConfigError)
+    elif len(given) != 1:
         raise ConfigError("method.vae: set exactly one of export (a latent_vae run's export), path (a local SD3.5 "
                           "folder), hub_name or random_init=true (tests); got " + (", ".join(given) or "none"))
 
@@ -151,6 +156,8 @@ class SemTokStage(ReconstructionReport):
         if meta.resolution != self.data.resolution:
             raise ConfigError(f"config key 'data.resolution' = {self.data.resolution}: the latent shard set at data.url "
                               f"was made at {meta.resolution} px")
+        if weights.planning_now():
+            return  # plan mode: no weights, no fingerprint (the dry run's wiring compares the VAE configs)
         mine = self.vae.fingerprint()
         if meta.vae.get("fingerprint") != mine:
             raise ConfigError(f"config key 'data.url': its cached latents come from another VAE ({meta.vae.get('source')}, "
@@ -225,8 +232,9 @@ def check_stage1(cfg: SemTokStage1Config, data: DataSpec) -> None:
         raise ConfigError("method.semantic > 0 needs method.teacher (SigLIP); set method.semantic=0 to train without it")
     t = cfg.teacher
     if cfg.semantic > 0 and not (t.path or t.hub_name or t.random_init):
-        raise ConfigError("method.teacher (SigLIP) has no weights: set method.teacher.path (a local SigLIP folder), "
-                          "hub_name (needs internet) or random_init=true (tests), or method.semantic=0")
+        weights.unset("siglip teacher", "method.teacher.path or hub_name",
+                      "method.teacher (SigLIP) has no weights: set method.teacher.path (a local SigLIP folder), "
+                      "hub_name (needs internet) or random_init=true (tests), or method.semantic=0", ConfigError)
     stage1_semtok_config(cfg, data.resolution, 16, 8)  # the preset's own rules (sizes), before any VAE is built
 
 
@@ -323,8 +331,10 @@ def check_stage2(cfg: SemTokStage2Config, data: DataSpec) -> tuple[SemTokConfig,
                           f"method.stage1_export works at {sc.image_size} px; set data.resolution={sc.image_size}")
     check_lpips_weights(cfg.lpips_net, cfg.lpips > 0, "method.lpips=0")
     if cfg.resnet > 0 and not (cfg.resnet_net.path or cfg.resnet_net.random_init):
-        raise ConfigError("the ResNet perceptual term needs weights: set method.resnet_net.path (a local "
-                          "microsoft/resnet-50 folder), or method.resnet_net.random_init=true for a demo, or method.resnet=0")
+        weights.unset("ResNet-50 perceptual", "method.resnet_net.path",
+                      "the ResNet perceptual term needs weights: set method.resnet_net.path (a local "
+                      "microsoft/resnet-50 folder), or method.resnet_net.random_init=true for a demo, or method.resnet=0",
+                      ConfigError)
     return sc, vae
 
 
@@ -354,11 +364,14 @@ class SemTokStage2(PatchGANPhases, SemTokStage):
         self.sc = dataclasses.replace(s1, decode_mode="refiner")
         self.sc = dataclasses.replace(self.sc, decoder=dataclasses.replace(s1.decoder, grad_checkpointing=cfg.grad_checkpointing))
         self.gan_image_size = s1.image_size
-        sd = load_part(cfg.stage1_export, cfg.stage1_part, data.storage, ema=cfg.stage1_ema)  # decoder: read in new_refiner
-        self.vae = LatentVAE.from_config_dict(vae_cfg, _under(sd, "vae."))
+        # decoder: read in new_refiner; plan mode (system/models/weights.py): the architectures only
+        sd = load_part(cfg.stage1_export, cfg.stage1_part, data.storage, ema=cfg.stage1_ema) \
+            if weights.need("SemTok stage I export (VAE, encoder)", cfg.stage1_export) else None
+        self.vae = LatentVAE.from_config_dict(vae_cfg, None if sd is None else _under(sd, "vae."))
         self.check_cached_latents()
         self.encoder = SemTokEncoder(s1)
-        self.encoder.load_state_dict(_under(sd, "encoder."))
+        if sd is not None:
+            self.encoder.load_state_dict(_under(sd, "encoder."))
         self.encoder.requires_grad_(False).eval()
         from system.losses.lpips import LPIPS
         from system.losses.resnet_perceptual import ResNetPerceptual
@@ -377,6 +390,8 @@ class SemTokStage2(PatchGANPhases, SemTokStage):
         """The stage II decoder: stage I's weights, mask latents 0 (the noise mean)."""
         dec = FlowDecoder(self.sc)
         c = self.cfg
+        if not weights.need("SemTok stage I export (decoder)", c.stage1_export):
+            return dec
         sd = _under(load_part(c.stage1_export, c.stage1_part, self.data.storage, ema=c.stage1_ema), "decoder.")
         missing, unexpected = dec.load_state_dict(sd, strict=False)
         if unexpected or missing != ["mask.latents"]:

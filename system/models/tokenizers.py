@@ -14,17 +14,46 @@ from typing import Callable, Optional
 import torch
 from torch import Tensor, nn
 
+import importlib
+
 from system.config import StorageConfig
-from system.models.adapters_vq import VQFrozen
 from system.models.artifacts import FrozenTokenizer, Tokenizer, build_part, register_kind
-from system.models.semtok import SemTokFrozen
-from system.models.tokenizer1d import Tokenizer1DFrozen
 
 TokenizerBuilder = Callable[[dict, dict[str, Tensor]], Tokenizer]  # (config, state_dict) -> Tokenizer
 
-BUILTIN: tuple[type[FrozenTokenizer], ...] = (Tokenizer1DFrozen, VQFrozen, SemTokFrozen)
-_TOKENIZERS: dict[str, TokenizerBuilder] = {a.kind: a.from_export for a in BUILTIN}
-_FROZEN_ADAPTERS: dict[type, type[FrozenTokenizer]] = {a.wraps: a for a in BUILTIN}
+# kind -> "module:adapter class"; imported on first use, so a kind whose optional dependency is
+# missing (SemTok's diffusers) fails only when an export of that kind is loaded, naming the extra
+BUILTIN: dict[str, str] = {"tokenizer1d": "system.models.tokenizer1d:Tokenizer1DFrozen",
+                           "llamagen-vq": "system.models.adapters_vq:VQFrozen",
+                           "semtok": "system.models.semtok:SemTokFrozen"}
+
+
+def _adapter(path: str) -> type[FrozenTokenizer]:
+    module, name = path.split(":")
+    return getattr(importlib.import_module(module), name)
+
+
+def _missing(kind: str, err: ModuleNotFoundError) -> TokenizerBuilder:
+    def build(config: dict, state_dict: dict[str, Tensor]) -> Tokenizer:
+        raise err
+
+    return build
+
+
+def _builtin() -> tuple[dict[str, TokenizerBuilder], dict[type, type[FrozenTokenizer]]]:
+    builders: dict[str, TokenizerBuilder] = {}
+    adapters: dict[type, type[FrozenTokenizer]] = {}
+    for kind, path in BUILTIN.items():
+        try:
+            a = _adapter(path)
+        except ModuleNotFoundError as e:  # an optional extra (e.g. diffusers for SemTok)
+            builders[kind] = _missing(kind, e)
+            continue
+        builders[a.kind], adapters[a.wraps] = a.from_export, a
+    return builders, adapters
+
+
+_TOKENIZERS, _FROZEN_ADAPTERS = _builtin()
 
 
 def register_tokenizer(kind: str, builder: TokenizerBuilder) -> None:
