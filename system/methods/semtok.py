@@ -468,6 +468,8 @@ class TrainableVAE(nn.Module):
 
     def factors(self) -> tuple[float, float]:
         """(scaling, shift) so that (z - shift) * scaling has zero mean and unit variance."""
+        if weights.planning_now():  # a dry run: no statistics yet (the export's config needs the keys only)
+            return 1.0, 0.0
         mean = float(self.latent_mean)
         std = max(float(self.latent_sq) - mean**2, 1e-8) ** 0.5
         return 1.0 / std, mean

@@ -123,9 +123,11 @@ def build_autoencoder(cfg: LatentVAEConfig, storage: Any = None):
     if sources and cfg.random_init:
         raise ValueError(f"LatentVAEConfig: random_init=True conflicts with {next(iter(sources))}; set one or the other")
     if not sources and not cfg.random_init:
-        raise ValueError("LatentVAEConfig has no weights: set export (a latent_vae run's export/ folder), path (a local "
-                         "AutoencoderKL save_pretrained folder or a diffusers pipeline folder with vae/), hub_name "
-                         "(e.g. stabilityai/stable-diffusion-3.5-medium; needs internet), or random_init=True (tests only)")
+        weights.unset("SD3.5 VAE", "method.vae.path or hub_name",
+                      "LatentVAEConfig has no weights: set export (a latent_vae run's export/ folder), path (a local "
+                      "AutoencoderKL save_pretrained folder or a diffusers pipeline folder with vae/), hub_name "
+                      "(e.g. stabilityai/stable-diffusion-3.5-medium; needs internet), or random_init=True (tests only)")
+        return planned_autoencoder(cfg, storage)  # plan mode: SD3.5's VAE, the paper's
     if cfg.tiny and not cfg.random_init:
         raise ValueError("LatentVAEConfig: tiny=True only applies with random_init=True")
     if cfg.random_init:
