@@ -23,9 +23,12 @@ def run_bench(name: str, *args: str, timeout: int = 300) -> str:
 
 
 def figures(text: str, label: str, count: int = 1) -> list[float]:
-    """The first `count` numbers after `label` on the line where it first appears (the test fails
-    when the line or the numbers are missing)."""
-    line = next((x for x in text.splitlines() if label in x), None)
+    """The first `count` numbers after `label` on the last line that starts with it (else the last
+    that holds it: a script's table comes after the output of the jobs it runs); the test fails when
+    the line or the numbers are missing."""
+    lines = text.splitlines()
+    line = next((x for x in reversed(lines) if x.lstrip().startswith(label)), None) or \
+        next((x for x in reversed(lines) if label in x), None)
     assert line is not None, f"no line with {label!r} in:\n{text[-3000:]}"
     found = [float(v) for v in re.findall(NUMBER, line.split(label, 1)[1])][:count]
     assert len(found) == count, f"expected {count} number(s) after {label!r}: {line!r}"
