@@ -2,7 +2,8 @@
 next-token) and global batch trained
 (a) through Ray Train + DeepSpeed (the one rank loop via cluster.train_pool.run_training, N CPU
 workers, gloo) and
-(b) in a plain single-process PyTorch loop (AdamW, grad clipping, the same `ARMethod.step`),
+(b) in a plain single-process PyTorch loop (bench/overhead.py's `PlainLoop`: the same `ARMethod.step`,
+AdamW groups and clipping),
 in one run, timed alike (bench/overhead.py). Tokens come from memory on both sides (`--data memory`:
 training throughput only) or from a token shard set written to a temporary folder and read by the
 token shard reader on both sides (`--data shards`).
@@ -18,6 +19,7 @@ import math
 import os
 import sys
 import tempfile
+from functools import partial
 from pathlib import Path
 
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
@@ -26,63 +28,31 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from bench.overhead import bench_config_args, compare, distributed_windows, parse_args, plain_windows  # noqa: E402
-from system.config import ARConfig  # noqa: E402
-from system.data.source import BatchSource  # noqa: E402
-from system.data.sources import TokenShards, TokenSpec  # noqa: E402
+from bench.overhead import (MemoryBatches, MemorySource, PlainLoop, bench_config_args, compare,  # noqa: E402
+                            distributed_windows, parse_args, plain_windows)
+from system.data.sources import TokenSpec  # noqa: E402
 from system.methods.ar import ARMethod  # noqa: E402
 from system.methods.base import DataSpec  # noqa: E402
 
 CLASSES = 10
 
 
-class RandomTokens(BatchSource):
-    """Endless in-memory token batches (16 fixed ones in turn), with the batch-source state API."""
-
-    def __init__(self, batch: int, seq_len: int, vocab: int, seed: int):
-        g = torch.Generator().manual_seed(seed)
-        self.codes = torch.randint(0, vocab, (16, batch, seq_len), generator=g)
-        self.labels = torch.randint(0, CLASSES, (16, batch), generator=g)
-        self.i = 0
-
-    def __iter__(self):
-        while True:
-            self.i += 1
-            j = self.i % len(self.codes)
-            yield {"codes": self.codes[j], "label": self.labels[j], "key": []}
-
-    def state_dict(self):
-        return {"i": self.i}
-
-    def load_state_dict(self, s):
-        self.i = int(s["i"])
+def random_tokens(seq_len: int, vocab: int, batch: int, seed: int) -> list[dict]:
+    """16 fixed batches of random token sequences and labels (a rank's in-memory data)."""
+    g = torch.Generator().manual_seed(seed)
+    codes = torch.randint(0, vocab, (16, batch, seq_len), generator=g)
+    labels = torch.randint(0, CLASSES, (16, batch), generator=g)
+    return [{"codes": c, "label": y, "key": []} for c, y in zip(codes, labels)]
 
 
-class RandomTokensFactory(TokenShards):
-    """The bench's data: random in-memory token sequences (nothing to check or validate)."""
-
-    def __init__(self, seq_len: int, vocab: int):
-        self.seq_len, self.vocab = seq_len, vocab
-
-    def check(self, exp) -> None:
-        pass
-
-    def resolve(self, exp) -> DataSpec:
-        return DataSpec(num_classes=CLASSES, tokens=TokenSpec(self.seq_len, self.vocab))
-
-    def __call__(self, exp, ctx):
-        return RandomTokens(exp.data.batch_size, self.seq_len, self.vocab, exp.seed + ctx.rank)
-
-    def validation(self, exp, ctx):
-        return None
+def data_spec(a) -> DataSpec:
+    return DataSpec(num_classes=CLASSES, tokens=TokenSpec(a.seq_len, a.vocab))
 
 
-def method_args(a) -> tuple[ARConfig, list[str]]:
-    """The GPT (preset debug-tiny resized by the flags), as a config and as `key=value` settings."""
-    over = {"n_layer": a.layers, "dim": a.dim, "n_head": a.heads, "rope": "1d"}
-    cfg = ARConfig(model="debug-tiny", overrides=over, ema_decay=0.0, class_dropout=0.1)
-    flow = "{" + ", ".join(f"{k}: {v}" for k, v in over.items()) + "}"
-    return cfg, ["method.model=debug-tiny", f"method.overrides={flow}", "method.ema_decay=0.0", "method.class_dropout=0.1"]
+def method_args(a) -> list[str]:
+    """The GPT (preset debug-tiny resized by the flags) as `key=value` settings."""
+    flow = "{" + f"n_layer: {a.layers}, dim: {a.dim}, n_head: {a.heads}, rope: 1d" + "}"
+    return ["method.model=debug-tiny", f"method.overrides={flow}", "method.ema_decay=0.0", "method.class_dropout=0.1"]
 
 
 def write_tokens(folder: str, a) -> str:
@@ -94,47 +64,38 @@ def write_tokens(folder: str, a) -> str:
     return folder
 
 
+def experiment(a, shards: str | None, storage: str, workers: int):
+    """The run's config (the plain loop reads its optimizer settings from it too)."""
+    from system.config import ARExperiment, load_config
+
+    return load_config(ARExperiment, [
+        *bench_config_args(workers, a.steps, a.warmup, a.zero, storage), f"data.url={shards or 'unused'}",
+        f"data.batch_size={a.global_batch // workers}", "optim.lr=1e-4", "optim.min_lr=1e-4",
+        "optim.schedule=constant", "optim.grad_clip=1.0", *method_args(a)])
+
+
 def plain_loop(a, threads: int, shards: str | None) -> list[float]:
-    """Seconds per step of a single-process loop: `ARMethod.step` on the global batch, AdamW, clip."""
+    """Seconds per step of the rank loop's arithmetic in one process (`ARMethod.step` on the global batch)."""
     torch.manual_seed(0)
-    cfg, _ = method_args(a)
-    m = ARMethod(cfg, DataSpec(num_classes=CLASSES, tokens=TokenSpec(a.seq_len, a.vocab)))
-    model = m.modules()["ar"].module
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.05)
+    exp = experiment(a, shards, "unused", 1)
+    loop = PlainLoop(ARMethod(exp.method, data_spec(a)), exp.optim, exp.train.max_steps)
     if shards:
         from system.data.stream import TokenShardReader
 
         source = TokenShardReader(shards, rank=0, world_size=1, batch_size=a.global_batch, num_workers=0, seed=0)
     else:
-        source = RandomTokens(a.global_batch, a.seq_len, a.vocab, 0)
+        source = MemoryBatches(random_tokens(a.seq_len, a.vocab, a.global_batch, 0))
     it = iter(source)
-
-    def step(i: int) -> None:
-        out = m.step("ar", {"ar": model}, next(it), i, {})
-        out.loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-
-    return plain_windows(step, a.steps, a.warmup, threads)
+    return plain_windows(lambda i: loop.step(next(it)), a.steps, a.warmup, threads)
 
 
 def distributed(a, shards: str | None) -> list[float]:
-    from cluster.job import TrainJob
     from cluster.training import resolve_job
-    from system.config import ARExperiment, load_config
 
     def build(storage: str):
-        _, margs = method_args(a)
-        exp = load_config(ARExperiment, [
-            *bench_config_args(a.workers, a.steps, a.warmup, a.zero, storage), f"data.url={shards or 'unused'}",
-            f"data.batch_size={a.global_batch // a.workers}", "data.num_workers=0", "optim.lr=1e-4", "optim.min_lr=1e-4",
-            "optim.schedule=constant", "optim.grad_clip=1.0", *margs])
-        if shards:
-            return exp, resolve_job(exp)
-        data = DataSpec(num_classes=CLASSES, tokens=TokenSpec(a.seq_len, a.vocab))
-        return exp, TrainJob(method=ARMethod, data=data, source=RandomTokensFactory(a.seq_len, a.vocab),
-                             micro_batch_size=exp.data.batch_size)
+        exp = experiment(a, shards, storage, a.workers)
+        memory = MemorySource(data_spec(a), partial(random_tokens, a.seq_len, a.vocab))
+        return exp, resolve_job(exp, source=None if shards else memory)  # shards: the method's own token source
 
     return distributed_windows(build, a.global_batch, a.warmup)
 
@@ -151,7 +112,7 @@ def main() -> None:
     a = parse_args(__doc__, add)
     with tempfile.TemporaryDirectory() as d:
         shards = write_tokens(os.path.join(d, "tokens"), a) if a.data == "shards" else None
-        params = ARMethod(method_args(a)[0], DataSpec(num_classes=CLASSES, tokens=TokenSpec(a.seq_len, a.vocab)))
+        params = ARMethod(experiment(a, shards, "unused", 1).method, data_spec(a))
         res = compare(lambda t: plain_loop(a, t, shards), lambda: distributed(a, shards), workers=a.workers, zero=a.zero,
                       per_step=a.global_batch * a.seq_len, unit="tokens", steps=a.steps, warmup=a.warmup,
                       model=f"GPT {a.layers}x{a.dim} ({params.flops_per_token / 1e6:.1f} MFLOP/token), {a.seq_len} tokens of "

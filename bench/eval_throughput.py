@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import sys
 import time
 import warnings
@@ -24,21 +23,11 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from bench.sampling import device_name, timed  # noqa: E402
 from system.eval.fid import feature_stats, frechet_distance  # noqa: E402
 from system.eval.inception import InceptionV3FID  # noqa: E402
 
 ANCHOR = "reference: scipy sqrtm of 2048x2048 takes minutes on CPU, seconds on GPU (REFERENCE.md)"
-
-
-def device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return f"CPU {platform.processor() or platform.machine()} ({torch.get_num_threads()} threads)"
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def bench_inception(device: torch.device, batch: int, size: int, iters: int, weights: str | None) -> float:
@@ -48,12 +37,7 @@ def bench_inception(device: torch.device, batch: int, size: int, iters: int, wei
     images = torch.randint(0, 256, (batch, 3, size, size), dtype=torch.uint8, device=device)
     with torch.inference_mode():
         model(images)  # warm-up
-        _sync(device)
-        t = time.perf_counter()
-        for _ in range(iters):
-            model(images)
-        _sync(device)
-    return batch * iters / (time.perf_counter() - t)
+        return batch * iters / timed(lambda: [model(images) for _ in range(iters)], device)
 
 
 def fake_features(n: int, d: int, seed: int, shift: float) -> np.ndarray:

@@ -53,7 +53,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from bench.eval_throughput import fake_features  # noqa: E402
-from bench.sampling import device_name, timed  # noqa: E402
+from bench.sampling import device_name, sync, timed  # noqa: E402
 from system.eval.fid import feature_stats, frechet_distance  # noqa: E402
 from system.eval.sqrtm import sqrtm_newton_schulz  # noqa: E402
 from system.models.attention import attention, flash_available, flash_device_reason, masked_cache_attention  # noqa: E402
@@ -89,11 +89,6 @@ TINY = {  # CPU-sized stand-ins: same code paths, milliseconds per step
 DECODE_MODES = ("graph", "graph-eager", "compile", "bucketed", "reduce-overhead", "eager")
 # what to try next when a decode mode fails (compile or capture errors)
 FALLBACK = {"graph": "graph-eager", "graph-eager": "bucketed", "compile": "bucketed", "reduce-overhead": "eager"}
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def error_text(e: BaseException) -> str:

@@ -7,6 +7,11 @@ rank loop logs every `warmup` steps; the plain loop marks the same windows), sum
 window (robust to a busy neighbour on a shared machine; the mean over all timed steps beside it). The
 baseline is the best plain loop seen (1 thread or one per worker; the better of a run before and one
 after the distributed run), so the ratio stays conservative.
+
+The plain loop is `PlainLoop`: the rank loop's arithmetic (same method, optimizer groups, LR
+schedule, frozen modules, clipping, EMA) without DeepSpeed or Ray, so the ratio measures the
+distributed path only; bench/tiny_recipe.py trains with it too. Data comes from memory on both
+sides (`MemorySource`) unless a bench reads shards.
 """
 from __future__ import annotations
 
@@ -18,6 +23,97 @@ import time
 from typing import Any, Callable
 
 import torch
+
+from system.config import OptimConfig
+from system.data.source import BatchSource
+from system.data.sources import DataSpec
+from system.methods.base import Method, StepOutput, frozen
+from system.train_utils import EMA, lr_factor
+
+
+class MemoryBatches(BatchSource):
+    """Endless batches from memory (`batches` in turn: no decode cost), with the batch-source state API."""
+
+    def __init__(self, batches: list[dict]):
+        self.batches, self.i = batches, 0
+
+    def __iter__(self):
+        while True:
+            self.i += 1
+            yield self.batches[self.i % len(self.batches)]
+
+    def state_dict(self) -> dict:
+        return {"i": self.i}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.i = int(state["i"])
+
+
+class MemorySource:
+    """A `SourceFactory` (system/data/sources.py) of in-memory batches: `make(batch_size, seed)` gives
+    a rank's list of batches (seed: `exp.seed` + rank); nothing to check, no validation split.
+    `make` must pickle (a module-level function or a partial of one): it travels to every rank."""
+
+    def __init__(self, data: DataSpec, make: Callable[[int, int], list[dict]]):
+        self.data, self.make = data, make
+
+    def check(self, exp) -> None:
+        pass
+
+    def resolve(self, exp) -> DataSpec:
+        return self.data
+
+    def __call__(self, exp, ctx) -> MemoryBatches:
+        return MemoryBatches(self.make(exp.data.batch_size, exp.seed + ctx.rank))
+
+    def validation(self, exp, ctx) -> None:
+        return None
+
+
+class PlainLoop:
+    """The rank loop's arithmetic (cluster/loop.py) in one process without DeepSpeed or Ray: AdamW per
+    module on the engine's parameter groups (decay on matrices only; a module's own lr, betas and
+    weight decay), the LR schedule, each phase with the other modules frozen, gradient clipping, the
+    modules' EMAs with the loop's warm-up. One micro-batch per step (`optim.grad_accum` 1)."""
+
+    def __init__(self, method: Method, optim: OptimConfig, max_steps: int, ema_every: int = 1):
+        from cluster.engine import param_groups  # the engine's groups (imports DeepSpeed)
+
+        if optim.grad_accum != 1:
+            raise ValueError(f"PlainLoop runs one micro-batch per step; optim.grad_accum = {optim.grad_accum}")
+        specs = method.modules()
+        self.method, self.optim, self.max_steps, self.ema_every, self.steps = method, optim, max_steps, ema_every, 0
+        self.mods = {n: s.module.train() for n, s in specs.items()}
+        self.base_lr = {n: s.lr if s.lr is not None else optim.lr for n, s in specs.items()}
+        self.opts = {n: torch.optim.AdamW(param_groups(s.module, optim.weight_decay if s.weight_decay is None else s.weight_decay),
+                                          lr=self.base_lr[n], betas=tuple(s.betas or optim.betas), eps=optim.eps)
+                     for n, s in specs.items()}
+        self.emas = {n: EMA(dict(s.module.named_parameters()), s.ema_decay) for n, s in specs.items() if s.ema_decay > 0}
+
+    def step(self, batch: Any) -> dict[str, StepOutput]:
+        """One optimizer step of every phase on `batch`; returns each phase's output."""
+        o, s = self.optim, self.steps
+        f = lr_factor(s, warmup_steps=o.warmup_steps, max_steps=self.max_steps, min_ratio=o.min_lr / o.lr, schedule=o.schedule)
+        carry: dict = {}
+        outs: dict[str, StepOutput] = {}
+        for phase in self.method.phases():
+            opt, module = self.opts[phase], self.mods[phase]
+            for g in opt.param_groups:
+                g["lr"] = self.base_lr[phase] * f
+            with frozen(*(m for n, m in self.mods.items() if n != phase)):
+                out = self.method.step(phase, self.mods, batch, s, carry)
+            out.loss.backward()
+            if o.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(module.parameters(), o.grad_clip)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            carry.update(out.aux)
+            outs[phase] = out
+        self.steps += 1
+        if self.steps % self.ema_every == 0:
+            for n, ema in self.emas.items():
+                ema.update(dict(self.mods[n].named_parameters()), ema.warmup_decay(self.steps))
+        return outs
 
 
 def parse_args(doc: str, add: Callable[[argparse.ArgumentParser], None]) -> argparse.Namespace:
@@ -62,11 +158,12 @@ def plain_windows(step: Callable[[int], None], steps: int, warmup: int, threads:
 
 
 def bench_config_args(workers: int, steps: int, warmup: int, zero: int, storage: str) -> list[str]:
-    """`key=value` settings every distributed side shares: N CPU workers, no checkpoints or export
-    during the run, logs every `warmup` steps."""
+    """`key=value` settings every distributed side shares: N CPU workers, data read in the rank's own
+    process (no DataLoader processes: the data comes from memory, and a CPU machine with one core per
+    worker has none to spare), no checkpoints or export during the run, logs every `warmup` steps."""
     return [
         "run_name=overhead", f"cluster.num_workers={workers}", "cluster.device=cpu",
-        f"cluster.local_num_cpus={max(workers, os.cpu_count() or 1)}", "cluster.max_failures=0",
+        f"cluster.local_num_cpus={max(workers, os.cpu_count() or 1)}", "cluster.max_failures=0", "data.num_workers=0",
         f"checkpoint.storage_path={storage}", f"checkpoint.every_steps={10**9}", "checkpoint.export=false",
         f"train.max_steps={warmup + steps}", f"deepspeed.zero_stage={zero}", "logging.wandb_mode=disabled",
         "logging.progress=false", f"logging.log_every={warmup}", "optim.warmup_steps=0",

@@ -6,10 +6,12 @@ of the BSQ bits whose mean over the codes lies in [0.1, 0.9]), the code perplexi
 entropy of the empirical code distribution), the distinct codes, the mean per-bit entropy and the
 flow decoder's validation PSNR.
 
-Both variants read one VAE: runs/<storage>/semtok-abl-vae (fitted once, or --vae an existing
-latent_vae export such as runs/semtok-tiny/vae/export). About 5 minutes on 2 cores.
+Both variants read one VAE: runs/<storage>/semtok-abl-vae (fitted once, for the preset's steps or
+--vae-steps, or --vae an existing latent_vae export such as runs/semtok-tiny/vae/export). About 5
+minutes on 2 cores.
 
-    python bench/semtok_entropy_ablation.py [--steps 600] [--storage runs] [--seed 0] [--vae URL] [--quant 0.0025]
+    python bench/semtok_entropy_ablation.py [--steps 600] [--storage runs] [--seed 0] [--vae URL | --vae-steps N]
+                                            [--quant 0.0025]
 """
 from __future__ import annotations
 
@@ -65,12 +67,14 @@ def main() -> int:
     p.add_argument("--quant", type=float, default=0.0025, help="the entropy loss weight of the 'on' variant (paper 0.0025)")
     p.add_argument("--group", type=int, default=1, help="method.entropy_group of the 'on' variant (1: per-bit factorised)")
     p.add_argument("--vae", default=None, help="a latent_vae export to reuse (default: fit one under semtok-abl-vae)")
+    p.add_argument("--vae-steps", type=int, default=0, help="steps of that fit (0: the tiny preset's)")
     args = p.parse_args()
     storage = Path(args.storage).absolute()
     vae = args.vae
     if vae is None:
-        run(args, "run_name=semtok-abl-vae", "steps=[vae]")
-        vae = str(storage / "semtok-abl-vae" / "vae" / "export")
+        name = "semtok-abl-vae" + (f"-n{args.vae_steps}" if args.vae_steps else "")
+        run(args, f"run_name={name}", "steps=[vae]", *([f"vae.train.max_steps={args.vae_steps}"] if args.vae_steps else []))
+        vae = str(storage / name / "vae" / "export")
     res = {}
     for name, quant in (("off", 0.0), ("on", args.quant)):
         group = args.group if quant > 0 else 1

@@ -1,9 +1,10 @@
 """What limits the tiny EOSTok demo: recipe variants trained side by side, one process, same data.
 
 Each variant is the demo preset (configs/experiments/eostok_tiny.yaml) plus `key=value`
-overrides of the job's own config keys. It trains in this process (AdamW with decay on matrices,
-the job's warm-up + cosine schedule, gradient clipping, the EOSTok generator and discriminator
-phases, the generator EMA; no Ray, no DeepSpeed: the loop's arithmetic, not its plumbing) on the
+overrides of the job's own config keys. It trains in this process with bench/overhead.py's
+`PlainLoop` (AdamW with decay on matrices, the job's warm-up + cosine schedule, gradient clipping,
+the EOSTok generator and discriminator phases, the generator EMA; no Ray, no DeepSpeed: the loop's
+arithmetic, not its plumbing) on the
 embedded train crops and reports validation PSNR / SSIM (the held-out val crops) of the raw and
 EMA tokenizer, codebook usage on val, the AR's accuracy and steps/s.
 
@@ -24,7 +25,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from cluster.engine import param_groups  # noqa: E402 (the engine's AdamW groups: decay on matrices only)
+from bench.overhead import PlainLoop  # noqa: E402 (the rank loop's arithmetic without its plumbing)
 from system.config.experiments import EOSTokExperiment  # noqa: E402
 from system.config.load import load_config  # noqa: E402
 from system.data.embedded import ensure_embedded_dataset  # noqa: E402
@@ -35,7 +36,7 @@ from system.eval.recon_metrics import ssim  # noqa: E402
 from system.methods.base import DataSpec  # noqa: E402
 from system.methods.eostok import EOSTok  # noqa: E402
 from system.methods.tokenizer_training import batch_psnr, code_histogram, usage_and_perplexity  # noqa: E402
-from system.train_utils import EMA, lr_factor, save_image_grid, seed_everything  # noqa: E402
+from system.train_utils import save_image_grid, seed_everything  # noqa: E402
 
 PRESET = Path(__file__).resolve().parents[1] / "configs/experiments/eostok_tiny.yaml"
 
@@ -81,21 +82,13 @@ def run_variant(name: str, overrides: list[str], steps: int, seed: int, out_dir:
     train_x = [decoded(train_bytes, res, False), decoded(train_bytes, res, True)]
     val_x = decoded(val_bytes, res, False)
     method = EOSTok(exp.method, DataSpec(res, 8, exp.data.storage))
-    specs = method.modules()
-    mods = {n: s.module for n, s in specs.items()}
+    loop = PlainLoop(method, exp.optim, steps, exp.train.ema_every)
+    mods = loop.mods
     if noquant:
         q = mods["gen"].tokenizer.quantizer
         fwd = q.forward
         q.forward = lambda z: fwd(z)._replace(quantized=z, losses={})
-    o = exp.optim
-    opts = {}
-    for n, m in mods.items():
-        s = specs[n]
-        m.train()
-        opts[n] = torch.optim.AdamW(param_groups(m, o.weight_decay), lr=s.lr or o.lr, betas=s.betas or o.betas, eps=o.eps)
-    live = dict(mods["gen"].named_parameters())
-    decay = exp.method.ema_decay
-    ema = EMA(live, decay)
+    live, ema = dict(mods["gen"].named_parameters()), loop.emas["gen"]
     g = torch.Generator().manual_seed(seed)
     k = method.tok_cfg.quantizer.num_codes
     t0, acc, curve = time.perf_counter(), float("nan"), []
@@ -103,23 +96,7 @@ def run_variant(name: str, overrides: list[str], steps: int, seed: int, out_dir:
         idx = torch.randint(0, len(train_y), (bs,), generator=g)
         flip = torch.randint(0, 2, (bs,), generator=g)
         x = torch.where(flip.view(-1, 1, 1, 1).bool(), train_x[1][idx], train_x[0][idx])
-        batch, carry = {"image": x, "label": train_y[idx]}, {}
-        for phase in method.phases():
-            opt, m = opts[phase], mods[phase]
-            for grp in opt.param_groups:
-                grp["lr"] = (specs[phase].lr or o.lr) * lr_factor(step, warmup_steps=o.warmup_steps, max_steps=steps,
-                                                                   min_ratio=o.min_lr / o.lr, schedule=o.schedule)
-            out = method.step(phase, mods, batch, step, carry)
-            opt.zero_grad(set_to_none=True)
-            out.loss.backward()
-            if o.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(m.parameters(), o.grad_clip)
-            opt.step()
-            carry.update(out.aux)
-            if phase == "gen":
-                acc = float(out.metrics["ar_acc"])
-        n = step + 1  # updates done; the rank loop's EMA warm-up
-        ema.update(live, min(decay, (1 + n) / (10 + n)))
+        acc = float(loop.step({"image": x, "label": train_y[idx]})["gen"].metrics["ar_acc"])
         if (step + 1) % max(steps // 6, 1) == 0:
             curve.append(round(evaluate(mods["gen"].tokenizer, val_x, k)["psnr"], 2))
     elapsed = time.perf_counter() - t0

@@ -1,7 +1,8 @@
 """Overhead of the distributed path: the same tiny GAN autoencoder and global batch trained
 (a) through Ray Train + DeepSpeed (the one rank loop via cluster.train_pool.run_training, N CPU
 workers, gloo) and
-(b) in a plain single-process PyTorch loop (AdamW, grad clipping, same alternating G/D steps),
+(b) in a plain single-process PyTorch loop (bench/overhead.py's `PlainLoop`: the same AdamW groups,
+LR schedule, frozen modules, clipping and alternating G/D steps),
 in one run. Data is in memory on both sides, so only training throughput is compared.
 
     python bench/train_overhead.py [--workers 2] [--global-batch 32] [--steps 60] [--zero 2]
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import os
 import sys
+from functools import partial
 from pathlib import Path
 
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
@@ -26,13 +28,12 @@ from torch import nn  # noqa: E402
 from dataclasses import dataclass, field  # noqa: E402
 
 from system.config import Experiment  # noqa: E402
-from system.data.source import BatchSource  # noqa: E402
-from system.data.sources import ImageShards  # noqa: E402
 from system.methods.base import DataSpec, Method, ModuleSpec, StepOutput  # noqa: E402
 from system.methods.registry import register  # noqa: E402
 from system.models.artifacts import Artifact  # noqa: E402
 
-from bench.overhead import bench_config_args, compare, distributed_windows, parse_args, plain_windows  # noqa: E402
+from bench.overhead import (MemoryBatches, MemorySource, PlainLoop, bench_config_args, compare,  # noqa: E402
+                            distributed_windows, parse_args, plain_windows)
 
 
 class Gen(nn.Module):
@@ -89,86 +90,42 @@ class BenchMethod(Method):
 register("bench-gan", BenchConfig, BenchMethod)
 
 
-class RandomReader(BatchSource):
-    """Endless in-memory batches (no decode cost), with the batch-source state API."""
-
-    def __init__(self, batch: int, res: int, seed: int):
-        g = torch.Generator().manual_seed(seed)
-        self.images = torch.rand(16, batch, 3, res, res, generator=g) * 2 - 1
-        self.i = 0
-
-    def __iter__(self):
-        while True:
-            self.i += 1
-            yield {"image": self.images[self.i % len(self.images)], "label": torch.zeros(len(self.images[0]), dtype=torch.long), "key": []}
-
-    def state_dict(self):
-        return {"i": self.i}
-
-    def load_state_dict(self, s):
-        self.i = int(s["i"])
+def random_images(res: int, batch: int, seed: int) -> list[dict]:
+    """16 fixed batches of random images in [-1, 1] (a rank's in-memory data)."""
+    g = torch.Generator().manual_seed(seed)
+    images = torch.rand(16, batch, 3, res, res, generator=g) * 2 - 1
+    return [{"image": x, "label": torch.zeros(batch, dtype=torch.long), "key": []} for x in images]
 
 
-class ReaderFactory(ImageShards):
-    """The bench's data: random in-memory images (nothing to check or validate)."""
+def experiment(a, storage: str, workers: int) -> BenchExperiment:
+    """The run's config (the plain loop reads its optimizer settings from it too)."""
+    from system.config.load import load_config
 
-    def check(self, exp) -> None:
-        pass
-
-    def resolve(self, exp) -> DataSpec:
-        return DataSpec(exp.data.resolution, 1)
-
-    def __call__(self, exp, ctx):
-        return RandomReader(exp.data.batch_size, exp.data.resolution, exp.seed + ctx.rank)
-
-    def validation(self, exp, ctx):
-        return None
+    return load_config(BenchExperiment, [*bench_config_args(workers, a.steps, a.warmup, a.zero, storage), "data.url=unused",
+                                         f"data.resolution={a.resolution}", f"data.batch_size={a.global_batch // workers}",
+                                         f"method.width={a.width}"])
 
 
-def plain_loop(width: int, batch: int, res: int, steps: int, warmup: int, threads: int) -> list[float]:
-    """Seconds per step of a single-process loop doing the same work on the global batch, one value
+def plain_loop(a, threads: int) -> list[float]:
+    """Seconds per step of the rank loop's arithmetic in one process on the global batch, one value
     per `warmup`-step window after the warm-up (the windows the rank loop logs on the other side)."""
     torch.manual_seed(0)
-    m = BenchMethod(BenchConfig(width), DataSpec(res, 1))
-    mods = {n: spec.module for n, spec in m.modules().items()}
-    gen, disc = mods["gen"], mods["disc"]
-    og = torch.optim.AdamW(gen.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.05)
-    od = torch.optim.AdamW(disc.parameters(), lr=1e-4, betas=(0.5, 0.9), weight_decay=0.05)
-    it = iter(RandomReader(batch, res, 0))
-
-    def step(i: int) -> None:
-        b = next(it)
-        for p in disc.parameters():
-            p.requires_grad_(False)
-        out = m.step("gen", mods, b, i, {})
-        out.loss.backward()
-        for p in disc.parameters():
-            p.requires_grad_(True)
-        torch.nn.utils.clip_grad_norm_(gen.parameters(), 1.0)
-        og.step()
-        og.zero_grad(set_to_none=True)
-        d = m.step("disc", mods, b, i, out.aux)
-        d.loss.backward()
-        torch.nn.utils.clip_grad_norm_(disc.parameters(), 1.0)
-        od.step()
-        od.zero_grad(set_to_none=True)
-
-    return plain_windows(step, steps, warmup, threads)
+    exp = experiment(a, "unused", 1)
+    loop = PlainLoop(BenchMethod(exp.method, DataSpec(a.resolution, 1)), exp.optim, exp.train.max_steps)
+    it = iter(MemoryBatches(random_images(a.resolution, a.global_batch, 0)))
+    return plain_windows(lambda i: loop.step(next(it)), a.steps, a.warmup, threads)
 
 
-def distributed(width: int, batch: int, res: int, steps: int, warmup: int, workers: int, zero: int) -> list[float]:
+def distributed(a) -> list[float]:
     """Seconds per step through Ray Train + DeepSpeed, one value per logged `warmup`-step window after
     the warm-up (the loop logs every `warmup` steps)."""
     from cluster.training import resolve_job
-    from system.config.load import load_config
 
     def build(storage: str):
-        cfg = load_config(BenchExperiment, [*bench_config_args(workers, steps, warmup, zero, storage), "data.url=unused",
-                                            f"data.resolution={res}", f"data.batch_size={batch // workers}",
-                                            f"method.width={width}"])
-        return cfg, resolve_job(cfg, source=ReaderFactory())
+        exp = experiment(a, storage, a.workers)
+        return exp, resolve_job(exp, source=MemorySource(DataSpec(a.resolution, 1), partial(random_images, a.resolution)))
 
-    return distributed_windows(build, batch, warmup)
+    return distributed_windows(build, a.global_batch, a.warmup)
 
 
 def main() -> None:
@@ -177,8 +134,7 @@ def main() -> None:
         ap.add_argument("--width", type=int, default=32)
 
     a = parse_args(__doc__, add)
-    compare(lambda t: plain_loop(a.width, a.global_batch, a.resolution, a.steps, a.warmup, t),
-            lambda: distributed(a.width, a.global_batch, a.resolution, a.steps, a.warmup, a.workers, a.zero),
+    compare(lambda t: plain_loop(a, t), lambda: distributed(a),
             workers=a.workers, zero=a.zero, per_step=a.global_batch, unit="samples", steps=a.steps, warmup=a.warmup,
             model=f"conv GAN autoencoder width {a.width}, {a.resolution}px, global batch {a.global_batch}")
 

@@ -326,8 +326,7 @@ class RankLoop:
             since_log += 1
             for n, ema in self.emas.items():
                 if state.step % exp.train.ema_every == 0:
-                    # warm-up of the decay so short runs get a useful EMA: min(decay, (1 + n) / (10 + n))
-                    ema.update(self.strategy.local_params(self.engines[n]), min(ema.decay, (1 + state.step) / (10 + state.step)))
+                    ema.update(self.strategy.local_params(self.engines[n]), ema.warmup_decay(state.step))
             self.logger.step()
             maybe_crash(exp.fault, self.store, ctx.rank, state.step)
             if state.step % exp.logging.log_every == 0 or state.step == exp.train.max_steps:

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Sequence
 
 import ray
 
@@ -51,6 +51,33 @@ def rank_cpus(cluster: ClusterConfig, data_workers: int = 0) -> float:
     """CPUs Ray reserves for one training rank: what it uses, its process plus its `data_workers`
     DataLoader processes (`data.num_workers`), or `cluster.cpus_per_worker` when that is more."""
     return max(float(cluster.cpus_per_worker), float(data_workers + 1))
+
+
+def rank_cores(local_rank: int, local_world: int, cpus: float, allowed: Sequence[int]) -> Optional[list[int]]:
+    """The cores a CPU rank is bound to: its own `cpus` (`rank_cpus`) of the cores the node lets this
+    process use (`allowed`), when the node's `local_world` ranks claim all of them, as DeepSpeed's
+    launcher does with --bind_cores_to_rank; None otherwise (the OS places the ranks among the node's
+    other work). A bound rank keeps its collectives' threads on its core and is not moved between
+    cores: on a node the ranks fill, that is about a tenth of a small model's step (bench/train_overhead.py)."""
+    n, cores = int(cpus), sorted(allowed)
+    if n != cpus or n < 1 or local_world * n != len(cores) or not 0 <= local_rank < local_world:
+        return None
+    return cores[local_rank * n:(local_rank + 1) * n]
+
+
+def bind_to_cores(local_rank: int, local_world: int, cpus: float) -> Optional[list[int]]:
+    """Bind every thread of this process (and what it starts later) to `rank_cores`; returns the cores
+    (None: left to the OS, also where the platform cannot bind)."""
+    if not hasattr(os, "sched_setaffinity"):
+        return None
+    cores = rank_cores(local_rank, local_world, cpus, os.sched_getaffinity(0))
+    if cores is not None:
+        for tid in os.listdir("/proc/self/task"):
+            try:
+                os.sched_setaffinity(int(tid), cores)
+            except OSError:  # a thread that ended meanwhile
+                pass
+    return cores
 
 
 def _per_rank(cluster: ClusterConfig, data_workers: int) -> str:

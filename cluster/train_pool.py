@@ -28,7 +28,7 @@ from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchConfig, TorchTrainer
 
 from cluster.integrity import NoIntactCheckpoint
-from cluster.runtime import rank_cpus
+from cluster.runtime import bind_to_cores, rank_cpus
 from system.config import ConfigError, Experiment
 from system.data.storage import assume_reachable, filesystem, join, protocol
 
@@ -69,24 +69,24 @@ def _train_fn(config: dict[str, Any]) -> None:  # Ray Train's train_loop_config
     `worker_fn(exp, WorkerContext, **worker_kwargs)`."""
     import torch
 
-    use_gpu = config["use_gpu"]
+    use_gpu, exp, ctx = config["use_gpu"], config["exp"], ray.train.get_context()
     # the driver has listed the run on this storage: an outage from the first request on is waited out
-    assume_reachable(config["exp"].data.storage)
+    assume_reachable(exp.data.storage)
     if not use_gpu:
         os.environ["DS_ACCELERATOR"] = "cpu"
         # one intra-op thread per CPU Ray reserved for this worker: Ray sets OMP_NUM_THREADS only when the
         # environment has none, and an inherited value would oversubscribe the node's cores N workers times
-        torch.set_num_threads(max(1, int(config["exp"].cluster.cpus_per_worker)))
+        torch.set_num_threads(max(1, int(exp.cluster.cpus_per_worker)))
+        # each rank on its own cores when the node's ranks fill them (runtime.rank_cores)
+        bind_to_cores(ctx.get_local_rank(), ctx.get_local_world_size(), rank_cpus(exp.cluster, data_workers(exp)))
     from ray.train.torch import get_device
 
     from cluster.loop import WorkerContext
 
-    ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = get_device() if use_gpu else torch.device("cpu")
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    exp = config["exp"]
     board = config.get("board")
     progress = (lambda e: board.push.remote(e)) if board is not None and rank == 0 else (lambda e: None)
     wctx = WorkerContext(rank=rank, world_size=world, device=device, report=_ray_report(rank), progress=progress,

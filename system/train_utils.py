@@ -43,6 +43,11 @@ class EMA:
         self.decay = decay
         self.shadow = {k: v.detach().float().clone() for k, v in tensors.items()}
 
+    def warmup_decay(self, step: int) -> float:
+        """The decay of the update after optimizer step `step` (1-based), warmed up so a short run
+        still gets a useful EMA: min(decay, (1 + step) / (10 + step))."""
+        return min(self.decay, (1 + step) / (10 + step))
+
     @torch.no_grad()
     def update(self, tensors: Mapping[str, torch.Tensor], decay: Optional[float] = None) -> None:
         d = self.decay if decay is None else decay

@@ -1,6 +1,6 @@
 """What a training pool reserves and where its run may live, decided without starting Ray: CPUs per
-rank (its DataLoader processes included), a local storage path on a multi-node cluster, Ray Train's
-own storage."""
+rank (its DataLoader processes included), the cores a CPU rank is bound to, a local storage path on
+a multi-node cluster, Ray Train's own storage."""
 from __future__ import annotations
 
 import pytest
@@ -31,6 +31,30 @@ def test_local_resources_count_the_dataloader_processes():
     check_local_resources(c, data_workers=1)  # 2 x 2 CPUs
     with pytest.raises(ConfigError, match=r"6 CPUs .*data\.num_workers=2.*local_num_cpus"):
         check_local_resources(c, data_workers=2)  # 2 x 3 CPUs > 4
+
+
+def test_cpu_ranks_get_their_own_cores_only_when_they_fill_the_node():
+    from cluster.runtime import rank_cores
+
+    assert [rank_cores(r, 2, 1, {0, 1}) for r in range(2)] == [[0], [1]]  # 2 ranks on a 2-core machine
+    assert [rank_cores(r, 2, 3, [4, 5, 6, 7, 8, 9]) for r in range(2)] == [[4, 5, 6], [7, 8, 9]]  # + 2 DataLoaders each
+    assert rank_cores(0, 2, 1, range(16)) is None  # cores to spare: the OS places the ranks
+    assert rank_cores(0, 1, 1.5, {0, 1}) is None and rank_cores(0, 3, 1, {0, 1}) is None
+
+
+def test_bound_process_keeps_every_thread_on_its_cores():
+    import os
+    import subprocess
+    import sys
+
+    if not hasattr(os, "sched_setaffinity") or len(os.sched_getaffinity(0)) < 2:
+        pytest.skip("needs Linux and 2 usable cores")
+    code = ("import os, threading, time; from cluster.runtime import bind_to_cores; "
+            "t = threading.Thread(target=time.sleep, args=(2,)); t.start(); n = len(os.sched_getaffinity(0)); "
+            "cores = bind_to_cores(1, n, 1); "
+            "print(cores, sorted({frozenset(os.sched_getaffinity(int(x))) == frozenset(cores) for x in os.listdir('/proc/self/task')}))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    assert out[-1] == "[True]" and out[0].startswith("[")  # every thread, the one started before too
 
 
 def test_local_storage_path_needs_every_rank_on_the_driver_node_or_shared():

@@ -48,6 +48,13 @@ def test_ema_update_swap_state():
         EMA(p, decay=1.0)
 
 
+def test_ema_warmup_decay_ramps_up_to_the_decay():
+    ema = EMA({"w": torch.zeros(1)}, decay=0.99)
+    assert ema.warmup_decay(1) == pytest.approx(2 / 11) and ema.warmup_decay(10) == pytest.approx(11 / 20)
+    assert ema.warmup_decay(10**6) == 0.99  # capped at the configured decay
+    assert [ema.warmup_decay(n) for n in range(1, 50)] == sorted(ema.warmup_decay(n) for n in range(1, 50))
+
+
 def _draws():
     return torch.rand(3).tolist(), np.random.rand(3).tolist(), [random.random() for _ in range(3)], np.random.randn()
 
