@@ -108,18 +108,25 @@ class EOSTokConfig:
 
 @dataclass
 class AliTokLossConfig:
-    """The reconstruction objective both AliTok tokenizer stages share (../shared/seeds/alitok.txt,
-    ../shared/REFERENCE.md "AliTok"): MSE + LPIPS (+ ConvNeXt-S) + the quantizer's terms + a PatchGAN
-    (hinge, LeCam) from `gan_start_step`. A weight of 0 switches a term off."""
+    """The reconstruction objective both AliTok tokenizer stages share, at the official code's values
+    (github.com/ali-vilab/alitok train_tokenizer/: config.py, loss/mse_lpips_gan.py, README_AliTok.md;
+    the paper gives only L_mse + L_perc + L_quant + 0.1 L_adv): MSE on [0, 1] images + ConvNeXt-S
+    perceptual + LPIPS for the first `lpips_until_step` steps + the quantizer's terms + a PatchGAN
+    hinge from `gan_start_step`, no LeCam. A weight of 0 switches a term off."""
 
-    l2: float = field(default=1.0, metadata=ok(">= 0"))
-    # official (1d-tokenizer PerceptualLoss "lpips-convnext_s-1.0-0.1" x perceptual_weight 1.1): 1.0 x LPIPS + 0.1 x
-    # ConvNeXt-S, the MSE of the ImageNet logits of prediction and target at 224 px
-    lpips: float = field(default=1.0, metadata=ok(">= 0"))  # official 1.0
-    convnext: float = field(default=0.0, metadata=ok(">= 0"))  # ConvNeXt-S term (official 0.1; needs convnext_net.path)
-    gan: float = field(default=0.1, metadata=ok(">= 0"))  # the paper's lambda (official code: 0.1 x discriminator_weight 0.05)
-    gan_start_step: int = field(default=0, metadata=ok(">= 0"))  # official: GAN only in the last ~100k steps of each stage
-    lecam: float = field(default=0.05, metadata=ok(">= 0"))  # LeCam on the discriminator (official code: 0)
+    l2: float = field(default=1.0, metadata=ok(">= 0"))  # MSE of images in [0, 1] (official reconstruction_weight 1)
+    # LPIPS only early (official README ①: --lpips_weight 1.0 for ~50k steps "until the reconstructed images
+    # appear normal", then removed): weight `lpips` before `lpips_until_step`, 0 after (None: throughout)
+    lpips: float = field(default=1.0, metadata=ok(">= 0"))
+    lpips_until_step: Optional[int] = field(default=50000, metadata=ok(">= 0"))
+    # ConvNeXt-S perceptual term (MSE of the ImageNet logits at 224 px; official config.py perceptual_weight 1; 0: off),
+    # at `convnext_with_lpips` while LPIPS is on (official ①: --perceptual_weight 0.1; None: `convnext` throughout)
+    convnext: float = field(default=1.0, metadata=ok(">= 0"))
+    convnext_with_lpips: Optional[float] = field(default=0.1, metadata=ok(">= 0"))
+    # the generator's hinge term: official discriminator_factor 0.1 (the paper's lambda) x discriminator_weight 0.05
+    gan: float = field(default=0.005, metadata=ok(">= 0"))
+    gan_start_step: int = field(default=0, metadata=ok(">= 0"))  # official: the GAN in each stage's last ~100k steps (README ③)
+    lecam: float = field(default=0.0, metadata=ok(">= 0"))  # LeCam on the discriminator (official: 0)
     lpips_net: LPIPSConfig = field(default_factory=LPIPSConfig)
     convnext_net: ConvNeXtNetConfig = field(default_factory=ConvNeXtNetConfig)
     ema_decay: float = field(default=0.0, metadata=ok("in [0, 1)"))  # EMA of the trained tokenizer part (exported as tokenizer_ema); 0: none (official)
@@ -134,11 +141,15 @@ class AliTokStage1Config(AliTokLossConfig):
     """AliTok stage 1: bidirectional ViT encoder, VQ with the official clustering re-initialisation
     (the preset's quantizer.cluster_decay), causal decoder with prefix tokens and the prefix aux loss."""
 
-    tokenizer: str = "alitok-tok-code"  # preset (system/models/tokenizer1d.py): alitok-tok-code (17 prefix), alitok-tok-paper (16), debug-tiny-causal
+    # preset (system/models/tokenizer1d.py): alitok-tok-code (17 prefix; stage 2: 32 buffers, the prefix read),
+    # alitok-tok-paper (16; stage 2: 64 buffers, the prefix dropped); both with the official decoder layout
+    # (decoder_layout=latents; ours: tokenizer_overrides.decoder_layout=mask_tokens); debug-tiny-alitok, debug-tiny-causal
+    tokenizer: str = "alitok-tok-code"
     tokenizer_overrides: dict[str, Any] = field(default_factory=dict)  # single Tokenizer1DConfig fields, e.g. {num_prefix_tokens: 8, quantizer: {codebook_size: 256}}
     # the prefix aux loss (system/methods/alitok.py): l2 x MSE of the patches the prefix tokens decode (the first
     # row, and its first patches when there are more prefix tokens than a row) x aux x num_prefix_tokens / num_patches
-    # (official: x10 x 17/256) + lpips x LPIPS of the full image with that row (other rows detached) x aux
+    # (official: x10 x 17/256) + the perceptual terms (at their weights of the step) of the full image with that
+    # row (other rows detached) x aux (the paper's; the official code's aux loss is the MSE alone)
     aux: float = field(default=10.0, metadata=ok(">= 0"))  # prefix aux loss weight (official 10)
     # False: a bidirectional decoder in stage 1, the paper's ablation baseline (A) (set aux=0 and
     # tokenizer_overrides.num_prefix_tokens=0 with it, as (A) has neither)
@@ -153,15 +164,16 @@ class AliTokStage1Config(AliTokLossConfig):
 @dataclass
 class AliTokStage2Config(AliTokLossConfig):
     """AliTok stage 2: the stage-1 encoder, quantizer and latent queries frozen (loaded from its
-    export), a fresh bidirectional decoder with buffer tokens and without prefix tokens trained with
-    the same reconstruction losses; exported as one tokenizer1d part."""
+    export), a fresh bidirectional decoder with buffer tokens (reading the prefix codes or not: the
+    preset's choice) trained with the same reconstruction losses; exported as one tokenizer1d part."""
 
     stage1_export: str = "runs/alitok-stage1/export"  # the stage-1 run's export/ folder (local or s3://)
     stage1_part: str = "tokenizer"  # its part holding the tokenizer
     stage1_ema: bool = True  # read the stage-1 EMA weights when the export has them
-    # decoder fields of the stage-2 tokenizer (dec_width, dec_depth, dec_heads, num_buffer_tokens); the rest
-    # comes from the stage-1 tokenizer (buffer tokens: the preset's, 32 code / 64 paper)
-    decoder_overrides: dict[str, Any] = field(default_factory=dict)  # e.g. {num_buffer_tokens: 64} (the paper's)
+    # decoder fields of the stage-2 tokenizer (dec_width, dec_depth, dec_heads, num_buffer_tokens, decoder_reads_prefix,
+    # decoder_layout); the rest comes from the stage-1 tokenizer (the preset's: alitok-tok-code 32 buffer tokens and
+    # the prefix read, as the code; alitok-tok-paper 64 and the prefix dropped, as the paper)
+    decoder_overrides: dict[str, Any] = field(default_factory=dict)  # e.g. {num_buffer_tokens: 64, decoder_reads_prefix: false}
 
 
 @dataclass
