@@ -307,7 +307,10 @@ class ARConfig:
     overrides: dict[str, Any] = field(default_factory=dict)  # single GPTConfig fields, e.g. {n_layer: 4, rope: 1d}
     class_dropout: float = field(default=0.1, metadata=ok("in [0, 1)"))  # labels dropped to the null class (CFG)
     label_smoothing: float = field(default=0.0, metadata=ok("in [0, 1)"))
-    ema_decay: float = field(default=0.9999, metadata=ok("in [0, 1)"))  # EMA of the AR model (exported as ar_ema); 0: none
+    ema_decay: float = field(default=0.9999, metadata=ok("in [0, 1)"))  # EMA of the AR model (exported as ar_ema); 0: none (AliTok's code)
+    # weight decay on the token and class embedding tables (LlamaGen: yes; AliTok's code: no, utils/train_utils.py
+    # create_optimizer excludes every "embedding" parameter)
+    decay_embeddings: bool = True
     attn_backend: Literal["auto", "flash", "sdpa", "math"] = "auto"
     grad_checkpointing: bool = False
     tokenizer_export: Optional[str] = None  # an export/ folder with the tokens' tokenizer: decodes the sample grid, exported beside the AR model
