@@ -3,7 +3,9 @@
 The built-in kinds come from their adapters, each next to its model (a `FrozenTokenizer` subclass
 naming its `kind`, the model class it `wraps` and `from_export`): "tokenizer1d" (ours: EOSTok,
 AliTok; system/models/tokenizer1d.py), "llamagen-vq" (LlamaGen's VQ-16/VQ-8;
-system/models/adapters_vq.py) and "semtok" (system/models/semtok.py). A new built-in adapter is one
+system/models/adapters_vq.py), "semtok" (system/models/semtok.py) and "alitok-released" (AliTok's
+released tokenizer in its official layout, read into a tokenizer1d; system/models/adapters_alitok.py).
+A new built-in adapter is one
 line in `BUILTIN`; a kind from outside system/ plugs in with `register_tokenizer`. Generator kinds
 (they sample) are one layer up: system/sampling/generators.py.
 """
@@ -15,6 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from system.config import StorageConfig
+from system.models.adapters_alitok import AliTokReleasedTokenizer
 from system.models.adapters_vq import VQFrozen
 from system.models.artifacts import FrozenTokenizer, Tokenizer, build_part, register_kind
 from system.models.semtok import SemTokFrozen
@@ -22,9 +25,10 @@ from system.models.tokenizer1d import Tokenizer1DFrozen
 
 TokenizerBuilder = Callable[[dict, dict[str, Tensor]], Tokenizer]  # (config, state_dict) -> Tokenizer
 
-BUILTIN: tuple[type[FrozenTokenizer], ...] = (Tokenizer1DFrozen, VQFrozen, SemTokFrozen)
+BUILTIN: tuple[type, ...] = (Tokenizer1DFrozen, VQFrozen, SemTokFrozen, AliTokReleasedTokenizer)
 _TOKENIZERS: dict[str, TokenizerBuilder] = {a.kind: a.from_export for a in BUILTIN}
-_FROZEN_ADAPTERS: dict[type, type[FrozenTokenizer]] = {a.wraps: a for a in BUILTIN}
+# raw model class -> its frozen adapter (kinds that only read another layout into one of ours have wraps None)
+_FROZEN_ADAPTERS: dict[type, type[FrozenTokenizer]] = {a.wraps: a for a in BUILTIN if a.wraps is not None}
 
 
 def register_tokenizer(kind: str, builder: TokenizerBuilder) -> None:
