@@ -219,7 +219,9 @@ class SemTokStage1Config:
     tokenizer_overrides: dict[str, Any] = field(default_factory=dict)  # e.g. {bits: 32, num_tokens: 128, encoder: {depth: 4}, decoder: {depth: 12}}
     vae: LatentVAEConfig = field(default_factory=LatentVAEConfig)
     # SD3.5's transformer (a local save_pretrained folder or a pipeline folder with transformer/) initialises the
-    # decoder (paper); every tensor of matching name and shape is copied (not the text projections). None: random
+    # decoder (paper); every tensor of matching name and shape is copied (not the text projections). "random": an
+    # explicit random init (said in the run's log). None: a config error for the paper presets (semtok-18/32), whose
+    # 2.2B decoder the paper initialises from SD3.5; the random init of a smaller preset (semtok-tiny)
     decoder_init: Optional[str] = None
     teacher: Optional[TeacherConfig] = field(default_factory=lambda: TeacherConfig(kind="siglip"))  # None: no semantic term
     quant: float = field(default=0.0025, metadata=ok(">= 0"))  # lambda_q: BSQ entropy loss E[H(q(z))] - H(E[q(z)]), the batch term over all ranks
@@ -330,6 +332,6 @@ class MaskedARConfig(ARConfig):
     label_smoothing: float = field(default=0.01, metadata=ok("in [0, 1)"))
     mask_min: float = field(default=0.7, metadata=ok("in (0, 1]"))  # lowest mask ratio of a sample
     mask_max: float = field(default=1.0, metadata=ok("in (0, 1]"))  # highest mask ratio of a sample
-    sample_cfg_scale: float = field(default=6.0, metadata=ok(">= 0"))  # SemTok-L: linear CFG 6.0
+    sample_cfg_scale: float = field(default=6.0, metadata=ok(">= 0"))  # linear CFG: SemTok-AR-L 6.0, XL 5.3, XXL 4.9 (semtok.txt B.2)
     sample_top_p: float = field(default=0.75, metadata=ok("in (0, 1]"))  # per bit for a bitwise head
     sample_steps: int = field(default=64, metadata=ok(">= 1"))  # cosine schedule steps (at most seq_len)
