@@ -60,10 +60,11 @@ class ModelConfig:
     ar: str = "eostok-h"
     ar_overrides: dict[str, Any] = field(default_factory=dict)
     # EOSTok's differentiable AR input h = Ind^T (straight-through one-hot Ind, (L, K)) times:
-    # "codebook": the tokenizer's codebook (K, 64) then a linear map to the AR width (rank 64;
-    # NTP reaches encoder and codebook); "table": the AR's own full-rank table E (K, dim) (NTP
-    # reaches the encoder through Ind). Only the table that is read is built and counted.
-    ar_input: Literal["codebook", "table"] = "codebook"
+    # "table": the AR's own full-rank table E (K, dim), the paper's h = Ind^T E (NTP reaches the encoder
+    # through Ind; the published 93 / 312 / 644M need it: S/L/H count 92.0 / 311.4 / 641.0M);
+    # "codebook": the tokenizer's codebook (K, 64) then a linear map to the AR width (rank 64; NTP
+    # reaches encoder and codebook; 88.9 / 307.3 / 635.8M). Only the table that is read is built and counted.
+    ar_input: Literal["codebook", "table"] = "table"
     attn_backend: Literal["auto", "flash", "sdpa", "math"] = "auto"
     grad_checkpointing: bool = False
 
