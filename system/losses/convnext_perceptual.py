@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from system.losses.lpips import load_state_dict_file
+from system.models import weights
 
 # size -> (depths, hidden_sizes, num_labels); "debug" is a tiny random net for tests
 CONVNEXT_SIZES: dict[str, tuple[tuple[int, ...], tuple[int, ...], int]] = {
@@ -104,7 +105,7 @@ def build_convnext(weights_path: Optional[str], size: str = "small") -> nn.Modul
     from transformers import ConvNextForImageClassification
 
     cfg = convnext_config(size)
-    if weights_path is None:
+    if weights_path is None or not weights.need(f"ConvNeXt-{size} weights", weights_path):  # plan mode: not read
         return ConvNextForImageClassification(cfg)
     path = Path(weights_path)
     if path.is_dir():

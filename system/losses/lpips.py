@@ -5,7 +5,8 @@ Key layouts match the public weight files so real weights load with strict=True:
   (conv indices 0,2,5,7,10,12,14,17,19,21,24,26,28); ``classifier.*`` keys are ignored.
 - Linear heads: the lpips package's ``weights/v0.1/vgg.pth`` keys ``lin{i}.model.1.weight``
   with shapes (1, C, 1, 1).
-Without weight paths the network is random (``self.pretrained is False``) and a warning is
+In plan mode (system/models/weights.py) the paths are recorded, not read. Without weight paths the
+network is random (``self.pretrained is False``) and a warning is
 raised: fine for tests, meaningless as a perceptual metric.
 """
 from __future__ import annotations
@@ -15,6 +16,8 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
+
+from system.models import weights
 
 # VGG16 "D" configuration up to relu5_3; "M" = 2x2 max-pool.
 _VGG16_CFG: list[int | str] = [64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512]
@@ -113,9 +116,9 @@ class LPIPS(nn.Module):
         self.register_buffer("scale", torch.tensor(_SCALE).view(1, 3, 1, 1), persistent=False)
         self.net = VGG16Features()
         self.heads = LPIPSHeads()
-        if vgg_weights is not None:
+        if vgg_weights is not None and weights.need("LPIPS VGG16 trunk", str(vgg_weights)):
             self.load_vgg(vgg_weights)
-        if lin_weights is not None:
+        if lin_weights is not None and weights.need("LPIPS v0.1 linear heads", str(lin_weights)):
             self.load_heads(lin_weights)
         self.pretrained: bool = vgg_weights is not None and lin_weights is not None
         if not self.pretrained:

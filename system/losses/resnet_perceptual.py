@@ -31,6 +31,7 @@ from torch import nn
 
 from system.losses.convnext_perceptual import LogitPerceptual, classifier_from_folder
 from system.losses.lpips import load_state_dict_file
+from system.models import weights
 
 # size -> (depths, hidden_sizes, embedding_size, num_labels); "debug" is a tiny random net for tests
 RESNET_SIZES: dict[str, tuple[tuple[int, ...], tuple[int, ...], int, int]] = {
@@ -61,7 +62,7 @@ def build_resnet(weights_path: Optional[str], size: str = "50") -> nn.Module:
     from transformers import ResNetForImageClassification
 
     cfg = resnet_config(size)
-    if weights_path is None:
+    if weights_path is None or not weights.need(f"ResNet-{size} weights", weights_path):  # plan mode: not read
         return ResNetForImageClassification(cfg)
     path = Path(weights_path)
     if path.is_dir():

@@ -3,15 +3,20 @@
 ``Teacher(x)`` takes images in [-1, 1] (B,3,H,W), resizes them to the teacher's input size,
 applies the teacher's own normalisation and returns patch features (B, N, C) with the CLS and
 register tokens removed. Weights come from a local directory (``from_pretrained`` with
-``local_files_only=True``), a hub name (cluster with internet), or random init (tests).
+``local_files_only=True``), a hub name (cluster with internet), or random init (tests); in plan mode
+(system/models/weights.py) none are read: the architecture comes from the local config.json or,
+for a known hub name, a built-in config.
 """
 from __future__ import annotations
+
+import os
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from system.config.methods import TeacherConfig, TeacherKind  # noqa: F401 (re-exported)
+from system.models import weights
 
 _NORM = {
     "dinov2": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),  # ImageNet mean/std
@@ -66,6 +71,8 @@ def build_teacher_model(cfg: TeacherConfig) -> nn.Module:
     from transformers.utils import logging as hf_logging
 
     local = cfg.path is not None
+    if not weights.need(f"{cfg.kind} teacher", source, hub=not local):
+        return planned_teacher_model(cfg)
     model_type = AutoConfig.from_pretrained(source, local_files_only=local).model_type
     cls = _pretrained_class(cfg.kind, model_type)
     verbosity = hf_logging.get_verbosity()
@@ -78,6 +85,54 @@ def build_teacher_model(cfg: TeacherConfig) -> nn.Module:
     if bad:
         raise ValueError(f"teacher checkpoint {source!r} lacks weights for {cls.__name__}: {bad[:5]} ({len(bad)} in all)")
     return model
+
+
+# plan mode (system/models/weights.py): the architecture of a known hub name without its config.json.
+# size token -> (hidden, intermediate or mlp ratio, layers, heads); the name gives patch and image size
+_DINOV2_SIZES = {"small": (384, 4, 12, 6), "base": (768, 4, 12, 12), "large": (1024, 4, 24, 16), "giant": (1536, 4, 40, 24)}
+_SIGLIP_SIZES = {"base": (768, 3072, 12, 12), "large": (1024, 4096, 24, 16), "so400m": (1152, 4304, 27, 16),
+                 "giant-opt": (1536, 6144, 40, 16)}
+
+
+def builtin_teacher_config(kind: TeacherKind, name: str):
+    """The transformers vision config of a known hub name (facebook/dinov2-{small,base,large,giant}[-with-
+    registers...], google/siglip[2]-{base,large,so400m,giant-opt}-patch<P>-<S>); ValueError otherwise."""
+    import re
+
+    from transformers import Dinov2Config, Dinov2WithRegistersConfig, SiglipVisionConfig
+
+    base = name.rstrip("/").split("/")[-1].lower()
+    if kind == "dinov2":
+        m = re.match(r"dinov2(-with-registers)?-(small|base|large|giant)", base)
+        if m:
+            hidden, ratio, layers, heads = _DINOV2_SIZES[m.group(2)]
+            kw = dict(hidden_size=hidden, mlp_ratio=ratio, num_hidden_layers=layers, num_attention_heads=heads,
+                      image_size=518, patch_size=14, use_swiglu_ffn=m.group(2) == "giant")
+            return Dinov2WithRegistersConfig(num_register_tokens=4, **kw) if m.group(1) else Dinov2Config(**kw)
+    else:
+        m = re.match(r"siglip2?-(base|large|so400m|giant-opt)-patch(\d+)-(\d+)", base)
+        if m:
+            hidden, inter, layers, heads = _SIGLIP_SIZES[m.group(1)]
+            return SiglipVisionConfig(hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers,
+                                      num_attention_heads=heads, patch_size=int(m.group(2)), image_size=int(m.group(3)))
+    raise ValueError(f"TeacherConfig(kind={kind!r}): no built-in architecture for {name!r} to plan with; give "
+                     "method.teacher.path (a local folder with its config.json)")
+
+
+def planned_teacher_model(cfg: TeacherConfig) -> nn.Module:
+    """Plan mode: the teacher's architecture, weights not read (the local checkpoint's config.json
+    when there is one, else the built-in config of its hub name)."""
+    from transformers import AutoConfig
+
+    folder = cfg.path or ""
+    if folder and os.path.isfile(os.path.join(folder, "config.json")):
+        config = AutoConfig.from_pretrained(folder, local_files_only=True)
+        cls = _pretrained_class(cfg.kind, config.model_type)
+        config = getattr(config, "vision_config", config)  # a full SigLIP (text + vision) checkpoint
+    else:
+        config = builtin_teacher_config(cfg.kind, cfg.path or cfg.hub_name)
+        cls = _pretrained_class(cfg.kind, config.model_type)
+    return cls(config)
 
 
 class Teacher(nn.Module):

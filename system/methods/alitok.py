@@ -73,6 +73,7 @@ from system.methods.base import Collective, DataSpec, ModuleSpec, StepOutput
 from system.methods.registry import register
 from system.methods.tokenizer_training import (
     PatchGANPhases, batch_psnr, check_convnext_weights, check_lpips_weights, code_histogram, usage_and_perplexity)
+from system.models import weights
 from system.models.artifacts import Artifact, load_part, model_part
 from system.models.gpt import GPT, GPTConfig
 from system.models.quantizers import build_quantizer
@@ -387,11 +388,12 @@ class AliTokStage2(AliTokStage):
     def __init__(self, cfg: AliTokStage2Config, data: DataSpec):
         s1, self.tok_cfg = check_stage2(cfg, data)
         super().__init__(cfg, data)
-        sd = load_part(cfg.stage1_export, cfg.stage1_part, data.storage, ema=cfg.stage1_ema)
         self.encoder = Encoder1D(self.tok_cfg)
-        self.encoder.load_state_dict(_under(sd, "encoder."))
         q = build_quantizer(s1.quantizer)
-        q.load_state_dict(_under(sd, "quantizer."))
+        if weights.need("AliTok stage-1 export (encoder, codebook)", cfg.stage1_export):  # plan mode: shapes only
+            sd = load_part(cfg.stage1_export, cfg.stage1_part, data.storage, ema=cfg.stage1_ema)
+            self.encoder.load_state_dict(_under(sd, "encoder."))
+            q.load_state_dict(_under(sd, "quantizer."))
         if hasattr(q, "inference_state"):  # an export with re-initialisation buffers: fold them
             qcfg, qsd = q.inference_state()
             q = build_quantizer(qcfg)

@@ -51,6 +51,7 @@ from system.methods.base import Collective, DataSpec, Method, ModuleSpec, StepOu
 from system.methods.registry import register
 from system.methods.tokenizer_training import (
     PatchGANPhases, ReconstructionReport, batch_psnr, check_lpips_weights, code_histogram, usage_and_perplexity)
+from system.models import weights
 from system.models.artifacts import Artifact, load_part, model_part
 from system.models.semtok import (
     EncodeOutput, FlowDecoder, SemTokConfig, SemTokEncoder, bit_usage, flow_matching_loss, resolve_semtok_config,
@@ -164,6 +165,8 @@ class SemTokStage(ReconstructionReport):
         if meta.resolution != self.data.resolution:
             raise ConfigError(f"config key 'data.resolution' = {self.data.resolution}: the latent shard set at data.url "
                               f"was made at {meta.resolution} px")
+        if weights.planning_now():
+            return  # plan mode: no weights, no fingerprint (the dry run's wiring compares the VAE configs)
         mine = self.vae.fingerprint()
         if meta.vae.get("fingerprint") != mine:
             raise ConfigError(f"config key 'data.url': its cached latents come from another VAE ({meta.vae.get('source')}, "
@@ -375,11 +378,14 @@ class SemTokStage2(PatchGANPhases, SemTokStage):
         self.sc = dataclasses.replace(s1, decode_mode="refiner")
         self.sc = dataclasses.replace(self.sc, decoder=dataclasses.replace(s1.decoder, grad_checkpointing=cfg.grad_checkpointing))
         self.gan_image_size = s1.image_size
-        sd = load_part(cfg.stage1_export, cfg.stage1_part, data.storage, ema=cfg.stage1_ema)  # decoder: read in new_refiner
-        self.vae = LatentVAE.from_config_dict(vae_cfg, _under(sd, "vae."))
+        # decoder: read in new_refiner; plan mode (system/models/weights.py): the architectures only
+        sd = load_part(cfg.stage1_export, cfg.stage1_part, data.storage, ema=cfg.stage1_ema) \
+            if weights.need("SemTok stage I export (VAE, encoder)", cfg.stage1_export) else None
+        self.vae = LatentVAE.from_config_dict(vae_cfg, None if sd is None else _under(sd, "vae."))
         self.check_cached_latents()
         self.encoder = SemTokEncoder(s1)
-        self.encoder.load_state_dict(_under(sd, "encoder."))
+        if sd is not None:
+            self.encoder.load_state_dict(_under(sd, "encoder."))
         self.encoder.requires_grad_(False).eval()
         from system.losses.lpips import LPIPS
         from system.losses.resnet_perceptual import ResNetPerceptual
@@ -398,6 +404,8 @@ class SemTokStage2(PatchGANPhases, SemTokStage):
         """The stage II decoder: stage I's weights, mask latents 0 (the noise mean)."""
         dec = FlowDecoder(self.sc)
         c = self.cfg
+        if not weights.need("SemTok stage I export (decoder)", c.stage1_export):
+            return dec
         sd = _under(load_part(c.stage1_export, c.stage1_part, self.data.storage, ema=c.stage1_ema), "decoder.")
         missing, unexpected = dec.load_state_dict(sd, strict=False)
         if unexpected or missing != ["mask.latents"]:

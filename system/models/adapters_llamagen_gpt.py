@@ -17,6 +17,7 @@ import re
 import torch
 from torch import Tensor
 
+from system.models import weights
 from system.models.gpt import GPT, GPTConfig
 from system.models.registry import gpt_config
 
@@ -74,14 +75,26 @@ def infer_llamagen_size(sd: dict[str, Tensor]) -> str:
     raise ValueError(f"no llamagen preset has dim={dim}, depth={depth}; pass name= explicitly")
 
 
+def llamagen_name_of_file(path: str) -> str:
+    """The preset of a LlamaGen checkpoint file name (c2i_B_256.pt ... c2i_3B_384.pt); ValueError otherwise."""
+    m = re.search(r"c2i_(b|l|xl|xxl|3b)_", os.path.basename(path).lower())
+    if m is None:
+        raise ValueError(f"cannot tell the LlamaGen size of {path!r} without reading it: set method.llamagen_preset")
+    return f"llamagen-{m.group(1)}"
+
+
 def load_llamagen_gpt(
     src: str | os.PathLike | dict, name: str | None = None, strict: bool = True, **overrides
 ) -> GPT:
     """Build a GPT from a LlamaGen c2i checkpoint (path or loaded dict).
 
     ``name`` picks the preset (inferred from the weights when None); ``overrides``
-    go to GPTConfig, e.g. block_size=576 for the 384px checkpoints (24x24 grid).
+    go to GPTConfig, e.g. block_size=576 for the 384px checkpoints (24x24 grid). In plan mode
+    (system/models/weights.py) a path is not read: the preset is ``name`` or the file's
+    (c2i_XXL_384.pt -> llamagen-xxl).
     """
+    if not isinstance(src, dict) and not weights.need("LlamaGen c2i GPT", os.fspath(src)):
+        return GPT(gpt_config(name or llamagen_name_of_file(os.fspath(src)), **overrides))
     ckpt = torch.load(src, map_location="cpu", weights_only=True) if not isinstance(src, dict) else src
     sd = unwrap_checkpoint(ckpt)
     name = name or infer_llamagen_size(sd)

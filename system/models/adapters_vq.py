@@ -13,11 +13,12 @@ from __future__ import annotations
 import math
 import os
 import re
-from typing import Any
+from typing import Any, Optional
 
 import torch
 from torch import Tensor
 
+from system.models import weights
 from system.models.artifacts import FrozenTokenizer, config_from_dict
 from system.models.vqgan import VQGANConfig, VQModel
 
@@ -62,7 +63,12 @@ def infer_config(sd: dict[str, Tensor]) -> VQGANConfig:
 
 
 def load_llamagen_vq(path_or_state_dict: str | os.PathLike | dict[str, Any], config: VQGANConfig | None = None) -> VQModel:
-    """LlamaGen VQ checkpoint (path, or loaded dict) -> VQModel with strict=True loading, eval mode."""
+    """LlamaGen VQ checkpoint (path, or loaded dict) -> VQModel with strict=True loading, eval mode.
+    In plan mode (system/models/weights.py) a path is not read: `config`, else VQ-16's (VQ-8's for a
+    vq_ds8 file), with placeholder weights."""
+    if not isinstance(path_or_state_dict, dict) and not weights.need("LlamaGen VQ", os.fspath(path_or_state_dict)):
+        ds8 = "ds8" in os.path.basename(os.fspath(path_or_state_dict))
+        return VQModel(config or VQGANConfig(ch_mult=(1, 2, 2, 4) if ds8 else (1, 1, 2, 2, 4))).eval()
     raw = path_or_state_dict if isinstance(path_or_state_dict, dict) else _read(path_or_state_dict)
     sd = dict(_unwrap(raw))
     sd.pop(USAGE_BUFFER_KEY, None)
@@ -87,8 +93,9 @@ class VQFrozen(FrozenTokenizer):
     model: VQModel
 
     @classmethod
-    def from_export(cls, config: dict, state_dict: dict[str, Tensor]) -> "VQFrozen":
-        return cls(load_llamagen_vq(state_dict, config_from_dict(VQGANConfig, config, "llamagen-vq")))
+    def from_export(cls, config: dict, state_dict: Optional[dict[str, Tensor]]) -> "VQFrozen":
+        cfg = config_from_dict(VQGANConfig, config, "llamagen-vq")
+        return cls(load_llamagen_vq(state_dict, cfg) if state_dict is not None else VQModel(cfg).eval())
 
     @property
     def vocab_size(self) -> int:

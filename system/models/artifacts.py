@@ -36,6 +36,7 @@ from torch import Tensor, nn
 
 from system.config import StorageConfig
 from system.data.storage import exists, join, read_bytes, write_bytes_atomic
+from system.models import weights
 
 MODEL_JSON = "model.json"
 # model.json written before kinds existed: part name -> kind
@@ -305,13 +306,15 @@ def register_kind(table: dict, what: str, kind: str, builder: Callable) -> None:
 
 def build_part(table: dict, what: str, export_url: str, part: str, storage: Optional[StorageConfig], ema: bool,
                *extra) -> nn.Module:
-    """Part `part` of an export rebuilt by the builder its kind names in `table`: builder(config, state_dict, *extra)."""
+    """Part `part` of an export rebuilt by the builder its kind names in `table`: builder(config, state_dict, *extra);
+    state_dict None in plan mode (the architecture only)."""
     entry = model_part(export_url, part, storage)
     kind = entry["kind"]
     if kind not in table:
         raise ValueError(f"part {part!r} of {export_url} has {what} kind {kind!r}, which is not registered; "
                          f"registered {what} kinds: {sorted(table)} (add one with register_{what})")
-    sd = load_part(export_url, part, storage, ema)
+    # plan mode (system/models/weights.py): model.json only, the builder makes the architecture (state dict None)
+    sd = load_part(export_url, part, storage, ema) if weights.need(f"{what} {part!r} of an export", export_url) else None
     try:
         return table[kind](entry["config"], sd, *extra)
     except (RuntimeError, ValueError, TypeError, KeyError) as e:

@@ -66,6 +66,7 @@ import torch.nn.functional as F
 import torch.utils.checkpoint
 from torch import Tensor, nn
 
+from system.models import weights
 from system.models.optional import require
 
 require("diffusers")  # SemTok's extra: a clear error naming it when missing
@@ -358,9 +359,12 @@ class MMDiTDecoder(nn.Module):
         tensor whose name and shape match is copied (cast to our dtype). Returns the sorted names
         (SD3 transformer naming) of our tensors left at their initialisation: only text-width
         dependent ones (`context_embedder.*`, `time_text_embed.text_embedder.*`) may be; any other
-        missing, mismatched or unexpected key raises ValueError."""
+        missing, mismatched or unexpected key raises ValueError. In plan mode (system/models/weights.py)
+        nothing is read and [] is returned."""
         from safetensors import safe_open
 
+        if not weights.need("SD3 transformer (decoder init)", source):
+            return []
         files = _safetensors_files(source)
         ours = self.mmdit.state_dict()
         loaded: set[str] = set()

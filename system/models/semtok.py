@@ -257,11 +257,13 @@ class SemTokFrozen(FrozenTokenizer):
     model: SemTok
 
     @classmethod
-    def from_export(cls, config: dict, state_dict: dict[str, Tensor]) -> "SemTokFrozen":
-        """SemTok with its weights (the VAE rebuilt from its config dict), frozen."""
+    def from_export(cls, config: dict, state_dict: Optional[dict[str, Tensor]]) -> "SemTokFrozen":
+        """SemTok with its weights (the VAE rebuilt from its config dict), frozen; `state_dict` None:
+        the architecture only (plan mode)."""
         cfg, vae_cfg = semtok_config_from_dict(config)
         model = SemTok(cfg, LatentVAE.from_config_dict(vae_cfg))
-        model.load_state_dict(state_dict)
+        if state_dict is not None:
+            model.load_state_dict(state_dict)
         return cls(model.eval())
 
     def artifact(self) -> Artifact:

@@ -473,10 +473,11 @@ def tokenizer1d_config(config: dict) -> Tokenizer1DConfig:
     return config_from_dict(Tokenizer1DConfig, cfg, "tokenizer1d")
 
 
-def build_tokenizer1d(config: dict, state_dict: dict[str, Tensor]) -> Tokenizer1D:
-    """Our Tokenizer1D with its weights (trainable, eval mode)."""
+def build_tokenizer1d(config: dict, state_dict: Optional[dict[str, Tensor]]) -> Tokenizer1D:
+    """Our Tokenizer1D with its weights (trainable, eval mode); `state_dict` None: the architecture only (plan mode)."""
     model = Tokenizer1D(tokenizer1d_config(config))
-    model.load_state_dict(state_dict)
+    if state_dict is not None:
+        model.load_state_dict(state_dict)
     return model.eval()
 
 
@@ -488,7 +489,7 @@ class Tokenizer1DFrozen(FrozenTokenizer):
     model: Tokenizer1D
 
     @classmethod
-    def from_export(cls, config: dict, state_dict: dict[str, Tensor]) -> "Tokenizer1DFrozen":
+    def from_export(cls, config: dict, state_dict: Optional[dict[str, Tensor]]) -> "Tokenizer1DFrozen":
         return cls(build_tokenizer1d(config, state_dict))
 
     @property

@@ -5,8 +5,8 @@ naming its `kind`, the model class it `wraps` and `from_export`): "tokenizer1d" 
 AliTok; system/models/tokenizer1d.py), "llamagen-vq" (LlamaGen's VQ-16/VQ-8;
 system/models/adapters_vq.py), "semtok" (system/models/semtok.py) and "alitok-released" (AliTok's
 released tokenizer in its official layout, read into a tokenizer1d; system/models/adapters_alitok.py).
-A new built-in adapter is one
-line in `BUILTIN`; a kind from outside system/ plugs in with `register_tokenizer`. Generator kinds
+A new built-in adapter is one line in `BUILTIN`; a kind from outside system/ plugs in with
+`register_tokenizer`. Generator kinds
 (they sample) are one layer up: system/sampling/generators.py.
 """
 from __future__ import annotations
@@ -16,19 +16,49 @@ from typing import Callable, Optional
 import torch
 from torch import Tensor, nn
 
+import importlib
+
 from system.config import StorageConfig
-from system.models.adapters_alitok import AliTokReleasedTokenizer
-from system.models.adapters_vq import VQFrozen
 from system.models.artifacts import FrozenTokenizer, Tokenizer, build_part, register_kind
-from system.models.semtok import SemTokFrozen
-from system.models.tokenizer1d import Tokenizer1DFrozen
 
 TokenizerBuilder = Callable[[dict, dict[str, Tensor]], Tokenizer]  # (config, state_dict) -> Tokenizer
 
-BUILTIN: tuple[type, ...] = (Tokenizer1DFrozen, VQFrozen, SemTokFrozen, AliTokReleasedTokenizer)
-_TOKENIZERS: dict[str, TokenizerBuilder] = {a.kind: a.from_export for a in BUILTIN}
-# raw model class -> its frozen adapter (kinds that only read another layout into one of ours have wraps None)
-_FROZEN_ADAPTERS: dict[type, type[FrozenTokenizer]] = {a.wraps: a for a in BUILTIN if a.wraps is not None}
+# kind -> "module:adapter class"; imported on first use, so a kind whose optional dependency is
+# missing (SemTok's diffusers) fails only when an export of that kind is loaded, naming the extra
+BUILTIN: dict[str, str] = {"tokenizer1d": "system.models.tokenizer1d:Tokenizer1DFrozen",
+                           "llamagen-vq": "system.models.adapters_vq:VQFrozen",
+                           "semtok": "system.models.semtok:SemTokFrozen",
+                           "alitok-released": "system.models.adapters_alitok:AliTokReleasedTokenizer"}
+
+
+def _adapter(path: str) -> type[FrozenTokenizer]:
+    module, name = path.split(":")
+    return getattr(importlib.import_module(module), name)
+
+
+def _missing(kind: str, err: ModuleNotFoundError) -> TokenizerBuilder:
+    def build(config: dict, state_dict: dict[str, Tensor]) -> Tokenizer:
+        raise err
+
+    return build
+
+
+def _builtin() -> tuple[dict[str, TokenizerBuilder], dict[type, type[FrozenTokenizer]]]:
+    builders: dict[str, TokenizerBuilder] = {}
+    adapters: dict[type, type[FrozenTokenizer]] = {}
+    for kind, path in BUILTIN.items():
+        try:
+            a = _adapter(path)
+        except ModuleNotFoundError as e:  # an optional extra (e.g. diffusers for SemTok)
+            builders[kind] = _missing(kind, e)
+            continue
+        builders[a.kind] = a.from_export
+        if a.wraps is not None:  # None: a kind that reads another layout into one of our models (alitok-released)
+            adapters[a.wraps] = a
+    return builders, adapters
+
+
+_TOKENIZERS, _FROZEN_ADAPTERS = _builtin()
 
 
 def register_tokenizer(kind: str, builder: TokenizerBuilder) -> None:

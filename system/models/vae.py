@@ -19,7 +19,8 @@ same structure: 16 latent channels, f = 8). No
 pretrained SD3.5 weights are available offline, so the CPU demo trains a tiny VAE itself
 (``new_autoencoder``) and wraps it (``LatentVAE(autoencoder, scaling_factor=..., shift_factor=...)``).
 A run exports ``config_dict()`` plus the state dict; ``LatentVAE.from_config_dict`` rebuilds it
-(``build_latent_vae`` does so for ``LatentVAEConfig.export``).
+(``build_latent_vae`` does so for ``LatentVAEConfig.export``). In plan mode (system/models/weights.py)
+no weights are read: ``planned_autoencoder`` builds the architecture from the config alone.
 """
 from __future__ import annotations
 
@@ -33,6 +34,7 @@ import torch
 from torch import Tensor, nn
 
 from system.config.methods import LatentVAEConfig  # noqa: F401 (re-exported)
+from system.models import weights
 from system.models.optional import require
 from system.models.artifacts import load_part, model_part
 
@@ -128,6 +130,9 @@ def build_autoencoder(cfg: LatentVAEConfig, storage: Any = None):
         raise ValueError("LatentVAEConfig: tiny=True only applies with random_init=True")
     if cfg.random_init:
         return new_autoencoder(tiny=cfg.tiny)
+    kind, where = next(iter(sources.items()))
+    if not weights.need("VAE" + (" export" if kind == "export" else ""), where, hub=kind == "hub_name"):
+        return planned_autoencoder(cfg, storage)
     if export is not None:
         return autoencoder_from_config_dict(model_part(export, "vae", storage)["config"],
                                             load_part(export, "vae", storage, ema=True)).float()
@@ -146,6 +151,25 @@ def build_autoencoder(cfg: LatentVAEConfig, storage: Any = None):
         source = cfg.path or cfg.hub_name
         raise ValueError(f"VAE checkpoint {source!r} lacks weights for AutoencoderKL: {bad[:5]} ({len(bad)} in all)")
     return model.float()
+
+
+def planned_autoencoder(cfg: LatentVAEConfig, storage: Any = None):
+    """Plan mode (system/models/weights.py): the AutoencoderKL of `cfg` without its weights, from the
+    export's model.json, the local folder's config.json, or (a hub name, a folder not there) SD3.5's."""
+    from diffusers import AutoencoderKL
+
+    export = getattr(cfg, "export", None)
+    if export is not None:
+        from system.models.artifacts import model_part
+
+        return autoencoder_from_config_dict(model_part(export, "vae", storage)["config"])
+    if cfg.path is not None and Path(cfg.path).is_dir():
+        folder, subfolder = _resolve_local(Path(cfg.path))
+        return AutoencoderKL.from_config(AutoencoderKL.load_config(folder, subfolder=subfolder))
+    if cfg.hub_name is not None and "stable-diffusion-3" not in cfg.hub_name:
+        raise ValueError(f"LatentVAEConfig.hub_name={cfg.hub_name!r}: no built-in architecture to plan with (SD3.x's "
+                         "only); give a local path with its config.json")
+    return autoencoder_from_config_dict(SD35_VAE_CONFIG)
 
 
 class LatentVAE(nn.Module):

@@ -18,10 +18,11 @@ from system.sampling.masked import generate_masked
 MASKED_STEPS = 64  # sampling steps of a bidirectional (masked) GPT (SemTok: 64, cosine)
 
 
-def build_gpt(config: dict, state_dict: dict[str, Tensor]) -> GPT:
-    """Our GPT with its weights (trainable, eval mode)."""
+def build_gpt(config: dict, state_dict: Optional[dict[str, Tensor]]) -> GPT:
+    """Our GPT with its weights (trainable, eval mode); `state_dict` None: the architecture only (plan mode)."""
     model = GPT(config_from_dict(GPTConfig, config, "gpt"))
-    model.load_state_dict(state_dict)
+    if state_dict is not None:
+        model.load_state_dict(state_dict)
     return model.eval()
 
 
@@ -43,7 +44,7 @@ class GPTGenerator(nn.Module):
         self._decode_fn: Optional[Callable] = None
 
     @classmethod
-    def from_export(cls, config: dict, state_dict: dict[str, Tensor], tokenizer: Optional[Tokenizer]) -> "GPTGenerator":
+    def from_export(cls, config: dict, state_dict: Optional[dict[str, Tensor]], tokenizer: Optional[Tokenizer]) -> "GPTGenerator":
         """The generator of an exported "gpt" part; `tokenizer` gives the codebook when the GPT has `code_dim`."""
         return cls(build_gpt(config, state_dict),
                    tokenizer.codebook if tokenizer is not None and config.get("code_dim") else None)

@@ -90,7 +90,7 @@ def test_no_intact_checkpoint_left_is_one_clear_error(dist_world1, tmp_path, mon
     import ray
 
     from cluster.integrity import NoIntactCheckpoint
-    from cluster.train_pool import prepare_run
+    from cluster.training import prepare_run
     from system.config import ConfigError
 
     monkeypatch.setenv("CKPT_STAGE_DIR", str(tmp_path / "stage"))
