@@ -40,6 +40,7 @@ from system.data.latents import check_latent_augment, write_latent_shard
 from system.data.shards import IMAGE_FIELDS, MARKER_SUFFIX, iter_tar_samples, read_index
 from system.data.storage import filesystem, join, read_bytes, storage_error
 from system.data.tokens import TokenShardPlan, check_augment, write_token_shard
+from system.models import weights
 from system.data.transforms import augment_views, to_tensor
 from system.models.artifacts import model_part
 from system.models.tokenizers import load_tokenizer
@@ -53,6 +54,8 @@ def tokenizer_fingerprint(export_url: str, storage: StorageConfig | None = None,
     entry and the weights `load_tokenizer` uses (EMA when present)."""
     entry = model_part(export_url, part, storage)
     h = hashlib.sha256(json.dumps(entry, sort_keys=True).encode())
+    if not weights.need(f"tokenizer {part!r} of an export (fingerprint)", export_url):  # plan mode: its config only
+        return {"kind": entry["kind"], "url": export_url, "part": part, "fingerprint": "planned-" + h.hexdigest()[:8]}
     for name in (f"{part}_ema.safetensors", f"{part}.safetensors"):
         try:
             h.update(read_bytes(join(export_url, name), storage))

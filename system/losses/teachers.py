@@ -58,10 +58,10 @@ def build_teacher_model(cfg: TeacherConfig) -> nn.Module:
     if source is not None and cfg.random_init:
         raise ValueError("TeacherConfig: random_init=True conflicts with path/hub_name; set one or the other")
     if source is None and not cfg.random_init:
-        raise ValueError(
-            f"TeacherConfig(kind={cfg.kind!r}) has no weights: set path (a local from_pretrained directory), "
-            "hub_name (needs internet), or random_init=True (tests only)"
-        )
+        weights.unset(f"{cfg.kind} teacher", "teacher.path or hub_name",
+                      f"TeacherConfig(kind={cfg.kind!r}) has no weights: set path (a local from_pretrained directory), "
+                      "hub_name (needs internet), or random_init=True (tests only)")
+        return planned_teacher_model(cfg)  # plan mode: the paper's default teacher of this kind
     if cfg.random_init:
         from transformers import Dinov2Model, SiglipVisionModel
 
@@ -130,7 +130,8 @@ def planned_teacher_model(cfg: TeacherConfig) -> nn.Module:
         cls = _pretrained_class(cfg.kind, config.model_type)
         config = getattr(config, "vision_config", config)  # a full SigLIP (text + vision) checkpoint
     else:
-        config = builtin_teacher_config(cfg.kind, cfg.path or cfg.hub_name)
+        default = "facebook/dinov2-base" if cfg.kind == "dinov2" else "google/siglip2-so400m-patch16-256"  # the papers'
+        config = builtin_teacher_config(cfg.kind, cfg.path or cfg.hub_name or default)
         cls = _pretrained_class(cfg.kind, config.model_type)
     return cls(config)
 

@@ -78,7 +78,33 @@ def build_gpt_config(cfg: ARConfig, data: DataSpec, masked: bool) -> GPTConfig:
             bidirectional=masked, code_dim=None, class_dropout=cfg.class_dropout, attn_backend=cfg.attn_backend,
             grad_checkpointing=cfg.grad_checkpointing)
     except ValueError as e:  # GPTConfig's own rules, e.g. 2D RoPE over a non-square token grid
+        layout = tokenizer_layout(data)
+        if layout is not None and layout[0] != g.prefix_tokens and layout[0] + layout[1] == seq_len:
+            raise ConfigError(
+                f"config key 'method.model' = {cfg.model!r} (method.overrides.prefix_tokens = {g.prefix_tokens}) does not "
+                f"match its codes: the tokenizer that wrote data.url ({data.tokens.tokenizer.get('url')}) has "
+                f"num_prefix_tokens = {layout[0]} + {layout[1]} latent tokens = {seq_len} per image, leaving "
+                f"{seq_len - g.prefix_tokens} for the AR's grid ({e}). Make them agree: method.overrides.prefix_tokens="
+                f"{layout[0]}, or train the tokenizer with num_prefix_tokens={g.prefix_tokens} "
+                "(its method.tokenizer / tokenizer_overrides)") from None
         raise ConfigError(f"{what} on token sequences of {seq_len} (data.url): {e}") from None
+
+
+def tokenizer_layout(data: DataSpec) -> Optional[tuple[int, int]]:
+    """(prefix tokens, latent tokens) of the tokenizer that wrote the token set, from its export's
+    model.json (None when it has no such layout or cannot be read)."""
+    tok = (data.tokens.tokenizer if data.tokens else None) or {}
+    if not tok.get("url"):
+        return None
+    from system.models.artifacts import model_part
+
+    try:
+        c = model_part(tok["url"], tok.get("part", "tokenizer"), data.storage)["config"]
+    except (FileNotFoundError, KeyError, ValueError, OSError):
+        return None
+    if "num_prefix_tokens" not in c or "num_latent_tokens" not in c:
+        return None
+    return int(c["num_prefix_tokens"]), int(c["num_latent_tokens"])
 
 
 def check_tokenizer(cfg: ARConfig, gpt: GPTConfig, storage: Any) -> None:

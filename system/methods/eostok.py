@@ -45,6 +45,7 @@ from system.losses.recon import ntp_loss
 from system.losses.teachers import Teacher
 from system.methods.base import DataSpec, ModuleSpec, StepOutput
 from system.methods.registry import register
+from system.models import weights
 from system.models.artifacts import Artifact
 from system.models.gpt import GPT, GPTConfig
 from system.models.registry import gpt_config
@@ -205,8 +206,9 @@ def check_config(cfg: EOSTokConfig, data: DataSpec) -> None:
             raise ValueError("method.teacher: random_init=true conflicts with path/hub_name; set one of them "
                              "(e.g. method.teacher.hub_name=null for a random-weight demo)")
         if not (t.random_init or t.path or t.hub_name):
-            raise ValueError("method.teacher needs method.teacher.path or hub_name (or random_init=true for a demo), "
-                             "or switch alignment off with method.align=0 method.repa=0 method.substitute_patches=false")
+            weights.unset(f"{t.kind} teacher", "method.teacher.path or hub_name",
+                          "method.teacher needs method.teacher.path or hub_name (or random_init=true for a demo), "
+                          "or switch alignment off with method.align=0 method.repa=0 method.substitute_patches=false")
     check_lpips_weights(cfg.lpips_net, cfg.lpips > 0 or cfg.apr_lpips > 0, "method.lpips=0 method.apr_lpips=0")
 
 

@@ -84,7 +84,11 @@ def build_vae(cfg: LatentVAEConfig, storage: Any = None) -> nn.Module:
 
 def check_vae(cfg: LatentVAEConfig) -> None:
     given = [k for k in ("export", "path", "hub_name") if getattr(cfg, k)] + (["random_init"] if cfg.random_init else [])
-    if len(given) != 1:
+    if not given:
+        weights.unset("SD3.5 VAE", "method.vae.path or hub_name", "method.vae: set exactly one of export (a latent_vae "
+                      "run's export), path (a local SD3.5 folder), hub_name or random_init=true (tests); got none",
+                      ConfigError)
+    elif len(given) != 1:
         raise ConfigError("method.vae: set exactly one of export (a latent_vae run's export), path (a local SD3.5 "
                           "folder), hub_name or random_init=true (tests); got " + (", ".join(given) or "none"))
 
@@ -241,8 +245,9 @@ def check_stage1(cfg: SemTokStage1Config, data: DataSpec) -> None:
         raise ConfigError("method.semantic > 0 needs method.teacher (SigLIP); set method.semantic=0 to train without it")
     t = cfg.teacher
     if cfg.semantic > 0 and not (t.path or t.hub_name or t.random_init):
-        raise ConfigError("method.teacher (SigLIP) has no weights: set method.teacher.path (a local SigLIP folder), "
-                          "hub_name (needs internet) or random_init=true (tests), or method.semantic=0")
+        weights.unset("siglip teacher", "method.teacher.path or hub_name",
+                      "method.teacher (SigLIP) has no weights: set method.teacher.path (a local SigLIP folder), "
+                      "hub_name (needs internet) or random_init=true (tests), or method.semantic=0", ConfigError)
     stage1_semtok_config(cfg, data.resolution, 16, 8)  # the preset's own rules (sizes), before any VAE is built
     if cfg.decoder_init is None and cfg.tokenizer in PAPER_PRESETS:
         raise ConfigError(f"config key 'method.decoder_init' is not set: method.tokenizer={cfg.tokenizer} has the paper's "
@@ -347,8 +352,10 @@ def check_stage2(cfg: SemTokStage2Config, data: DataSpec) -> tuple[SemTokConfig,
                           f"method.stage1_export works at {sc.image_size} px; set data.resolution={sc.image_size}")
     check_lpips_weights(cfg.lpips_net, cfg.lpips > 0, "method.lpips=0")
     if cfg.resnet > 0 and not (cfg.resnet_net.path or cfg.resnet_net.random_init):
-        raise ConfigError("the ResNet perceptual term needs weights: set method.resnet_net.path (a local "
-                          "microsoft/resnet-50 folder), or method.resnet_net.random_init=true for a demo, or method.resnet=0")
+        weights.unset("ResNet-50 perceptual", "method.resnet_net.path",
+                      "the ResNet perceptual term needs weights: set method.resnet_net.path (a local "
+                      "microsoft/resnet-50 folder), or method.resnet_net.random_init=true for a demo, or method.resnet=0",
+                      ConfigError)
     return sc, vae
 
 

@@ -20,6 +20,7 @@ from torch import Tensor, nn
 from system.eval.recon_metrics import psnr
 from system.losses.gan import DiscriminatorConfig, GANLoss, GANLossConfig
 from system.methods.base import Method, ModuleSpec, RunReport, StepOutput, frozen
+from system.models import weights
 
 
 class ReconstructionReport(Method):
@@ -157,14 +158,15 @@ def check_lpips_weights(lpips_net: Any, used: bool, switch_off: str) -> None:
     """ValueError unless an LPIPS that is used has weights (or is a declared random-weight demo);
     `switch_off`: the settings that turn every LPIPS term off (e.g. "method.lpips=0")."""
     if used and not (lpips_net.vgg_path or lpips_net.random_init):
-        raise ValueError("LPIPS needs weights: set method.lpips_net.vgg_path and lin_path "
-                         f"(or method.lpips_net.random_init=true for a demo), or {switch_off}")
+        weights.unset("LPIPS VGG16 + linear heads", "method.lpips_net.vgg_path, lin_path",
+                      "LPIPS needs weights: set method.lpips_net.vgg_path and lin_path "
+                      f"(or method.lpips_net.random_init=true for a demo), or {switch_off}")
 
 
 def check_convnext_weights(convnext_net: Any, used: bool, switch_off: str) -> None:
     """ValueError unless a ConvNeXt perceptual network that is used has weights (or is a declared
     random-weight demo); `switch_off`: the setting that turns its term off (e.g. "method.convnext=0")."""
     if used and not (convnext_net.path or convnext_net.random_init):
-        raise ValueError("the ConvNeXt-S perceptual term needs weights: set method.convnext_net.path (torchvision's "
+        weights.unset("ConvNeXt-S perceptual", "method.convnext_net.path", "the ConvNeXt-S perceptual term needs weights: set method.convnext_net.path (torchvision's "
                          "convnext_small-0c510722.pth or a save_pretrained folder of facebook/convnext-small-224), or "
                          f"method.convnext_net.random_init=true for a demo, or {switch_off}")

@@ -36,6 +36,7 @@ from system.methods.vapi_rollouts import (  # noqa: F401 - the rollout side; old
     rollout,
     rollout_config,
 )
+from system.models import weights
 from system.models.artifacts import Artifact, Generator, Tokenizer, check_fit
 from system.models.tokenizers import frozen_tokenizer  # noqa: F401 - old import path
 from system.sampling.generators import load_llamagen, load_pair
@@ -69,7 +70,8 @@ def check_config(m: VapiConfig, data: DataSpec) -> None:
     if bool(m.export_url) == bool(m.llamagen_gpt or m.llamagen_vq):
         raise ValueError("set either method.export_url or method.llamagen_gpt + method.llamagen_vq (and export_url=null)")
     if m.w_lpips > 0 and not (m.lpips_net.vgg_path or m.lpips_net.random_init):
-        raise ValueError("method.w_lpips > 0 needs method.lpips_net.vgg_path/lin_path (or random_init=true for a demo)")
+        weights.unset("LPIPS VGG16 + linear heads", "method.lpips_net.vgg_path, lin_path",
+                      "method.w_lpips > 0 needs method.lpips_net.vgg_path/lin_path (or random_init=true for a demo)")
     if m.group_size < 2:
         raise ValueError(f"method.group_size={m.group_size}: advantages are normalised within a group; use group_size >= 2")
     if m.temperature <= 0:

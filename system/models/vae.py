@@ -231,6 +231,8 @@ class LatentVAE(nn.Module):
         """A hash of ``config_dict()`` and every weight and buffer (bytes, dtype, shape): equal for two
         VAEs that encode and decode alike, e.g. a latent cache's and a training run's (16 hex digits)."""
         h = hashlib.sha256(json.dumps(self.config_dict(), sort_keys=True).encode())
+        if weights.planning_now():  # plan mode: no weights to hash (a planned fingerprint of the config)
+            return "planned-" + h.hexdigest()[:8]
         for name, t in sorted(self.vae.state_dict().items()):
             t = t.detach().cpu().contiguous()
             h.update(f"{name}:{t.dtype}:{tuple(t.shape)};".encode())

@@ -72,3 +72,16 @@ def planning() -> Iterator[list[WeightRef]]:
         _REFS.reset(token)
         if outer is not None:
             outer.extend(r for r in refs if r not in outer)
+
+
+def unset(what: str, keys: str, message: str, error: type[Exception] = ValueError) -> None:
+    """Weights a config has not given yet (e.g. no LPIPS path): outside plan mode a ValueError with
+    `message` (the config error a real run stops on); in plan mode recorded as needed
+    (`where`: "<not set: keys>", `exists` False) so the dry run goes on with placeholder weights
+    and its table says which keys a real run must set."""
+    refs = _REFS.get()
+    if refs is None:
+        raise error(message)
+    ref = WeightRef(what, f"<not set: {keys}>", False)
+    if ref not in refs:
+        refs.append(ref)

@@ -18,6 +18,7 @@ import json
 import math
 import os
 import time
+import warnings
 from dataclasses import asdict, dataclass, field
 from functools import singledispatch
 from typing import Any, Optional, Sequence
@@ -50,6 +51,8 @@ class Walk:
     card: str = "h100"
     mfu: float = 0.4
     assumed: list[str] = field(default_factory=list)
+    made: dict[str, list[str]] = field(default_factory=dict)  # step -> the planned files it writes
+    made_files: set[str] = field(default_factory=set)
 
 
 def _index_url(url: str) -> str:
@@ -88,18 +91,30 @@ def plan_steps(steps: Sequence[Step], walk: Optional[Walk] = None) -> list[StepP
     wiring error is a ConfigError naming the step, its key, and the steps its inputs come from."""
     walk = walk or Walk()
     out = []
-    with planned_files(walk.files):
+    with planned_files(walk.files), warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # "built with RANDOM weights": placeholders are the point here
         for step in steps:
             t0 = time.perf_counter()
             try:
-                plan = plan_step(step, walk)
-            except ConfigError as e:
+                plans = plan_step(step, walk)
+            except ValueError as e:  # ConfigError, or a method's own check (ValueError naming the key)
                 raise _section_error(step, e) from None
-            except ValueError as e:  # a method's own check (ValueError naming the key)
-                raise _section_error(step, e) from None
-            plan.row["plan_s"] = round(time.perf_counter() - t0, 1)
-            out.append(plan)
+            plans = plans if isinstance(plans, list) else [plans]
+            for p in plans:
+                p.row["plan_s"] = round((time.perf_counter() - t0) / len(plans), 1)
+                p.notes = [_made_by(n, walk) for n in p.notes]
+            out.extend(plans)
+            walk.made[step.name] = sorted(set(walk.files) - set(walk.made_files))
+            walk.made_files.update(walk.files)
     return out
+
+
+def _made_by(note: str, walk: Walk) -> str:
+    """A note on weights at a place an earlier step of this run writes says so (not "missing")."""
+    for name, files in walk.made.items():
+        if any(note.endswith(f"at {f.rsplit('/', 1)[0]} (missing here)") for f in files):
+            return note.replace("(missing here)", f"(made by step {name})")
+    return note
 
 
 def check_steps(steps: Sequence[Step]) -> None:
@@ -109,7 +124,7 @@ def check_steps(steps: Sequence[Step]) -> None:
 
 # --------------------------------------------------------------------------- one step, by kind
 @singledispatch
-def plan_step(step: Step, walk: Walk) -> StepPlan:
+def plan_step(step: Step, walk: Walk) -> StepPlan | list[StepPlan]:
     raise TypeError(f"no plan for a {type(step).__name__} (step {step.name!r})")
 
 
@@ -130,11 +145,7 @@ def _(step: TrainStep, walk: Walk) -> StepPlan:
         plans.append(plan_run(exp, walk))
     if len(plans) == 1:
         plans[0].step = step.name
-        return plans[0]
-    rows = {p.step: p.row for p in plans}
-    first = plans[0]
-    return StepPlan(step.name, "train", row={**first.row, "runs": ", ".join(rows)},
-                    detail={"runs": {p.step: p.detail for p in plans}}, notes=[n for p in plans for n in p.notes])
+    return plans  # side-by-side runs: one row each (<run_name>-<key>)
 
 
 def plan_run(exp: Any, walk: Walk) -> StepPlan:
@@ -142,7 +153,7 @@ def plan_run(exp: Any, walk: Walk) -> StepPlan:
     model.json added to the overlay, and (with `walk.trace`) the traced plan."""
     from system.methods import registry
     from system.models import weights
-    from system.plan.trace import build_fake
+    from system.plan.trace import build_fake, fake_build
     from system.plan.train import plan_training
 
     entry = registry.for_config(exp.method)
@@ -155,7 +166,7 @@ def plan_run(exp: Any, walk: Walk) -> StepPlan:
         data = entry.source.resolve(exp)
         entry.method.check(exp.method, data)
         fm = build_fake(entry.method, exp.method, data, int(exp.cluster.num_workers))
-        with fm.mode:
+        with fm.mode, fake_build():
             arts = fm.method.artifacts({n: s.module for n, s in fm.specs.items()}) if exp.checkpoint.export else {}
     export = join(exp.checkpoint.storage_path, exp.run_name, "export")
     if arts:
@@ -168,7 +179,7 @@ def plan_run(exp: Any, walk: Walk) -> StepPlan:
     tp = plan_training(exp, data, card=walk.card, mfu=walk.mfu)
     p.detail.update(tp.as_dict())
     gb = tp.memory.as_gb()
-    fit = {f.card: f for f in tp.fits}
+    fit = dict(zip(("h100", "h200"), tp.fits))
     p.row = {
         "method": tp.method, "params": tp.params_trainable, "frozen": tp.params_frozen, "ranks": tp.world_size,
         "zero": tp.zero_stage, "micro": tp.micro_batch, "gb_rank": gb["total"],
@@ -186,9 +197,11 @@ def plan_run(exp: Any, walk: Walk) -> StepPlan:
 def _(step: EncodeStep, walk: Walk) -> StepPlan:
     from system.models import weights
 
+    from system.plan.trace import fake_build, fake_mode
+
     enc = step.encoding
     ensure_image_set(enc.cfg.src, walk, enc.cfg.storage)
-    with weights.planning() as refs:
+    with weights.planning() as refs, fake_mode(), fake_build():  # the encoder's architecture, never its values
         enc.prepare()
     views = _views(enc)
     index = {"version": 1, "shards": [], "num_samples": views, "classes": enc.index["classes"], **_section(enc)}
@@ -256,10 +269,10 @@ def _(step: SampleStep, walk: Walk) -> StepPlan:
     dp = plan_sampling(gpt, cfg.batch_size, cfg.cfg_scale, precision="bf16" if cfg.precision == "bf16" else "fp32",
                        card=walk.card)
     images = cfg.num_per_class * (cfg.num_classes or gpt.num_classes)
-    d = asdict(dp) if hasattr(dp, "__dataclass_fields__") else dict(dp)
-    p.detail.update(d, images=images)
-    per_image = d.get("seconds_per_image") or 0.0
-    p.row = {"method": "sample", "images": images, "gb_rank": d.get("bytes", 0) / 2**30,
+    p.detail.update(dp.as_dict(), images=images)
+    per_image = dp.seconds_per_image
+    p.row = {"method": f"sample ({dp.kind})", "images": images, "micro": cfg.batch_size, "gb_rank": dp.total_bytes / 2**30,
+             **{f"fits_{k}": ("yes" if f.fits else "NO") + f" ({f.headroom_gb:+.0f} GB)" for k, f in zip(("h100", "h200"), dp.fits)},
              "gpu_h": per_image * images / 3600}
     return p
 

@@ -98,7 +98,9 @@ def plan_sampling(gpt_cfg: Any, batch: int, cfg_scale: float = 1.0, *, precision
             cache, start = tracker.live(), len(tracker.events)
             with tracker, autocast_for(precision)():
                 token = torch.zeros(rows, 1, dtype=torch.long)
-                model.decode_one(token, torch.tensor([n_cls + seq - 1]), labels)
+                # a GPT that embeds codes through its tokenizer's codebook reads it every step
+                codebook = torch.zeros(gpt_cfg.vocab_size, gpt_cfg.code_dim) if gpt_cfg.code_dim else None
+                model.decode_one(token, torch.tensor([n_cls + seq - 1]), labels, codebook)
             kind, n_steps = "kv-cache", seq
             model.clear_cache()
     acts = tracker.peak(start=start) if cache else tracker.peak()
