@@ -64,14 +64,6 @@ def build_gpt_config(cfg: ARConfig, data: DataSpec, masked: bool) -> GPTConfig:
         if vocab != 1 << n_bits:
             raise ConfigError(f"{what} has a bitwise head, which needs a power-of-two vocabulary; the token index "
                               f"(data.url) has {vocab} codes: use method.overrides.head=softmax")
-    grid = math.isqrt(seq_len - g.prefix_tokens)
-    if g.rope in ("2d", "mixed") and grid * grid != seq_len - g.prefix_tokens:
-        square = seq_len - math.isqrt(seq_len) ** 2  # the prefix count that leaves a square grid
-        raise ConfigError(f"{what} has {g.prefix_tokens} prefix tokens, so the token index's sequences of {seq_len} "
-                          f"(data.url) leave a grid of {seq_len - g.prefix_tokens} image tokens, not a square "
-                          f"(rope={g.rope!r}): the tokenizer's prefix count must be the AR model's; with "
-                          f"method.overrides.prefix_tokens={square} the grid is {seq_len - square} (AliTok: the "
-                          "paper's 16 prefix tokens, the released code's 17)")
     try:
         return dataclasses.replace(
             g, vocab_size=vocab, block_size=seq_len - g.prefix_tokens, num_classes=data.num_classes, n_bits=n_bits,
@@ -87,6 +79,14 @@ def build_gpt_config(cfg: ARConfig, data: DataSpec, masked: bool) -> GPTConfig:
                 f"{seq_len - g.prefix_tokens} for the AR's grid ({e}). Make them agree: method.overrides.prefix_tokens="
                 f"{layout[0]}, or train the tokenizer with num_prefix_tokens={g.prefix_tokens} "
                 "(its method.tokenizer / tokenizer_overrides)") from None
+        grid = seq_len - g.prefix_tokens
+        if g.rope in ("2d", "mixed") and math.isqrt(grid) ** 2 != grid:  # no tokenizer to ask: the count that fits
+            square = seq_len - math.isqrt(seq_len) ** 2
+            raise ConfigError(f"{what} has {g.prefix_tokens} prefix tokens, so the token index's sequences of {seq_len} "
+                              f"(data.url) leave a grid of {grid} image tokens, not a square (rope={g.rope!r}): the "
+                              f"tokenizer's prefix count must be the AR model's; with method.overrides.prefix_tokens="
+                              f"{square} the grid is {seq_len - square} (AliTok: the paper's 16, the released code's 17)"
+                              ) from None
         raise ConfigError(f"{what} on token sequences of {seq_len} (data.url): {e}") from None
 
 

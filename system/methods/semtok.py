@@ -249,11 +249,12 @@ def check_stage1(cfg: SemTokStage1Config, data: DataSpec) -> None:
                       "method.teacher (SigLIP) has no weights: set method.teacher.path (a local SigLIP folder), "
                       "hub_name (needs internet) or random_init=true (tests), or method.semantic=0", ConfigError)
     stage1_semtok_config(cfg, data.resolution, 16, 8)  # the preset's own rules (sizes), before any VAE is built
-    if cfg.decoder_init is None and cfg.tokenizer in PAPER_PRESETS:
-        raise ConfigError(f"config key 'method.decoder_init' is not set: method.tokenizer={cfg.tokenizer} has the paper's "
-                          "SD3.5-Medium-shaped decoder (2.2B), which the paper initialises from SD3.5; give a local "
-                          "SD3.5-Medium folder (method.decoder_init=/models/sd3.5-medium, its transformer/ is read), or "
-                          "method.decoder_init=random to train it from random weights on purpose")
+    if cfg.decoder_init is None and cfg.tokenizer in PAPER_PRESETS:  # a config error (plan mode: listed as unset)
+        weights.unset("SD3.5 transformer (decoder init)", "method.decoder_init",
+                      f"config key 'method.decoder_init' is not set: method.tokenizer={cfg.tokenizer} has the paper's "
+                      "SD3.5-Medium-shaped decoder (2.2B), which the paper initialises from SD3.5; give a local "
+                      "SD3.5-Medium folder (method.decoder_init=/models/sd3.5-medium, its transformer/ is read), or "
+                      "method.decoder_init=random to train it from random weights on purpose", ConfigError)
 
 
 class SemTokStage1(SemTokStage):
