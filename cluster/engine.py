@@ -49,10 +49,15 @@ def deep_merge(base: dict, extra: dict) -> dict:
     return out
 
 
-def param_groups(module: nn.Module, weight_decay: float) -> list[dict]:
-    """AdamW groups: decay on parameters with >= 2 dims, none on biases/norms/scalars."""
-    decay = [p for p in module.parameters() if p.requires_grad and p.ndim >= 2]
-    no_decay = [p for p in module.parameters() if p.requires_grad and p.ndim < 2]
+def param_groups(module: nn.Module, weight_decay: float, no_decay_names: Sequence[str] = ()) -> list[dict]:
+    """AdamW groups: decay on parameters with >= 2 dims, none on biases/norms/scalars and on the
+    parameters `no_decay_names` names (ModuleSpec.no_decay)."""
+    unknown = set(no_decay_names) - {n for n, _ in module.named_parameters()}
+    if unknown:
+        raise ValueError(f"no_decay names parameters the module does not have: {sorted(unknown)}")
+    params = [(n, p) for n, p in module.named_parameters() if p.requires_grad]
+    decay = [p for n, p in params if p.ndim >= 2 and n not in no_decay_names]
+    no_decay = [p for n, p in params if p.ndim < 2 or n in no_decay_names]
     groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     return [g for g in groups if g["params"]]
 
@@ -137,15 +142,16 @@ class DeepSpeedStrategy:
     # ------------------------------------------------------------------ engines
     def prepare(
         self, model: nn.Module, *, lr: float, betas: tuple[float, float], weight_decay: Optional[float] = None,
-        external: Sequence[nn.Parameter] = (),
+        external: Sequence[nn.Parameter] = (), no_decay: Sequence[str] = (),
     ) -> "deepspeed.DeepSpeedEngine":
         """Move `model` to the device and wrap it (with its AdamW) in a DeepSpeed engine. `external`:
-        parameters of `model` read outside their own module's forward (registered under ZeRO-3)."""
+        parameters of `model` read outside their own module's forward (registered under ZeRO-3);
+        `no_decay`: parameter names without weight decay (`param_groups`)."""
         model = model.to(self.device)
         wd = self.optim.weight_decay if weight_decay is None else weight_decay
         config = self.ds_config(lr=lr, betas=betas, weight_decay=wd)
         engine, *_ = deepspeed.initialize(
-            model=model, model_parameters=param_groups(model, wd), config=config, dist_init_required=False
+            model=model, model_parameters=param_groups(model, wd, no_decay), config=config, dist_init_required=False
         )
         if self.is_partitioned(engine):  # parameters read outside their own module's forward
             for p in external:

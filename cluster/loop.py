@@ -219,7 +219,7 @@ class RankLoop:
         self.base_lr = {n: (s.lr if s.lr is not None else o.lr) for n, s in specs.items()}
         self.engines = {
             n: self.strategy.prepare(s.module, lr=self.base_lr[n], betas=tuple(s.betas or o.betas), weight_decay=s.weight_decay,
-                                     external=self.method.external_parameters(n, s.module))
+                                     external=self.method.external_parameters(n, s.module), no_decay=s.no_decay)
             for n, s in specs.items()
         }
         self.mods = {n: e.module for n, e in self.engines.items()}

@@ -1,4 +1,4 @@
-"""Config schemas of jobs/sample.py and jobs/evaluate.py (read with `load_config`).
+"""Config schemas of jobs/sample.py, jobs/evaluate.py and jobs/import_alitok.py (read with `load_config`).
 
 `check_sample_config` / `check_evaluate_config` reject values the schema's types cannot
 (ranges, missing inputs) with a `ConfigError`, before any resource is touched.
@@ -6,7 +6,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal, Optional
+from typing import Any, Literal, Optional
 
 from system.config.load import ConfigError
 from system.config.methods import LPIPSConfig
@@ -81,3 +81,16 @@ def check_evaluate_config(cfg: EvaluateConfig) -> None:
         )
     if bool(cfg.lpips.vgg_path) != bool(cfg.lpips.lin_path):
         raise ConfigError("lpips.vgg_path and lpips.lin_path go together: give both (real LPIPS) or neither (random weights)")
+
+
+@dataclass
+class ImportAliTokConfig:
+    """jobs/import_alitok.py: AliTok's released checkpoints (github.com/ali-vilab/alitok) -> an export
+    folder that jobs/sample.py, jobs/evaluate.py, jobs/vapi.py and jobs/pretokenize.py read."""
+
+    tokenizer: str = MISSING  # weights/AliTok.pth (a train_tokenizer checkpoint reads too)
+    ar: Optional[str] = None  # weights/alitok_{b,l,xl}.bin; None: the tokenizer alone
+    preset: Optional[str] = None  # alitok-b / alitok-l / alitok-xl; None: from the weights' width and depth
+    overrides: dict[str, Any] = field(default_factory=dict)  # single GPTConfig fields (the released ones need none)
+    out: str = MISSING  # the export folder (local or s3://)
+    storage: StorageConfig = field(default_factory=StorageConfig)

@@ -27,6 +27,8 @@ _OUTPUT_FIELDS = ("storage_path", "out")  # where a job writes: must outlive a `
 _URL_FIELDS = ("url", "val_url", "storage_path", "src", "out", "export_url", "samples", "reference", "shards",
                "inception_path", "val_labels", "val_synsets", "tokenizer_export", "stage1_export", "images", "val_images", "export",
                "decoder_init")
+# words a URL field may hold instead of a location (method.decoder_init=random: an explicit random init)
+_URL_WORDS = ("random",)
 
 
 class ConfigError(ValueError):
@@ -187,7 +189,7 @@ def _check_fields(obj: Any, prefix: str = "") -> None:
             _check_run_name(key, val)
         if dataclasses.is_dataclass(val):
             _check_fields(val, key + ".")
-        elif f.name in _URL_FIELDS and isinstance(val, str) and val:
+        elif f.name in _URL_FIELDS and isinstance(val, str) and val and val not in _URL_WORDS:
             if "://" not in val:
                 if f.name in _OUTPUT_FIELDS and not Path(val).expanduser().is_absolute() and _submitted_working_dir():
                     raise ConfigError(

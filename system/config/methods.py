@@ -60,10 +60,11 @@ class ModelConfig:
     ar: str = "eostok-h"
     ar_overrides: dict[str, Any] = field(default_factory=dict)
     # EOSTok's differentiable AR input h = Ind^T (straight-through one-hot Ind, (L, K)) times:
-    # "codebook": the tokenizer's codebook (K, 64) then a linear map to the AR width (rank 64;
-    # NTP reaches encoder and codebook); "table": the AR's own full-rank table E (K, dim) (NTP
-    # reaches the encoder through Ind). Only the table that is read is built and counted.
-    ar_input: Literal["codebook", "table"] = "codebook"
+    # "table": the AR's own full-rank table E (K, dim), the paper's h = Ind^T E (NTP reaches the encoder
+    # through Ind; the published 93 / 312 / 644M need it: S/L/H count 92.0 / 311.4 / 641.0M);
+    # "codebook": the tokenizer's codebook (K, 64) then a linear map to the AR width (rank 64; NTP
+    # reaches encoder and codebook; 88.9 / 307.3 / 635.8M). Only the table that is read is built and counted.
+    ar_input: Literal["codebook", "table"] = "table"
     attn_backend: Literal["auto", "flash", "sdpa", "math"] = "auto"
     grad_checkpointing: bool = False
 
@@ -108,18 +109,25 @@ class EOSTokConfig:
 
 @dataclass
 class AliTokLossConfig:
-    """The reconstruction objective both AliTok tokenizer stages share (../shared/seeds/alitok.txt,
-    ../shared/REFERENCE.md "AliTok"): MSE + LPIPS (+ ConvNeXt-S) + the quantizer's terms + a PatchGAN
-    (hinge, LeCam) from `gan_start_step`. A weight of 0 switches a term off."""
+    """The reconstruction objective both AliTok tokenizer stages share, at the official code's values
+    (github.com/ali-vilab/alitok train_tokenizer/: config.py, loss/mse_lpips_gan.py, README_AliTok.md;
+    the paper gives only L_mse + L_perc + L_quant + 0.1 L_adv): MSE on [0, 1] images + ConvNeXt-S
+    perceptual + LPIPS for the first `lpips_until_step` steps + the quantizer's terms + a PatchGAN
+    hinge from `gan_start_step`, no LeCam. A weight of 0 switches a term off."""
 
-    l2: float = field(default=1.0, metadata=ok(">= 0"))
-    # official (1d-tokenizer PerceptualLoss "lpips-convnext_s-1.0-0.1" x perceptual_weight 1.1): 1.0 x LPIPS + 0.1 x
-    # ConvNeXt-S, the MSE of the ImageNet logits of prediction and target at 224 px
-    lpips: float = field(default=1.0, metadata=ok(">= 0"))  # official 1.0
-    convnext: float = field(default=0.0, metadata=ok(">= 0"))  # ConvNeXt-S term (official 0.1; needs convnext_net.path)
-    gan: float = field(default=0.1, metadata=ok(">= 0"))  # the paper's lambda (official code: 0.1 x discriminator_weight 0.05)
-    gan_start_step: int = field(default=0, metadata=ok(">= 0"))  # official: GAN only in the last ~100k steps of each stage
-    lecam: float = field(default=0.05, metadata=ok(">= 0"))  # LeCam on the discriminator (official code: 0)
+    l2: float = field(default=1.0, metadata=ok(">= 0"))  # MSE of images in [0, 1] (official reconstruction_weight 1)
+    # LPIPS only early (official README ①: --lpips_weight 1.0 for ~50k steps "until the reconstructed images
+    # appear normal", then removed): weight `lpips` before `lpips_until_step`, 0 after (None: throughout)
+    lpips: float = field(default=1.0, metadata=ok(">= 0"))
+    lpips_until_step: Optional[int] = field(default=50000, metadata=ok(">= 0"))
+    # ConvNeXt-S perceptual term (MSE of the ImageNet logits at 224 px; official config.py perceptual_weight 1; 0: off),
+    # at `convnext_with_lpips` while LPIPS is on (official ①: --perceptual_weight 0.1; None: `convnext` throughout)
+    convnext: float = field(default=1.0, metadata=ok(">= 0"))
+    convnext_with_lpips: Optional[float] = field(default=0.1, metadata=ok(">= 0"))
+    # the generator's hinge term: official discriminator_factor 0.1 (the paper's lambda) x discriminator_weight 0.05
+    gan: float = field(default=0.005, metadata=ok(">= 0"))
+    gan_start_step: int = field(default=0, metadata=ok(">= 0"))  # official: the GAN in each stage's last ~100k steps (README ③)
+    lecam: float = field(default=0.0, metadata=ok(">= 0"))  # LeCam on the discriminator (official: 0)
     lpips_net: LPIPSConfig = field(default_factory=LPIPSConfig)
     convnext_net: ConvNeXtNetConfig = field(default_factory=ConvNeXtNetConfig)
     ema_decay: float = field(default=0.0, metadata=ok("in [0, 1)"))  # EMA of the trained tokenizer part (exported as tokenizer_ema); 0: none (official)
@@ -134,11 +142,15 @@ class AliTokStage1Config(AliTokLossConfig):
     """AliTok stage 1: bidirectional ViT encoder, VQ with the official clustering re-initialisation
     (the preset's quantizer.cluster_decay), causal decoder with prefix tokens and the prefix aux loss."""
 
-    tokenizer: str = "alitok-tok-code"  # preset (system/models/tokenizer1d.py): alitok-tok-code (17 prefix), alitok-tok-paper (16), debug-tiny-causal
+    # preset (system/models/tokenizer1d.py): alitok-tok-code (17 prefix; stage 2: 32 buffers, the prefix read),
+    # alitok-tok-paper (16; stage 2: 64 buffers, the prefix dropped); both with the official decoder layout
+    # (decoder_layout=latents; ours: tokenizer_overrides.decoder_layout=mask_tokens); debug-tiny-alitok, debug-tiny-causal
+    tokenizer: str = "alitok-tok-code"
     tokenizer_overrides: dict[str, Any] = field(default_factory=dict)  # single Tokenizer1DConfig fields, e.g. {num_prefix_tokens: 8, quantizer: {codebook_size: 256}}
     # the prefix aux loss (system/methods/alitok.py): l2 x MSE of the patches the prefix tokens decode (the first
     # row, and its first patches when there are more prefix tokens than a row) x aux x num_prefix_tokens / num_patches
-    # (official: x10 x 17/256) + lpips x LPIPS of the full image with that row (other rows detached) x aux
+    # (official: x10 x 17/256) + the perceptual terms (at their weights of the step) of the full image with that
+    # row (other rows detached) x aux (the paper's; the official code's aux loss is the MSE alone)
     aux: float = field(default=10.0, metadata=ok(">= 0"))  # prefix aux loss weight (official 10)
     # False: a bidirectional decoder in stage 1, the paper's ablation baseline (A) (set aux=0 and
     # tokenizer_overrides.num_prefix_tokens=0 with it, as (A) has neither)
@@ -153,15 +165,16 @@ class AliTokStage1Config(AliTokLossConfig):
 @dataclass
 class AliTokStage2Config(AliTokLossConfig):
     """AliTok stage 2: the stage-1 encoder, quantizer and latent queries frozen (loaded from its
-    export), a fresh bidirectional decoder with buffer tokens and without prefix tokens trained with
-    the same reconstruction losses; exported as one tokenizer1d part."""
+    export), a fresh bidirectional decoder with buffer tokens (reading the prefix codes or not: the
+    preset's choice) trained with the same reconstruction losses; exported as one tokenizer1d part."""
 
     stage1_export: str = "runs/alitok-stage1/export"  # the stage-1 run's export/ folder (local or s3://)
     stage1_part: str = "tokenizer"  # its part holding the tokenizer
     stage1_ema: bool = True  # read the stage-1 EMA weights when the export has them
-    # decoder fields of the stage-2 tokenizer (dec_width, dec_depth, dec_heads, num_buffer_tokens); the rest
-    # comes from the stage-1 tokenizer (buffer tokens: the preset's, 32 code / 64 paper)
-    decoder_overrides: dict[str, Any] = field(default_factory=dict)  # e.g. {num_buffer_tokens: 64} (the paper's)
+    # decoder fields of the stage-2 tokenizer (dec_width, dec_depth, dec_heads, num_buffer_tokens, decoder_reads_prefix,
+    # decoder_layout); the rest comes from the stage-1 tokenizer (the preset's: alitok-tok-code 32 buffer tokens and
+    # the prefix read, as the code; alitok-tok-paper 64 and the prefix dropped, as the paper)
+    decoder_overrides: dict[str, Any] = field(default_factory=dict)  # e.g. {num_buffer_tokens: 64, decoder_reads_prefix: false}
 
 
 @dataclass
@@ -207,7 +220,9 @@ class SemTokStage1Config:
     tokenizer_overrides: dict[str, Any] = field(default_factory=dict)  # e.g. {bits: 32, num_tokens: 128, encoder: {depth: 4}, decoder: {depth: 12}}
     vae: LatentVAEConfig = field(default_factory=LatentVAEConfig)
     # SD3.5's transformer (a local save_pretrained folder or a pipeline folder with transformer/) initialises the
-    # decoder (paper); every tensor of matching name and shape is copied (not the text projections). None: random
+    # decoder (paper); every tensor of matching name and shape is copied (not the text projections). "random": an
+    # explicit random init (said in the run's log). None: a config error for the paper presets (semtok-18/32), whose
+    # 2.2B decoder the paper initialises from SD3.5; the random init of a smaller preset (semtok-tiny)
     decoder_init: Optional[str] = None
     teacher: Optional[TeacherConfig] = field(default_factory=lambda: TeacherConfig(kind="siglip"))  # None: no semantic term
     quant: float = field(default=0.0025, metadata=ok(">= 0"))  # lambda_q: BSQ entropy loss E[H(q(z))] - H(E[q(z)]), the batch term over all ranks
@@ -295,7 +310,10 @@ class ARConfig:
     overrides: dict[str, Any] = field(default_factory=dict)  # single GPTConfig fields, e.g. {n_layer: 4, rope: 1d}
     class_dropout: float = field(default=0.1, metadata=ok("in [0, 1)"))  # labels dropped to the null class (CFG)
     label_smoothing: float = field(default=0.0, metadata=ok("in [0, 1)"))
-    ema_decay: float = field(default=0.9999, metadata=ok("in [0, 1)"))  # EMA of the AR model (exported as ar_ema); 0: none
+    ema_decay: float = field(default=0.9999, metadata=ok("in [0, 1)"))  # EMA of the AR model (exported as ar_ema); 0: none (AliTok's code)
+    # weight decay on the token and class embedding tables (LlamaGen: yes; AliTok's code: no, utils/train_utils.py
+    # create_optimizer excludes every "embedding" parameter)
+    decay_embeddings: bool = True
     attn_backend: Literal["auto", "flash", "sdpa", "math"] = "auto"
     grad_checkpointing: bool = False
     tokenizer_export: Optional[str] = None  # an export/ folder with the tokens' tokenizer: decodes the sample grid, exported beside the AR model
@@ -315,6 +333,6 @@ class MaskedARConfig(ARConfig):
     label_smoothing: float = field(default=0.01, metadata=ok("in [0, 1)"))
     mask_min: float = field(default=0.7, metadata=ok("in (0, 1]"))  # lowest mask ratio of a sample
     mask_max: float = field(default=1.0, metadata=ok("in (0, 1]"))  # highest mask ratio of a sample
-    sample_cfg_scale: float = field(default=6.0, metadata=ok(">= 0"))  # SemTok-L: linear CFG 6.0
+    sample_cfg_scale: float = field(default=6.0, metadata=ok(">= 0"))  # linear CFG: SemTok-AR-L 6.0, XL 5.3, XXL 4.9 (semtok.txt B.2)
     sample_top_p: float = field(default=0.75, metadata=ok("in (0, 1]"))  # per bit for a bitwise head
     sample_steps: int = field(default=64, metadata=ok(">= 1"))  # cosine schedule steps (at most seq_len)

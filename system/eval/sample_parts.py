@@ -23,6 +23,7 @@ from system.config import StorageConfig
 from system.data.storage import exists, filesystem, join, protocol, read_bytes, storage_error, write_bytes_atomic
 from system.eval.sampling_plan import Part, SamplingPlan, fingerprint, record_mismatch
 from system.models.artifacts import MODEL_JSON
+from system.models.artifacts import check_prefix
 from system.sampling.generators import load_pair
 
 PARTS = "parts"
@@ -107,6 +108,7 @@ class PartSampler:
         self.cfg = cfg
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.tokenizer, self.generator = load_pair(cfg.export_url, cfg.storage, ema=cfg.ema, device=self.device)
+        check_prefix(self.generator.prefix_tokens, self.tokenizer.prefix_tokens, f"the AR model of {cfg.export_url}")
         if cfg.compile:
             self.generator.compile_sampling("reduce-overhead" if self.device.type == "cuda" else "default")
 

@@ -105,7 +105,14 @@ def build_convnext(weights_path: Optional[str], size: str = "small") -> nn.Modul
     from transformers import ConvNextForImageClassification
 
     cfg = convnext_config(size)
-    if weights_path is None or not weights.need(f"ConvNeXt-{size} weights", weights_path):  # plan mode: not read
+    if weights.planning_now():  # plan mode: not read; transformers' ConvNeXt turns a torch.linspace into
+        if weights_path is not None:  # Python floats, which a fake tensor cannot give: build it real
+            weights.need(f"ConvNeXt-{size} weights", weights_path)
+        from torch._subclasses.fake_tensor import unset_fake_temporarily
+
+        with unset_fake_temporarily():
+            return ConvNextForImageClassification(cfg)
+    if weights_path is None:
         return ConvNextForImageClassification(cfg)
     path = Path(weights_path)
     if path.is_dir():

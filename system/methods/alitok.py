@@ -1,11 +1,16 @@
-"""AliTok's two tokenizer stages (../shared/seeds/alitok.txt; ../shared/REFERENCE.md "AliTok").
+"""AliTok's two tokenizer stages (../shared/seeds/alitok.txt; ../shared/REFERENCE.md "AliTok"; the
+official code, github.com/ali-vilab/alitok train_tokenizer/; docs/recipes.md has the table of every
+value with its source).
 
 Stage 1, method `alitok_stage1` (module "gen" = `AliTokStage1Model`, plus "disc" when gan > 0):
 images -> bidirectional ViT encoder over [patches; prefix queries; latent queries] -> VQ (4096 x
 32, commitment 0.25) -> causal decoder (patch i sees the prefix latents and latents <= i; the
 prefix head decodes the prefix tokens to the first patch row) ->
-    l2 MSE + lpips LPIPS (+ convnext ConvNeXt-S logits) + quantizer terms + aux (prefix) + gan hinge
-    (PatchGAN, LeCam).
+    l2 MSE (images in [0, 1]) + ConvNeXt-S logits + LPIPS (early steps only) + quantizer terms
+    + aux (prefix) + gan hinge (PatchGAN).
+The presets' decoder is the official one (`decoder_layout="latents"`: a plain causal transformer
+over [class token; prefix; latents], latent i's output is patch i, 274 tokens at 256 px with 17
+prefix tokens); ours, one mask token per patch, is `tokenizer_overrides.decoder_layout=mask_tokens`.
 `method.decoder_causal=false` (with aux 0 and no prefix tokens) is the paper's ablation baseline
 (A): the same stage with a bidirectional decoder (bench/alitok_ablation.py).
 The codebook follows the official clustering re-initialisation inside the training forward: the
@@ -14,13 +19,21 @@ over all ranks (an all-gather of each rank's nearest one) give every rank the sa
 (`VectorQuantizer.cluster_update`, which moves the quantizer's `code_offset` buffer: DeepSpeed's
 optimiser keeps its own copy of the weights and would undo an in-place edit of them).
 
+The loss schedule is the official code's (train_tokenizer/README_AliTok.md, config.py,
+loss/mse_lpips_gan.py): ① LPIPS 1.0 and ConvNeXt 0.1 for the first ~50k steps (`lpips_until_step`,
+`convnext_with_lpips`), ② ConvNeXt 1.0 alone, ③ + the GAN (generator weight 0.1 x 0.05 = 0.005) in
+the last ~100k steps (`gan_start_step`), no LeCam; MSE on [0, 1] images (1/4 of the MSE on our
+[-1, 1] images). The official phases are separate runs with the lr lowered by hand (1e-4 -> 2e-5 ->
+2e-6); here one run with a cosine schedule.
+
 The aux loss reaches the prefix path only (prefix latents, decoder, prefix head; never the image
 latents or the patch head): its MSE is the official one, over the patches the prefix tokens decode
 (the first row, and with P > grid also the first P - grid patches of it: the code's 17 tokens
 decode "first patch + first row"), times aux x P / N (official: x10 x 17/256, which is 10x the
-weight the full-image MSE gives one row); its LPIPS is the paper's, on the full image whose first
-row comes from the prefix tokens and whose other rows are the reconstruction detached, times aux
-(10x what one row gets from the full-image LPIPS, the same ratio).
+weight the full-image MSE gives one row); its perceptual terms are the paper's (the official aux
+loss is the MSE alone): the step's perceptual terms on the full image whose first row comes from
+the prefix tokens and whose other rows are the reconstruction detached, times aux (10x what one row
+gets from the full-image terms, the same ratio).
 
 With `method.probe` (a GPT preset), stage 1 also trains a small AR model, module "probe", on the
 step's codes (detached: it never shapes the tokenizer) and logs its next-token accuracy before its
@@ -30,19 +43,18 @@ every step: a phase the loop skipped on some steps would still move AdamW's weig
 Stage 2, method `alitok_stage2` (module "gen" = a new `Decoder1D`, plus "disc"): the stage-1
 encoder, quantizer and latent queries, loaded from the stage-1 export, are frozen helpers of the
 method (in no module, so in no optimiser and no checkpoint); a fresh bidirectional decoder with
-buffer tokens and without prefix tokens learns to decode the frozen codes with the same losses.
-Its export is one tokenizer1d part (encoder + codebook + new decoder) that `load_tokenizer` and
-jobs/pretokenize.py read; the AR model trains on the stage-1 codes, which both exports share.
+buffer tokens learns to decode the frozen codes with the same losses. The preset picks the source:
+alitok-tok-code as the code (32 buffer tokens, the prefix codes read), alitok-tok-paper as the paper
+(64 buffer tokens, "prefix tokens are removed"). Its export is one tokenizer1d part (encoder +
+codebook + new decoder) that `load_tokenizer` and jobs/pretokenize.py read; the AR model trains on
+the stage-1 codes, which both exports share.
 
-Where we differ from the paper or the official code (REFERENCE.md):
-- decoder: ours has one mask token per patch attending causally (system/models/tokenizer1d.py);
-  the official one is a plain causal transformer whose output at latent i is patch i.
-- perceptual loss: LPIPS, plus the official ConvNeXt-S term (MSE of ImageNet logits at 224 px,
-  system/losses/convnext_perceptual.py) when `convnext` > 0 (official 0.1; default 0: it needs local
-  weights); the prefix aux loss keeps LPIPS only.
-- GAN: weight 0.1 (paper; official effective 0.1 x 0.05) with LeCam 0.05 (official 0); both
-  phases step every step (the official code alternates G and D steps once the GAN is on).
-- stage 2 drops the prefix latents from the decoder input (paper); the official code keeps them.
+Where we still differ from the official code:
+- GAN: our PatchGAN (system/losses/gan.py) where the code has MaskBit's discriminator (1d-tokenizer
+  NLayerDiscriminator: blur resampling, GroupNorm, 16 x 16 max-pooled logits) fed [0, 1] images;
+  its discriminator loss x0.1 (AdamW is nearly invariant to that scale); both phases step every step
+  (the code alternates G and D steps once the GAN is on).
+- AdamW's weight decay (0.01, the torch default the code uses) skips biases and norms here.
 """
 from __future__ import annotations
 
@@ -53,7 +65,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from system.config import AliTokStage1Config, AliTokStage2Config, override_dataclass
+from system.config import AliTokLossConfig, AliTokStage1Config, AliTokStage2Config, override_dataclass
 from system.losses.convnext_perceptual import ConvNeXtPerceptual
 from system.losses.lpips import LPIPS
 from system.losses.recon import ntp_loss
@@ -70,7 +82,7 @@ from system.models.tokenizer1d import (
     Encoder1D, Tokenizer1D, Tokenizer1DConfig, new_decoder, tokenizer1d_config, tokenizer_config)
 
 # Tokenizer1DConfig fields stage 2 may change: the decoder's alone (the encoder and codebook are stage 1's)
-DECODER_FIELDS = ("dec_width", "dec_depth", "dec_heads", "num_buffer_tokens")
+DECODER_FIELDS = ("dec_width", "dec_depth", "dec_heads", "num_buffer_tokens", "decoder_reads_prefix", "decoder_layout")
 
 
 # --------------------------------------------------------------------------- the codebook over ranks
@@ -87,6 +99,19 @@ def sync_codebook(quantizer: nn.Module, codes: Tensor, features: Tensor, collect
     dist, feat = quantizer.nearest_features(features)
     return counts, quantizer.cluster_update(counts, collective.all_gather(dist[None]),
                                             collective.all_gather(feat[None].contiguous()))
+
+
+def mse01(a: Tensor, b: Tensor) -> Tensor:
+    """The MSE of two images in [-1, 1] as the official code takes it, on [0, 1] images: 1/4 of ours."""
+    return F.mse_loss(a, b) / 4
+
+
+def perceptual_weights(cfg: AliTokLossConfig, step: int) -> tuple[float, float]:
+    """(LPIPS, ConvNeXt) weights at `step`: LPIPS before `lpips_until_step` only, and ConvNeXt (off
+    when `convnext` is 0) at `convnext_with_lpips` while LPIPS is on (the official phases ① and ②)."""
+    lpips_on = cfg.lpips > 0 and (cfg.lpips_until_step is None or step < cfg.lpips_until_step)
+    with_lpips = lpips_on and cfg.convnext_with_lpips is not None and cfg.convnext > 0
+    return (cfg.lpips if lpips_on else 0.0), (cfg.convnext_with_lpips if with_lpips else cfg.convnext)
 
 
 def prefix_composite(prefix_row: Tensor, recon: Tensor) -> Tensor:
@@ -110,14 +135,21 @@ class AliTokStage(PatchGANPhases):
     def frozen_parts(self) -> list[nn.Module]:
         return [m for m in (self.lpips, self.convnext) if m is not None]
 
-    def reconstruction_terms(self, recon: Tensor, x: Tensor) -> dict[str, Tensor]:
+    def perceptual_terms(self, recon: Tensor, x: Tensor, step: int, scale: float = 1.0, prefix: str = "") -> dict[str, Tensor]:
+        """The step's perceptual terms (`perceptual_weights`) x `scale`, named `<prefix>lpips` / `<prefix>convnext`."""
+        w_lpips, w_convnext = perceptual_weights(self.cfg, step)
+        terms = {}
+        if w_lpips > 0:
+            terms[f"{prefix}lpips"] = scale * w_lpips * self.lpips(recon, x).mean()
+        if w_convnext > 0:
+            terms[f"{prefix}convnext"] = scale * w_convnext * self.convnext(recon, x)
+        return terms
+
+    def reconstruction_terms(self, recon: Tensor, x: Tensor, step: int) -> dict[str, Tensor]:
         c, terms = self.cfg, {}
         if c.l2 > 0:
-            terms["l2"] = c.l2 * F.mse_loss(recon, x)
-        if c.lpips > 0:
-            terms["lpips"] = c.lpips * self.lpips(recon, x).mean()
-        if c.convnext > 0:
-            terms["convnext"] = c.convnext * self.convnext(recon, x)
+            terms["l2"] = c.l2 * mse01(recon, x)
+        terms.update(self.perceptual_terms(recon, x, step))
         return terms
 
     def finish(self, terms: dict[str, Tensor], recon: Tensor, x: Tensor, disc: Optional[nn.Module], step: int,
@@ -251,9 +283,9 @@ class AliTokStage1(AliTokStage):
         # the codebook is read outside the quantizer's forward (its re-initialisation)
         return [module.tokenizer.quantizer.embedding.weight] if name == "gen" else []
 
-    def aux_terms(self, x: Tensor, out: Stage1Forward) -> dict[str, Tensor]:
-        """The prefix aux loss (module doc): official MSE of the prefix patches x aux x P / N and
-        LPIPS of the prefix composite x aux."""
+    def aux_terms(self, x: Tensor, out: Stage1Forward, step: int = 0) -> dict[str, Tensor]:
+        """The prefix aux loss (module doc): official MSE of the prefix patches x aux x P / N and the
+        step's perceptual terms of the prefix composite x aux."""
         c, t = self.cfg, self.tok_cfg
         if c.aux <= 0 or out.prefix_row is None:
             return {}
@@ -264,17 +296,16 @@ class AliTokStage1(AliTokStage):
             pred, target = torch.cat([out.prefix_lead, pred], -1), torch.cat([x[:, :, :p, :k], target], -1)
         terms = {}
         if c.l2 > 0:
-            terms["aux_l2"] = c.aux * t.num_prefix_tokens / t.num_patches * c.l2 * F.mse_loss(pred, target)
-        if c.lpips > 0:
-            terms["aux_lpips"] = c.aux * c.lpips * self.lpips(prefix_composite(out.prefix_row, out.recon), x).mean()
+            terms["aux_l2"] = c.aux * t.num_prefix_tokens / t.num_patches * c.l2 * mse01(pred, target)
+        terms.update(self.perceptual_terms(prefix_composite(out.prefix_row, out.recon), x, step, c.aux, "aux_"))
         return terms
 
     def generator_step(self, gen: nn.Module, disc: Optional[nn.Module], batch: dict, step: int) -> StepOutput:
         x = batch["image"]
         out: Stage1Forward = gen(x, self.collective)
-        terms = self.reconstruction_terms(out.recon, x)
+        terms = self.reconstruction_terms(out.recon, x, step)
         terms.update({f"quant_{k}": v for k, v in out.quant_losses.items()})
-        terms.update(self.aux_terms(x, out))
+        terms.update(self.aux_terms(x, out, step))
         extra = {}
         if out.moved is not None:  # codes pulled more than halfway to a feature this step
             extra["codebook_reinit"] = (out.moved > 0.5).float().sum()
@@ -322,8 +353,8 @@ def stage1_tokenizer(cfg: AliTokStage2Config, storage) -> Tokenizer1DConfig:
 
 
 def stage2_tokenizer_config(cfg: AliTokStage2Config, stage1: Tokenizer1DConfig) -> Tokenizer1DConfig:
-    """Stage 1's tokenizer with a bidirectional decoder (no prefix latents, buffer tokens), a plain
-    codebook (no re-initialisation) and `method.decoder_overrides`."""
+    """Stage 1's tokenizer with a bidirectional decoder (buffer tokens; the prefix codes read or not,
+    as the preset says), a plain codebook (no re-initialisation) and `method.decoder_overrides`."""
     bad = sorted(set(cfg.decoder_overrides) - set(DECODER_FIELDS))
     if bad:
         raise ValueError(f"method.decoder_overrides.{bad[0]}: stage 2 keeps the stage-1 encoder and codebook; only "
@@ -392,7 +423,7 @@ class AliTokStage2(AliTokStage):
         quant = self.encode(x)
         recon = gen(quant.quantized).image
         counts = self.collective.all_reduce(code_histogram(quant.codes, self.tok_cfg.quantizer.codebook_size))
-        return self.finish(self.reconstruction_terms(recon, x), recon, x, disc, step, counts, {})
+        return self.finish(self.reconstruction_terms(recon, x, step), recon, x, disc, step, counts, {})
 
     def reconstruct(self, mods: dict[str, nn.Module], x: Tensor) -> tuple[Tensor, Tensor, int]:
         quant = self.encode(x)

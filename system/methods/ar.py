@@ -7,7 +7,8 @@
   the mask embedding and a bidirectional GPT predicts them (a bitwise head for the semtok-ar-*
   presets: one binary classifier per index bit), label smoothing 0.01.
 
-One module "ar" (the GPT, with an EMA), one phase "ar". The GPT comes from a registry preset plus
+One module "ar" (the GPT, with an EMA when `ema_decay` > 0; its embedding tables kept out of weight
+decay with `decay_embeddings=false`, as AliTok's code), one phase "ar". The GPT comes from a registry preset plus
 single-field overrides; the vocabulary, sequence length and class count come from the token index
 (`DataSpec.tokens`), so one recipe fits any tokenizer. With `tokenizer_export`, samples are decoded
 through that tokenizer for the run's PNG grid and the tokenizer is exported beside the AR model, so
@@ -16,6 +17,7 @@ through that tokenizer for the run's PNG grid and the tokenizer is exported besi
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any, Optional
 
 import torch
@@ -26,7 +28,7 @@ from system.data.sources import TokenShards
 from system.losses.recon import ntp_loss
 from system.methods.base import DataSpec, Method, ModuleSpec, StepOutput
 from system.methods.registry import register
-from system.models.artifacts import Artifact
+from system.models.artifacts import Artifact, check_prefix
 from system.models.flops import device_peak_flops, gpt_flops_per_token
 from system.models.gpt import GPT, GPTConfig, bits_to_index, index_to_bits
 from system.models.registry import gpt_config
@@ -77,6 +79,14 @@ def build_gpt_config(cfg: ARConfig, data: DataSpec, masked: bool) -> GPTConfig:
                 f"{seq_len - g.prefix_tokens} for the AR's grid ({e}). Make them agree: method.overrides.prefix_tokens="
                 f"{layout[0]}, or train the tokenizer with num_prefix_tokens={g.prefix_tokens} "
                 "(its method.tokenizer / tokenizer_overrides)") from None
+        grid = seq_len - g.prefix_tokens
+        if g.rope in ("2d", "mixed") and math.isqrt(grid) ** 2 != grid:  # no tokenizer to ask: the count that fits
+            square = seq_len - math.isqrt(seq_len) ** 2
+            raise ConfigError(f"{what} has {g.prefix_tokens} prefix tokens, so the token index's sequences of {seq_len} "
+                              f"(data.url) leave a grid of {grid} image tokens, not a square (rope={g.rope!r}): the "
+                              f"tokenizer's prefix count must be the AR model's; with method.overrides.prefix_tokens="
+                              f"{square} the grid is {seq_len - square} (AliTok: the paper's 16, the released code's 17)"
+                              ) from None
         raise ConfigError(f"{what} on token sequences of {seq_len} (data.url): {e}") from None
 
 
@@ -114,6 +124,10 @@ def check_tokenizer(cfg: ARConfig, gpt: GPTConfig, storage: Any) -> None:
         tok.image_size_for(gpt.seq_len)
     except ValueError as e:
         raise ConfigError(f"{key}: {e} (the token index has sequences of {gpt.seq_len})") from None
+    try:
+        check_prefix(gpt.prefix_tokens, tok.prefix_tokens, f"method.model={cfg.model} (method.overrides.prefix_tokens)")
+    except ValueError as e:
+        raise ConfigError(f"{key}: {e}") from None
 
 
 class ARMethod(Method):
@@ -141,7 +155,9 @@ class ARMethod(Method):
 
     # ------------------------------------------------------------------ modules
     def modules(self) -> dict[str, ModuleSpec]:
-        return {"ar": ModuleSpec(GPT(self.gpt_cfg), ema_decay=self.cfg.ema_decay)}
+        gpt = GPT(self.gpt_cfg)
+        no_decay = () if self.cfg.decay_embeddings else gpt.embedding_names()
+        return {"ar": ModuleSpec(gpt, ema_decay=self.cfg.ema_decay, no_decay=no_decay)}
 
     def phases(self) -> list[str]:
         return ["ar"]

@@ -44,6 +44,9 @@ class ModuleSpec:
     betas: Optional[tuple[float, float]] = None
     weight_decay: Optional[float] = None
     ema_decay: float = 0.0  # > 0: the loop keeps an EMA of this module (exported as <part>_ema)
+    # names (as in module.named_parameters()) kept out of weight decay besides the engine's own rule (no
+    # decay on biases, norms, scalars: < 2 dims); e.g. the embedding tables (AliTok's AR code)
+    no_decay: tuple[str, ...] = ()
 
 
 @dataclass

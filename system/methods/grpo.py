@@ -76,16 +76,20 @@ def token_logprobs(logits: Tensor, tokens: Tensor) -> Tensor:
 
 def grpo_loss(logits: Tensor, image_index: Tensor, tokens: Tensor, logp_old: Tensor, rewards: Tensor,
               group_ids: Tensor, gt_tokens: Tensor, cfg: GRPOConfig,
-              ref_logits: Tensor | None = None) -> tuple[Tensor, dict[str, Tensor]]:
+              ref_logits: Tensor | None = None, policy_from: int = 0) -> tuple[Tensor, dict[str, Tensor]]:
     """The VAπ objective from one teacher-forced forward over B images.
 
     logits (B, L, V) of the policy given each image's (noised) ground-truth prefix; the N samples
     are rows image_index (N,) of it with tokens (N, L), sampling log-probs logp_old (N, L),
-    rewards (N,), group ids (N,); gt_tokens (B, L). Returns (loss, metrics)."""
+    rewards (N,), group ids (N,); gt_tokens (B, L). The policy terms (clipped objective, KL) cover
+    positions >= `policy_from` only: the leading codes the decoder does not read (an AliTok
+    tokenizer that drops its prefix codes) change no pixel, so the reward says nothing about them;
+    the cross-entropy prior keeps covering every position. Returns (loss, metrics)."""
     logp_all = logits.float().log_softmax(-1)  # (B, L, V): the prior's likelihood (unscaled)
     # the sampling policy's log-probs, at the rollouts' temperature: an on-policy ratio is exactly 1
     logp_t = logp_all if cfg.temperature == 1.0 else (logits.float() / cfg.temperature).log_softmax(-1)
-    logp_new = logp_t[image_index].gather(-1, tokens.unsqueeze(-1)).squeeze(-1)  # (N, L)
+    logp_new = logp_t[image_index].gather(-1, tokens.unsqueeze(-1)).squeeze(-1)[:, policy_from:]  # (N, L - policy_from)
+    logp_old, tokens = logp_old[:, policy_from:], tokens[:, policy_from:]
     adv = group_advantages(rewards, group_ids, cfg.adv_eps, cfg.adv_clip)
     pg, clip_frac = clipped_objective(logp_new, logp_old, adv, cfg.clip_eps)
     ce = F.nll_loss(logp_all.flatten(0, 1), gt_tokens.flatten())
@@ -95,7 +99,7 @@ def grpo_loss(logits: Tensor, image_index: Tensor, tokens: Tensor, logp_old: Ten
                "adv_abs_max": adv.abs().max(),
                "ratio_mean": torch.exp(logp_new - logp_old).mean().detach()}
     if ref_logits is not None and cfg.kl > 0:
-        logp_ref = token_logprobs(ref_logits[image_index].float() / cfg.temperature, tokens)
+        logp_ref = token_logprobs(ref_logits[image_index, policy_from:].float() / cfg.temperature, tokens)
         kl = kl_k3(logp_new, logp_ref)
         loss = loss + cfg.kl * kl
         metrics["kl"] = kl.detach()

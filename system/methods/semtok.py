@@ -17,6 +17,17 @@ MSE + gan PatchGAN hinge (Eq. 7).
 channels) by MSE + KL, tracking its latents' mean / std for the exported shift / scaling factors.
 Only for where SD3.5's VAE cannot be had (no downloads here); the paper uses the pretrained one.
 
+Stage II's discriminator is our PatchGAN (system/losses/gan.py: hinge, GroupNorm; the one every
+tokenizer method here trains against), not the paper's: "we adopt the same discriminator as that in
+(Weber et al., 2024)" (semtok.txt B.1), MaskBit's (in 1d-tokenizer / AliTok's code
+`NLayerDiscriminator`: a 5x5 stem and 3 stages of 3x3 convolutions with blur down-sampling,
+GroupNorm and LeakyReLU 0.1, 128 -> 1024 channels, logits max-pooled to 16 x 16). Why ours: SemTok
+publishes no code, so MaskBit's settings at SemTok's scale would be a guess too, and the GAN is a
+late, small term (weight 0.1 from 20k of 100k stage-II iterations, after MSE and perceptual). A
+faithful run swaps the discriminator class in `build_discriminator`; not done here.
+The paper's decoder starts from SD3.5 (`decoder_init`): the paper presets refuse to start without
+it, `decoder_init=random` trains it from random weights on purpose and says so in the run's log.
+
 Both SemTok stages export one part "tokenizer" of kind "semtok" (VAE + encoder + decoder; flow mode
 after stage I, refiner mode after stage II) that `load_tokenizer` rebuilds for pre-tokenization,
 sampling and evaluation.
@@ -46,6 +57,8 @@ from system.models.semtok import (
     EncodeOutput, FlowDecoder, SemTokConfig, SemTokEncoder, bit_usage, flow_matching_loss, resolve_semtok_config,
     semtok_config, semtok_config_from_dict, semtok_part_config)
 
+# the paper's tokenizer presets: their decoder has SD3.5-Medium's shape and the paper initialises it from SD3.5
+PAPER_PRESETS = ("semtok-18", "semtok-32")
 HIST_BITS = 20  # validation code histograms fold codes to their low 20 bits (exact for up to 20-bit codebooks)
 
 
@@ -236,6 +249,12 @@ def check_stage1(cfg: SemTokStage1Config, data: DataSpec) -> None:
                       "method.teacher (SigLIP) has no weights: set method.teacher.path (a local SigLIP folder), "
                       "hub_name (needs internet) or random_init=true (tests), or method.semantic=0", ConfigError)
     stage1_semtok_config(cfg, data.resolution, 16, 8)  # the preset's own rules (sizes), before any VAE is built
+    if cfg.decoder_init is None and cfg.tokenizer in PAPER_PRESETS:  # a config error (plan mode: listed as unset)
+        weights.unset("SD3.5 transformer (decoder init)", "method.decoder_init",
+                      f"config key 'method.decoder_init' is not set: method.tokenizer={cfg.tokenizer} has the paper's "
+                      "SD3.5-Medium-shaped decoder (2.2B), which the paper initialises from SD3.5; give a local "
+                      "SD3.5-Medium folder (method.decoder_init=/models/sd3.5-medium, its transformer/ is read), or "
+                      "method.decoder_init=random to train it from random weights on purpose", ConfigError)
 
 
 class SemTokStage1(SemTokStage):
@@ -265,7 +284,10 @@ class SemTokStage1(SemTokStage):
         model = Stage1Model(self.sc, c.quant, c.commit, self.teacher.dim if self.teacher is not None else 0,
                             c.proj_hidden, c.contrastive_temperature, distill=c.distill > 0, contrastive=c.contrastive > 0,
                             entropy_group=c.entropy_group)
-        if c.decoder_init:
+        if c.decoder_init == "random" and self.collective.rank == 0:
+            print(f"[semtok] method.decoder_init=random: the decoder ({self.sc.decoder.depth} blocks) starts from random "
+                  "weights, not from SD3.5 as in the paper", flush=True)
+        elif c.decoder_init and c.decoder_init != "random":
             model.decoder.mmdit.load_pretrained(c.decoder_init)
         return {"gen": ModuleSpec(model, ema_decay=c.ema_decay)}
 

@@ -6,8 +6,11 @@ frozen tokenizer and scored with reward = -(w_mse MSE + w_lpips LPIPS) against t
 (system/methods/vapi_rollouts.py: the rollouts, the rollout actors' worker and the source that
 feeds the learner). The GRPO update (system/methods/grpo.py) raises the log-probability of the better samples, with a
 cross-entropy prior on the ground-truth tokens. Works with our 1D tokenizer + GPT (EOSTok/AliTok
-exports) and LlamaGen's VQ-16 + c2i GPT, or any registered kinds, through the protocols of
-system.models.artifacts (`Tokenizer`, `Generator`).
+exports, AliTok's released checkpoints imported with jobs/import_alitok.py) and LlamaGen's VQ-16 +
+c2i GPT, or any registered kinds, through the protocols of system.models.artifacts (`Tokenizer`,
+`Generator`). Codes the decoder does not read (`Tokenizer.unread_prefix`: an AliTok stage 2 that
+drops the prefix) get no policy gradient. A masked generator (SemTok's) is refused: teacher-forced
+per-position sampling is undefined for it.
 """
 from __future__ import annotations
 
@@ -21,6 +24,7 @@ from system.methods.base import DataSpec, Method, ModuleSpec, RunReport, StepOut
 from system.methods.grpo import GRPOConfig, grpo_loss
 from system.methods.registry import register
 from system.methods.vapi_rollouts import (  # noqa: F401 - the rollout side; old import paths
+    MASKED_POLICY,
     RolloutConfig,
     Rollouts,
     VapiRollouts,
@@ -44,16 +48,17 @@ from system.sampling.gpt_generator import GPTGenerator
 VapiPolicy = GPTGenerator
 
 
-def vapi_loss(policy: Generator, batch: Rollouts, cfg: GRPOConfig, reference: Optional[Generator] = None
-              ) -> tuple[Tensor, dict[str, Tensor]]:
-    """GRPO + prior loss of `policy` on a rollout batch (one teacher-forced forward per image)."""
+def vapi_loss(policy: Generator, batch: Rollouts, cfg: GRPOConfig, reference: Optional[Generator] = None,
+              policy_from: int = 0) -> tuple[Tensor, dict[str, Tensor]]:
+    """GRPO + prior loss of `policy` on a rollout batch (one teacher-forced forward per image); the
+    policy terms skip the first `policy_from` positions (codes the decoder does not read: grpo_loss)."""
     logits = policy(batch.inputs, batch.labels)  # (B, L, V); grpo_loss scales by 1 / cfg.temperature
     ref_logits = None
     if reference is not None and cfg.kl > 0:
         with torch.no_grad():
             ref_logits = reference(batch.inputs, batch.labels)
     loss, m = grpo_loss(logits, batch.image_index, batch.tokens, batch.logp, batch.rewards, batch.group_ids,
-                        batch.gt_tokens, cfg, ref_logits)
+                        batch.gt_tokens, cfg, ref_logits, policy_from)
     m["reward_mean"] = batch.rewards.mean()
     m["reward_std"] = batch.rewards.std() if batch.rewards.numel() > 1 else batch.rewards.new_zeros(())
     m["mse"], m["lpips"] = batch.mse.mean(), batch.lpips.mean()
@@ -76,8 +81,13 @@ def check_config(m: VapiConfig, data: DataSpec) -> None:
 
         try:
             size = model_part(m.export_url, "tokenizer", data.storage)["config"].get("image_size")
+            ar = model_part(m.export_url, "ar", data.storage)
         except FileNotFoundError as e:
             raise ValueError(f"method.export_url: {e} (train one with jobs/eostok_h.py first; the embedded demo's is made by `make demo`)") from None
+        except KeyError as e:
+            raise ValueError(f"method.export_url: {e.args[0]} (VAπ post-trains the export's AR model, part 'ar')") from None
+        if ar["config"].get("bidirectional"):  # the Generator's `masked`, read off its config before anything is built
+            raise ValueError(f"method.export_url = {m.export_url!r}: its AR model (kind {ar['kind']!r}) {MASKED_POLICY}")
         if size is not None and size != data.resolution:
             raise ValueError(f"data.resolution={data.resolution} but the tokenizer of {m.export_url} works at "
                              f"{size} px; set data.resolution={size}")
@@ -122,7 +132,9 @@ class VapiMethod(Method):
         # train: dropout + class dropout as the official update (ratios != 1, the clip acts on-policy);
         # eval: a deterministic update (on-policy ratios are exactly 1)
         policy.train(self.cfg.update_mode == "train")
-        loss, m = vapi_loss(policy, batch["rollouts"], self.rcfg.grpo, self.reference)
+        tok = getattr(self, "tokenizer", None)  # loaded with the policy by modules()
+        skip = tok.unread_prefix if tok is not None else 0  # codes the decoder does not read: no policy gradient
+        loss, m = vapi_loss(policy, batch["rollouts"], self.rcfg.grpo, self.reference, skip)
         for k in ("reward_mean", "reward_std", "mse", "lpips", "adv_mean", "adv_std", "adv_abs_max"):
             m.pop(k, None)  # this rank's share: the whole batch's values come in `stats`
         device = loss.device

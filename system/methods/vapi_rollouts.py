@@ -30,6 +30,12 @@ from system.methods.grpo import GRPOConfig, group_advantages
 from system.models.artifacts import Generator, Tokenizer, check_fit
 from system.sampling.generators import load_llamagen, load_pair
 
+# why VAπ refuses a masked generator (system/methods/vapi.py check_config, load_parts)
+MASKED_POLICY = ("is a masked (bidirectional) generator, e.g. SemTok's masked AR: VAπ's rollout samples every "
+                 "position from one teacher-forced forward (p(x_i | x_<i), the ground-truth prefix), which is "
+                 "undefined for a masked model (it predicts hidden positions from the whole sequence); post-train "
+                 "a causal (next-token) generator")
+
 
 # ---------------------------------------------------------------------------- rollouts
 @dataclass
@@ -166,6 +172,8 @@ def load_parts(export_url: Optional[str] = None, llamagen_gpt: Optional[str] = N
         raise ValueError("give either method.export_url (a run's export/ folder) or both method.llamagen_gpt and "
                          f"method.llamagen_vq (checkpoint paths); got export_url={export_url!r}, "
                          f"llamagen_gpt={llamagen_gpt!r}, llamagen_vq={llamagen_vq!r}")
+    if policy.masked:
+        raise ValueError(f"method.export_url = {export_url!r}: its AR model {MASKED_POLICY}")
     lp = LPIPS(lpips_vgg, lpips_lin) if use_lpips else None
     return policy, tok, lp
 

@@ -155,6 +155,16 @@ class Tokenizer(Protocol):
     def image_size(self) -> Optional[int]:
         """The one resolution it takes; None when any multiple of its downsampling works."""
 
+    @property
+    def prefix_tokens(self) -> int:
+        """Leading 1D codes before the image's codes (AliTok's prefix tokens; 0 for most): an AR model
+        over these codes generates them at its prefix positions (GPTConfig.prefix_tokens)."""
+
+    @property
+    def unread_prefix(self) -> int:
+        """Leading codes the decoder does not read (AliTok's paper stage 2 drops the prefix; 0 for
+        most): they change no decoded pixel, so a pixel reward says nothing about them."""
+
     def encode(self, images: Tensor) -> Tensor:
         """images (B, 3, H, W) in [-1, 1] -> codes (B, L) int64."""
 
@@ -191,6 +201,10 @@ class Generator(Protocol):
     @property
     def seq_len(self) -> int:
         """Codes generated per sample (prefix + block_size)."""
+
+    @property
+    def prefix_tokens(self) -> int:
+        """Leading codes generated before the image grid (AliTok's prefix; 0 for most)."""
 
     @property
     def masked(self) -> bool:
@@ -245,6 +259,14 @@ class FrozenTokenizer(nn.Module):
     def codebook(self) -> Optional[Tensor]:
         return None
 
+    @property
+    def prefix_tokens(self) -> int:
+        return 0
+
+    @property
+    def unread_prefix(self) -> int:
+        return 0
+
     @torch.no_grad()
     def reconstruct(self, images: Tensor) -> Tensor:
         return self.decode(self.encode(images))
@@ -260,6 +282,16 @@ def check_fit(generator: Generator, tokenizer: Tokenizer, resolution: int) -> No
     if tokenizer.vocab_size != generator.vocab_size:
         raise ValueError(f"the tokenizer has {tokenizer.vocab_size} codes but the AR model's vocabulary is "
                          f"{generator.vocab_size}")
+    check_prefix(generator.prefix_tokens, tokenizer.prefix_tokens)
+
+
+def check_prefix(ar_prefix: int, tokenizer_prefix: int, key: str = "the AR model") -> None:
+    """ValueError unless an AR model generates the tokenizer's prefix codes at its prefix positions
+    (AliTok: one prefix count from stage 1 to the AR model to the sampler; the released code uses 17)."""
+    if ar_prefix != tokenizer_prefix:
+        raise ValueError(f"{key} has {ar_prefix} prefix tokens but the tokenizer's codes start with {tokenizer_prefix} "
+                         "prefix codes: they must agree (AliTok: the paper's 16, the released code and weights' 17; "
+                         "set the AR model's prefix_tokens, e.g. method.overrides.prefix_tokens)")
 
 
 # ---------------------------------------------------------------------------- kind tables

@@ -186,6 +186,11 @@ class GPT(nn.Module):
         if self.mask_embedding is not None:
             nn.init.normal_(self.mask_embedding, 0.0, std)
 
+    def embedding_names(self) -> tuple[str, ...]:
+        """The names of its embedding tables (token and class), e.g. to keep them out of weight decay."""
+        tables = [("tok_embeddings", self.tok_embeddings), ("cls_embedding", self.cls_embedding)]
+        return tuple(f"{n}.weight" for n, m in tables if isinstance(m, nn.Embedding))
+
     def num_params(self) -> int:
         """Parameters the model reads (no table is built that the forward never uses)."""
         return sum(p.numel() for p in self.parameters())

@@ -5,8 +5,16 @@ Encoder: patch embedding + positions, learnable latent queries appended
 outputs -> linear to ``latent_dim`` -> quantizer. The code sequence is
 ``num_prefix_tokens + num_latent_tokens`` long (prefix first).
 
-Decoder (pixels, images in [-1, 1] space): one mask token per patch + projected
-quantized latents (+ buffer tokens), a ViT, a linear head to patch pixels.
+Decoder (pixels, images in [-1, 1] space), two layouts (``decoder_layout``):
+- "mask_tokens" (ours, TiTok's): one mask token per patch + projected quantized latents (+ buffer
+  tokens), a ViT, a linear head to patch pixels read off the mask tokens (N + L tokens).
+- "latents" (AliTok's official decoder, train_tokenizer/model/vae_stage{1,2}.py): a plain
+  transformer over [lead tokens; projected latents] whose output at latent i is patch i (needs
+  L == N): no mask tokens, so about half the sequence (274 tokens at 256 px with 17 prefix tokens,
+  against 529 with mask tokens). Lead tokens: the one class token of the causal stage 1, or the
+  ``num_buffer_tokens`` buffer tokens of the bidirectional stage 2 (the official ``class_embedding``).
+  The pixel head is the official one: linear to patch pixels, a 1x1 colour mix (its ``conv_out``)
+  and a sigmoid to [0, 1], returned as 2 s - 1.
 
 AliTok stage semantics (``decoder_causal``):
 - causal (stage 1): prefix latents are fed to the decoder; latent j attends to
@@ -15,9 +23,12 @@ AliTok stage semantics (``decoder_causal``):
   L == N patches) and to patches <= i. So patch i depends only on Quant(z_1..i)
   and the prefix: {p_k}_{k<=i} = Dec({Quant(z_k)}_{k<=i}). An aux head decodes
   the last ``grid`` prefix tokens to the first patch row (``prefix_row``).
-  Buffer tokens are not used.
-- bidirectional (stage 2 / EOSTok): full attention; prefix latents are dropped
-  ("prefix tokens are removed"), ``num_buffer_tokens`` learnable buffer tokens are added.
+  Buffer tokens are not used. With the "latents" layout the mask is the plain causal one over
+  [class token; prefix; latents] (the official ``is_causal=True``): latent i's output, patch i,
+  sees the prefix and latents 0..i.
+- bidirectional (stage 2 / EOSTok): full attention; ``num_buffer_tokens`` learnable buffer tokens
+  are added; the prefix latents are dropped ("prefix tokens are removed", the paper) unless
+  ``decoder_reads_prefix`` (the official code's stage 2 and released tokenizer keep them as input).
 
 ``token_mix`` (off in every paper preset; on in the CPU demo's tiny preset): linear token-mixing
 shortcuts. The encoder's latent queries get a learned linear mix of all patch tokens added
@@ -48,6 +59,8 @@ from system.models.attention import BACKENDS
 from system.models.blocks import SelfAttention
 from system.models.quantizers import QuantizerConfig, QuantizerOutput, build_quantizer
 
+DECODER_LAYOUTS = ("mask_tokens", "latents")
+
 
 @dataclass
 class Tokenizer1DConfig:
@@ -67,6 +80,10 @@ class Tokenizer1DConfig:
     num_prefix_tokens: int = 0
     num_buffer_tokens: int = 0
     token_mix: bool = False  # linear token-mixing shortcuts patches -> latents -> patches (see module doc)
+    # "mask_tokens": ours (one mask token per patch); "latents": AliTok's official decoder (latent i -> patch i)
+    decoder_layout: str = "mask_tokens"
+    decoder_reads_prefix: bool = False  # a bidirectional decoder reads the prefix codes too (AliTok's code); causal always does
+    proj_bias: bool = False  # bias on each attention output projection (AliTok's code: encoder and decoder)
     attn_backend: str = "auto"
     grad_checkpointing: bool = False
 
@@ -90,6 +107,11 @@ class Tokenizer1DConfig:
             )
         if self.attn_backend not in BACKENDS:
             raise ValueError(f"attn_backend {self.attn_backend!r} unknown; expected one of {BACKENDS}")
+        if self.decoder_layout not in DECODER_LAYOUTS:
+            raise ValueError(f"decoder_layout {self.decoder_layout!r} unknown; expected one of {DECODER_LAYOUTS}")
+        if self.decoder_layout == "latents" and self.num_latent_tokens != self.num_patches:
+            raise ValueError(f"decoder_layout 'latents' decodes latent i to patch i: num_latent_tokens must be the "
+                             f"{self.num_patches} patches, got {self.num_latent_tokens} (or use decoder_layout 'mask_tokens')")
 
     @property
     def grid(self) -> int:
@@ -103,6 +125,19 @@ class Tokenizer1DConfig:
     def seq_len(self) -> int:
         """Length of the code sequence (prefix + latent tokens)."""
         return self.num_prefix_tokens + self.num_latent_tokens
+
+    @property
+    def unread_prefix(self) -> int:
+        """Leading codes the decoder does not read: the prefix of a bidirectional decoder that drops it."""
+        return 0 if self.decoder_causal or self.decoder_reads_prefix else self.num_prefix_tokens
+
+    @property
+    def num_lead_tokens(self) -> int:
+        """Tokens before the latents in the decoder: buffer tokens (bidirectional), and with the "latents"
+        layout the one class token of the causal decoder."""
+        if self.decoder_causal:
+            return 1 if self.decoder_layout == "latents" else 0
+        return self.num_buffer_tokens
 
 
 class DecoderOutput(NamedTuple):  # NamedTuples: DeepSpeed ZeRO-3 hooks see the tensors inside
@@ -125,11 +160,11 @@ class TokenizerOutput(NamedTuple):
 class ViTBlock(nn.Module):
     """Pre-LN ViT block: x + attn(LN(x)); x + MLP_GELU(LN(x)). Attention via blocks.SelfAttention."""
 
-    def __init__(self, dim: int, heads: int, mlp_ratio: float = 4.0, backend: str = "auto"):
+    def __init__(self, dim: int, heads: int, mlp_ratio: float = 4.0, backend: str = "auto", proj_bias: bool = False):
         super().__init__()
         hidden = int(dim * mlp_ratio)
         self.norm1 = nn.LayerNorm(dim)
-        self.attn = SelfAttention(dim, heads, qkv_bias=True, backend=backend)
+        self.attn = SelfAttention(dim, heads, qkv_bias=True, backend=backend, proj_bias=proj_bias)
         self.norm2 = nn.LayerNorm(dim)
         self.mlp = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, dim))
 
@@ -150,10 +185,11 @@ def _layer_index(layer: int | None, depth: int, who: str) -> int | None:
 class _ViT(nn.Module):
     """ln_pre -> blocks -> ln_post, optionally returning the output of one block."""
 
-    def __init__(self, dim: int, depth: int, heads: int, mlp_ratio: float, backend: str, grad_ckpt: bool):
+    def __init__(self, dim: int, depth: int, heads: int, mlp_ratio: float, backend: str, grad_ckpt: bool,
+                 proj_bias: bool = False):
         super().__init__()
         self.ln_pre = nn.LayerNorm(dim)
-        self.blocks = nn.ModuleList([ViTBlock(dim, heads, mlp_ratio, backend) for _ in range(depth)])
+        self.blocks = nn.ModuleList([ViTBlock(dim, heads, mlp_ratio, backend, proj_bias) for _ in range(depth)])
         self.ln_post = nn.LayerNorm(dim)
         self.grad_ckpt = grad_ckpt
 
@@ -182,7 +218,8 @@ class Encoder1D(nn.Module):
         self.patch_embed = nn.Conv2d(3, w, cfg.patch_size, stride=cfg.patch_size)
         self.pos_embed = _param(1, cfg.num_patches, w)
         self.latent_tokens = _param(cfg.seq_len, w)  # prefix queries first, then latent queries
-        self.vit = _ViT(w, cfg.enc_depth, cfg.enc_heads, cfg.mlp_ratio, cfg.attn_backend, cfg.grad_checkpointing)
+        self.vit = _ViT(w, cfg.enc_depth, cfg.enc_heads, cfg.mlp_ratio, cfg.attn_backend, cfg.grad_checkpointing,
+                        cfg.proj_bias)
         self.to_latent = nn.Linear(w, cfg.latent_dim)
         # token_mix: latent query j += sum_i latent_mix[j, i] * patch token i (variance-preserving init)
         self.latent_mix = nn.Parameter(torch.randn(cfg.seq_len, cfg.num_patches) / cfg.num_patches**0.5) if cfg.token_mix else None
@@ -216,30 +253,52 @@ def causal_decoder_mask(num_prefix: int, num_latent: int, num_patches: int) -> T
     return allowed
 
 
+def _official_rgb(pix: Tensor, rgb: Optional[nn.Linear]) -> Tensor:
+    """AliTok's official pixel head after its linear map (with `rgb`): a 1x1 colour mix of each pixel
+    (its `conv_out`) and a sigmoid to [0, 1], returned as 2 s - 1 (our [-1, 1] image space).
+    pix (B, n, p*p*3) in (p1, p2, c) order."""
+    if rgb is None:
+        return pix
+    return torch.sigmoid(rgb(pix.unflatten(-1, (-1, 3))).flatten(-2)) * 2 - 1
+
+
 class Decoder1D(nn.Module):
-    """Quantized latents (B, P+L, latent_dim) -> DecoderOutput."""
+    """Quantized latents (B, P+L, latent_dim) -> DecoderOutput (layouts and attention: module doc)."""
 
     def __init__(self, cfg: Tokenizer1DConfig):
         super().__init__()
-        w, pix = cfg.dec_width, 3 * cfg.patch_size**2
+        w = cfg.dec_width
         self.cfg = cfg
-        self.n_in = cfg.seq_len if cfg.decoder_causal else cfg.num_latent_tokens
+        self.n_in = cfg.num_latent_tokens + cfg.num_prefix_tokens - cfg.unread_prefix
+        self.n_lead = cfg.num_lead_tokens
+        official = cfg.decoder_layout == "latents"
         self.embed = nn.Linear(cfg.latent_dim, w)
         self.latent_pos = _param(1, self.n_in, w)
-        self.mask_token = _param(1, 1, w)
-        self.patch_pos = _param(1, cfg.num_patches, w)
-        n_buf = 0 if cfg.decoder_causal else cfg.num_buffer_tokens
-        self.buffer_tokens = _param(n_buf, w) if n_buf else None
-        self.vit = _ViT(w, cfg.dec_depth, cfg.dec_heads, cfg.mlp_ratio, cfg.attn_backend, cfg.grad_checkpointing)
+        # mask tokens: one per patch ("mask_tokens" layout only)
+        self.mask_token = None if official else _param(1, 1, w)
+        self.patch_pos = None if official else _param(1, cfg.num_patches, w)
+        # lead tokens: the buffer tokens, or the official causal decoder's class token
+        self.buffer_tokens = _param(self.n_lead, w) if self.n_lead else None
+        self.vit = _ViT(w, cfg.dec_depth, cfg.dec_heads, cfg.mlp_ratio, cfg.attn_backend, cfg.grad_checkpointing,
+                        cfg.proj_bias)
+        pix = 3 * cfg.patch_size**2
         self.to_pixels = nn.Linear(w, pix)
-        self.prefix_head = nn.Linear(w, pix) if cfg.decoder_causal and cfg.num_prefix_tokens else None
-        mask = causal_decoder_mask(cfg.num_prefix_tokens, cfg.num_latent_tokens, cfg.num_patches) if cfg.decoder_causal else None
+        self.to_rgb = nn.Linear(3, 3) if official else None  # official head: colour mix + sigmoid (_official_rgb)
+        aux = cfg.decoder_causal and cfg.num_prefix_tokens > 0
+        self.prefix_head = nn.Linear(w, pix) if aux else None
+        self.prefix_rgb = nn.Linear(3, 3) if aux and official else None
+        mask = None
+        if cfg.decoder_causal:
+            s = self.n_lead + self.n_in
+            mask = (torch.ones(s, s, dtype=torch.bool).tril() if official else
+                    causal_decoder_mask(cfg.num_prefix_tokens, cfg.num_latent_tokens, cfg.num_patches))
         self.register_buffer("attn_mask", mask, persistent=False)
         # token_mix: mask token i += sum_j patch_mix[i, j] * embed(z_j) over the latents patch i may see
-        # (all, or the causal mask's; variance-preserving init)
-        seen = torch.ones(cfg.num_patches, self.n_in) if mask is None else mask[-cfg.num_patches:, : self.n_in].float()
-        self.register_buffer("mix_mask", seen if cfg.token_mix and mask is not None else None, persistent=False)
-        self.patch_mix = nn.Parameter(torch.randn(seen.shape) * seen / seen.sum(1, keepdim=True).sqrt()) if cfg.token_mix else None
+        # (all, or the causal mask's; variance-preserving init); no mask tokens in the "latents" layout
+        mix = cfg.token_mix and not official
+        seen = torch.ones(cfg.num_patches, self.n_in) if mask is None or official else mask[-cfg.num_patches:, : self.n_in].float()
+        self.register_buffer("mix_mask", seen if mix and mask is not None else None, persistent=False)
+        self.patch_mix = nn.Parameter(torch.randn(seen.shape) * seen / seen.sum(1, keepdim=True).sqrt()) if mix else None
 
     def _unpatchify(self, x: Tensor, rows: int) -> Tensor:
         """(B, rows*grid, 3*p*p) -> (B, 3, rows*p, grid*p)."""
@@ -255,29 +314,31 @@ class Decoder1D(nn.Module):
                 f"(prefix {c.num_prefix_tokens} + latent {c.num_latent_tokens} tokens); got {tuple(zq.shape)}"
             )
         b = zq.shape[0]
-        if not c.decoder_causal:
-            zq = zq[:, c.num_prefix_tokens :]
-        emb = self.embed(zq)
+        emb = self.embed(zq[:, c.unread_prefix:])
         lat = emb + self.latent_pos  # (B, n_in, W)
-        patches = (self.mask_token + self.patch_pos).expand(b, -1, -1).to(lat.dtype)  # (B, N, W)
-        if self.patch_mix is not None:
-            mix = self.patch_mix if self.mix_mask is None else self.patch_mix * self.mix_mask
-            patches = patches + torch.einsum("nl,blw->bnw", mix.to(emb.dtype), emb)
-        parts = [lat, patches]
+        parts = [lat]
+        if self.mask_token is not None:
+            patches = (self.mask_token + self.patch_pos).expand(b, -1, -1).to(lat.dtype)  # (B, N, W)
+            if self.patch_mix is not None:
+                mix = self.patch_mix if self.mix_mask is None else self.patch_mix * self.mix_mask
+                patches = patches + torch.einsum("nl,blw->bnw", mix.to(emb.dtype), emb)
+            parts.append(patches)
         if self.buffer_tokens is not None:
             parts.insert(0, self.buffer_tokens.unsqueeze(0).expand(b, -1, -1).to(lat.dtype))
         x = torch.cat(parts, dim=1)
         keep = _layer_index(hidden_layer, c.dec_depth, "decoder")
         out, hidden = self.vit(x, mask=self.attn_mask, keep=keep)
-        n = c.num_patches
-        image = self._unpatchify(self.to_pixels(out[:, -n:]), c.grid)
+        n = c.num_patches  # the last n outputs: the mask tokens, or the latents (latent i -> patch i)
+        image = self._unpatchify(_official_rgb(self.to_pixels(out[:, -n:]), self.to_rgb), c.grid)
         prefix_row = prefix_lead = None
-        if self.prefix_head is not None:
-            pre = out[:, c.num_prefix_tokens - c.grid : c.num_prefix_tokens]  # last `grid` prefix tokens
-            prefix_row = self._unpatchify(self.prefix_head(pre), 1)
+        if self.prefix_head is not None:  # the prefix latents' outputs (after the lead tokens)
+            first = self.n_lead
+            pre = out[:, first + c.num_prefix_tokens - c.grid : first + c.num_prefix_tokens]  # last `grid` prefix tokens
+            prefix_row = self._unpatchify(_official_rgb(self.prefix_head(pre), self.prefix_rgb), 1)
             lead = c.num_prefix_tokens - c.grid
             if lead:  # the leading prefix tokens -> the first `lead` patches of row 0
-                pix = self.prefix_head(out[:, :lead]).reshape(b, 1, lead, c.patch_size, c.patch_size, 3)
+                pix = _official_rgb(self.prefix_head(out[:, first:first + lead]), self.prefix_rgb)
+                pix = pix.reshape(b, 1, lead, c.patch_size, c.patch_size, 3)
                 prefix_lead = pix.permute(0, 5, 1, 3, 2, 4).reshape(b, 3, c.patch_size, lead * c.patch_size)
         return DecoderOutput(image=image, hidden=None if hidden is None else hidden[:, -n:], prefix_row=prefix_row,
                              prefix_lead=prefix_lead)
@@ -360,23 +421,26 @@ def _ibq(k: int, d: int) -> QuantizerConfig:
                            codebook_weight=0.25, entropy_weight=0.01, entropy_temperature=0.01)
 
 
-def _alitok(prefix: int, buffer: int) -> Tokenizer1DConfig:
-    # the official "clustering" VQ (train_tokenizer/model/vae_stage1.py): usage EMA 0.99, codes pulled to features
+def _alitok(prefix: int, buffer: int, reads_prefix: bool) -> Tokenizer1DConfig:
+    # the official "clustering" VQ (train_tokenizer/model/vae_stage1.py): usage EMA 0.99, codes pulled to features;
+    # the official decoder layout (latent i -> patch i, vae_stage1.py Decoder) and attention output biases
     vq = QuantizerConfig(type="vq", codebook_size=4096, dim=32, commit_weight=0.25, codebook_weight=1.0, cluster_decay=0.99)
     return Tokenizer1DConfig(
         enc_width=768, enc_depth=12, enc_heads=12, dec_width=1024, dec_depth=24, dec_heads=16,
-        num_latent_tokens=256, latent_dim=32, quantizer=vq, decoder_causal=True,
-        num_prefix_tokens=prefix, num_buffer_tokens=buffer,
+        num_latent_tokens=256, latent_dim=32, quantizer=vq, decoder_causal=True, decoder_layout="latents",
+        num_prefix_tokens=prefix, num_buffer_tokens=buffer, decoder_reads_prefix=reads_prefix, proj_bias=True,
     )
 
 
-def _debug_tiny(causal: bool) -> Tokenizer1DConfig:
+def _debug_tiny(causal: bool, layout: str = "mask_tokens") -> Tokenizer1DConfig:
     q = (QuantizerConfig(type="vq", codebook_size=64, dim=16, cluster_decay=0.99) if causal
          else QuantizerConfig(type="ibq", codebook_size=64, dim=16, entropy_weight=0.01))
+    official = layout == "latents"
     return Tokenizer1DConfig(
         image_size=32, patch_size=8, enc_width=64, enc_depth=2, enc_heads=4, dec_width=64, dec_depth=2, dec_heads=4,
-        num_latent_tokens=16, latent_dim=16, quantizer=q, decoder_causal=causal,
-        num_prefix_tokens=4 if causal else 0, num_buffer_tokens=4 if causal else 0,
+        num_latent_tokens=16, latent_dim=16, quantizer=q, decoder_causal=causal, decoder_layout=layout,
+        num_prefix_tokens=(5 if official else 4) if causal else 0, num_buffer_tokens=4 if causal else 0,
+        decoder_reads_prefix=official, proj_bias=official,
     )
 
 
@@ -384,10 +448,13 @@ TOKENIZER_PRESETS: dict[str, Tokenizer1DConfig] = {
     "eostok-tok": Tokenizer1DConfig(quantizer=_ibq(4096, 64)),
     "eostok-tok-h": Tokenizer1DConfig(enc_width=1024, enc_depth=16, enc_heads=16, dec_width=1024, dec_depth=16,
                                       dec_heads=16, quantizer=_ibq(4096, 64)),
-    "alitok-tok-paper": _alitok(prefix=16, buffer=64),
-    "alitok-tok-code": _alitok(prefix=17, buffer=32),
+    # AliTok: the paper's (16 prefix tokens; stage 2: 64 buffer tokens, the prefix removed) and the released
+    # code's (17 = first patch + first row, image_seq_len 273; stage 2: 32 buffer tokens, the prefix kept)
+    "alitok-tok-paper": _alitok(prefix=16, buffer=64, reads_prefix=False),
+    "alitok-tok-code": _alitok(prefix=17, buffer=32, reads_prefix=True),
     "debug-tiny": _debug_tiny(causal=False),
-    "debug-tiny-causal": _debug_tiny(causal=True),
+    "debug-tiny-causal": _debug_tiny(causal=True),  # our mask-token decoder
+    "debug-tiny-alitok": _debug_tiny(causal=True, layout="latents"),  # the official layout, 1 + 4 prefix tokens
 }
 
 
@@ -449,6 +516,14 @@ class Tokenizer1DFrozen(FrozenTokenizer):
     @torch.no_grad()
     def reconstruct(self, images: Tensor) -> Tensor:
         return self.model(images).image
+
+    @property
+    def prefix_tokens(self) -> int:
+        return self.model.cfg.num_prefix_tokens
+
+    @property
+    def unread_prefix(self) -> int:
+        return self.model.cfg.unread_prefix
 
     def num_tokens(self, resolution: int) -> int:
         if resolution != self.image_size:

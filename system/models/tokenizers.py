@@ -3,8 +3,10 @@
 The built-in kinds come from their adapters, each next to its model (a `FrozenTokenizer` subclass
 naming its `kind`, the model class it `wraps` and `from_export`): "tokenizer1d" (ours: EOSTok,
 AliTok; system/models/tokenizer1d.py), "llamagen-vq" (LlamaGen's VQ-16/VQ-8;
-system/models/adapters_vq.py) and "semtok" (system/models/semtok.py). A new built-in adapter is one
-line in `BUILTIN`; a kind from outside system/ plugs in with `register_tokenizer`. Generator kinds
+system/models/adapters_vq.py), "semtok" (system/models/semtok.py) and "alitok-released" (AliTok's
+released tokenizer in its official layout, read into a tokenizer1d; system/models/adapters_alitok.py).
+A new built-in adapter is one line in `BUILTIN`; a kind from outside system/ plugs in with
+`register_tokenizer`. Generator kinds
 (they sample) are one layer up: system/sampling/generators.py.
 """
 from __future__ import annotations
@@ -25,7 +27,8 @@ TokenizerBuilder = Callable[[dict, dict[str, Tensor]], Tokenizer]  # (config, st
 # missing (SemTok's diffusers) fails only when an export of that kind is loaded, naming the extra
 BUILTIN: dict[str, str] = {"tokenizer1d": "system.models.tokenizer1d:Tokenizer1DFrozen",
                            "llamagen-vq": "system.models.adapters_vq:VQFrozen",
-                           "semtok": "system.models.semtok:SemTokFrozen"}
+                           "semtok": "system.models.semtok:SemTokFrozen",
+                           "alitok-released": "system.models.adapters_alitok:AliTokReleasedTokenizer"}
 
 
 def _adapter(path: str) -> type[FrozenTokenizer]:
@@ -49,7 +52,9 @@ def _builtin() -> tuple[dict[str, TokenizerBuilder], dict[type, type[FrozenToken
         except ModuleNotFoundError as e:  # an optional extra (e.g. diffusers for SemTok)
             builders[kind] = _missing(kind, e)
             continue
-        builders[a.kind], adapters[a.wraps] = a.from_export, a
+        builders[a.kind] = a.from_export
+        if a.wraps is not None:  # None: a kind that reads another layout into one of our models (alitok-released)
+            adapters[a.wraps] = a
     return builders, adapters
 
 

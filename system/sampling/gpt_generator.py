@@ -70,6 +70,10 @@ class GPTGenerator(nn.Module):
         return self.ar.cfg.seq_len
 
     @property
+    def prefix_tokens(self) -> int:
+        return self.ar.cfg.prefix_tokens
+
+    @property
     def masked(self) -> bool:
         """A bidirectional GPT (SemTok's masked AR) is a masked generator."""
         return bool(self.ar.cfg.bidirectional)

@@ -203,3 +203,22 @@ def test_rank_needs_only_its_own_partition():
     assert not needs(None, "bf16_zero_pp_rank_2_mp_rank_00_optim_states.pt", 1)
     assert needs(None, "zero_pp_rank_3_mp_rank_00_model_states.pt", 3)
     assert not needs(None, "zero_pp_rank_3_mp_rank_00_model_states.pt", 2)
+
+
+def test_param_groups_keep_named_parameters_out_of_weight_decay():
+    """ModuleSpec.no_decay: the named parameters join the biases and norms in the no-decay group."""
+    from cluster.engine import param_groups
+    from system.models.gpt import GPT
+    from system.models.registry import gpt_config
+
+    gpt = GPT(gpt_config("debug-tiny"))
+    params = dict(gpt.named_parameters())
+    decay, no_decay = param_groups(gpt, 0.05)
+    assert any(p is params["tok_embeddings.weight"] for p in decay["params"])
+    decay, no_decay = param_groups(gpt, 0.05, gpt.embedding_names())
+    assert decay["weight_decay"] == 0.05 and no_decay["weight_decay"] == 0.0
+    for name in ("tok_embeddings.weight", "cls_embedding.weight"):
+        assert any(p is params[name] for p in no_decay["params"]) and not any(p is params[name] for p in decay["params"])
+    assert any(p is params["output.weight"] for p in decay["params"])
+    with pytest.raises(ValueError, match="no_decay names parameters the module does not have"):
+        param_groups(gpt, 0.05, ("nope.weight",))

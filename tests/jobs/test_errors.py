@@ -117,3 +117,25 @@ def test_help_lists_the_jobs_own_keys(job):
         assert "method.model" not in out and "method.disc_lr" not in out  # not VAπ's keys
     if job == "eostok_h":
         assert "data.batch_size   int = 32   # [>= 1]" in out or "data.batch_size" in out
+
+
+def test_vapi_refuses_a_masked_generator_before_ray(embedded, tmp_path):
+    """A masked (SemTok-style, bidirectional) AR export: jobs/vapi.py stops with one line naming
+    method.export_url and why (teacher-forced per-position sampling is undefined), before Ray."""
+    import torch
+
+    from system.models.artifacts import Artifact, save_export
+    from system.models.gpt import GPT
+    from system.models.registry import gpt_config
+    from system.models.tokenizer1d import Tokenizer1D, tokenizer_config
+
+    tc = tokenizer_config("debug-tiny")
+    ar = GPT(gpt_config("debug-tiny", vocab_size=64, block_size=tc.seq_len, num_classes=8, bidirectional=True))
+    with torch.no_grad():
+        save_export(str(tmp_path / "masked"), {"tokenizer": Artifact.of("tokenizer1d", Tokenizer1D(tc)), "ar": Artifact.of("gpt", ar)})
+    r = run_job("vapi", "--config", "configs/experiments/vapi_tiny.yaml", *embedded, f"checkpoint.storage_path={tmp_path}/runs",
+                f"method.export_url={tmp_path / 'masked'}", "data.resolution=32")
+    assert r.returncode == 2, r.stdout[-2000:] + r.stderr[-3000:]
+    last = [x for x in r.stderr.splitlines() if x.strip()][-1]
+    assert last.startswith("config error:") and "method.export_url" in last and "undefined for a masked model" in last
+    assert "Started a local Ray" not in r.stderr + r.stdout and "Traceback" not in r.stderr

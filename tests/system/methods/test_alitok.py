@@ -22,6 +22,7 @@ RES = 32  # debug-tiny-causal: 8 px patches, a 4 x 4 grid, 16 latents + 4 prefix
 def _stage1(**kw) -> AliTokStage1:
     kw.setdefault("tokenizer", "debug-tiny-causal")
     kw.setdefault("lpips_net", LPIPSConfig(random_init=True))
+    kw.setdefault("convnext", 0.0)  # the official ConvNeXt-S term needs weights (test_stage1_convnext_term...)
     return AliTokStage1(AliTokStage1Config(**kw), DataSpec(resolution=RES, num_classes=3))
 
 
@@ -103,7 +104,7 @@ def test_aux_loss_reaches_only_the_prefix_path():
     assert set(terms) == {"aux_l2", "aux_lpips"}
     target = torch.cat([x[:, :, :p, :p], x[:, :, :p]], -1)  # "first patch + first row"
     pred = torch.cat([out.prefix_lead, out.prefix_row], -1)
-    want = m.cfg.aux * P / m.tok_cfg.num_patches * torch.nn.functional.mse_loss(pred, target)
+    want = m.cfg.aux * P / m.tok_cfg.num_patches * torch.nn.functional.mse_loss(pred, target) / 4  # on [0, 1] images
     torch.testing.assert_close(terms["aux_l2"], want)
     sum(terms.values()).backward()
     g = seen["zq"].grad[0].abs().sum(-1)  # per token
@@ -256,7 +257,8 @@ def test_stage1_export_folds_the_codebook_and_loads(tmp_path):
 def test_stage2_trains_only_a_new_decoder_and_exports_one_tokenizer(tmp_path):
     _stage1_export(tmp_path / "s1")
     torch.manual_seed(0)
-    cfg = AliTokStage2Config(stage1_export=str(tmp_path / "s1"), lpips_net=LPIPSConfig(random_init=True), gan_start_step=0)
+    cfg = AliTokStage2Config(stage1_export=str(tmp_path / "s1"), lpips_net=LPIPSConfig(random_init=True), gan_start_step=0,
+                             convnext=0.0)
     m = AliTokStage2(cfg, DataSpec(resolution=RES, num_classes=3))
     assert not m.tok_cfg.decoder_causal and m.tok_cfg.num_buffer_tokens == 4 and m.tok_cfg.num_prefix_tokens == 4
     specs = m.modules()
@@ -298,7 +300,7 @@ def test_stage2_trains_only_a_new_decoder_and_exports_one_tokenizer(tmp_path):
 
 def test_stage2_decoder_overrides_and_paper_buffers(tmp_path):
     _stage1_export(tmp_path, steps=0)
-    cfg = AliTokStage2Config(stage1_export=str(tmp_path), lpips=0.0, decoder_overrides={"num_buffer_tokens": 8, "dec_depth": 1})
+    cfg = AliTokStage2Config(stage1_export=str(tmp_path), lpips=0.0, convnext=0.0, decoder_overrides={"num_buffer_tokens": 8, "dec_depth": 1})
     m = AliTokStage2(cfg, DataSpec(resolution=RES, num_classes=3))
     dec = m.modules()["gen"].module
     assert dec.buffer_tokens.shape[0] == 8 and len(dec.vit.blocks) == 1
@@ -357,15 +359,15 @@ def test_config_errors_name_the_key(tmp_path):
     with pytest.raises(ValueError, match="method.convnext_net.path"):
         AliTokStage1(AliTokStage1Config(tokenizer="debug-tiny-causal", lpips=0.0, convnext=0.1), data)
     with pytest.raises(ValueError, match="method.stage1_export"):
-        AliTokStage2.check(AliTokStage2Config(stage1_export=str(tmp_path / "none"), lpips=0.0), data)
+        AliTokStage2.check(AliTokStage2Config(stage1_export=str(tmp_path / "none"), lpips=0.0, convnext=0.0), data)
     _stage1_export(tmp_path / "s1", steps=0)
     with pytest.raises(ValueError, match="data.resolution=64"):
-        AliTokStage2.check(AliTokStage2Config(stage1_export=str(tmp_path / "s1"), lpips=0.0), dataclasses.replace(data, resolution=64))
+        AliTokStage2.check(AliTokStage2Config(stage1_export=str(tmp_path / "s1"), lpips=0.0, convnext=0.0), dataclasses.replace(data, resolution=64))
     with pytest.raises(ValueError, match="method.decoder_overrides.enc_width"):
-        AliTokStage2.check(AliTokStage2Config(stage1_export=str(tmp_path / "s1"), lpips=0.0,
+        AliTokStage2.check(AliTokStage2Config(stage1_export=str(tmp_path / "s1"), lpips=0.0, convnext=0.0,
                                               decoder_overrides={"enc_width": 32}), data)
     with pytest.raises(ValueError, match="method.stage1_part"):
-        AliTokStage2.check(AliTokStage2Config(stage1_export=str(tmp_path / "s1"), stage1_part="ar", lpips=0.0), data)
+        AliTokStage2.check(AliTokStage2Config(stage1_export=str(tmp_path / "s1"), stage1_part="ar", lpips=0.0, convnext=0.0), data)
 
 
 @pytest.mark.gpu
@@ -383,3 +385,119 @@ def test_cuda_bf16_stage1_step_with_probe():
         carry.update(out.aux)
     q = mods["gen"].tokenizer.quantizer
     assert q.code_offset.dtype == torch.float32 and q.code_offset.abs().sum() > 0
+
+
+# --------------------------------------------------------------------------- the official recipe (issue 22)
+def test_stage1_loss_defaults_are_the_official_values():
+    """AliTok's train_tokenizer/ (config.py, loss/mse_lpips_gan.py, README_AliTok.md): MSE weight 1 on
+    [0, 1] images, ConvNeXt-S perceptual 1 (0.1 while LPIPS is on), LPIPS 1 for ~50k steps only,
+    GAN 0.1 x 0.05, no LeCam; the same for stage 2."""
+    from system.methods.alitok import perceptual_weights
+
+    for cfg in (AliTokStage1Config(), AliTokStage2Config()):
+        assert (cfg.l2, cfg.lpips, cfg.lpips_until_step, cfg.convnext, cfg.convnext_with_lpips) == (1.0, 1.0, 50000, 1.0, 0.1)
+        assert cfg.gan == pytest.approx(0.1 * 0.05) and cfg.lecam == 0.0
+        assert perceptual_weights(cfg, 0) == (1.0, 0.1) and perceptual_weights(cfg, 49999) == (1.0, 0.1)
+        assert perceptual_weights(cfg, 50000) == (0.0, 1.0) and perceptual_weights(cfg, 600000) == (0.0, 1.0)
+    assert AliTokStage1Config().aux == 10.0
+    off = AliTokStage1Config(convnext=0.0, lpips_until_step=None)
+    assert perceptual_weights(off, 10**6) == (1.0, 0.0)  # convnext=0 switches the term off in every phase
+
+
+def test_paper_configs_carry_the_official_schedule():
+    """configs/experiments/alitok_stage{1,2}.yaml: LPIPS off after 50k, the GAN (0.005, no LeCam) in
+    the last 100k steps of the paper's 600k / 300k."""
+    from system.config import AliTokStage1Experiment, AliTokStage2Experiment, load_config
+
+    for schema, name, steps, gan_at in ((AliTokStage1Experiment, "alitok_stage1.yaml", 600000, 500000),
+                                        (AliTokStage2Experiment, "alitok_stage2.yaml", 300000, 200000)):
+        exp = load_config(schema, [], ["base.yaml", "data/imagenet.yaml", f"experiments/{name}"])
+        m = exp.method
+        assert exp.train.max_steps == steps and m.gan_start_step == gan_at and m.gan == pytest.approx(0.005)
+        assert (m.l2, m.lpips, m.lpips_until_step, m.convnext, m.convnext_with_lpips, m.lecam) == (1.0, 1.0, 50000, 1.0, 0.1, 0.0)
+    exp = load_config(AliTokStage1Experiment, [], ["base.yaml", "data/imagenet.yaml", "experiments/alitok_stage1.yaml"])
+    assert exp.method.tokenizer == "alitok-tok-code" and exp.optim.lr == 1e-4 and exp.data.batch_size == 48
+
+
+def test_lpips_switches_off_and_the_gan_starts_on_schedule():
+    """The terms of a generator step before / after `lpips_until_step` and `gan_start_step`; the l2
+    term is the MSE of [0, 1] images (1/4 of the MSE of our [-1, 1] images)."""
+    pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    with pytest.warns(UserWarning, match="RANDOM"):
+        m = _stage1(convnext=1.0, convnext_net=ConvNeXtNetConfig(random_init=True, size="debug"), lpips_until_step=10,
+                    gan=0.005, gan_start_step=20)
+    mods = _mods(m)
+    x = _batch()
+    early, mid, late = (m.step("gen", mods, x, s, {}) for s in (9, 10, 20))
+    terms = lambda o: {k.split("/", 1)[1] for k in o.metrics if k.startswith("loss/")}  # noqa: E731
+    assert {"lpips", "aux_lpips", "convnext", "aux_convnext"} <= terms(early)
+    assert {"lpips", "aux_lpips"}.isdisjoint(terms(mid)) and {"convnext", "aux_convnext"} <= terms(mid)
+    assert float(early.metrics["loss/gan_g"]) == 0.0 and float(mid.metrics["loss/gan_g"]) == 0.0
+    assert float(late.metrics["loss/gan_g"]) != 0.0  # the generator's hinge term from gan_start_step
+    assert m.build_discriminator().cfg.lecam_weight == 0.0 and m.build_discriminator().cfg.weight == 0.005
+    gen = mods["gen"].eval()
+    recon = gen(x["image"]).recon
+    got = m.reconstruction_terms(recon, x["image"], 10)
+    torch.testing.assert_close(got["l2"], torch.nn.functional.mse_loss((recon + 1) / 2, (x["image"] + 1) / 2))
+    # the ConvNeXt weight: 0.1 while LPIPS is on, 1.0 after
+    c_early = m.reconstruction_terms(recon, x["image"], 0)["convnext"]
+    torch.testing.assert_close(got["convnext"], c_early * 10)
+
+
+def test_official_decoder_layout_is_the_paper_preset():
+    """The presets' stage-1 decoder is the official plain causal transformer over [class token; 17
+    prefix; 256 latents] (274 tokens, latent i -> patch i); ours (mask tokens) is an option."""
+    from system.models.tokenizer1d import Tokenizer1D, tokenizer_config
+
+    for name, prefix, buffers, reads in (("alitok-tok-code", 17, 32, True), ("alitok-tok-paper", 16, 64, False)):
+        c = tokenizer_config(name)
+        assert (c.decoder_layout, c.decoder_causal, c.num_prefix_tokens, c.proj_bias) == ("latents", True, prefix, True)
+        with torch.device("meta"):
+            dec = Tokenizer1D(c).decoder
+        assert dec.attn_mask.shape == (1 + prefix + 256,) * 2 and dec.mask_token is None and dec.buffer_tokens.shape[0] == 1
+        s2 = dataclasses.replace(c, decoder_causal=False)  # stage 2: the preset's source (code / paper)
+        assert (s2.num_buffer_tokens, s2.unread_prefix) == (buffers, 0 if reads else prefix)
+    ours = dataclasses.replace(tokenizer_config("alitok-tok-code"), decoder_layout="mask_tokens")
+    with torch.device("meta"):
+        assert Tokenizer1D(ours).decoder.attn_mask.shape == (17 + 256 + 256,) * 2
+
+
+def test_official_layout_stage1_trains_with_the_aux_loss():
+    """debug-tiny-alitok (the official layout, 1 + 4 prefix tokens): every term finite, the aux loss
+    reaches only the prefix path, patch i sees only the prefix and latents <= i."""
+    torch.manual_seed(0)
+    m = _stage1(tokenizer="debug-tiny-alitok", gan_start_step=0)
+    mods = _mods(m)
+    out = m.step("gen", mods, _batch(), 1, {})
+    assert {"loss/l2", "loss/aux_l2", "loss/aux_lpips", "loss/gan_g"} <= set(out.metrics)
+    assert all(torch.isfinite(v) for v in out.metrics.values())
+    dec = mods["gen"].tokenizer.decoder.eval()
+    c = m.tok_cfg
+    zq = torch.randn(1, c.seq_len, c.latent_dim, requires_grad=True)
+    o = dec(zq)
+    p, P = c.patch_size, c.num_prefix_tokens
+    for i in (0, 5, 15):
+        r, col = divmod(i, c.grid)
+        (g,) = torch.autograd.grad(o.image[..., r * p:(r + 1) * p, col * p:(col + 1) * p].sum(), zq, retain_graph=True)
+        per = g[0].abs().sum(-1)
+        assert per[:P + i + 1].gt(0).all() and per[P + i + 1:].eq(0).all(), i
+    (g,) = torch.autograd.grad(o.prefix_row.sum(), zq)
+    assert g[0, P:].eq(0).all()
+    assert o.image.abs().max() <= 1  # the official sigmoid head, as 2 s - 1
+
+
+def test_alitok_pipeline_config_agrees_on_the_prefix_count():
+    """configs/experiments/alitok_xl.yaml: stage 1's tokenizer, the AR model and so the sampler use
+    one prefix count (17, the released code's); its sampling is XL's official CFG (13.0 / 1.4); the AR
+    recipe is the official one (no EMA, no weight decay on the embeddings)."""
+    from system.models.registry import gpt_config
+    from system.models.tokenizer1d import tokenizer_config
+    from system.pipelines.alitok import ALITOK
+
+    cfg = ALITOK.load([])  # configs/experiments/alitok_xl.yaml over each section's job defaults
+    tok = tokenizer_config(cfg.stage1.method.tokenizer)
+    ar = gpt_config(cfg.ar.method.model, **cfg.ar.method.overrides)
+    assert tok.num_prefix_tokens == ar.prefix_tokens == 17 and tok.seq_len - ar.prefix_tokens == ar.block_size == 256
+    assert (cfg.sample.cfg_scale, cfg.sample.cfg_schedule, cfg.sample.cfg_power) == (13.0, "power-cosine", 1.4)
+    assert cfg.ar.method.ema_decay == 0.0 and cfg.ar.method.decay_embeddings is False

@@ -240,3 +240,36 @@ def test_no_tokenizer_no_grid_and_ar_only_export():
     assert m.sample_batch(batch(), 2) is None
     assert set(m.artifacts({"ar": model})) == {"ar"}
 
+
+
+def test_prefix_count_must_be_the_tokenizers(tmp_path):
+    """AliTok: one prefix count from the tokenizer to the AR model. Sequences that leave no square
+    grid name the count that would (17 for 273 codes); a tokenizer export with another prefix count
+    than the AR model's is refused, naming the key."""
+    from system.models.artifacts import Artifact, save_export
+    from system.models.tokenizer1d import Tokenizer1D, tokenizer_config
+
+    with pytest.raises(ConfigError, match=r"method\.overrides\.prefix_tokens=17"):
+        ARMethod.check(ARConfig(model="alitok-xl"), spec(seq_len=273, vocab=4096))  # the preset's 16 vs the code's 17
+    ARMethod.check(ARConfig(model="alitok-xl", overrides={"prefix_tokens": 17}), spec(seq_len=273, vocab=4096))
+    tc = tokenizer_config("debug-tiny-alitok")  # 1 + 4 prefix codes, a 4 x 4 grid, 64 codes
+    save_export(str(tmp_path), {"tokenizer": Artifact.of("tokenizer1d", Tokenizer1D(tc))})
+    ok = ARConfig(model="debug-tiny", overrides={"prefix_tokens": 5, "rope": "mixed"}, tokenizer_export=str(tmp_path))
+    ARMethod.check(ok, spec(seq_len=21, vocab=64))
+    bad = ARConfig(model="debug-tiny", overrides={"prefix_tokens": 1, "rope": "1d"}, tokenizer_export=str(tmp_path))
+    with pytest.raises(ConfigError, match=r"method\.tokenizer_export.*prefix_tokens.*1 prefix tokens.*5"):
+        ARMethod.check(bad, spec(seq_len=21, vocab=64))
+
+
+def test_embeddings_out_of_weight_decay_as_alitoks_code():
+    """method.decay_embeddings=false (configs/experiments/ar_alitok.yaml, as AliTok's create_optimizer)
+    names the token and class tables for the engine to keep out of weight decay; ar_alitok.yaml also
+    trains without an EMA (use_ema False: samples and exports are the raw weights)."""
+    from system.config import ARExperiment, load_config
+
+    assert ARMethod(ARConfig(model="debug-tiny"), spec()).modules()["ar"].no_decay == ()
+    m = ARMethod(ARConfig(model="debug-tiny", decay_embeddings=False), spec())
+    assert m.modules()["ar"].no_decay == ("tok_embeddings.weight", "cls_embedding.weight")
+    exp = load_config(ARExperiment, ["data.url=/tokens"], ["base.yaml", "experiments/ar_alitok.yaml"])
+    assert exp.method.decay_embeddings is False and exp.method.ema_decay == 0.0
+    assert (exp.optim.lr, exp.optim.betas, exp.optim.weight_decay, exp.optim.warmup_steps) == (4e-4, (0.9, 0.96), 0.03, 62500)

@@ -242,3 +242,20 @@ def test_bsq_quantizer_sizes_the_ar_by_its_implicit_codebook():
     assert torch.isfinite(out.loss) and out.metrics["codebook_usage"] <= 16 * 4 / 1024
     out.loss.backward()
     assert _grad_norm(gen.tokenizer.encoder) > 0
+
+
+@pytest.mark.parametrize("size, want", [("s", 92.0e6), ("l", 311.4e6), ("h", 641.0e6)])
+def test_paper_default_ar_input_is_the_own_table(size, want):
+    """The paper's h = Ind^T E embeds through the AR's own table: the default method.model.ar_input,
+    with which the S / L / H configs' AR models count 92.0 / 311.4 / 641.0M (published 93 / 312 / 644M)."""
+    from system.config import EOSTokExperiment, load_config
+    from system.methods.eostok import build_configs
+    from system.models.gpt import GPT
+
+    assert ModelConfig().ar_input == "table"
+    exp = load_config(EOSTokExperiment, ["run_name=x"], ["base.yaml", "data/imagenet.yaml", f"model/eostok_{size}.yaml"])
+    assert exp.method.model.ar_input == "table"
+    _, ar_cfg = build_configs(exp.method.model, 256, 1000)
+    with torch.device("meta"):
+        ar = GPT(ar_cfg)
+    assert ar.code_proj is None and ar.num_params() == pytest.approx(want, abs=0.05e6)

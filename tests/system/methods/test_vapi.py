@@ -149,3 +149,79 @@ def test_update_mode_train_uses_dropout_eval_does_not():
         ratios[mode] = float(out.metrics["ratio_mean"])
         assert float(out.metrics["reward_mean"]) == pytest.approx(batch["stats"]["reward_mean"])
     assert ratios["eval"] == pytest.approx(1.0, abs=1e-6) and abs(ratios["train"] - 1.0) > 1e-4
+
+
+def _masked_export(folder):
+    """A tiny export whose AR model is masked (bidirectional, SemTok's kind of generator)."""
+    from system.models.artifacts import Artifact, save_export
+
+    torch.manual_seed(0)
+    tc = tokenizer_config("debug-tiny")
+    ar = GPT(gpt_config("debug-tiny", vocab_size=64, block_size=tc.seq_len, num_classes=8, bidirectional=True))
+    save_export(str(folder), {"tokenizer": Artifact.of("tokenizer1d", Tokenizer1D(tc)), "ar": Artifact.of("gpt", ar)})
+    return str(folder)
+
+
+def test_masked_generator_is_refused_before_anything_is_built(tmp_path):
+    """VAπ samples every position from one teacher-forced forward: undefined for a masked model. The
+    config check (run before Ray) refuses it from model.json alone, naming the key; loading refuses it
+    through the Generator protocol's `masked`."""
+    from system.config import VapiConfig
+    from system.methods.base import DataSpec
+    from system.methods.vapi import VapiMethod, load_parts
+
+    export = _masked_export(tmp_path / "masked")
+    with pytest.raises(ValueError, match=r"method\.export_url.*masked.*undefined for a masked model"):
+        VapiMethod.check(VapiConfig(export_url=export, w_lpips=0.0), DataSpec(32, 8))
+    with pytest.raises(ValueError, match=r"method\.export_url.*undefined for a masked model"):
+        load_parts(export, use_lpips=False)
+
+
+def test_unread_prefix_codes_get_no_policy_gradient():
+    """An AliTok tokenizer whose stage-2 decoder drops the prefix (the paper's) does not read the first
+    P codes: the policy (clipped) term gives those positions no gradient, the CE prior still does;
+    VapiMethod takes P from its tokenizer (`Tokenizer.unread_prefix`)."""
+    import dataclasses
+
+    from system.config import VapiConfig
+    from system.methods.base import DataSpec
+    from system.methods.vapi import VapiMethod, rollout_config
+
+    torch.manual_seed(0)
+    tc = dataclasses.replace(tokenizer_config("debug-tiny-alitok"), decoder_causal=False, decoder_reads_prefix=False)
+    tok = frozen_tokenizer(Tokenizer1D(tc))
+    P = tc.num_prefix_tokens
+    assert tok.unread_prefix == P and tok.prefix_tokens == P
+    ar = GPT(gpt_config("debug-tiny", vocab_size=64, prefix_tokens=P, rope="mixed", block_size=16, num_classes=8))
+    torch.nn.init.normal_(ar.output.weight, std=0.5)
+    policy = VapiPolicy(ar.eval())
+    rcfg = rollout_config(VapiConfig(group_size=4, w_lpips=0.0, beta=0.0))
+    ro = rollout(policy, tok, None, torch.rand(2, 3, 32, 32) * 2 - 1, torch.tensor([1, 3]), torch.arange(2), rcfg,
+                 torch.Generator().manual_seed(0))
+    assert ro.tokens.shape == (8, P + 16)
+
+    h = {}
+
+    def keep(mod, args, out):  # the logits, with their gradient kept
+        out.retain_grad()
+        h["out"] = out
+
+    def logit_grads(skip, beta=0.0):
+        hook = policy.ar.output.register_forward_hook(keep)
+        loss, _ = vapi_loss(policy, ro, dataclasses.replace(rcfg.grpo, beta=beta), policy_from=skip)
+        loss.backward()
+        hook.remove()
+        policy.zero_grad()
+        return h["out"].grad.abs().sum((0, 2))  # per position
+
+    g = logit_grads(P)
+    assert g[:P].eq(0).all() and g[P:].gt(0).all()
+    assert logit_grads(0)[:P].gt(0).all()  # without the rule every position gets one
+    assert logit_grads(P, beta=0.1)[:P].gt(0).all()  # the prior keeps covering the prefix
+
+    m = VapiMethod.__new__(VapiMethod)  # the learner's step: the skip comes from its tokenizer
+    m.cfg, m.rcfg, m.reference, m.data, m.tokenizer = VapiConfig(update_mode="eval", w_lpips=0.0, beta=0.0), rcfg, None, DataSpec(32, 8), tok
+    hook = policy.ar.output.register_forward_hook(keep)
+    m.step("policy", {"policy": policy}, {"rollouts": ro, "stats": {}}, 0, {}).loss.backward()
+    hook.remove()
+    assert h["out"].grad[:, :P].eq(0).all() and h["out"].grad[:, P:].abs().sum() > 0

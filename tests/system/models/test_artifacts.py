@@ -140,7 +140,7 @@ def test_llamagen_checkpoints_load_and_sample(tmp_path):
 def test_unknown_kind_and_registry_errors(tmp_path):
     tok, ar = _ours()
     save_export(str(tmp_path), {"tokenizer": Artifact("semtok-nope", {}, {}), "ar": Artifact.of("gpt", ar)})
-    known = r"registered tokenizer kinds: \['llamagen-vq', 'semtok', 'tokenizer1d'\]"
+    known = r"registered tokenizer kinds: \['alitok-released', 'llamagen-vq', 'semtok', 'tokenizer1d'\]"
     with pytest.raises(ValueError, match=rf"tokenizer kind 'semtok-nope', which is not registered; {known}"):
         load_tokenizer(str(tmp_path))
     with pytest.raises(ValueError, match=r"GPTConfig.code_dim=16\): pass the tokenizer's codebook"):
@@ -167,7 +167,8 @@ def test_a_registered_kind_plugs_in(tmp_path, monkeypatch):
     vq, ar = _llamagen()
     save_export(str(tmp_path), {"tokenizer": Artifact.of("vq-renamed", vq), "ar": Artifact.of("gpt", ar)})
     tok, gen = load_pair(str(tmp_path))
-    assert tokenizer_kinds() == ["llamagen-vq", "semtok", "tokenizer1d", "vq-renamed"] and generator_kinds() == ["gpt"]
+    assert tokenizer_kinds() == ["alitok-released", "llamagen-vq", "semtok", "tokenizer1d", "vq-renamed"]
+    assert generator_kinds() == ["alitok-released", "gpt"]
     assert tok.decode(gen.sample(torch.tensor([1]), seed=0)).shape == (1, 3, 32, 32)
 
 

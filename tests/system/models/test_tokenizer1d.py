@@ -200,3 +200,30 @@ def test_token_mix_shortcuts_are_built_only_when_asked_and_carry_content():
     causal = Tokenizer1D(dataclasses.replace(tokenizer_config("debug-tiny-causal"), token_mix=True))
     assert causal.decoder.mix_mask.shape == causal.decoder.patch_mix.shape  # the causal mask's patch rows
     assert causal.decoder.patch_mix[causal.decoder.mix_mask == 0].eq(0).all()
+
+
+def test_official_latents_layout_reads_or_drops_the_prefix():
+    """decoder_layout="latents" (AliTok's official decoder): latent i -> patch i, no mask tokens; a
+    bidirectional decoder reads the prefix codes only with decoder_reads_prefix (the code's stage 2;
+    the paper drops them: `unread_prefix`), and its output never depends on codes it does not read."""
+    import dataclasses
+
+    from system.models.tokenizer1d import Tokenizer1D, tokenizer_config
+
+    base = dataclasses.replace(tokenizer_config("debug-tiny-alitok"), decoder_causal=False)
+    for reads in (True, False):
+        cfg = dataclasses.replace(base, decoder_reads_prefix=reads)
+        assert cfg.unread_prefix == (0 if reads else cfg.num_prefix_tokens)
+        dec = Tokenizer1D(cfg).decoder.eval()
+        assert dec.mask_token is None and dec.buffer_tokens.shape[0] == cfg.num_buffer_tokens
+        zq = torch.randn(2, cfg.seq_len, cfg.latent_dim, requires_grad=True)
+        out = dec(zq)
+        assert out.image.shape == (2, 3, 32, 32) and out.prefix_row is None
+        (g,) = torch.autograd.grad(out.image.sum(), zq)
+        per = g[0].abs().sum(-1)
+        assert per[cfg.num_prefix_tokens:].gt(0).all()
+        assert per[:cfg.num_prefix_tokens].gt(0).all() if reads else per[:cfg.num_prefix_tokens].eq(0).all()
+    with pytest.raises(ValueError, match="num_latent_tokens must be the 16 patches"):
+        dataclasses.replace(base, num_latent_tokens=8)
+    with pytest.raises(ValueError, match="decoder_layout 'tokens' unknown"):
+        dataclasses.replace(base, decoder_layout="tokens")

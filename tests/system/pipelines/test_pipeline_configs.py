@@ -27,7 +27,7 @@ def test_paper_defaults_and_chaining(tmp_path):
     assert cfg.ar.data.url == cfg.pretokenize.out == f"{root}/tokens"
     assert cfg.ar.method.model == "alitok-xl" and cfg.ar.optim.lr == 4e-4  # ar_alitok.yaml, then alitok_xl.yaml
     assert cfg.sample.export_url == cfg.evaluate.export_url == f"{root}/ar/export"
-    assert (cfg.sample.cfg_schedule, cfg.sample.cfg_scale, cfg.sample.cfg_power) == ("power-cosine", 6.0, 0.7)
+    assert (cfg.sample.cfg_schedule, cfg.sample.cfg_scale, cfg.sample.cfg_power) == ("power-cosine", 13.0, 1.4)  # XL's official
     assert cfg.evaluate.samples == f"{root}/samples/samples.npz" and cfg.evaluate.shards == cfg.val_images
 
 

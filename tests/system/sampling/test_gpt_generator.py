@@ -21,7 +21,7 @@ def _gen(**kw) -> GPTGenerator:
 
 def test_a_causal_gpt_is_not_masked():
     gen = _gen()
-    assert gen.masked is False and generator_kinds() == ["gpt"]
+    assert gen.masked is False and generator_kinds() == ["alitok-released", "gpt"]
     codes, labels = torch.randint(0, 64, (2, 16)), torch.tensor([0, 1])
     with pytest.raises(ValueError, match="needs a masked"):
         gen.predict_masked(codes, labels, torch.ones(2, 16, dtype=torch.bool))
