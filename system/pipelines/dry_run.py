@@ -154,7 +154,6 @@ def plan_run(exp: Any, walk: Walk) -> StepPlan:
     from system.methods import registry
     from system.models import weights
     from system.plan.trace import build_fake, fake_build
-    from system.plan.train import plan_training
 
     entry = registry.for_config(exp.method)
     d = exp.data
@@ -176,6 +175,14 @@ def plan_run(exp: Any, walk: Walk) -> StepPlan:
     p.detail["weights"] = [r.as_dict() for r in refs]
     if not walk.trace:
         return p
+    return plan_trained(exp, data, walk, p)
+
+
+def plan_trained(exp: Any, data: Any, walk: Walk, p: Optional[StepPlan] = None) -> StepPlan:
+    """The traced plan of training `exp` on `data` (a DataSpec) as a row of the table."""
+    from system.plan.train import plan_training
+
+    p = p or StepPlan(exp.run_name, "train", notes=[])
     tp = plan_training(exp, data, card=walk.card, mfu=walk.mfu)
     p.detail.update(tp.as_dict())
     gb = tp.memory.as_gb()
@@ -186,7 +193,7 @@ def plan_run(exp: Any, walk: Walk) -> StepPlan:
         **{f"fits_{k}": ("yes" if f.fits else "NO") + f" ({f.headroom_gb:+.0f} GB)" for k, f in fit.items()},
         "tflop_step": tp.flops_per_step / 1e12, "s_step": tp.step_seconds, "steps": tp.max_steps,
         "gpu_h": tp.gpu_hours, "wall_h": tp.wall_hours, "ckpt_gb": tp.checkpoint_bytes / 2**30}
-    missing = [w for w in p.detail["weights"] if w.get("exists") is False]
+    missing = [w for w in p.detail.get("weights", []) if w.get("exists") is False]
     p.notes += [f"weights: {w['what']} at {w['where']} (missing here)" for w in missing]
     p.notes += [f"does not fit {tp.card}: try {s.setting} ({s.total_gb:.1f} GB/rank{'' if s.fits else ', still too much'})"
                 for s in tp.suggestions]
