@@ -1,6 +1,6 @@
 """Overhead of the distributed path for AR training on tokens: the same small GPT (system.methods.ar,
 next-token) and global batch trained
-(a) through Ray Train + DeepSpeed (the one rank loop via cluster.train_pool.run_training, N CPU
+(a) through Ray Train + DeepSpeed (the one rank loop via cluster.training.run_training, N CPU
 workers, gloo) and
 (b) in a plain single-process PyTorch loop (bench/overhead.py's `PlainLoop`: the same `ARMethod.step`,
 AdamW groups and clipping),

@@ -1,6 +1,6 @@
 """Shared by the overhead benchmarks (bench/train_overhead.py: GAN autoencoder, bench/ar_overhead.py:
 AR on tokens): the same model and global batch trained through Ray Train + DeepSpeed (the one rank
-loop via cluster.train_pool.run_training) and in a plain single-process PyTorch loop, timed alike.
+loop via cluster.training.run_training) and in a plain single-process PyTorch loop, timed alike.
 
 Both sides report seconds per step of each `warmup`-step window after a `warmup`-step warm-up (the
 rank loop logs every `warmup` steps; the plain loop marks the same windows), summarised by the median

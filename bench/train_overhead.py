@@ -1,5 +1,5 @@
 """Overhead of the distributed path: the same tiny GAN autoencoder and global batch trained
-(a) through Ray Train + DeepSpeed (the one rank loop via cluster.train_pool.run_training, N CPU
+(a) through Ray Train + DeepSpeed (the one rank loop via cluster.training.run_training, N CPU
 workers, gloo) and
 (b) in a plain single-process PyTorch loop (bench/overhead.py's `PlainLoop`: the same AdamW groups,
 LR schedule, frozen modules, clipping and alternating G/D steps),

@@ -172,7 +172,7 @@ JOB = textwrap.dedent("""
     from ar_fixtures import write_image_shards
     from system.config.load import load_config
     from toy_method import ToyExperiment
-    from cluster.train_pool import run_training
+    from cluster.training import run_training
 
     shards = write_image_shards(sys.argv[1], 8, quality=90)
     cfg = load_config(ToyExperiment, [
