@@ -49,22 +49,24 @@ def rows(card: str, mfu: float) -> list[tuple[str, object]]:
     sem = plan_steps(SEMTOK.steps(SEMTOK.load([f"storage_path={root}", "steps=[stage1,stage2]"])), walk())
     out += [("SemTok stage I", sem[0]), ("SemTok stage II", sem[1])]
 
-    def ar(label: str, schema: type, defaults: list[str], model: str, grid: int, vocab: int) -> None:
+    def ar(label: str, schema: type, defaults: list[str], model: str, grid: int, vocab: int, *extra: str) -> None:
         from system.models.registry import gpt_config
 
         seq = gpt_config(model).prefix_tokens + grid  # the codes its tokenizer writes: prefix + the 16 x 16 grid
-        exp = load_config(schema, [f"checkpoint.storage_path={root}", "data.url=/planned/tokens", f"method.model={model}"],
+        exp = load_config(schema, [f"checkpoint.storage_path={root}", "data.url=/planned/tokens", f"method.model={model}", *extra],
                           ["base.yaml", *defaults])
         data = DataSpec(num_classes=1000, tokens=TokenSpec(seq, vocab))
         from system.pipelines.dry_run import plan_trained
 
         out.append((label, plan_trained(exp, data, walk())))
 
+    wide = ("cluster.num_workers=64", "data.batch_size=32")  # XL and larger: 64 ranks x 32 (alitok_xl.yaml)
     for size in ("b", "l", "xl"):
-        ar(f"AliTok-{size.upper()} AR", ARExperiment, ["experiments/ar_alitok.yaml"], f"alitok-{size}", 256, 4096)
+        ar(f"AliTok-{size.upper()} AR", ARExperiment, ["experiments/ar_alitok.yaml"], f"alitok-{size}", 256, 4096,
+           *(wide if size == "xl" else ()))
     for size in ("l", "xl", "xxl"):
         ar(f"SemTok-AR-{size.upper()} (masked)", MaskedARExperiment, ["experiments/ar_semtok.yaml"], f"semtok-ar-{size}",
-           256, 2**18)
+           256, 2**18, *(wide if size != "l" else ()))
     for size in ("b", "l", "xl", "xxl", "3b"):
         ar(f"LlamaGen-{size.upper()} AR", ARExperiment, ["experiments/ar_llamagen.yaml"], f"llamagen-{size}", 256, 16384)
     vapi = load_config(VapiExperiment, [f"checkpoint.storage_path={root}", "method.export_url=null",
@@ -83,7 +85,8 @@ def table(plans: list[tuple[str, object]], markdown: bool) -> str:
         r = p.row
         lines.append([label, f"{r['params'] / 1e6:,.0f}M" + (f" ({r['frozen'] / 1e6:,.0f}M)" if r.get("frozen") else ""),
                       f"{r['ranks']} x {r['micro']}", str(r["zero"]), f"{r['gb_rank']:.1f}", r["fits_h100"], r["fits_h200"],
-                      f"{r['s_step']:.3g}", f"{r['steps']:,}", f"{r['gpu_h']:,.0f}", PAPER.get(label, "")])
+                      f"{r['s_step']:.3g}", f"{r['steps']:,}",
+                      f"{r['gpu_h']:,.0f}" if r["gpu_h"] >= 10 else f"{r['gpu_h']:.2g}", PAPER.get(label, "")])
     if markdown:
         return "\n".join(["| " + " | ".join(head) + " |", "|" + "---|" * len(head),
                           *("| " + " | ".join(x) + " |" for x in lines)])

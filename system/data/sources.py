@@ -120,7 +120,10 @@ def _check_size(index: dict, exp: Any, key: str, readers: Optional[int] = None) 
     world = readers or int(getattr(getattr(exp, "cluster", None), "num_workers", 1))
     val = key == "data.val_url"
     fraction = 1.0 if val else d.fraction
-    n = sum(c.size for c in build_chunks(index["shards"], fraction=fraction)[1])
+    if index.get("planned"):  # a dry run's stand-in (system/pipelines/dry_run.py): counts, no shards
+        n = int(index["num_samples"] * fraction)
+    else:
+        n = sum(c.size for c in build_chunks(index["shards"], fraction=fraction)[1])
     url = d.val_url if val else d.url
     held = f"{key} = {url!r} holds {n} sample(s)" + ("" if fraction == 1.0 else f" at data.fraction={fraction}")
     if val and n < world:

@@ -72,7 +72,7 @@ def ensure_image_set(url: Optional[str], walk: Walk, storage: Any = None) -> Non
         return
     split = _split(url)
     n = IMAGENET[split]
-    index = {"version": 1, "shards": [], "num_samples": n, "split": split, "assumed": "ImageNet-1k",
+    index = {"version": 1, "shards": [], "planned": True, "num_samples": n, "split": split, "assumed": "ImageNet-1k",
              "classes": {f"n{i:08d}": i for i in range(IMAGENET_CLASSES)}}
     walk.files[_index_url(url).rstrip("/")] = json.dumps(index).encode()
     walk.assumed.append(f"{url}: not read here; assumed ImageNet-1k {split} ({n:,} images, {IMAGENET_CLASSES} classes)")
@@ -211,7 +211,8 @@ def _(step: EncodeStep, walk: Walk) -> StepPlan:
     with weights.planning() as refs, fake_mode(), fake_build():  # the encoder's architecture, never its values
         enc.prepare()
     views = _views(enc)
-    index = {"version": 1, "shards": [], "num_samples": views, "classes": enc.index["classes"], **_section(enc)}
+    index = {"version": 1, "shards": [], "planned": True, "num_samples": views, "classes": enc.index["classes"],
+             **_section(enc)}
     walk.files[_index_url(enc.cfg.out).rstrip("/")] = json.dumps(index).encode()
     per_view = view_bytes(enc)
     total = per_view * views
