@@ -18,7 +18,7 @@ from system.models.tokenizers import load_tokenizer
 @pytest.mark.parametrize("stage", [2, 3])
 def test_codebook_reinit_survives_zero_steps_and_exports(stage, dist_world1, tmp_path):
     torch.manual_seed(0)
-    m = AliTokStage1(AliTokStage1Config(tokenizer="debug-tiny-causal", lpips=0.0, gan=0.0), DataSpec(32, 1))
+    m = AliTokStage1(AliTokStage1Config(tokenizer="debug-tiny-causal", lpips=0.0, convnext=0.0, gan=0.0), DataSpec(32, 1))
     s = DeepSpeedStrategy(DeepSpeedConfig(zero_stage=stage), OptimConfig(lr=1e-3), torch.device("cpu"),
                           micro_batch_size=4, world_size=1)
     module = m.modules()["gen"].module
