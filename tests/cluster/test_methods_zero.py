@@ -80,7 +80,8 @@ CASES = {
 def test_the_matrix_covers_every_registered_method():
     from system.methods import registry
 
-    assert sorted(CASES) == sorted(registry.names())
+    shipped = [n for n in registry.names() if registry.get(n).method.__module__.startswith("system.")]
+    assert sorted(CASES) == sorted(shipped)  # test modules register toy methods of their own
 
 
 def _config(name: str, files: dict, storage: str, stage: int, steps: int):
