@@ -192,13 +192,18 @@ class Soak:
                     out.append({**json.loads(line), "rank": rank})
         return out
 
-    def wait_for(self, name: str, step: int, p: subprocess.Popen, rank: Optional[int] = None, after: float = 0.0) -> dict:
-        """The first logged batch of step >= `step` (of `rank`, drawn after `after`) once it exists."""
+    def wait_for(self, name: str, step: int, p: subprocess.Popen, rank: Optional[int] = None, after: float = 0.0,
+                 may_end: bool = False) -> dict:
+        """The first logged batch of step >= `step` (of `rank`, drawn after `after`) once it exists.
+        `may_end`: a run that ends well first (its last batch drawn before the fault) gives
+        {"t": the time it ended}: what the fault held up was its final commit and export."""
         while True:
             hit = [r for r in self.rows(name) if r["step"] >= step and r["t"] > after and rank in (None, r["rank"])]
             if hit:
                 return min(hit, key=lambda r: r["t"])
             if p.poll() is not None:
+                if may_end and p.returncode == 0:
+                    return {"t": time.time()}
                 raise RuntimeError(f"run {name} ended (rc {p.returncode}) before step {step}")
             time.sleep(0.1)
 
@@ -235,7 +240,7 @@ class Soak:
         timer = self.s3.outage(seconds)
         t = time.time()
         try:
-            sc.recovery_s = self.wait_for(name, row["step"] + 1, p, after=t)["t"] - t
+            sc.recovery_s = self.wait_for(name, row["step"] + 1, p, after=t, may_end=True)["t"] - t
             self.finish(p, name)
         finally:
             timer.join()
@@ -427,7 +432,7 @@ def plan(n: int, seed: int, kinds: tuple[str, ...]) -> list[Scenario]:
 
 
 def soak(n: int, seed: int, kinds: tuple[str, ...], root: Path, short: bool = False, steps: int = 12, every: int = 3,
-         log=print) -> list[Scenario]:
+         log=print, only: Optional[set[int]] = None) -> list[Scenario]:
     s = Soak(root, steps, every)
     s.start()
     try:
@@ -438,7 +443,7 @@ def soak(n: int, seed: int, kinds: tuple[str, ...], root: Path, short: bool = Fa
             raise RuntimeError(f"the reference run does not draw every sample of each epoch once: {problems}")
         log(f"reference run: {time.time() - t:.0f} s")
         out = []
-        for sc in plan(n, seed, kinds):
+        for sc in (sc for sc in plan(n, seed, kinds) if only is None or sc.index in only):
             t, name, rng = time.time(), f"s{sc.index:02d}-{sc.kind}", random.Random(sc.seed)
             try:
                 if sc.kind == "data_damage":
@@ -480,6 +485,7 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--steps", type=int, default=12, help="train.max_steps of every run (an epoch is 8 steps)")
     ap.add_argument("--every", type=int, default=3, help="checkpoint.every_steps (ckpt_damage needs steps >= 3 x every)")
     ap.add_argument("--out", default=None, help="keep the runs here (default: a temporary folder, removed)")
+    ap.add_argument("--only", default=None, help="comma-separated scenario numbers of the seeded plan to run (a rerun)")
     args = ap.parse_args(argv)
     kinds = tuple(k for k in args.kinds.split(",") if k)
     unknown = sorted(set(kinds) - set(KINDS))
@@ -491,7 +497,8 @@ def main(argv: list[str]) -> int:
     print(f"{'#':>3}  {'fault':<12} {'detail':<46} {'recov s':>8}  {'wall s':>6}  result", flush=True)
     try:
         results = soak(args.scenarios, args.seed, kinds, root, short=args.short_outage, steps=args.steps,
-                       every=args.every, log=lambda line: print(line, flush=True))
+                       every=args.every, log=lambda line: print(line, flush=True),
+                       only=None if args.only is None else {int(i) for i in args.only.split(",")})
     finally:
         if args.out is None:
             shutil.rmtree(root, ignore_errors=True)

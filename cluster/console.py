@@ -73,7 +73,9 @@ def setup_driver_logging(run_url: Optional[str], verbose: bool = False, storage:
         root.removeHandler(h)
         if isinstance(h, logging.FileHandler):
             h.close()
-    sync_logs(final=True)  # an earlier run's driver log of this process: complete, before a new one is read
+    # an earlier run's logs of this process: complete, before a new one is read (one attempt each:
+    # an earlier run's storage that is gone must not hold up this run; a failed one stays for the next)
+    sync_logs(final=True, quick=True)
     root.setLevel(logging.INFO)
     where = None
     if run_url:

@@ -173,17 +173,18 @@ def discard_logs(run_url: str) -> None:
             shutil.rmtree(f.tmp_dir, ignore_errors=True)
 
 
-def sync_logs(final: bool = False, quick: bool = False) -> bool:
-    """Upload this process's run logs on object storage that changed (see `run_log`); `final`: the
-    process is done with them, and each uploaded one is dropped with its local folder; `quick`: no
-    waiting out a storage outage (at exit). False when an upload failed (logged)."""
+def sync_logs(final: bool = False, quick: bool = False, run_url: Optional[str] = None) -> bool:
+    """Upload this process's run logs on object storage that changed (see `run_log`); `run_url`: only
+    that run's. `final`: the process is done with them, and each uploaded one is dropped with its local
+    folder; `quick`: one attempt, no waiting out a storage outage (at exit). False when an upload
+    failed (logged)."""
     for stream in (sys.stdout, sys.stderr):  # a worker's output goes to its log through these
         try:
             stream.flush()
         except (OSError, ValueError):
             pass
-    ok = True
-    for f in list(_LOGS):
+    ok, prefix = True, run_url.rstrip("/") + "/" if run_url else ""
+    for f in [f for f in _LOGS if f.url.startswith(prefix)]:
         done = f.sync(quick)
         ok = ok and done
         if final and done:
@@ -262,7 +263,7 @@ class RunLogger:
         if self.enabled:
             self.store.write_bytes("metrics.jsonl", "".join(json.dumps(r) + "\n" for r in self.records).encode())
             self.sync_wandb()
-        sync_logs()  # every rank: its own log (object storage)
+        sync_logs(run_url=self.store.run_url)  # every rank: its own log of this run (object storage)
 
     def sync_wandb(self) -> bool:
         """Upload wandb's offline run folder to `<run>/wandb/` (object storage; files changed since the
@@ -304,4 +305,4 @@ class RunLogger:
         if self.sync_wandb() and self._tmp_dir is not None:  # the finished run, complete: the local copy can go
             shutil.rmtree(self._tmp_dir, ignore_errors=True)
             self._tmp_dir = self.wandb_dir = None
-        sync_logs()
+        sync_logs(run_url=self.store.run_url)

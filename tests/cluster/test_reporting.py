@@ -119,3 +119,26 @@ def test_a_log_upload_failure_is_logged_and_quick_at_exit(tmp_path, own_logs, ca
         assert sync_logs(final=True, quick=True) is False
     assert time.monotonic() - t < 30
     assert "uploading the log" in caplog.text and own_logs  # kept: not uploaded
+
+
+def test_a_run_flushes_its_own_logs_not_an_earlier_runs_on_a_storage_that_is_gone(tmp_path, own_logs):
+    """An earlier run of this process whose log could not be uploaded (its storage gone) must not
+    make a later run wait out that storage's retry budget at each of its commits (a test session
+    hung there for 10 minutes): `sync_logs(run_url=...)` syncs that run's logs only."""
+    from cluster.reporting import RunLogFile, sync_logs
+
+    synced = []
+
+    class Log(RunLogFile):
+        def sync(self, quick=False):
+            synced.append((self.url, quick))
+            return not self.url.startswith("s3://gone/")
+
+    for url in ("s3://gone/old/logs/rank_0.log", "s3://live/new/logs/rank_0.log"):
+        own_logs.append(Log(str(tmp_path / "x.log"), url, None, str(tmp_path / "tmp")))
+    assert sync_logs(run_url="s3://live/new") is True
+    assert synced == [("s3://live/new/logs/rank_0.log", False)]
+    synced.clear()
+    assert sync_logs(final=True, quick=True) is False  # a new run's start: one attempt each
+    assert synced == [("s3://gone/old/logs/rank_0.log", True), ("s3://live/new/logs/rank_0.log", True)]
+    assert [f.url for f in own_logs] == ["s3://gone/old/logs/rank_0.log"]  # kept for a later attempt
