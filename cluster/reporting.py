@@ -103,6 +103,7 @@ class RunLogFile:
     def __init__(self, path: str, url: str, storage: StorageConfig | None, tmp_dir: str):
         self.path, self.url, self.storage, self.tmp_dir = path, url, storage, tmp_dir
         self._uploaded: Optional[tuple[int, int]] = None
+        self.ended = False  # its run is over and its final upload failed: later attempts are quick ones
 
     def sync(self, quick: bool = False) -> bool:
         """Upload when changed; a failure is logged, never raised (False). `quick`: one attempt, no
@@ -185,11 +186,13 @@ def sync_logs(final: bool = False, quick: bool = False, run_url: Optional[str] =
             pass
     ok, prefix = True, run_url.rstrip("/") + "/" if run_url else ""
     for f in [f for f in _LOGS if f.url.startswith(prefix)]:
-        done = f.sync(quick)
+        done = f.sync(quick or f.ended)  # an ended run's storage that is gone must not hold up a later run
         ok = ok and done
         if final and done:
             _LOGS.remove(f)
             shutil.rmtree(f.tmp_dir, ignore_errors=True)
+        elif final:
+            f.ended = True
     return ok
 
 

@@ -142,3 +142,6 @@ def test_a_run_flushes_its_own_logs_not_an_earlier_runs_on_a_storage_that_is_gon
     assert sync_logs(final=True, quick=True) is False  # a new run's start: one attempt each
     assert synced == [("s3://gone/old/logs/rank_0.log", True), ("s3://live/new/logs/rank_0.log", True)]
     assert [f.url for f in own_logs] == ["s3://gone/old/logs/rank_0.log"]  # kept for a later attempt
+    synced.clear()
+    assert sync_logs() is False  # a later run's driver at a checkpoint: the ended run's log gets a quick one
+    assert synced == [("s3://gone/old/logs/rank_0.log", True)]
