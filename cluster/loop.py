@@ -381,11 +381,14 @@ class RankLoop:
         return out
 
     def commit(self) -> None:
+        # metrics.jsonl (and the logs) first: a kill between them and the commit marker then loses no
+        # row (a resume keeps the rows up to its step); the other way round it lost the rows since the
+        # last commit (the fault soak: driver killed at step 3, metrics held steps 1, 2, 5, 6)
+        self.logger.flush()
         commit_checkpoint(self.store, self.strategy, self.engines, self.state, rank=self.ctx.rank,
                           world_size=self.ctx.world_size, run_name=self.exp.run_name, keep_last=self.exp.checkpoint.keep_last,
                           verified=self.verified, info={"zero_stage": self.strategy.zero_stage})
         self.committed = self.state.step
-        self.logger.flush()
         self.logger.curves(self.method.curve_keys())
         self.ctx.report({"step": self.state.step, **self.last}, self.store.ckpt_url(self.state.step))
         if self.rank0:

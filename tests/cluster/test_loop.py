@@ -138,3 +138,21 @@ def test_stale_extension_build_lock_is_named(tmp_path):
     os.utime(lock, (old, old))
     with pytest.raises(ConfigError, match=f"rm {lock}"):
         check_extension_locks(str(tmp_path))
+
+
+def test_metrics_of_a_step_reach_storage_before_its_commit_marker(dist_world1, tmp_path, monkeypatch):
+    """A kill between a checkpoint's commit marker and the metrics write lost the rows since the
+    previous commit (the fault soak: driver killed at step 3, the resumed run's metrics held steps
+    1, 2, 5, 6). metrics.jsonl is written first: at each commit it already holds that step's row."""
+    import cluster.loop as L
+
+    seen = {}
+    real = L.commit_checkpoint
+
+    def commit(store, strategy, engines, state, **kw):
+        seen[state.step] = sorted({int(r["step"]) for r in store.read_jsonl("metrics.jsonl")})
+        return real(store, strategy, engines, state, **kw)
+
+    monkeypatch.setattr(L, "commit_checkpoint", commit)
+    run(cfg_for(tmp_path, "order"))
+    assert seen == {2: [1, 2], 4: [1, 2, 3, 4]}, seen
