@@ -105,6 +105,8 @@ def test_weight_without_a_path_is_a_clear_error() -> None:
     cfg = AliTokStage1Config(tokenizer="debug-tiny-causal", lpips=0.0, convnext=0.1)
     with pytest.raises(ValueError, match=r"method\.convnext_net\.path.*method\.convnext=0"):
         check_stage1(cfg, data)
-    check_stage1(AliTokStage1Config(tokenizer="debug-tiny-causal", lpips=0.0), data)  # default: off, no weights needed
+    with pytest.raises(ValueError, match=r"method\.convnext_net\.path"):  # the default (official recipe): on
+        check_stage1(AliTokStage1Config(tokenizer="debug-tiny-causal", lpips=0.0), data)
+    check_stage1(AliTokStage1Config(tokenizer="debug-tiny-causal", lpips=0.0, convnext=0.0), data)  # off: no weights
     check_stage1(AliTokStage1Config(tokenizer="debug-tiny-causal", lpips=0.0, convnext=0.1,
                                     convnext_net=ConvNeXtNetConfig(random_init=True)), data)

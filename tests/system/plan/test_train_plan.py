@@ -19,7 +19,8 @@ from system.plan.train import with_setting
 
 
 def test_every_registered_method_has_a_tiny_case(tiny):
-    assert sorted(tiny) == registry.names()
+    shipped = [n for n in registry.names() if registry.get(n).method.__module__.startswith("system.")]
+    assert sorted(tiny) == shipped  # test modules register toy methods of their own
 
 
 @pytest.mark.parametrize("name", ["alitok_stage1", "alitok_stage2", "ar", "eostok", "latent_vae", "masked_ar",
