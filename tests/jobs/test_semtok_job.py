@@ -19,7 +19,7 @@ run_job = functools.partial(run_entry, "semtok")
 @pytest.mark.parametrize("args, message", [
     (["ar.data.url=/x"], "'ar.data.url' = '/x' differs from what the pipeline sets"),
     (["steps=[ar,stage1]"], "config key 'steps'"),
-    (["stage1.method.tokenizer=semtok-99"], "config key 'method.tokenizer' = 'semtok-99'"),
+    (["stage1.method.tokenizer=semtok-99"], "config key 'stage1.method.tokenizer' = 'semtok-99'"),  # the key as typed
     (["stage1.method.teacher.random_init=false"], "method.teacher (SigLIP) has no weights"),
 ])
 def test_config_errors_exit_2_before_ray(args, message, tmp_path):
