@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from typing import Iterator, Optional
 
 _REFS: contextvars.ContextVar[Optional[list["WeightRef"]]] = contextvars.ContextVar("planned_weights", default=None)
+_UNSET_RAISES: contextvars.ContextVar[bool] = contextvars.ContextVar("unset_weights_raise", default=False)
 
 
 @dataclass(frozen=True)
@@ -60,16 +61,20 @@ def need(what: str, where: str, hub: bool = False) -> bool:
 
 
 @contextmanager
-def planning() -> Iterator[list[WeightRef]]:
+def planning(unset_raises: Optional[bool] = None) -> Iterator[list[WeightRef]]:
     """Plan mode for the loaders called inside (nestable: an inner block records into its own list
-    and the outer one)."""
+    and the outer one). `unset_raises=True`: weights a config has not set at all are still config
+    errors (`unset`), as in a real run (its pre-run checks); None keeps the enclosing block's."""
     outer = _REFS.get()
     refs: list[WeightRef] = []
     token = _REFS.set(refs)
+    strict = _UNSET_RAISES.set(bool(unset_raises)) if unset_raises is not None else None
     try:
         yield refs
     finally:
         _REFS.reset(token)
+        if strict is not None:
+            _UNSET_RAISES.reset(strict)
         if outer is not None:
             outer.extend(r for r in refs if r not in outer)
 
@@ -78,9 +83,10 @@ def unset(what: str, keys: str, message: str, error: type[Exception] = ValueErro
     """Weights a config has not given yet (e.g. no LPIPS path): outside plan mode a ValueError with
     `message` (the config error a real run stops on); in plan mode recorded as needed
     (`where`: "<not set: keys>", `exists` False) so the dry run goes on with placeholder weights
-    and its table says which keys a real run must set."""
+    and its table says which keys a real run must set. Inside `planning(unset_raises=True)` (the
+    checks a real run does before its first step) it raises as outside."""
     refs = _REFS.get()
-    if refs is None:
+    if refs is None or _UNSET_RAISES.get():
         raise error(message)
     ref = WeightRef(what, f"<not set: {keys}>", False)
     if ref not in refs:

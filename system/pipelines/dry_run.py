@@ -160,7 +160,7 @@ def plan_run(exp: Any, walk: Walk) -> StepPlan:
     if hasattr(d, "resolution"):  # images (or a latent cache of them), also VAπ's; token sets are made by a step
         for url in (d.url, d.val_url):
             ensure_image_set(url, walk, d.storage)
-    with weights.planning() as refs:
+    with weights.planning(unset_raises=not walk.trace) as refs:  # a real run's checks: unset weights are errors
         entry.source.check(exp)
         data = entry.source.resolve(exp)
         entry.method.check(exp.method, data)

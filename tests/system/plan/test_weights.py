@@ -56,6 +56,24 @@ def test_need_outside_and_inside_plan_mode(tmp_path):
     assert refs[3].where == "hub:facebook/dinov2-base"
 
 
+def test_unset_weights_are_listed_by_a_dry_run_and_errors_in_a_real_runs_checks():
+    """A key naming no weights at all: the dry run lists it, a real run's pre-run checks stop on it
+    (CI found the SemTok pipeline training its VAE step before it stopped on an unset teacher)."""
+    with pytest.raises(ValueError, match="no teacher"):
+        weights.unset("teacher", "method.teacher.path", "no teacher")
+    with weights.planning() as refs:
+        weights.unset("teacher", "method.teacher.path", "no teacher")
+    assert [(r.what, r.where, r.exists) for r in refs] == [("teacher", "<not set: method.teacher.path>", False)]
+    with weights.planning(unset_raises=True):
+        with weights.planning():  # nested blocks (the traces inside) keep the enclosing rule
+            with pytest.raises(ValueError, match="no teacher"):
+                weights.unset("teacher", "method.teacher.path", "no teacher")
+            assert not weights.need("e", "/x")  # weights at a path are still only recorded
+    with weights.planning() as refs:
+        weights.unset("teacher", "method.teacher.path", "no teacher")  # back to listing
+    assert len(refs) == 1
+
+
 def test_perceptual_nets_record_their_paths(no_weight_reads, tmp_path):
     from system.losses.convnext_perceptual import ConvNeXtPerceptual
     from system.losses.lpips import LPIPS
