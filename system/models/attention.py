@@ -92,7 +92,15 @@ def _device_reason(index: int) -> tuple[Optional[str], bool]:
     return _probe(index), True
 
 
-@torch.compiler.assume_constant_result
+def assume_constant_result(fn):
+    """`torch.compiler.assume_constant_result` without its `import torch._dynamo` (1-4 s in every
+    process that imports this module, most of which never compile): the decorator only marks `fn`
+    (tests/system/models/test_attention.py checks that the marks agree)."""
+    fn._dynamo_marked_constant = True
+    return fn
+
+
+@assume_constant_result
 def flash_device_reason(index: Optional[int] = None) -> Optional[str]:
     """Why flash-attn cannot run on CUDA device ``index`` (default: the current one); None when it
     can. Decided once per device (a constant for torch.compile); a refusal is logged once."""

@@ -149,6 +149,22 @@ def test_device_decision_is_a_constant_under_torch_compile(fake_device):
     assert out.tolist() == [-1.0, -1.0]
 
 
+def test_importing_attention_does_not_import_dynamo_and_marks_as_torch_does():
+    """The module's own `assume_constant_result` marks what torch.compiler's does, without the
+    import of torch._dynamo (1-4 s in every process) that torch's decorator costs."""
+    import subprocess
+    import sys
+
+    from system.models.attention import assume_constant_result
+
+    code = "import sys, system.models.attention; print('torch._dynamo' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "False"
+    ours, theirs = assume_constant_result(lambda: None), torch.compiler.assume_constant_result(lambda: None)
+    marks = {k: v for k, v in vars(theirs).items()}
+    assert marks and marks == vars(ours)
+
+
 # ------------------------------------------------------------------------------ KV-cache attention
 def _cache(b=2, h=3, lmax=12, d=16, seed=0):
     g = torch.Generator().manual_seed(seed)
