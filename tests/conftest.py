@@ -6,6 +6,12 @@ import os
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+# Ray Train's V2 controller for short test runs (each job and bench subprocess inherits these): it
+# polls its workers every 0.25 s instead of 2 s (a run's end is seen sooner: 2-6 s per job run here),
+# and runs neither the node-preemption watcher nor the state actor's reconciliation loop
+os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.25")
+os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
+os.environ.setdefault("RAY_TRAIN_ENABLE_STATE_ACTOR_RECONCILIATION", "0")
 
 import pytest
 import torch

@@ -5,6 +5,7 @@ config dataclass, a file implementing `system.methods.base.Method`, and one `reg
 edit under cluster/)."""
 from __future__ import annotations
 
+import importlib
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -40,18 +41,28 @@ def register(name: str, config: type, method: type[Method], source: Optional[Sou
     return method
 
 
-def _builtin() -> None:
-    # import side effect: the built-in methods register themselves
-    import system.methods.alitok  # noqa: F401
-    import system.methods.ar  # noqa: F401
-    import system.methods.eostok  # noqa: F401
-    import system.methods.vapi  # noqa: F401
-    try:
-        import system.methods.semtok  # noqa: F401
-    except ModuleNotFoundError as e:  # diffusers (the `semtok` extra) is not installed
-        if e.name != "diffusers":
-            raise
-        _UNAVAILABLE["semtok"] = str(e)
+# the built-in methods, imported on first use (each module registers itself) in this order, so a job
+# imports only the modules up to its own: SemTok's pulls diffusers (about 5 s in every process, each
+# rank included), and comes last
+BUILTIN: tuple[str, ...] = ("system.methods.eostok", "system.methods.ar", "system.methods.alitok",
+                            "system.methods.vapi", "system.methods.semtok")
+_imported: set[str] = set()
+
+
+def _builtin(until=lambda: False) -> None:
+    """Import the built-in method modules not yet imported, in order, stopping once `until()` holds."""
+    for module in BUILTIN:
+        if until():
+            return
+        if module in _imported:
+            continue
+        _imported.add(module)
+        try:
+            importlib.import_module(module)
+        except ModuleNotFoundError as e:  # diffusers (the `semtok` extra) is not installed
+            if module != "system.methods.semtok" or e.name != "diffusers":
+                raise
+            _UNAVAILABLE["semtok"] = str(e)
 
 
 def _not_found(what: str) -> str:
@@ -60,7 +71,7 @@ def _not_found(what: str) -> str:
 
 
 def get(name: str) -> Entry:
-    _builtin()
+    _builtin(until=lambda: name in _BY_NAME)
     if name not in _BY_NAME:
         if name in _UNAVAILABLE:
             raise ModuleNotFoundError(f"method {name!r}: {_UNAVAILABLE[name]}", name="diffusers")
@@ -68,13 +79,17 @@ def get(name: str) -> Entry:
     return _BY_NAME[name]
 
 
+def _by_config(method_cfg: object) -> Optional[Entry]:
+    return next((e for e in _BY_NAME.values() if type(method_cfg) is e.config), None)
+
+
 def for_config(method_cfg: object) -> Entry:
     """The registered entry whose config type is exactly `type(method_cfg)`."""
-    _builtin()
-    for e in _BY_NAME.values():
-        if type(method_cfg) is e.config:
-            return e
-    raise KeyError(_not_found(f"no method registered for config type {type(method_cfg).__name__}"))
+    _builtin(until=lambda: _by_config(method_cfg) is not None)
+    entry = _by_config(method_cfg)
+    if entry is None:
+        raise KeyError(_not_found(f"no method registered for config type {type(method_cfg).__name__}"))
+    return entry
 
 
 def names() -> list[str]:

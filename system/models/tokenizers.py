@@ -11,7 +11,7 @@ A new built-in adapter is one line in `BUILTIN`; a kind from outside system/ plu
 """
 from __future__ import annotations
 
-from typing import Callable, Optional
+from typing import Callable, Iterator, Optional
 
 import torch
 from torch import Tensor, nn
@@ -23,12 +23,14 @@ from system.models.artifacts import FrozenTokenizer, Tokenizer, build_part, regi
 
 TokenizerBuilder = Callable[[dict, dict[str, Tensor]], Tokenizer]  # (config, state_dict) -> Tokenizer
 
-# kind -> "module:adapter class"; imported on first use, so a kind whose optional dependency is
-# missing (SemTok's diffusers) fails only when an export of that kind is loaded, naming the extra
+# kind -> "module:adapter class"; each is imported on first use, so a process imports only the
+# adapters it loads (SemTok's pulls diffusers: about 5 s in every process) and a kind whose optional
+# dependency is missing fails only when an export of that kind is loaded, naming the extra.
+# `frozen_tokenizer` tries them in this order: SemTok's last.
 BUILTIN: dict[str, str] = {"tokenizer1d": "system.models.tokenizer1d:Tokenizer1DFrozen",
                            "llamagen-vq": "system.models.adapters_vq:VQFrozen",
-                           "semtok": "system.models.semtok:SemTokFrozen",
-                           "alitok-released": "system.models.adapters_alitok:AliTokReleasedTokenizer"}
+                           "alitok-released": "system.models.adapters_alitok:AliTokReleasedTokenizer",
+                           "semtok": "system.models.semtok:SemTokFrozen"}
 
 
 def _adapter(path: str) -> type[FrozenTokenizer]:
@@ -36,29 +38,15 @@ def _adapter(path: str) -> type[FrozenTokenizer]:
     return getattr(importlib.import_module(module), name)
 
 
-def _missing(kind: str, err: ModuleNotFoundError) -> TokenizerBuilder:
+def _lazy(path: str) -> TokenizerBuilder:
     def build(config: dict, state_dict: dict[str, Tensor]) -> Tokenizer:
-        raise err
+        return _adapter(path).from_export(config, state_dict)
 
+    build.__qualname__ = f"{path}.from_export"
     return build
 
 
-def _builtin() -> tuple[dict[str, TokenizerBuilder], dict[type, type[FrozenTokenizer]]]:
-    builders: dict[str, TokenizerBuilder] = {}
-    adapters: dict[type, type[FrozenTokenizer]] = {}
-    for kind, path in BUILTIN.items():
-        try:
-            a = _adapter(path)
-        except ModuleNotFoundError as e:  # an optional extra (e.g. diffusers for SemTok)
-            builders[kind] = _missing(kind, e)
-            continue
-        builders[a.kind] = a.from_export
-        if a.wraps is not None:  # None: a kind that reads another layout into one of our models (alitok-released)
-            adapters[a.wraps] = a
-    return builders, adapters
-
-
-_TOKENIZERS, _FROZEN_ADAPTERS = _builtin()
+_TOKENIZERS: dict[str, TokenizerBuilder] = {kind: _lazy(path) for kind, path in BUILTIN.items()}
 
 
 def register_tokenizer(kind: str, builder: TokenizerBuilder) -> None:
@@ -70,15 +58,26 @@ def tokenizer_kinds() -> list[str]:
     return sorted(_TOKENIZERS)
 
 
+def _wrapping_adapters() -> Iterator[type[FrozenTokenizer]]:
+    """The built-in adapters that wrap one of our model classes, imported one by one (in order)."""
+    for path in BUILTIN.values():
+        try:
+            a = _adapter(path)
+        except ModuleNotFoundError:  # an optional extra (diffusers): no model of that kind exists here
+            continue
+        if a.wraps is not None:  # None: a kind that reads another layout into one of our models (alitok-released)
+            yield a
+
+
 def frozen_tokenizer(model: nn.Module) -> FrozenTokenizer:
     """A raw tokenizer model (Tokenizer1D, VQModel, SemTok) -> its frozen adapter (adapters pass through)."""
     if isinstance(model, FrozenTokenizer):
         return model
-    for cls, adapter in _FROZEN_ADAPTERS.items():
-        if isinstance(model, cls):
+    for adapter in _wrapping_adapters():
+        if isinstance(model, adapter.wraps):
             return adapter(model)
     raise TypeError(f"no tokenizer adapter for {type(model).__name__}; expected one of "
-                    f"{[c.__name__ for c in _FROZEN_ADAPTERS]}")
+                    f"{[a.wraps.__name__ for a in _wrapping_adapters()]}")
 
 
 def load_tokenizer(export_url: str, storage: Optional[StorageConfig] = None, ema: bool = True,
