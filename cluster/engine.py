@@ -19,6 +19,8 @@ from __future__ import annotations
 import contextlib
 import copy
 import os
+import sys
+import types
 from typing import Any, Callable, Iterator, Optional, Sequence
 
 import torch
@@ -31,6 +33,38 @@ if not torch.cuda.is_available():  # must precede the first `import deepspeed` (
 
 import deepspeed  # noqa: E402
 import torch.distributed as dist  # noqa: E402
+
+# DeepSpeed 0.19's ZeRO engines import its Muon modules (to list Muon as supported, for
+# `isinstance(optimizer, MuonWithAuxAdam)` checks, and `muon_update` for parameters marked
+# `use_muon`), and those torch.compile at import: the import of torch._dynamo and torch._inductor,
+# 2-5 s of CPU in every rank process. Our engines run AdamW (the config below names it) on
+# parameters never marked `use_muon`: before DeepSpeed's first import, each module is a stand-in
+# whose names refuse to be used.
+MUON_MODULES = ("deepspeed.runtime.zero.muon.muon_optimizer", "deepspeed.runtime.zero.muon.original_muon")
+_NO_MUON = "DeepSpeed's Muon optimizer is not available here: cluster.engine runs AdamW (it stands in for {} " \
+           "to keep its compile at import out of every rank)"
+
+
+class _NoMuon(torch.optim.Optimizer):
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        raise RuntimeError(_NO_MUON.format(type(self).__module__))
+
+
+def _muon_stand_in(name: str) -> types.ModuleType:
+    module = types.ModuleType(name, "stand-in: see cluster/engine.py")
+
+    def refuse(*args: Any, **kwargs: Any) -> None:
+        raise RuntimeError(_NO_MUON.format(name))
+
+    class MuonWithAuxAdam(_NoMuon):
+        __module__ = name
+
+    module.MuonWithAuxAdam, module.muon_update, module.adam_update = MuonWithAuxAdam, refuse, refuse  # type: ignore[attr-defined]
+    return module
+
+
+for _name in MUON_MODULES:
+    sys.modules.setdefault(_name, _muon_stand_in(_name))
 
 from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine  # noqa: E402
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import os
 import random
+import sys
 from typing import Iterable, Mapping, Optional
 
 import numpy as np
@@ -93,9 +94,21 @@ def set_deterministic(cuda: bool = False) -> None:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         torch.backends.cudnn.benchmark = False
         torch.backends.cudnn.deterministic = True
-        torch.use_deterministic_algorithms(True, warn_only=True)
+        use_deterministic_algorithms(warn_only=True)
     else:
-        torch.use_deterministic_algorithms(True)
+        use_deterministic_algorithms()
+
+
+def use_deterministic_algorithms(warn_only: bool = False) -> None:
+    """`torch.use_deterministic_algorithms(True)`, whose other effect, inductor's `deterministic`
+    flag, it sets by importing torch._inductor: 3-4 s in every rank process on 2 cores, for a
+    compiler most runs never load. Until inductor is loaded, the flag goes through the variable its
+    config reads at import (tests/system/test_train_utils.py checks both paths agree with torch's)."""
+    if "torch._inductor.config" in sys.modules:
+        torch.use_deterministic_algorithms(True, warn_only=warn_only)
+        return
+    os.environ["TORCHINDUCTOR_DETERMINISTIC"] = "1"
+    torch._C._set_deterministic_algorithms(True, warn_only=warn_only)
 
 
 def capture_rng_state() -> dict:

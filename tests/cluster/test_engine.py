@@ -222,3 +222,26 @@ def test_param_groups_keep_named_parameters_out_of_weight_decay():
     assert any(p is params["output.weight"] for p in decay["params"])
     with pytest.raises(ValueError, match="no_decay names parameters the module does not have"):
         param_groups(gpt, 0.05, ("nope.weight",))
+
+
+@pytest.mark.parametrize("stage", [1, 2, 3])
+def test_engines_keep_deepspeeds_muon_compile_out_and_train(dist_world1, stage):
+    """cluster.engine stands in for DeepSpeed's Muon modules (their import compiles: torch._dynamo
+    and torch._inductor, 2-5 s per rank): every ZeRO stage builds, steps and checks its optimizer
+    without them, and the stand-ins refuse to be used, naming why."""
+    import sys
+
+    from cluster.engine import MUON_MODULES
+
+    before = {m for m in ("torch._inductor", "torch._dynamo") if m in sys.modules}
+    s, gen, disc = _engines(stage)
+    _train(s, gen, disc, ToyMethod(ToyConfig(), DataSpec(8, 1)), 2)
+    assert "AdamW" in type(gen.optimizer.optimizer if stage else gen.optimizer).__name__ and s.get_lr(gen) > 0
+    assert {m for m in ("torch._inductor", "torch._dynamo") if m in sys.modules} == before
+    from deepspeed.runtime.zero.muon.muon_optimizer import MuonWithAuxAdam
+    from deepspeed.runtime.zero.muon.original_muon import muon_update
+
+    with pytest.raises(RuntimeError, match=f"Muon optimizer is not available here: .* stands in for {MUON_MODULES[0]}"):
+        MuonWithAuxAdam([torch.nn.Parameter(torch.zeros(1))])
+    with pytest.raises(RuntimeError, match=f"stands in for {MUON_MODULES[1]}"):
+        muon_update(torch.zeros(2, 2), torch.zeros(2, 2))

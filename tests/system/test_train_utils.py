@@ -88,3 +88,29 @@ def test_image_grid_and_png():
     assert np.array_equal(np.asarray(labelled)[24:, -32 * 12 :], np.asarray(img))
     with pytest.raises(ValueError, match="row 0"):
         image_grid([torch.zeros(3, 8, 8)])
+
+
+DETERMINISM = """
+import sys, torch
+from system.train_utils import use_deterministic_algorithms
+{call}
+before = "torch._inductor.config" in sys.modules
+import torch._inductor.config as inductor_config
+print(before, torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled(),
+      inductor_config.deterministic)
+"""
+
+
+def test_deterministic_algorithms_agree_with_torch_without_importing_inductor():
+    """Ours leaves torch._inductor unloaded (3-4 s per rank) and sets what torch's sets, inductor's
+    flag included, whether inductor is loaded before or after the call."""
+    import subprocess
+    import sys
+
+    def run(call: str) -> list[str]:
+        code = DETERMINISM.format(call=call)
+        return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+
+    assert run("torch.use_deterministic_algorithms(True)") == ["True", "True", "False", "True"]
+    assert run("use_deterministic_algorithms(warn_only=True)") == ["False", "True", "True", "True"]
+    assert run("import torch._inductor.config\nuse_deterministic_algorithms()") == ["True", "True", "False", "True"]
