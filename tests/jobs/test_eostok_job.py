@@ -94,9 +94,18 @@ def ray_head():
 
 
 def _submit(address: str, env: dict, args: list[str]) -> subprocess.CompletedProcess:
+    """`ray job submit`; again while the head answers that its node's job agent is not up yet (it
+    comes up after the dashboard: seen on a loaded 2-core machine), for up to 2 minutes."""
+    import time
+
     cmd = [str(BIN / "ray"), "job", "submit", f"--address={address}", "--working-dir", ".", "--",
            "python", "jobs/eostok_h.py", "--config", "configs/experiments/eostok_tiny.yaml", *args]
-    return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+    deadline = time.time() + 120
+    while True:
+        r = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+        if "No available agent to submit job" not in r.stderr or time.time() > deadline:
+            return r
+        time.sleep(2)
 
 
 def test_ray_job_submit_then_resubmit_continues(ray_head, tmp_path):
