@@ -35,8 +35,6 @@ def ray_local():
     as dead and the run's placement group (and its workers) are removed mid-run."""
     import ray
 
-    os.environ.update(RAY_TRAIN_HEALTH_CHECK_INTERVAL_S="0.25", RAY_TRAIN_ENABLE_PREEMPTION_WATCHER="0",
-                      RAY_TRAIN_ENABLE_STATE_ACTOR_RECONCILIATION="0")
     env = {"PYTHONPATH": os.pathsep.join([ROOT, os.path.join(ROOT, "tests", "cluster")]), "DS_ACCELERATOR": "cpu",
            "WANDB_MODE": "offline"}
     if ray.is_initialized():  # another module's cluster lacks our env vars

@@ -188,8 +188,7 @@ JOB = textwrap.dedent("""
 
 def _job(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests" / "cluster")]),
-           "DS_ACCELERATOR": "cpu", "WANDB_MODE": "offline", "RAY_DEDUP_LOGS": "0",
-           "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.25", "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}
+           "DS_ACCELERATOR": "cpu", "WANDB_MODE": "offline", "RAY_DEDUP_LOGS": "0"}
     env.pop("RAY_ADDRESS", None)  # its own local Ray, as `python jobs/...` starts it
     proc = subprocess.run([sys.executable, "-c", JOB, str(tmp_path / "shards"), *args], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=900)

@@ -95,10 +95,8 @@ def two_nodes(s3, tmp_path_factory):
     from ray.cluster_utils import Cluster
 
     head_local = tmp_path_factory.mktemp("head_local")
-    saved = {k: os.environ.get(k) for k in ("RAY_RESULTS_DIR", "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S",
-                                            "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "RAY_TRAIN_ENABLE_STATE_ACTOR_RECONCILIATION")}
-    os.environ.update(RAY_RESULTS_DIR=str(head_local / "ray_results"), RAY_TRAIN_HEALTH_CHECK_INTERVAL_S="0.25",
-                      RAY_TRAIN_ENABLE_PREEMPTION_WATCHER="0", RAY_TRAIN_ENABLE_STATE_ACTOR_RECONCILIATION="0")
+    saved = {"RAY_RESULTS_DIR": os.environ.get("RAY_RESULTS_DIR")}
+    os.environ.update(RAY_RESULTS_DIR=str(head_local / "ray_results"))
     if ray.is_initialized():  # another module's local Ray
         ray.shutdown()
     # like KubeRay: the head (where the driver runs) has no CPUs, so no training worker lands there

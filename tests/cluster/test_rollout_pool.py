@@ -60,8 +60,6 @@ def setup(tmp_path_factory):
     _pretrain_tokenizer(export, train)
     if ray.is_initialized():
         ray.shutdown()
-    os.environ.update(RAY_TRAIN_HEALTH_CHECK_INTERVAL_S="0.25", RAY_TRAIN_ENABLE_PREEMPTION_WATCHER="0",
-                      RAY_TRAIN_ENABLE_STATE_ACTOR_RECONCILIATION="0")  # a faster V2 controller for short runs
     env = {"PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]), "DS_ACCELERATOR": "cpu"}
     # own dashboard: Ray Train's placement-group cleaner asks it whether the controller lives; without
     # one it asks 127.0.0.1:8265, which may be another Ray on a shared machine (see ar_fixtures.ray_local)

@@ -25,13 +25,8 @@ pytestmark = pytest.mark.slow
 def ray_cluster(s3_server, tmp_path_factory):
     import ray
 
-    # a faster V2 controller for short test runs (polling / watcher actors)
-    os.environ.update(
-        RAY_TRAIN_HEALTH_CHECK_INTERVAL_S="0.25",
-        RAY_TRAIN_ENABLE_PREEMPTION_WATCHER="0",
-        RAY_TRAIN_ENABLE_STATE_ACTOR_RECONCILIATION="0",
-        RAY_RESULTS_DIR=str(tmp_path_factory.mktemp("ray_results")),
-    )
+    # (a faster V2 controller for short test runs: tests/conftest.py)
+    os.environ.update(RAY_RESULTS_DIR=str(tmp_path_factory.mktemp("ray_results")))
     env = {
         "PYTHONPATH": f"{ROOT}{os.pathsep}{ROOT / 'tests' / 'cluster'}",
         "DS_ACCELERATOR": "cpu",
